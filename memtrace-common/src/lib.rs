@@ -1,0 +1,315 @@
+//! Types shared by memtrace's eBPF programs and its agent.
+//!
+//! Everything here crosses the kernel/user boundary through a map or the ring
+//! buffer, so every type is `#[repr(C)]`, `Copy`, and built from u32/u64/i64
+//! fields laid out without implicit padding.
+#![no_std]
+
+/// Indices of the kernel's per-mm RSS counters, as `kmem:rss_stat`'s `member`
+/// field numbers them.
+pub const MM_FILEPAGES: usize = 0;
+pub const MM_ANONPAGES: usize = 1;
+pub const MM_SWAPENTS: usize = 2;
+pub const MM_SHMEMPAGES: usize = 3;
+pub const RSS_MEMBERS: usize = 4;
+
+/// Watched processes (thread-group ids) the kernel keeps counters for.
+pub const MAX_PROCS: u32 = 16_384;
+/// Threads of watched processes with per-thread state.
+pub const MAX_THREADS: u32 = 65_536;
+/// mm ids with known RSS counters (an LRU: stale ids age out).
+pub const MAX_MMS: u32 = 32_768;
+/// Process names the kernel matches at exec time.
+pub const MAX_SELECTOR_COMMS: u32 = 64;
+/// Default ring-buffer size in bytes (a power of two, a multiple of the page size).
+pub const DEFAULT_RING_BYTES: u32 = 4 << 20;
+/// Stack traces kept while allocation-site collection is on.
+pub const MAX_STACKS: u32 = 16_384;
+/// (process, stack, kind) aggregation slots while collection is on.
+pub const MAX_STACK_SITES: u32 = 65_536;
+/// Frames per user stack (the kernel's PERF_MAX_STACK_DEPTH).
+pub const STACK_DEPTH: usize = 127;
+
+pub const TASK_COMM_LEN: usize = 16;
+pub const FILENAME_LEN: usize = 256;
+
+/// `ProcStats::flags`: allocation-site collection is on for this process.
+pub const PROC_FLAG_COLLECT: u32 = 1;
+
+/// Per watched process (keyed by tgid in `PROCS`). Presence in the map is what
+/// "watched" means to the kernel. Threads of one process update it from several
+/// CPUs, so the counters are only ever changed with atomic adds.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProcStats {
+    /// User page faults (exceptions:page_fault_user) taken by any thread.
+    pub faults: u64,
+    /// Bytes successfully mapped by mmap(2).
+    pub mmap_bytes: u64,
+    /// Bytes unmapped by successful munmap(2) calls.
+    pub munmap_bytes: u64,
+    /// Program-break growth and shrink, from brk(2) return values.
+    pub brk_grow_bytes: u64,
+    pub brk_shrink_bytes: u64,
+    /// Size changes of successful mremap(2) calls.
+    pub mremap_grow_bytes: u64,
+    pub mremap_shrink_bytes: u64,
+    /// Last program break brk(2) returned; 0 until the first call is seen.
+    pub last_brk: u64,
+    /// Requests begun, ended normally, and aborted (thread exit mid-request).
+    pub requests_started: u64,
+    pub requests_ended: u64,
+    pub requests_aborted: u64,
+    /// Hash of the process's mm, learnt from `curr=1` rss_stat events; 0 = unknown.
+    pub mm_id: u32,
+    /// `PROC_FLAG_*`.
+    pub flags: u32,
+}
+
+impl ProcStats {
+    /// Requests begun and not yet ended or aborted.
+    pub fn requests_in_flight(&self) -> u64 {
+        self.requests_started
+            .saturating_sub(self.requests_ended)
+            .saturating_sub(self.requests_aborted)
+    }
+}
+
+/// RSS counters of one mm (keyed by mm_id in `MM_RSS`). `kmem:rss_stat`'s
+/// `size` is absolute, so each member is simply the last value seen.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MmRss {
+    /// Bytes, indexed by `MM_*`.
+    pub bytes: [i64; RSS_MEMBERS],
+    /// Resident total (file + anon + shmem) when the last RSS event was emitted.
+    pub emitted_total: i64,
+    /// Bit `1 << member` is set once the kernel has seen that member's value.
+    pub known: u32,
+    /// Last thread group seen running on this mm (`curr=1`); 0 = none yet.
+    pub owner_tgid: u32,
+}
+
+impl MmRss {
+    /// Resident bytes as /proc and smaps_rollup count them: file + anon + shmem.
+    pub fn resident(&self) -> i64 {
+        self.bytes[MM_FILEPAGES] + self.bytes[MM_ANONPAGES] + self.bytes[MM_SHMEMPAGES]
+    }
+}
+
+/// What a thread is doing when a request ends: the counters at its start.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RequestStart {
+    pub start_ns: u64,
+    pub seq: u64,
+    pub rss: [i64; RSS_MEMBERS],
+    pub faults: u64,
+    pub mmap_bytes: u64,
+    pub munmap_bytes: u64,
+    pub brk_grow_bytes: u64,
+    pub brk_shrink_bytes: u64,
+}
+
+/// Per thread of a watched process (keyed by tid in `THREADS`). Only the thread
+/// itself writes its entry, so plain stores are enough.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ThreadState {
+    pub tgid: u32,
+    /// Request nesting depth: a recursive begin counts once.
+    pub depth: u32,
+    pub faults: u64,
+    pub mmap_bytes: u64,
+    pub munmap_bytes: u64,
+    pub brk_grow_bytes: u64,
+    pub brk_shrink_bytes: u64,
+    /// Syscall arguments saved at sys_enter for the matching sys_exit.
+    pub pending_arg0: u64,
+    pub pending_arg1: u64,
+    /// Accept mode: the connection fd of the request in flight, or -1.
+    pub req_fd: i64,
+    /// Faults left before the next sampled stack (collection on).
+    pub sample_countdown: u32,
+    /// `MmRss::known` of the process's mm when the request began.
+    pub req_known: u32,
+    pub req: RequestStart,
+}
+
+/// Ring-buffer event kinds (the first u32 of every event).
+pub const EVENT_FORK: u32 = 1;
+pub const EVENT_EXEC: u32 = 2;
+pub const EVENT_EXIT: u32 = 3;
+pub const EVENT_RSS: u32 = 4;
+pub const EVENT_REQUEST: u32 = 5;
+
+/// Fork, exec or exit of a process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ProcessEvent {
+    pub kind: u32,
+    pub tgid: u32,
+    /// Fork: the parent tgid. Exec: the pid before exec (differs when a
+    /// non-leader thread execs). Exit: 0.
+    pub ppid: u32,
+    /// Exec: 1 when the process was already watched, 2 when the kernel matched
+    /// its name against a selector, 0 when reported for the agent to match.
+    pub watched: u32,
+    pub ts_ns: u64,
+    pub comm: [u8; TASK_COMM_LEN],
+    /// Exec: the path passed to execve; empty otherwise.
+    pub filename: [u8; FILENAME_LEN],
+    /// Exit: the final counters (the kernel forgets the process right after).
+    pub stats: ProcStats,
+    /// Exit: last known RSS by member.
+    pub rss: [i64; RSS_MEMBERS],
+}
+
+/// A watched process's resident memory moved by at least the configured step.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct RssEvent {
+    pub kind: u32,
+    pub tgid: u32,
+    pub mm_id: u32,
+    pub known: u32,
+    pub ts_ns: u64,
+    pub bytes: [i64; RSS_MEMBERS],
+}
+
+/// `RequestEvent::status`.
+pub const REQUEST_OK: u32 = 0;
+/// The thread exited while the request was in flight.
+pub const REQUEST_ABORTED: u32 = 1;
+
+/// One request, summarised in the kernel when it ends.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RequestEvent {
+    pub kind: u32,
+    pub tgid: u32,
+    pub tid: u32,
+    pub status: u32,
+    /// `MmRss::known` masks at the start and at the end: a member whose bit is
+    /// clear was not yet seen by the kernel, and its value is 0.
+    pub known_before: u32,
+    pub known_after: u32,
+    /// Start order of the request in its worker (0-based, counted in the
+    /// kernel; two threads starting at once may share a number).
+    pub seq: u64,
+    pub start_ns: u64,
+    pub end_ns: u64,
+    pub rss_before: [i64; RSS_MEMBERS],
+    pub rss_after: [i64; RSS_MEMBERS],
+    /// Page faults this thread took during the request.
+    pub faults: u64,
+    pub mmap_bytes: u64,
+    pub munmap_bytes: u64,
+    pub brk_grow_bytes: u64,
+    pub brk_shrink_bytes: u64,
+}
+
+/// Indices into the `COUNTERS` per-CPU array.
+pub const CTR_RINGBUF_DROPS: u32 = 0;
+pub const CTR_EVENTS: u32 = 1;
+pub const CTR_PROCS_FULL: u32 = 2;
+pub const CTR_THREADS_FULL: u32 = 3;
+pub const CTR_MMS_FULL: u32 = 4;
+pub const CTR_STACK_ERRORS: u32 = 5;
+pub const CTR_STACK_SAMPLES: u32 = 6;
+pub const CTR_SITES_FULL: u32 = 7;
+pub const NUM_COUNTERS: u32 = 8;
+
+/// Allocation-site kinds in `STACK_SITES`.
+pub const SITE_FAULT: u32 = 0;
+pub const SITE_MMAP: u32 = 1;
+pub const SITE_BRK: u32 = 2;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SiteKey {
+    pub tgid: u32,
+    /// Id in the `STACKS` map.
+    pub stack_id: u32,
+    pub kind: u32,
+    pub _pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SiteCount {
+    /// Bytes attributed to the site (sampled faults are weighted by the period).
+    pub bytes: u64,
+    /// Samples taken at the site.
+    pub samples: u64,
+}
+
+/// Byte offsets of the tracepoint fields the programs read. The agent fills
+/// them from `/sys/kernel/tracing/events/*/*/format` at load time, so a kernel
+/// that moves a field does not silently break the programs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TracepointLayout {
+    pub rss_mm_id: u32,
+    pub rss_curr: u32,
+    pub rss_member: u32,
+    pub rss_size: u32,
+    pub newtask_pid: u32,
+    pub newtask_clone_flags: u32,
+    pub exec_filename: u32,
+    pub exec_pid: u32,
+    pub exec_old_pid: u32,
+    pub exit_pid: u32,
+    pub exit_group_dead: u32,
+    pub mmap_len: u32,
+    pub munmap_len: u32,
+    pub brk_arg: u32,
+    pub mremap_old_len: u32,
+    pub mremap_new_len: u32,
+    pub sys_exit_ret: u32,
+    pub close_fd: u32,
+}
+
+/// Settings the agent writes into the programs' read-only data at load time.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// The agent's own tgid: never watched.
+    pub agent_tgid: u32,
+    /// 1: report every exec so the agent can match --exe/--cmdline selectors.
+    pub report_all_execs: u32,
+    /// Emit an RSS event when a process's resident total moved this much.
+    pub rss_step_bytes: u64,
+    /// Take one user stack every this many faults per thread (collection on).
+    pub fault_sample_period: u32,
+    pub _pad: u32,
+    pub layout: TracepointLayout,
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+
+    // SAFETY: all of these are #[repr(C)] plain data with no padding and no
+    // invalid bit patterns.
+    unsafe impl aya::Pod for ProcStats {}
+    unsafe impl aya::Pod for MmRss {}
+    unsafe impl aya::Pod for ThreadState {}
+    unsafe impl aya::Pod for SiteKey {}
+    unsafe impl aya::Pod for SiteCount {}
+    unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for TracepointLayout {}
+}
+
+/// Compile-time checks that the shared layouts have no hidden padding: the
+/// sizes below are the sums of the fields.
+const _: () = {
+    assert!(core::mem::size_of::<ProcStats>() == 11 * 8 + 8);
+    assert!(core::mem::size_of::<MmRss>() == 4 * 8 + 8 + 8);
+    assert!(core::mem::size_of::<RequestStart>() == 2 * 8 + 4 * 8 + 5 * 8);
+    assert!(core::mem::size_of::<ThreadState>() == 8 + 5 * 8 + 3 * 8 + 8 + 88);
+    assert!(core::mem::size_of::<ProcessEvent>() == 24 + 16 + 256 + 96 + 32);
+    assert!(core::mem::size_of::<RssEvent>() == 24 + 32);
+    assert!(core::mem::size_of::<RequestEvent>() == 24 + 24 + 64 + 40);
+    assert!(core::mem::size_of::<Config>() == 24 + 18 * 4);
+};

@@ -1,0 +1,53 @@
+//! Maps shared by the programs. Sizes come from memtrace-common so that the
+//! agent and the kernel agree on them.
+use aya_ebpf::{
+    Global,
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf, StackTrace},
+};
+use memtrace_common::{
+    Config, DEFAULT_RING_BYTES, MAX_MMS, MAX_PROCS, MAX_SELECTOR_COMMS, MAX_STACK_SITES,
+    MAX_STACKS, MAX_THREADS, MmRss, NUM_COUNTERS, ProcStats, SiteCount, SiteKey, TASK_COMM_LEN,
+    ThreadState,
+};
+
+/// Watched processes by tgid; presence means watched.
+#[map]
+pub static PROCS: HashMap<u32, ProcStats> = HashMap::with_max_entries(MAX_PROCS, 0);
+
+/// Per-thread state of watched processes, by tid.
+#[map]
+pub static THREADS: HashMap<u32, ThreadState> = HashMap::with_max_entries(MAX_THREADS, 0);
+
+/// RSS counters by mm_id. An LRU: ids of dead mms are never deleted
+/// explicitly (a vfork child shares its parent's id), they age out.
+#[map]
+pub static MM_RSS: LruHashMap<u32, MmRss> = LruHashMap::with_max_entries(MAX_MMS, 0);
+
+/// Process names (comm, NUL-padded) to start watching at exec.
+#[map]
+pub static SELECTOR_COMMS: HashMap<[u8; TASK_COMM_LEN], u32> =
+    HashMap::with_max_entries(MAX_SELECTOR_COMMS, 0);
+
+/// Events to the agent: process lifecycle, RSS steps, request summaries.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
+
+/// Counters indexed by `CTR_*` (failed reserves, full maps, ...).
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NUM_COUNTERS, 0);
+
+/// User stacks sampled while allocation-site collection is on.
+#[map]
+pub static STACKS: StackTrace = StackTrace::with_max_entries(MAX_STACKS, 0);
+
+/// Bytes per (process, stack, kind) while collection is on.
+#[map]
+pub static STACK_SITES: HashMap<SiteKey, SiteCount> = HashMap::with_max_entries(MAX_STACK_SITES, 0);
+
+/// Written by the agent at load time (tracepoint offsets, agent pid, steps).
+#[unsafe(no_mangle)]
+pub static CONFIG: Global<Config> = Global::new(
+    // SAFETY: Config is plain integers; all-zero is a valid value.
+    unsafe { core::mem::zeroed() },
+);

@@ -1,0 +1,175 @@
+//! Request boundaries. A request begins at a uprobe on the request function's
+//! entry (or its begin symbol), or when accept returns a connection in a
+//! watched worker; it ends at the matching return (or end symbol), at the
+//! close of that connection, or at the next accept. The counters at the start
+//! are kept per thread, and one summary per request goes to the agent.
+use aya_ebpf::{
+    macros::{tracepoint, uprobe, uretprobe},
+    programs::{ProbeContext, RetProbeContext, TracePointContext},
+};
+use memtrace_common::{EVENT_REQUEST, REQUEST_OK, RequestEvent, RequestStart};
+
+use crate::{
+    maps::{CONFIG, EVENTS, THREADS},
+    util::{
+        RB_NO_WAKEUP, atomic_add, count, current, field, now_ns, proc_rss, thread_state, watched,
+    },
+};
+
+/// Starts a request on this thread. A begin while one is in flight on the
+/// same thread (recursion) only deepens the nesting.
+#[inline(always)]
+fn begin_request(tgid: u32, tid: u32, fd: i64) -> Option<()> {
+    let stats = watched(tgid)?;
+    let thread = thread_state(tid, tgid)?;
+    // SAFETY: pointers from map lookups; only this thread writes its state.
+    unsafe {
+        let t = &mut *thread;
+        if t.depth > 0 {
+            t.depth += 1;
+            return Some(());
+        }
+        let (rss, known) = proc_rss(stats);
+        // Sequence number in start order. Two threads of one process starting
+        // at the same instant can read the same value (no fetch-and-add on
+        // this ISA level); the agent numbers requests exactly as they end.
+        let seq = (*stats).requests_started;
+        atomic_add(&raw mut (*stats).requests_started, 1);
+        t.depth = 1;
+        t.req_fd = fd;
+        t.req_known = known;
+        t.req = RequestStart {
+            start_ns: now_ns(),
+            seq,
+            rss,
+            faults: t.faults,
+            mmap_bytes: t.mmap_bytes,
+            munmap_bytes: t.munmap_bytes,
+            brk_grow_bytes: t.brk_grow_bytes,
+            brk_shrink_bytes: t.brk_shrink_bytes,
+        };
+    }
+    Some(())
+}
+
+/// Ends the request in flight on this thread, if any, and sends its summary.
+/// `unwind` ends it whatever the nesting depth (the thread is exiting).
+#[inline(always)]
+pub fn end_request(tgid: u32, tid: u32, status: u32, unwind: bool) -> Option<()> {
+    let stats = watched(tgid)?;
+    let thread = THREADS.get_ptr_mut(tid)?;
+    // SAFETY: pointers from map lookups; only this thread writes its state.
+    unsafe {
+        let t = &mut *thread;
+        if t.depth == 0 {
+            return Some(());
+        }
+        t.depth -= 1;
+        if t.depth > 0 && !unwind {
+            return Some(());
+        }
+        t.depth = 0;
+        t.req_fd = -1;
+        let counter = if status == REQUEST_OK {
+            &raw mut (*stats).requests_ended
+        } else {
+            &raw mut (*stats).requests_aborted
+        };
+        atomic_add(counter, 1);
+
+        let Some(mut entry) = EVENTS.reserve::<RequestEvent>(0) else {
+            count(memtrace_common::CTR_RINGBUF_DROPS);
+            return None;
+        };
+        let (rss_after, known_after) = proc_rss(stats);
+        let start = &t.req;
+        entry.write(RequestEvent {
+            kind: EVENT_REQUEST,
+            tgid,
+            tid,
+            status,
+            known_before: t.req_known,
+            known_after,
+            seq: start.seq,
+            start_ns: start.start_ns,
+            end_ns: now_ns(),
+            rss_before: start.rss,
+            rss_after,
+            faults: t.faults - start.faults,
+            mmap_bytes: t.mmap_bytes - start.mmap_bytes,
+            munmap_bytes: t.munmap_bytes - start.munmap_bytes,
+            brk_grow_bytes: t.brk_grow_bytes - start.brk_grow_bytes,
+            brk_shrink_bytes: t.brk_shrink_bytes - start.brk_shrink_bytes,
+        });
+        entry.submit(RB_NO_WAKEUP);
+        count(memtrace_common::CTR_EVENTS);
+    }
+    Some(())
+}
+
+#[uprobe]
+pub fn request_begin(_ctx: ProbeContext) -> u32 {
+    let cur = current();
+    let _ = begin_request(cur.tgid, cur.tid, -1);
+    0
+}
+
+/// Return of the request function (`--request-fn`).
+#[uretprobe]
+pub fn request_end_ret(_ctx: RetProbeContext) -> u32 {
+    let cur = current();
+    let _ = end_request(cur.tgid, cur.tid, REQUEST_OK, false);
+    0
+}
+
+/// Entry of the end function (`--request-end`).
+#[uprobe]
+pub fn request_end(_ctx: ProbeContext) -> u32 {
+    let cur = current();
+    let _ = end_request(cur.tgid, cur.tid, REQUEST_OK, false);
+    0
+}
+
+/// sys_exit_accept4 and sys_exit_accept: a connection accepted by a watched
+/// worker ends the previous request on this thread and begins the next.
+#[tracepoint]
+pub fn accept_exit(ctx: TracePointContext) -> u32 {
+    let _ = try_accept_exit(&ctx);
+    0
+}
+
+fn try_accept_exit(ctx: &TracePointContext) -> Result<(), i64> {
+    let cur = current();
+    if watched(cur.tgid).is_none() {
+        return Ok(());
+    }
+    let ret: i64 = field(ctx, CONFIG.load().layout.sys_exit_ret)?;
+    if ret < 0 {
+        return Ok(());
+    }
+    let _ = end_request(cur.tgid, cur.tid, REQUEST_OK, true);
+    let _ = begin_request(cur.tgid, cur.tid, ret);
+    Ok(())
+}
+
+/// sys_enter_close: closing the connection of the request in flight ends it.
+#[tracepoint]
+pub fn close_enter(ctx: TracePointContext) -> u32 {
+    let _ = try_close_enter(&ctx);
+    0
+}
+
+fn try_close_enter(ctx: &TracePointContext) -> Result<(), i64> {
+    let cur = current();
+    // Cheapest test first: most closes on the machine are not ours.
+    let Some(thread) = THREADS.get_ptr(cur.tid) else {
+        return Ok(());
+    };
+    let fd: u64 = field(ctx, CONFIG.load().layout.close_fd)?;
+    // SAFETY: pointer from a map lookup.
+    let (depth, req_fd) = unsafe { ((*thread).depth, (*thread).req_fd) };
+    if depth > 0 && req_fd >= 0 && req_fd as u64 == fd {
+        let _ = end_request(cur.tgid, cur.tid, REQUEST_OK, true);
+    }
+    Ok(())
+}

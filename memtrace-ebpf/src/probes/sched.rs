@@ -1,0 +1,206 @@
+//! Process lifecycle: new processes forked by watched ones are watched at
+//! once (task:task_newtask, which also says whether the child is a thread),
+//! execs are reported (and matched against selector names), and the exit of a
+//! whole process is reported with its final counters.
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_get_current_comm, bpf_probe_read_kernel_str_bytes},
+    macros::tracepoint,
+    programs::TracePointContext,
+};
+use memtrace_common::{
+    EVENT_EXEC, EVENT_EXIT, EVENT_FORK, ProcStats, ProcessEvent, REQUEST_ABORTED, RSS_MEMBERS,
+    TASK_COMM_LEN,
+};
+
+use crate::{
+    maps::{CONFIG, EVENTS, PROCS, SELECTOR_COMMS, THREADS},
+    probes::request::end_request,
+    util::{RB_NO_WAKEUP, count, current, field, now_ns, proc_rss, watched},
+};
+
+const CLONE_THREAD: u64 = 0x0001_0000;
+
+/// Where a process event's extra data comes from.
+enum Extra {
+    None,
+    /// Offset of a `__data_loc char[]` field holding the exec'd path.
+    Filename(u32),
+    /// The final counters of an exiting process.
+    Final(ProcStats),
+}
+
+#[inline(always)]
+fn emit_process(
+    ctx: &TracePointContext,
+    kind: u32,
+    tgid: u32,
+    ppid: u32,
+    watched_how: u32,
+    comm: [u8; TASK_COMM_LEN],
+    extra: Extra,
+) {
+    let Some(mut entry) = EVENTS.reserve::<ProcessEvent>(0) else {
+        count(memtrace_common::CTR_RINGBUF_DROPS);
+        return;
+    };
+    let ev = entry.as_mut_ptr();
+    // SAFETY: `ev` points at reserved ring-buffer memory of the right size;
+    // every field is written before submit.
+    unsafe {
+        (*ev).kind = kind;
+        (*ev).tgid = tgid;
+        (*ev).ppid = ppid;
+        (*ev).watched = watched_how;
+        (*ev).ts_ns = now_ns();
+        (*ev).comm = comm;
+        (*ev).filename[0] = 0;
+        (*ev).stats = ProcStats::default();
+        (*ev).rss = [0; RSS_MEMBERS];
+        match extra {
+            Extra::None => {}
+            Extra::Filename(offset) => {
+                if let Ok(loc) = field::<u32>(ctx, offset) {
+                    let src = (ctx.as_ptr() as *const u8).add((loc & 0xffff) as usize);
+                    if bpf_probe_read_kernel_str_bytes(src, &mut (*ev).filename).is_err() {
+                        (*ev).filename[0] = 0;
+                    }
+                }
+            }
+            Extra::Final(stats) => {
+                (*ev).stats = stats;
+                (*ev).rss = proc_rss(&stats).0;
+            }
+        }
+    }
+    entry.submit(RB_NO_WAKEUP);
+    count(memtrace_common::CTR_EVENTS);
+}
+
+#[tracepoint]
+pub fn task_newtask(ctx: TracePointContext) -> u32 {
+    let _ = try_task_newtask(&ctx);
+    0
+}
+
+fn try_task_newtask(ctx: &TracePointContext) -> Result<(), i64> {
+    let parent = current();
+    if watched(parent.tgid).is_none() {
+        return Ok(());
+    }
+    let layout = CONFIG.load().layout;
+    let clone_flags: u64 = field(ctx, layout.newtask_clone_flags)?;
+    if clone_flags & CLONE_THREAD != 0 {
+        // A new thread: its state is created on its first event.
+        return Ok(());
+    }
+    let child: i32 = field(ctx, layout.newtask_pid)?;
+    let child = child as u32;
+    if child == CONFIG.load().agent_tgid {
+        return Ok(());
+    }
+    // Watched from this instant: the child's first fault is already counted.
+    if PROCS
+        .insert(child, ProcStats::default(), BPF_NOEXIST as u64)
+        .is_err()
+    {
+        count(memtrace_common::CTR_PROCS_FULL);
+        return Ok(());
+    }
+    // The child is still a copy of the parent: same name.
+    let comm = bpf_get_current_comm().map_err(|e| e as i64)?;
+    emit_process(ctx, EVENT_FORK, child, parent.tgid, 1, comm, Extra::None);
+    Ok(())
+}
+
+#[tracepoint]
+pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
+    let _ = try_sched_process_exec(&ctx);
+    0
+}
+
+fn try_sched_process_exec(ctx: &TracePointContext) -> Result<(), i64> {
+    let config = CONFIG.load();
+    let cur = current();
+    if cur.tgid == config.agent_tgid {
+        return Ok(());
+    }
+    let comm = bpf_get_current_comm().map_err(|e| e as i64)?;
+    let watched_how = match watched(cur.tgid) {
+        Some(stats) => {
+            // A new program image: a new mm, a new break, fresh counters.
+            // exec has already killed every other thread, so no race here.
+            // SAFETY: pointer from a map lookup.
+            unsafe {
+                let flags = (*stats).flags;
+                *stats = ProcStats {
+                    flags,
+                    ..ProcStats::default()
+                };
+            }
+            1
+        }
+        None if SELECTOR_COMMS.get_ptr(comm).is_some() => {
+            if PROCS
+                .insert(cur.tgid, ProcStats::default(), BPF_NOEXIST as u64)
+                .is_err()
+            {
+                count(memtrace_common::CTR_PROCS_FULL);
+                return Ok(());
+            }
+            2
+        }
+        None if config.report_all_execs != 0 => 0,
+        None => return Ok(()),
+    };
+    let old_pid: i32 = field(ctx, config.layout.exec_old_pid)?;
+    emit_process(
+        ctx,
+        EVENT_EXEC,
+        cur.tgid,
+        old_pid as u32,
+        watched_how,
+        comm,
+        Extra::Filename(config.layout.exec_filename),
+    );
+    Ok(())
+}
+
+#[tracepoint]
+pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
+    let _ = try_sched_process_exit(&ctx);
+    0
+}
+
+fn try_sched_process_exit(ctx: &TracePointContext) -> Result<(), i64> {
+    let cur = current();
+    let Some(stats) = watched(cur.tgid) else {
+        return Ok(());
+    };
+    // A thread leaving mid-request produces an aborted summary, and its
+    // state is dropped either way.
+    if THREADS.get_ptr(cur.tid).is_some() {
+        end_request(cur.tgid, cur.tid, REQUEST_ABORTED, true);
+        let _ = THREADS.remove(cur.tid);
+    }
+    let layout = CONFIG.load().layout;
+    let group_dead: u8 = field(ctx, layout.exit_group_dead)?;
+    if group_dead == 0 {
+        return Ok(());
+    }
+    // SAFETY: pointer from a map lookup; copied before the entry is removed.
+    let final_stats = unsafe { *stats };
+    let comm = bpf_get_current_comm().map_err(|e| e as i64)?;
+    emit_process(
+        ctx,
+        EVENT_EXIT,
+        cur.tgid,
+        0,
+        1,
+        comm,
+        Extra::Final(final_stats),
+    );
+    let _ = PROCS.remove(cur.tgid);
+    Ok(())
+}

@@ -1,0 +1,106 @@
+//! Allocation-site collection, attached only while someone asked for a
+//! snapshot: user stacks of page faults (sampled, one in N per thread,
+//! weighted by N pages), of mmap calls and of brk growth, summed per
+//! (process, stack). A user stack walk costs ~0.7 µs, hence the sampling.
+use aya_ebpf::{
+    bindings::BPF_F_USER_STACK,
+    macros::tracepoint,
+    programs::{TracePointContext, tracing::StackIdContext as _},
+};
+use memtrace_common::{PROC_FLAG_COLLECT, SITE_BRK, SITE_FAULT, SITE_MMAP, SiteCount, SiteKey};
+
+use crate::{
+    maps::{CONFIG, STACK_SITES, STACKS},
+    util::{atomic_add, count, current, field, page_align, thread_state, watched},
+};
+
+const PAGE_SIZE: u64 = 4096;
+
+/// The process's counters if collection is on for it.
+#[inline(always)]
+fn collecting(tgid: u32) -> Option<*mut memtrace_common::ProcStats> {
+    let stats = watched(tgid)?;
+    // SAFETY: pointer from a map lookup.
+    (unsafe { (*stats).flags } & PROC_FLAG_COLLECT != 0).then_some(stats)
+}
+
+#[inline(always)]
+fn add_site(ctx: &TracePointContext, tgid: u32, kind: u32, bytes: u64) {
+    let stack_id = match ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {
+        Ok(id) => id as u32,
+        Err(_) => {
+            count(memtrace_common::CTR_STACK_ERRORS);
+            return;
+        }
+    };
+    count(memtrace_common::CTR_STACK_SAMPLES);
+    let key = SiteKey {
+        tgid,
+        stack_id,
+        kind,
+        _pad: 0,
+    };
+    if let Some(site) = STACK_SITES.get_ptr_mut(key) {
+        // SAFETY: pointer from a map lookup; other CPUs may add concurrently.
+        unsafe {
+            atomic_add(&raw mut (*site).bytes, bytes);
+            atomic_add(&raw mut (*site).samples, 1);
+        }
+        return;
+    }
+    let fresh = SiteCount { bytes, samples: 1 };
+    if STACK_SITES.insert(key, fresh, 0).is_err() {
+        count(memtrace_common::CTR_SITES_FULL);
+    }
+}
+
+#[tracepoint]
+pub fn page_fault_stacks(ctx: TracePointContext) -> u32 {
+    let _ = try_page_fault_stacks(&ctx);
+    0
+}
+
+fn try_page_fault_stacks(ctx: &TracePointContext) -> Option<()> {
+    let cur = current();
+    collecting(cur.tgid)?;
+    let thread = thread_state(cur.tid, cur.tgid)?;
+    let period = CONFIG.load().fault_sample_period.max(1);
+    // SAFETY: pointer from a map lookup; only this thread writes it.
+    unsafe {
+        if (*thread).sample_countdown > 0 {
+            (*thread).sample_countdown -= 1;
+            return Some(());
+        }
+        (*thread).sample_countdown = period - 1;
+    }
+    add_site(ctx, cur.tgid, SITE_FAULT, PAGE_SIZE * period as u64);
+    Some(())
+}
+
+#[tracepoint]
+pub fn mmap_stacks(ctx: TracePointContext) -> u32 {
+    let cur = current();
+    if collecting(cur.tgid).is_some() {
+        if let Ok(len) = field::<u64>(&ctx, CONFIG.load().layout.mmap_len) {
+            add_site(&ctx, cur.tgid, SITE_MMAP, page_align(len));
+        }
+    }
+    0
+}
+
+/// At brk entry the argument is the break asked for; growth over the last
+/// break the exit probe saw is what this call site allocates.
+#[tracepoint]
+pub fn brk_stacks(ctx: TracePointContext) -> u32 {
+    let cur = current();
+    if let Some(stats) = collecting(cur.tgid) {
+        if let Ok(wanted) = field::<u64>(&ctx, CONFIG.load().layout.brk_arg) {
+            // SAFETY: pointer from a map lookup.
+            let last = unsafe { (*stats).last_brk };
+            if last != 0 && wanted > last {
+                add_site(&ctx, cur.tgid, SITE_BRK, wanted - last);
+            }
+        }
+    }
+    0
+}

@@ -1,0 +1,114 @@
+//! Helpers shared by the probes.
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    programs::TracePointContext,
+};
+use memtrace_common::{MmRss, ProcStats, RSS_MEMBERS, ThreadState};
+
+use crate::maps::{COUNTERS, MM_RSS, PROCS, THREADS};
+
+/// `BPF_RB_NO_WAKEUP`: the agent polls the ring buffer on a timer, so a
+/// wake-up per event would only cost time.
+pub const RB_NO_WAKEUP: u64 = 1;
+
+pub struct Current {
+    pub tgid: u32,
+    pub tid: u32,
+}
+
+#[inline(always)]
+pub fn current() -> Current {
+    let id = bpf_get_current_pid_tgid();
+    Current {
+        tgid: (id >> 32) as u32,
+        tid: id as u32,
+    }
+}
+
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    // SAFETY: helper without preconditions.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+#[inline(always)]
+pub fn count(index: u32) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, only this CPU writes it while we run.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// Adds to a counter that other CPUs may update at the same time.
+#[inline(always)]
+pub fn atomic_add(field: *mut u64, value: u64) {
+    // The BPF target has no `AtomicU64::fetch_add`; this intrinsic lowers to
+    // BPF's atomic add. Its result must stay unused: fetching it needs ISA v3,
+    // and rustc has the linker target `generic`.
+    // SAFETY: `field` points into a map value, which lives as long as the
+    // program runs and is 8-byte aligned.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(field, value) };
+}
+
+#[inline(always)]
+pub fn watched(tgid: u32) -> Option<*mut ProcStats> {
+    PROCS.get_ptr_mut(tgid)
+}
+
+/// The thread's state, created on first use.
+#[inline(always)]
+pub fn thread_state(tid: u32, tgid: u32) -> Option<*mut ThreadState> {
+    if let Some(state) = THREADS.get_ptr_mut(tid) {
+        return Some(state);
+    }
+    let fresh = ThreadState {
+        tgid,
+        req_fd: -1,
+        ..ThreadState::default()
+    };
+    if THREADS.insert(tid, fresh, BPF_NOEXIST as u64).is_err() {
+        count(memtrace_common::CTR_THREADS_FULL);
+    }
+    THREADS.get_ptr_mut(tid)
+}
+
+/// The RSS counters of a watched process's mm, or zeros and a zero mask.
+#[inline(always)]
+pub fn proc_rss(stats: *const ProcStats) -> ([i64; RSS_MEMBERS], u32) {
+    // SAFETY: pointer from a map lookup.
+    let mm_id = unsafe { (*stats).mm_id };
+    if mm_id == 0 {
+        return ([0; RSS_MEMBERS], 0);
+    }
+    match MM_RSS.get_ptr(mm_id) {
+        // SAFETY: pointer from a map lookup.
+        Some(mm) => unsafe {
+            let mm: &MmRss = &*mm;
+            (mm.bytes, mm.known)
+        },
+        None => ([0; RSS_MEMBERS], 0),
+    }
+}
+
+/// Reads a tracepoint field at an offset the agent found in the format file.
+#[inline(always)]
+pub fn field<T>(ctx: &TracePointContext, offset: u32) -> Result<T, i64> {
+    // SAFETY: bpf_probe_read_kernel checks the access; a bad offset reads
+    // an error, not memory outside the record.
+    unsafe { ctx.read_at::<T>(offset as usize) }.map_err(|e| e as i64)
+}
+
+/// Page-aligns a byte count the way mmap/munmap round lengths.
+#[inline(always)]
+pub fn page_align(len: u64) -> u64 {
+    (len + 4095) & !4095
+}
+
+/// Whether a syscall return value is an error (-4095..=-1).
+#[inline(always)]
+pub fn is_err_ret(ret: i64) -> bool {
+    (-4095..0).contains(&ret)
+}

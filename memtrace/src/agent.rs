@@ -1,0 +1,499 @@
+//! The agent: loads the programs, finds the processes to trace, turns kernel
+//! events into the worker model, and keeps it fresh.
+use std::{
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
+
+use aya::maps::{MapData, RingBuf};
+use memtrace_common::ProcessEvent;
+use tracing::{debug, info, warn};
+
+use crate::{
+    events::{KernelEvent, c_str, decode},
+    loader::{KernelCounters, LoadError, LoadOptions, Tracer},
+    preflight::{self, PreflightError},
+    procinfo::{self, ProcessView},
+    selectors::Selectors,
+    tracefs::{Tracefs, TracefsError},
+    workers::{Origin, Registry, RssBreakdown, Worker},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Preflight(#[from] PreflightError),
+    #[error(transparent)]
+    Tracefs(#[from] TracefsError),
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error("selecting processes by name failed: {0}")]
+    Selectors(#[source] aya::maps::MapError),
+    #[error("no process selector given: use --process-name, --exe, --cmdline or --pid")]
+    NoSelectors,
+}
+
+/// What the agent needs to start.
+#[derive(Clone, Debug)]
+pub struct AgentSettings {
+    pub selectors: Selectors,
+    pub load: LoadOptions,
+    /// Mount tracefs at /sys/kernel/tracing when it is missing.
+    pub mount_tracefs: bool,
+    /// How often the ring buffer is drained.
+    pub poll_interval: Duration,
+    /// How often kernel maps and /proc are read into the worker model.
+    pub refresh_interval: Duration,
+    /// How often /proc is scanned for processes the kernel could not see start.
+    pub rescan_interval: Duration,
+    /// How often a per-worker summary is logged (zero: never).
+    pub summary_interval: Duration,
+}
+
+impl Default for AgentSettings {
+    fn default() -> Self {
+        Self {
+            selectors: Selectors::default(),
+            load: LoadOptions::default(),
+            mount_tracefs: true,
+            poll_interval: Duration::from_millis(10),
+            refresh_interval: Duration::from_secs(1),
+            rescan_interval: Duration::from_secs(5),
+            summary_interval: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Agent-side counters.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct AgentCounters {
+    pub events_received: u64,
+    pub decode_errors: u64,
+    /// Ring-buffer drops already reported in the log.
+    pub drops_reported: u64,
+}
+
+/// Everything the event loop, the refresher and the API share.
+pub struct State {
+    pub tracer: Tracer,
+    pub registry: Registry,
+    pub selectors: Selectors,
+    pub counters: AgentCounters,
+    pub started: Instant,
+    pub agent_pid: u32,
+}
+
+pub type SharedState = Arc<Mutex<State>>;
+
+pub struct Agent {
+    state: SharedState,
+    ring: RingBuf<MapData>,
+    settings: AgentSettings,
+    waiting_logged: Option<Instant>,
+}
+
+impl Agent {
+    /// Checks privileges and tracefs, loads and attaches the programs, and
+    /// starts tracing every process already running that matches.
+    pub fn start(settings: AgentSettings) -> Result<Self, AgentError> {
+        if settings.selectors.is_empty() {
+            return Err(AgentError::NoSelectors);
+        }
+        preflight::check_privileges()?;
+        preflight::warn_if_no_btf();
+        let tracefs = Tracefs::ensure(settings.mount_tracefs)?;
+        let agent_pid = std::process::id();
+        let mut load = settings.load.clone();
+        load.report_all_execs = settings.selectors.needs_exec_reports();
+        let (mut tracer, ring) = Tracer::load(&tracefs, agent_pid, &load)?;
+        tracer
+            .set_selector_comms(settings.selectors.names.iter().map(String::as_str))
+            .map_err(AgentError::Selectors)?;
+        info!(
+            programs = tracer.attached().len(),
+            selectors = %settings.selectors.describe(),
+            "eBPF programs attached"
+        );
+        let state = State {
+            tracer,
+            registry: Registry::default(),
+            selectors: settings.selectors.clone(),
+            counters: AgentCounters::default(),
+            started: Instant::now(),
+            agent_pid,
+        };
+        let mut agent = Self {
+            state: Arc::new(Mutex::new(state)),
+            ring,
+            settings,
+            waiting_logged: None,
+        };
+        // Two passes: a process forked between the listing and the watch of
+        // its parent shows up in the second.
+        agent.rescan();
+        agent.rescan();
+        agent.refresh();
+        Ok(agent)
+    }
+
+    pub fn state(&self) -> SharedState {
+        self.state.clone()
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+
+    /// Drains the ring buffer; returns how many events were handled.
+    pub fn poll_events(&mut self) -> usize {
+        let mut decoded = Vec::new();
+        let mut errors = 0u64;
+        while let Some(item) = self.ring.next() {
+            match decode(&item) {
+                Ok(ev) => decoded.push(ev),
+                Err(_) => errors += 1,
+            }
+        }
+        if decoded.is_empty() && errors == 0 {
+            return 0;
+        }
+        let n = decoded.len();
+        let mut state = lock(&self.state);
+        state.counters.events_received += n as u64;
+        state.counters.decode_errors += errors;
+        for ev in decoded {
+            state.handle(ev);
+        }
+        n
+    }
+
+    /// Reads kernel counters and /proc into the worker model, and notices
+    /// processes that died without an exit event.
+    pub fn refresh(&self) {
+        lock(&self.state).refresh();
+    }
+
+    /// Scans /proc for processes to trace that the kernel did not see start.
+    pub fn rescan(&mut self) {
+        let found = lock(&self.state).rescan();
+        let state = lock(&self.state);
+        if state.registry.is_empty() {
+            let due = self
+                .waiting_logged
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(60));
+            if due {
+                info!(
+                    selectors = %state.selectors.describe(),
+                    "no process matches yet; waiting for one to start"
+                );
+                self.waiting_logged = Some(Instant::now());
+            }
+        } else if found > 0 {
+            self.waiting_logged = None;
+        }
+    }
+
+    /// Logs one summary line per traced process.
+    pub fn log_summary(&self) {
+        let mut state = lock(&self.state);
+        let counters = state.tracer.counters();
+        state.report_drops(&counters);
+        for w in state.registry.alive() {
+            info!(
+                pid = w.pid,
+                ppid = w.ppid,
+                role = ?state.registry.role(w.pid),
+                name = %w.name,
+                rss_bytes = w.rss.resident(),
+                anon_bytes = w.rss.anon,
+                file_bytes = w.rss.file,
+                shmem_bytes = w.rss.shmem,
+                swap_bytes = w.rss.swap,
+                faults = w.stats.faults,
+                mmap_bytes = w.stats.mmap_bytes,
+                munmap_bytes = w.stats.munmap_bytes,
+                brk_grow_bytes = w.stats.brk_grow_bytes,
+                brk_shrink_bytes = w.stats.brk_shrink_bytes,
+                requests = w.stats.requests_ended,
+                requests_in_flight = w.stats.requests_in_flight(),
+                "worker summary"
+            );
+        }
+        info!(
+            workers = state.registry.len(),
+            events = state.counters.events_received,
+            ringbuf_drops = counters.ringbuf_drops,
+            "agent summary"
+        );
+    }
+
+    /// Runs until `shutdown` completes, then drains the last events and
+    /// detaches every program (by dropping them).
+    pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) {
+        let mut poll = tokio::time::interval(self.settings.poll_interval);
+        let mut refresh = tokio::time::interval(self.settings.refresh_interval);
+        let mut rescan = tokio::time::interval(self.settings.rescan_interval);
+        let summary_every = if self.settings.summary_interval.is_zero() {
+            Duration::from_secs(365 * 24 * 3600)
+        } else {
+            self.settings.summary_interval
+        };
+        let mut summary =
+            tokio::time::interval_at(tokio::time::Instant::now() + summary_every, summary_every);
+        for i in [&mut poll, &mut refresh, &mut rescan, &mut summary] {
+            i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        }
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                _ = poll.tick() => { self.poll_events(); }
+                _ = refresh.tick() => self.refresh(),
+                _ = rescan.tick() => self.rescan(),
+                _ = summary.tick() => self.log_summary(),
+            }
+        }
+        self.poll_events();
+        let programs = self.lock().tracer.attached().len();
+        drop(self);
+        info!(programs, "programs detached; memtrace stopped");
+    }
+}
+
+fn lock(state: &SharedState) -> MutexGuard<'_, State> {
+    // A panic while holding the lock leaves consistent-enough data behind:
+    // every update is a plain field write.
+    state.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl State {
+    fn handle(&mut self, ev: KernelEvent) {
+        match ev {
+            KernelEvent::Fork(ev) => self.on_fork(&ev),
+            KernelEvent::Exec(ev) => self.on_exec(&ev),
+            KernelEvent::Exit(ev) => self.on_exit(&ev),
+            KernelEvent::Rss(ev) => {
+                if let Some(w) = self.registry.get_mut(ev.tgid) {
+                    w.apply_kernel_rss(ev.bytes, ev.known);
+                }
+            }
+            KernelEvent::Request(ev) => self.on_request(&ev),
+        }
+    }
+
+    fn on_fork(&mut self, ev: &ProcessEvent) {
+        if self.registry.contains(ev.tgid) {
+            return;
+        }
+        let view = procinfo::view(ev.tgid).unwrap_or_else(|| ProcessView {
+            pid: ev.tgid,
+            ppid: ev.ppid,
+            comm: c_str(&ev.comm),
+            ..ProcessView::default()
+        });
+        let worker = Worker::new(&view, Origin::Fork, format!("child of {}", ev.ppid));
+        self.attach(worker);
+    }
+
+    fn on_exec(&mut self, ev: &ProcessEvent) {
+        let pid = ev.tgid;
+        let filename = c_str(&ev.filename);
+        let view = procinfo::view(pid).unwrap_or_else(|| ProcessView {
+            pid,
+            comm: c_str(&ev.comm),
+            exe: Some(filename.clone().into()),
+            ..ProcessView::default()
+        });
+        let reason = self.selectors.matches(&view);
+        match (ev.watched, reason) {
+            // Traced before, and still selected: a new program image.
+            (1, Some(reason)) => {
+                self.registry.forget(pid);
+                let worker = Worker::new(&view, Origin::Exec, reason.to_string());
+                info!(pid, name = %view.comm, filename = %filename, "traced process exec'd; following the new program");
+                self.attach(worker);
+            }
+            // A traced child became something no selector asks for.
+            (1, None) => {
+                self.tracer.unwatch(pid);
+                if self.registry.forget(pid).is_some() {
+                    info!(pid, name = %view.comm, filename = %filename, "traced process exec'd a program no selector matches; no longer traced");
+                }
+            }
+            // Matched by name in the kernel at exec.
+            (2, reason) => {
+                let reason = reason.map_or_else(|| "name".to_string(), |r| r.to_string());
+                self.attach(Worker::new(&view, Origin::Exec, reason));
+            }
+            // Reported for the agent to match (--exe, --cmdline).
+            (_, Some(reason)) => {
+                if let Err(e) = self.tracer.watch(pid, 0) {
+                    warn!(pid, error = %e, "cannot trace process: kernel map full?");
+                    return;
+                }
+                self.attach(Worker::new(&view, Origin::Exec, reason.to_string()));
+            }
+            (_, None) => {}
+        }
+    }
+
+    fn on_exit(&mut self, ev: &ProcessEvent) {
+        let pid = ev.tgid;
+        let role = self.registry.role(pid);
+        let Some(w) = self.registry.retire(pid, Some((ev.stats, ev.rss))) else {
+            return;
+        };
+        let lifetime = w
+            .exited_at
+            .and_then(|t| t.duration_since(w.first_seen).ok())
+            .unwrap_or_default();
+        info!(
+            pid,
+            ppid = w.ppid,
+            role = ?role,
+            name = %w.name,
+            rss_bytes = w.rss.resident(),
+            faults = w.stats.faults,
+            mmap_bytes = w.stats.mmap_bytes,
+            brk_grow_bytes = w.stats.brk_grow_bytes,
+            requests = w.stats.requests_ended,
+            traced_secs = lifetime.as_secs_f64(),
+            "worker exited"
+        );
+    }
+
+    fn on_request(&mut self, ev: &memtrace_common::RequestEvent) {
+        if let Some(w) = self.registry.get_mut(ev.tgid) {
+            w.apply_kernel_rss(ev.rss_after, ev.known_after);
+        }
+    }
+
+    /// Adds a process to the model and logs it.
+    fn attach(&mut self, mut worker: Worker) {
+        let pid = worker.pid;
+        if worker.origin != Origin::Fork {
+            if let Some(status) = procinfo::status_memory(pid) {
+                worker.apply_seed(RssBreakdown::from_status(&status));
+            }
+        }
+        let (reason, origin, name, ppid) = (
+            worker.reason.clone(),
+            worker.origin,
+            worker.name.clone(),
+            worker.ppid,
+        );
+        self.registry.add(worker);
+        self.refresh_one(pid);
+        let role = self.registry.role(pid);
+        let rss = self.registry.get(pid).map_or(0, |w| w.rss.resident());
+        info!(pid, ppid, role = ?role, name = %name, origin = ?origin, reason = %reason, rss_bytes = rss, "worker attached");
+    }
+
+    /// Reads one process's kernel counters into the model.
+    fn refresh_one(&mut self, pid: u32) -> bool {
+        let Some(stats) = self.tracer.proc_stats(pid) else {
+            return false;
+        };
+        let mm = self.tracer.mm_rss(stats.mm_id);
+        let Some(w) = self.registry.get_mut(pid) else {
+            return true;
+        };
+        w.stats = stats;
+        if let Some(mm) = mm {
+            w.apply_mm(&mm);
+        }
+        if w.needs_seed() {
+            if let Some(status) = procinfo::status_memory(pid) {
+                w.apply_seed(RssBreakdown::from_status(&status));
+            }
+        }
+        true
+    }
+
+    fn refresh(&mut self) {
+        for pid in self.registry.pids() {
+            if self.refresh_one(pid) {
+                continue;
+            }
+            // Not in the kernel map: its exit event was lost (ring buffer
+            // full) or it was never watched. /proc decides.
+            let start = self.registry.get(pid).map_or(0, |w| w.start_time);
+            if procinfo::same_process(pid, start) {
+                if let Err(e) = self.tracer.watch(pid, procinfo::heap_end(pid).unwrap_or(0)) {
+                    warn!(pid, error = %e, "cannot trace process: kernel map full?");
+                }
+            } else if let Some(w) = self.registry.retire(pid, None) {
+                info!(pid, name = %w.name, "worker exited (noticed in /proc)");
+            }
+        }
+        let counters = self.tracer.counters();
+        self.report_drops(&counters);
+    }
+
+    fn report_drops(&mut self, counters: &KernelCounters) {
+        if counters.ringbuf_drops > self.counters.drops_reported {
+            warn!(
+                dropped = counters.ringbuf_drops - self.counters.drops_reported,
+                total_dropped = counters.ringbuf_drops,
+                "ring buffer full: kernel events were dropped (raise --ring-buffer-bytes or lower --poll-interval-ms)"
+            );
+            self.counters.drops_reported = counters.ringbuf_drops;
+        }
+    }
+
+    /// Finds processes that match a selector, or descend from a traced one,
+    /// and are not traced yet. Returns how many were added.
+    fn rescan(&mut self) -> usize {
+        let views: Vec<ProcessView> = procinfo::all_pids()
+            .into_iter()
+            .filter(|&pid| pid != self.agent_pid && !self.registry.contains(pid))
+            .filter_map(procinfo::view)
+            .collect();
+        let mut added = 0;
+        // Matches first, then their descendants until nothing changes.
+        let mut pending: Vec<ProcessView> = Vec::new();
+        for view in views {
+            if let Some(reason) = self.selectors.matches(&view) {
+                if self.watch_found(&view, reason.to_string()) {
+                    added += 1;
+                }
+            } else {
+                pending.push(view);
+            }
+        }
+        loop {
+            let before = pending.len();
+            pending.retain(|view| {
+                if self.registry.contains(view.ppid) {
+                    let reason = format!("child of {}", view.ppid);
+                    if self.watch_found(view, reason) {
+                        added += 1;
+                    }
+                    false
+                } else {
+                    true
+                }
+            });
+            if pending.len() == before {
+                break;
+            }
+        }
+        added
+    }
+
+    fn watch_found(&mut self, view: &ProcessView, reason: String) -> bool {
+        let heap = procinfo::heap_end(view.pid).unwrap_or(0);
+        if let Err(e) = self.tracer.watch(view.pid, heap) {
+            warn!(pid = view.pid, error = %e, "cannot trace process: kernel map full?");
+            return false;
+        }
+        // It may have exited between the listing and the watch.
+        if !procinfo::same_process(view.pid, view.start_time) {
+            self.tracer.unwatch(view.pid);
+            debug!(pid = view.pid, "process gone before it could be traced");
+            return false;
+        }
+        self.attach(Worker::new(view, Origin::Scan, reason));
+        true
+    }
+}

@@ -1,0 +1,378 @@
+//! The command line. Every agent setting can come from a flag, a `MEMTRACE_*`
+//! environment variable or the TOML file given by `--config`, in that order
+//! of precedence; settings left unset take the defaults shown in `--help`.
+use std::{path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+use serde::Deserialize;
+
+use crate::{
+    agent::AgentSettings,
+    loader::{LoadOptions, ProbeTarget, RequestProbes},
+    logging::LogFormat,
+    selectors::Selectors,
+};
+
+#[derive(Debug, Parser)]
+#[command(name = "memtrace", version, about = "Kernel-level memory tracer for multi-worker servers", long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Trace servers: attach to processes by name, follow their workers,
+    /// account memory per worker and per request.
+    Agent(Box<AgentArgs>),
+}
+
+/// How requests are delimited.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RequestMode {
+    /// No request boundaries: memory per worker only.
+    None,
+    /// uprobes on functions (--request-fn or --request-begin/--request-end).
+    Uprobe,
+    /// accept() to close() of the connection (prefork/sync servers).
+    Accept,
+}
+
+/// Agent settings. All are optional here so that a flag, the environment and
+/// the config file can be told apart; `resolve` applies the defaults.
+#[derive(Clone, Debug, Default, Args, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct AgentArgs {
+    /// TOML file with agent settings (keys as the long flags, e.g. `process-name = ["gunicorn"]`).
+    #[arg(long, env = "MEMTRACE_CONFIG", value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+
+    /// Trace processes with this name (comm, or executable file name). Repeatable.
+    #[arg(
+        short = 'n',
+        long = "process-name",
+        env = "MEMTRACE_PROCESS_NAME",
+        value_delimiter = ',',
+        value_name = "NAME",
+        help_heading = "Selection"
+    )]
+    pub process_name: Vec<String>,
+
+    /// Trace processes running this executable. Repeatable.
+    #[arg(
+        long,
+        env = "MEMTRACE_EXE",
+        value_delimiter = ',',
+        value_name = "PATH",
+        help_heading = "Selection"
+    )]
+    pub exe: Vec<PathBuf>,
+
+    /// Trace processes whose command line (arguments joined by spaces) matches this regex.
+    #[arg(
+        long,
+        env = "MEMTRACE_CMDLINE",
+        value_name = "REGEX",
+        help_heading = "Selection"
+    )]
+    pub cmdline: Option<String>,
+
+    /// Trace this process (and its descendants). Repeatable.
+    #[arg(
+        short = 'p',
+        long,
+        env = "MEMTRACE_PID",
+        value_delimiter = ',',
+        value_name = "PID",
+        help_heading = "Selection"
+    )]
+    pub pid: Vec<u32>,
+
+    /// Log format [default: pretty].
+    #[arg(
+        long,
+        env = "MEMTRACE_LOG_FORMAT",
+        value_enum,
+        help_heading = "Logging"
+    )]
+    pub log_format: Option<LogFormat>,
+
+    /// Log filter, e.g. `info` or `memtrace=debug` (RUST_LOG wins) [default: info].
+    #[arg(
+        long,
+        env = "MEMTRACE_LOG_LEVEL",
+        value_name = "FILTER",
+        help_heading = "Logging"
+    )]
+    pub log_level: Option<String>,
+
+    /// Seconds between per-worker summary lines; 0 turns them off [default: 30].
+    #[arg(
+        long,
+        env = "MEMTRACE_SUMMARY_INTERVAL_SECS",
+        value_name = "SECS",
+        help_heading = "Logging"
+    )]
+    pub summary_interval_secs: Option<u64>,
+
+    /// Ring-buffer size in bytes, a power of two >= 4096 [default: 4194304].
+    #[arg(
+        long,
+        env = "MEMTRACE_RING_BUFFER_BYTES",
+        value_name = "BYTES",
+        help_heading = "Kernel"
+    )]
+    pub ring_buffer_bytes: Option<u32>,
+
+    /// Milliseconds between ring-buffer drains (1..=1000) [default: 10].
+    #[arg(long, env = "MEMTRACE_POLL_INTERVAL_MS", value_name = "MS", value_parser = clap::value_parser!(u64).range(1..=1000), help_heading = "Kernel")]
+    pub poll_interval_ms: Option<u64>,
+
+    /// The kernel reports a worker's RSS when it moved by this many bytes [default: 262144].
+    #[arg(
+        long,
+        env = "MEMTRACE_RSS_STEP_BYTES",
+        value_name = "BYTES",
+        help_heading = "Kernel"
+    )]
+    pub rss_step_bytes: Option<u64>,
+
+    /// Milliseconds between reads of kernel maps and /proc into the worker model [default: 1000].
+    #[arg(long, env = "MEMTRACE_REFRESH_INTERVAL_MS", value_name = "MS", value_parser = clap::value_parser!(u64).range(10..=60_000), help_heading = "Kernel")]
+    pub refresh_interval_ms: Option<u64>,
+
+    /// Seconds between /proc scans for matching processes [default: 5].
+    #[arg(long, env = "MEMTRACE_RESCAN_INTERVAL_SECS", value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=3600), help_heading = "Kernel")]
+    pub rescan_interval_secs: Option<u64>,
+
+    /// Do not mount tracefs when it is missing; fail with instructions instead.
+    #[arg(long, env = "MEMTRACE_NO_MOUNT_TRACEFS", help_heading = "Kernel")]
+    pub no_mount_tracefs: Option<bool>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("{setting}: {message}")]
+    Invalid {
+        setting: &'static str,
+        message: String,
+    },
+}
+
+fn invalid(setting: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        setting,
+        message: message.into(),
+    }
+}
+
+/// Parses `BINARY:SYMBOL`. The binary must exist; the symbol is checked
+/// when the probe is attached.
+pub fn parse_probe_target(s: &str) -> Result<ProbeTarget, String> {
+    let (binary, symbol) = s.rsplit_once(':').ok_or_else(|| {
+        format!("`{s}` is not BINARY:SYMBOL (e.g. /usr/lib/libapp.so:handle_request)")
+    })?;
+    if binary.is_empty() || symbol.is_empty() {
+        return Err(format!("`{s}` is not BINARY:SYMBOL: both parts are needed"));
+    }
+    Ok(ProbeTarget {
+        binary: binary.into(),
+        symbol: symbol.to_string(),
+    })
+}
+
+/// Everything `memtrace agent` needs, resolved.
+#[derive(Clone, Debug)]
+pub struct ResolvedAgent {
+    pub settings: AgentSettings,
+    pub log_format: LogFormat,
+    pub log_level: String,
+}
+
+macro_rules! merge_options {
+    ($cli:ident, $file:ident; $($field:ident),* $(,)?) => {
+        $( if $cli.$field.is_none() { $cli.$field = $file.$field; } )*
+    };
+}
+
+macro_rules! merge_lists {
+    ($cli:ident, $file:ident; $($field:ident),* $(,)?) => {
+        $( if $cli.$field.is_empty() { $cli.$field = $file.$field; } )*
+    };
+}
+
+impl AgentArgs {
+    /// Reads the config file, if any, under the command line.
+    pub fn with_config_file(mut self) -> Result<Self, ConfigError> {
+        let Some(path) = self.config.clone() else {
+            return Ok(self);
+        };
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let file: AgentArgs =
+            toml::from_str(&text).map_err(|source| ConfigError::Parse { path, source })?;
+        self.merge_under(file);
+        Ok(self)
+    }
+
+    /// Fills settings this one leaves unset from `file`.
+    pub fn merge_under(&mut self, file: AgentArgs) {
+        let cli = self;
+        merge_lists!(cli, file; process_name, exe, pid);
+        merge_options!(cli, file;
+            cmdline, log_format, log_level, summary_interval_secs, ring_buffer_bytes,
+            poll_interval_ms, rss_step_bytes, refresh_interval_ms, rescan_interval_secs,
+            no_mount_tracefs,
+        );
+    }
+
+    /// Applies defaults and checks every value.
+    pub fn resolve(self) -> Result<ResolvedAgent, ConfigError> {
+        let cmdline = self
+            .cmdline
+            .as_deref()
+            .map(regex::Regex::new)
+            .transpose()
+            .map_err(|e| invalid("--cmdline", e.to_string()))?;
+        for name in &self.process_name {
+            if name.is_empty() || name.contains('/') {
+                return Err(invalid(
+                    "--process-name",
+                    format!("`{name}` is not a process name (use --exe for paths)"),
+                ));
+            }
+        }
+        if self.pid.contains(&0) {
+            return Err(invalid("--pid", "0 is not a process id"));
+        }
+        let selectors = Selectors {
+            names: self.process_name,
+            exes: self.exe,
+            cmdline,
+            pids: self.pid,
+        }
+        .canonicalize();
+
+        let ring_buffer_bytes = self
+            .ring_buffer_bytes
+            .unwrap_or(memtrace_common::DEFAULT_RING_BYTES);
+        if ring_buffer_bytes < 4096 || !ring_buffer_bytes.is_power_of_two() {
+            return Err(invalid(
+                "--ring-buffer-bytes",
+                format!("{ring_buffer_bytes} is not a power of two of at least 4096"),
+            ));
+        }
+        let poll_ms = self.poll_interval_ms.unwrap_or(10);
+        if !(1..=1000).contains(&poll_ms) {
+            return Err(invalid("--poll-interval-ms", "must be 1..=1000"));
+        }
+        let refresh_ms = self.refresh_interval_ms.unwrap_or(1000);
+        if !(10..=60_000).contains(&refresh_ms) {
+            return Err(invalid("--refresh-interval-ms", "must be 10..=60000"));
+        }
+        let rescan_secs = self.rescan_interval_secs.unwrap_or(5);
+        if !(1..=3600).contains(&rescan_secs) {
+            return Err(invalid("--rescan-interval-secs", "must be 1..=3600"));
+        }
+        let rss_step_bytes = self.rss_step_bytes.unwrap_or(256 * 1024);
+        if rss_step_bytes == 0 {
+            return Err(invalid("--rss-step-bytes", "must be at least 1"));
+        }
+        let load = LoadOptions {
+            ring_buffer_bytes,
+            rss_step_bytes,
+            report_all_execs: selectors.needs_exec_reports(),
+            fault_sample_period: LoadOptions::default().fault_sample_period,
+            requests: RequestProbes::None,
+        };
+        let settings = AgentSettings {
+            selectors,
+            load,
+            mount_tracefs: !self.no_mount_tracefs.unwrap_or(false),
+            poll_interval: Duration::from_millis(poll_ms),
+            refresh_interval: Duration::from_millis(refresh_ms),
+            rescan_interval: Duration::from_secs(rescan_secs),
+            summary_interval: Duration::from_secs(self.summary_interval_secs.unwrap_or(30)),
+        };
+        Ok(ResolvedAgent {
+            settings,
+            log_format: self.log_format.unwrap_or_default(),
+            log_level: self.log_level.unwrap_or_else(|| "info".into()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> AgentArgs {
+        let mut full = vec!["memtrace", "agent"];
+        full.extend_from_slice(args);
+        match Cli::try_parse_from(full).expect("parses").command {
+            Command::Agent(a) => *a,
+        }
+    }
+
+    #[test]
+    fn flags_beat_the_file_and_the_file_beats_defaults() {
+        let mut cli = parse(&["--process-name", "gunicorn", "--poll-interval-ms", "20"]);
+        let file: AgentArgs = toml::from_str(
+            "process-name = [\"uwsgi\"]\npoll-interval-ms = 50\nrss-step-bytes = 65536\n",
+        )
+        .unwrap();
+        cli.merge_under(file);
+        let r = cli.resolve().unwrap();
+        assert_eq!(r.settings.selectors.names, vec!["gunicorn"]);
+        assert_eq!(r.settings.poll_interval, Duration::from_millis(20));
+        assert_eq!(r.settings.load.rss_step_bytes, 65536);
+        assert_eq!(r.settings.refresh_interval, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn bad_values_are_clear_errors() {
+        assert!(Cli::try_parse_from(["memtrace", "agent", "--poll-interval-ms", "0"]).is_err());
+        let e = parse(&["--ring-buffer-bytes", "5000", "-n", "x"])
+            .resolve()
+            .unwrap_err();
+        assert!(e.to_string().contains("power of two"), "{e}");
+        let e = parse(&["--cmdline", "(", "-n", "x"]).resolve().unwrap_err();
+        assert!(e.to_string().starts_with("--cmdline"), "{e}");
+        let e = parse(&["-n", "/usr/bin/x"]).resolve().unwrap_err();
+        assert!(e.to_string().contains("--exe"), "{e}");
+        let file: Result<AgentArgs, _> = toml::from_str("no-such-setting = 1");
+        assert!(file.is_err());
+    }
+
+    #[test]
+    fn repeatable_and_comma_separated_selectors() {
+        let a = parse(&["-n", "a,b", "-n", "c", "-p", "1,2"]);
+        assert_eq!(a.process_name, vec!["a", "b", "c"]);
+        assert_eq!(a.pid, vec![1, 2]);
+    }
+
+    #[test]
+    fn probe_targets() {
+        let t = parse_probe_target("/usr/lib/libx.so:handle").unwrap();
+        assert_eq!(t.symbol, "handle");
+        assert!(parse_probe_target("nocolon").is_err());
+        assert!(parse_probe_target(":sym").is_err());
+        assert!(parse_probe_target("/bin/x:").is_err());
+    }
+}

@@ -1,0 +1,96 @@
+//! Decoding the kernel's ring-buffer records.
+use memtrace_common::{
+    EVENT_EXEC, EVENT_EXIT, EVENT_FORK, EVENT_REQUEST, EVENT_RSS, ProcessEvent, RequestEvent,
+    RssEvent,
+};
+
+/// A decoded kernel event.
+#[derive(Clone, Debug)]
+pub enum KernelEvent {
+    Fork(ProcessEvent),
+    Exec(ProcessEvent),
+    Exit(ProcessEvent),
+    Rss(RssEvent),
+    Request(RequestEvent),
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("event of {0} bytes is too short")]
+    Short(usize),
+    #[error("unknown event kind {0}")]
+    UnknownKind(u32),
+}
+
+fn read<T: Copy>(bytes: &[u8]) -> Result<T, DecodeError> {
+    if bytes.len() < std::mem::size_of::<T>() {
+        return Err(DecodeError::Short(bytes.len()));
+    }
+    // SAFETY: length checked; T is a plain #[repr(C)] integer struct for which
+    // any bit pattern is valid; read_unaligned needs no alignment.
+    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+}
+
+pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
+    let kind: u32 = read(bytes)?;
+    Ok(match kind {
+        EVENT_FORK => KernelEvent::Fork(read(bytes)?),
+        EVENT_EXEC => KernelEvent::Exec(read(bytes)?),
+        EVENT_EXIT => KernelEvent::Exit(read(bytes)?),
+        EVENT_RSS => KernelEvent::Rss(read(bytes)?),
+        EVENT_REQUEST => KernelEvent::Request(read(bytes)?),
+        other => return Err(DecodeError::UnknownKind(other)),
+    })
+}
+
+/// A NUL-terminated kernel string as UTF-8 (lossy).
+pub fn c_str(bytes: &[u8]) -> String {
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn as_bytes<T>(v: &T) -> Vec<u8> {
+        // SAFETY: test helper over plain data.
+        unsafe {
+            std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>())
+        }
+        .to_vec()
+    }
+
+    #[test]
+    fn decodes_a_request_event() {
+        let ev = RequestEvent {
+            kind: EVENT_REQUEST,
+            tgid: 7,
+            seq: 3,
+            faults: 16,
+            ..Default::default()
+        };
+        match decode(&as_bytes(&ev)).unwrap() {
+            KernelEvent::Request(r) => {
+                assert_eq!((r.tgid, r.seq, r.faults), (7, 3, 16));
+            }
+            other => panic!("decoded {other:?}"),
+        }
+    }
+
+    #[test]
+    fn rejects_short_and_unknown() {
+        assert_eq!(decode(&[1, 0]).unwrap_err(), DecodeError::Short(2));
+        assert_eq!(decode(&[5, 0, 0, 0]).unwrap_err(), DecodeError::Short(4));
+        assert_eq!(
+            decode(&[99, 0, 0, 0]).unwrap_err(),
+            DecodeError::UnknownKind(99)
+        );
+    }
+
+    #[test]
+    fn c_str_stops_at_nul() {
+        assert_eq!(c_str(b"gunicorn\0\0junk"), "gunicorn");
+        assert_eq!(c_str(b"full"), "full");
+    }
+}

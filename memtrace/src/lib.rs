@@ -1,0 +1,16 @@
+//! memtrace: a kernel-level memory tracer for multi-worker servers.
+//!
+//! The agent loads eBPF programs ([`loader`]) that count page faults, RSS,
+//! mmap/brk and request boundaries per process in the kernel, follows the
+//! processes chosen by [`selectors`] through fork, exec and exit ([`agent`]),
+//! and keeps a model of every worker ([`workers`]).
+pub mod agent;
+pub mod cli;
+pub mod events;
+pub mod loader;
+pub mod logging;
+pub mod preflight;
+pub mod procinfo;
+pub mod selectors;
+pub mod tracefs;
+pub mod workers;

@@ -1,0 +1,476 @@
+//! Loading the eBPF object, attaching its programs, and the agent's access to
+//! the maps they fill.
+use std::path::PathBuf;
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, MapError, PerCpuArray, RingBuf, StackTraceMap},
+    programs::{
+        ProgramError, TracePoint, UProbe,
+        trace_point::TracePointLinkId,
+        uprobe::{UProbeLinkId, UProbeScope},
+    },
+};
+use memtrace_common::{
+    Config, MmRss, NUM_COUNTERS, PROC_FLAG_COLLECT, ProcStats, SiteCount, SiteKey, TASK_COMM_LEN,
+    TracepointLayout,
+};
+
+use crate::tracefs::{Tracefs, TracefsError};
+
+/// The programs, built by build.rs from memtrace-ebpf.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/memtrace"));
+
+/// Always-on programs: (program, tracepoint category, tracepoint name).
+const STEADY_PROGRAMS: &[(&str, &str, &str)] = &[
+    ("page_fault_user", "exceptions", "page_fault_user"),
+    ("rss_stat", "kmem", "rss_stat"),
+    ("task_newtask", "task", "task_newtask"),
+    ("sched_process_exec", "sched", "sched_process_exec"),
+    ("sched_process_exit", "sched", "sched_process_exit"),
+    ("mmap_enter", "syscalls", "sys_enter_mmap"),
+    ("mmap_exit", "syscalls", "sys_exit_mmap"),
+    ("munmap_enter", "syscalls", "sys_enter_munmap"),
+    ("munmap_exit", "syscalls", "sys_exit_munmap"),
+    ("mremap_enter", "syscalls", "sys_enter_mremap"),
+    ("mremap_exit", "syscalls", "sys_exit_mremap"),
+    ("brk_exit", "syscalls", "sys_exit_brk"),
+];
+
+/// Accept-mode request boundaries.
+const ACCEPT_PROGRAMS: &[(&str, &str, &str)] = &[
+    ("accept_exit", "syscalls", "sys_exit_accept4"),
+    ("accept_exit", "syscalls", "sys_exit_accept"),
+    ("close_enter", "syscalls", "sys_enter_close"),
+];
+
+/// Allocation-site collection, attached only while it is on.
+pub const COLLECTION_PROGRAMS: &[(&str, &str, &str)] = &[
+    ("page_fault_stacks", "exceptions", "page_fault_user"),
+    ("mmap_stacks", "syscalls", "sys_enter_mmap"),
+    ("brk_stacks", "syscalls", "sys_enter_brk"),
+];
+
+const UPROBE_PROGRAMS: &[&str] = &["request_begin", "request_end_ret", "request_end"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Tracefs(#[from] TracefsError),
+    #[error("loading the eBPF programs failed: {0}")]
+    Load(#[source] aya::EbpfError),
+    #[error("the kernel refused program {program}: {source}")]
+    Program {
+        program: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("attaching {program} to {target} failed: {source}")]
+    Attach {
+        program: String,
+        target: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("map {0} is missing from the eBPF object")]
+    MissingMap(&'static str),
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("--ring-buffer-bytes must be a power of two of at least 4096, not {0}")]
+    RingSize(u32),
+}
+
+/// A function in a binary or shared library, for uprobes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProbeTarget {
+    pub binary: PathBuf,
+    pub symbol: String,
+}
+
+/// Where requests begin and end, if memtrace should see them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum RequestProbes {
+    #[default]
+    None,
+    /// A request is one call of the function (entry to return).
+    Function(ProbeTarget),
+    /// A request runs from the entry of one function to the entry of another.
+    BeginEnd {
+        begin: ProbeTarget,
+        end: ProbeTarget,
+    },
+    /// A request runs from accept() to close() of the connection.
+    Accept,
+}
+
+/// Load-time settings.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    pub ring_buffer_bytes: u32,
+    pub rss_step_bytes: u64,
+    pub report_all_execs: bool,
+    pub fault_sample_period: u32,
+    pub requests: RequestProbes,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            ring_buffer_bytes: memtrace_common::DEFAULT_RING_BYTES,
+            rss_step_bytes: 256 * 1024,
+            report_all_execs: false,
+            fault_sample_period: 4,
+            requests: RequestProbes::None,
+        }
+    }
+}
+
+/// Kernel-side counters summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct KernelCounters {
+    pub ringbuf_drops: u64,
+    pub events: u64,
+    pub procs_map_full: u64,
+    pub threads_map_full: u64,
+    pub mms_map_full: u64,
+    pub stack_errors: u64,
+    pub stack_samples: u64,
+    pub sites_map_full: u64,
+}
+
+/// The loaded programs and the maps the agent reads and writes.
+pub struct Tracer {
+    ebpf: Ebpf,
+    procs: HashMap<MapData, u32, ProcStats>,
+    mm_rss: HashMap<MapData, u32, MmRss>,
+    comms: HashMap<MapData, [u8; TASK_COMM_LEN], u32>,
+    counters: PerCpuArray<MapData, u64>,
+    sites: HashMap<MapData, SiteKey, SiteCount>,
+    stacks: StackTraceMap<MapData>,
+    attached: Vec<String>,
+    collection_links: Vec<(&'static str, TracePointLinkId)>,
+    uprobe_links: Vec<(&'static str, UProbeLinkId)>,
+    pub layout: TracepointLayout,
+}
+
+fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, LoadError>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(LoadError::MissingMap(name))?;
+    T::try_from(map).map_err(|source| LoadError::Map { name, source })
+}
+
+impl Tracer {
+    /// Loads every program (so the verifier checks all of them up front) and
+    /// attaches the steady-state ones plus the request boundaries asked for.
+    /// Returns the ring buffer separately: the event loop owns it.
+    pub fn load(
+        tracefs: &Tracefs,
+        agent_tgid: u32,
+        options: &LoadOptions,
+    ) -> Result<(Self, RingBuf<MapData>), LoadError> {
+        let ring = options.ring_buffer_bytes;
+        if ring < 4096 || !ring.is_power_of_two() {
+            return Err(LoadError::RingSize(ring));
+        }
+        let layout = tracefs.layout()?;
+        let config = Config {
+            agent_tgid,
+            report_all_execs: u32::from(options.report_all_execs),
+            rss_step_bytes: options.rss_step_bytes,
+            fault_sample_period: options.fault_sample_period.max(1),
+            _pad: 0,
+            layout,
+        };
+        let mut ebpf = EbpfLoader::new()
+            .override_global("CONFIG", &config, true)
+            .map_max_entries("EVENTS", ring)
+            .load(EBPF_OBJECT)
+            .map_err(LoadError::Load)?;
+
+        let names: Vec<String> = ebpf.programs().map(|(name, _)| name.to_string()).collect();
+        for name in &names {
+            let program = ebpf.program_mut(name).expect("listed above");
+            let result = match program {
+                aya::programs::Program::TracePoint(p) => p.load(),
+                aya::programs::Program::UProbe(p) => p.load(),
+                _ => Ok(()),
+            };
+            result.map_err(|source| LoadError::Program {
+                program: name.clone(),
+                source,
+            })?;
+        }
+
+        let procs = take_map(&mut ebpf, "PROCS")?;
+        let mm_rss = take_map(&mut ebpf, "MM_RSS")?;
+        let comms = take_map(&mut ebpf, "SELECTOR_COMMS")?;
+        let counters = take_map(&mut ebpf, "COUNTERS")?;
+        let sites = take_map(&mut ebpf, "STACK_SITES")?;
+        let stacks = take_map(&mut ebpf, "STACKS")?;
+        let events: RingBuf<MapData> = take_map(&mut ebpf, "EVENTS")?;
+
+        let mut tracer = Self {
+            ebpf,
+            procs,
+            mm_rss,
+            comms,
+            counters,
+            sites,
+            stacks,
+            attached: Vec::new(),
+            collection_links: Vec::new(),
+            uprobe_links: Vec::new(),
+            layout,
+        };
+        for &(program, category, name) in STEADY_PROGRAMS {
+            tracer.attach_tracepoint(program, category, name)?;
+        }
+        match &options.requests {
+            RequestProbes::None => {}
+            RequestProbes::Accept => {
+                for &(program, category, name) in ACCEPT_PROGRAMS {
+                    tracer.attach_tracepoint(program, category, name)?;
+                }
+            }
+            RequestProbes::Function(target) => {
+                tracer.attach_uprobe("request_begin", target)?;
+                tracer.attach_uprobe("request_end_ret", target)?;
+            }
+            RequestProbes::BeginEnd { begin, end } => {
+                tracer.attach_uprobe("request_begin", begin)?;
+                tracer.attach_uprobe("request_end", end)?;
+            }
+        }
+        Ok((tracer, events))
+    }
+
+    fn tracepoint(&mut self, program: &str) -> &mut TracePoint {
+        let p = self
+            .ebpf
+            .program_mut(program)
+            .unwrap_or_else(|| panic!("program {program} is in the object"));
+        p.try_into().expect("tracepoint program")
+    }
+
+    fn attach_tracepoint(
+        &mut self,
+        program: &'static str,
+        category: &str,
+        name: &str,
+    ) -> Result<TracePointLinkId, LoadError> {
+        let link = self
+            .tracepoint(program)
+            .attach(category, name)
+            .map_err(|source| LoadError::Attach {
+                program: program.to_string(),
+                target: format!("tracepoint {category}:{name}"),
+                source,
+            })?;
+        self.attached.push(format!("{program}@{category}:{name}"));
+        Ok(link)
+    }
+
+    fn attach_uprobe(
+        &mut self,
+        program: &'static str,
+        target: &ProbeTarget,
+    ) -> Result<(), LoadError> {
+        debug_assert!(UPROBE_PROGRAMS.contains(&program));
+        let p: &mut UProbe = self
+            .ebpf
+            .program_mut(program)
+            .expect("uprobe program is in the object")
+            .try_into()
+            .expect("uprobe program");
+        let link = p
+            .attach(
+                target.symbol.as_str(),
+                &target.binary,
+                UProbeScope::AllProcesses,
+            )
+            .map_err(|source| LoadError::Attach {
+                program: program.to_string(),
+                target: format!("{}:{}", target.binary.display(), target.symbol),
+                source,
+            })?;
+        self.uprobe_links.push((program, link));
+        self.attached.push(format!(
+            "{program}@{}:{}",
+            target.binary.display(),
+            target.symbol
+        ));
+        Ok(())
+    }
+
+    /// Names of the attached programs and where they are attached.
+    pub fn attached(&self) -> &[String] {
+        &self.attached
+    }
+
+    /// Starts watching a process: the kernel counts for it from now on.
+    /// `last_brk` seeds the program break of a process found already running.
+    pub fn watch(&mut self, tgid: u32, last_brk: u64) -> Result<(), MapError> {
+        if self.procs.get(&tgid, 0).is_ok() {
+            return Ok(());
+        }
+        let stats = ProcStats {
+            last_brk,
+            ..ProcStats::default()
+        };
+        // BPF_NOEXIST: a fork the kernel already followed keeps its counters.
+        match self.procs.insert(tgid, stats, 1) {
+            Ok(()) => Ok(()),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn unwatch(&mut self, tgid: u32) {
+        let _ = self.procs.remove(&tgid);
+    }
+
+    pub fn proc_stats(&self, tgid: u32) -> Option<ProcStats> {
+        self.procs.get(&tgid, 0).ok()
+    }
+
+    /// Every watched tgid the kernel knows.
+    pub fn watched_tgids(&self) -> Vec<u32> {
+        self.procs.keys().filter_map(Result::ok).collect()
+    }
+
+    pub fn mm_rss(&self, mm_id: u32) -> Option<MmRss> {
+        if mm_id == 0 {
+            return None;
+        }
+        self.mm_rss.get(&mm_id, 0).ok()
+    }
+
+    /// Process names the kernel should start watching at exec.
+    pub fn set_selector_comms<'a>(
+        &mut self,
+        names: impl IntoIterator<Item = &'a str>,
+    ) -> Result<(), MapError> {
+        for name in names {
+            self.comms.insert(comm_key(name), 1, 0)?;
+        }
+        Ok(())
+    }
+
+    pub fn counters(&self) -> KernelCounters {
+        let mut sums = [0u64; NUM_COUNTERS as usize];
+        for (i, sum) in sums.iter_mut().enumerate() {
+            if let Ok(values) = self.counters.get(&(i as u32), 0) {
+                *sum = values.iter().sum();
+            }
+        }
+        KernelCounters {
+            ringbuf_drops: sums[memtrace_common::CTR_RINGBUF_DROPS as usize],
+            events: sums[memtrace_common::CTR_EVENTS as usize],
+            procs_map_full: sums[memtrace_common::CTR_PROCS_FULL as usize],
+            threads_map_full: sums[memtrace_common::CTR_THREADS_FULL as usize],
+            mms_map_full: sums[memtrace_common::CTR_MMS_FULL as usize],
+            stack_errors: sums[memtrace_common::CTR_STACK_ERRORS as usize],
+            stack_samples: sums[memtrace_common::CTR_STACK_SAMPLES as usize],
+            sites_map_full: sums[memtrace_common::CTR_SITES_FULL as usize],
+        }
+    }
+
+    /// Whether the allocation-site programs are attached.
+    pub fn collecting(&self) -> bool {
+        !self.collection_links.is_empty()
+    }
+
+    /// Turns allocation-site collection on for these processes, attaching the
+    /// stack programs if they are not attached yet.
+    pub fn start_collection(&mut self, tgids: &[u32]) -> Result<(), LoadError> {
+        for &tgid in tgids {
+            if let Ok(mut stats) = self.procs.get(&tgid, 0) {
+                if stats.flags & PROC_FLAG_COLLECT == 0 {
+                    // Counters may move between get and insert; the flag is
+                    // only written here, and a lost count is one fault.
+                    stats.flags |= PROC_FLAG_COLLECT;
+                    let _ = self.procs.insert(tgid, stats, 2 /* BPF_EXIST */);
+                }
+            }
+        }
+        if self.collection_links.is_empty() {
+            for &(program, category, name) in COLLECTION_PROGRAMS {
+                let link = self.attach_tracepoint(program, category, name)?;
+                self.collection_links.push((program, link));
+            }
+        }
+        Ok(())
+    }
+
+    /// Detaches the stack programs, clears the flags and forgets the sites.
+    pub fn stop_collection(&mut self) {
+        for (program, link) in std::mem::take(&mut self.collection_links) {
+            if let Err(e) = self.tracepoint(program).detach(link) {
+                tracing::warn!(program, error = %e, "detaching a collection program failed");
+            }
+            self.attached
+                .retain(|a| !a.starts_with(&format!("{program}@")));
+        }
+        for tgid in self.watched_tgids() {
+            if let Ok(mut stats) = self.procs.get(&tgid, 0) {
+                if stats.flags & PROC_FLAG_COLLECT != 0 {
+                    stats.flags &= !PROC_FLAG_COLLECT;
+                    let _ = self.procs.insert(tgid, stats, 2);
+                }
+            }
+        }
+        self.clear_sites();
+    }
+
+    /// Every (site, count) collected so far.
+    pub fn sites(&self) -> Vec<(SiteKey, SiteCount)> {
+        self.sites.iter().filter_map(Result::ok).collect()
+    }
+
+    fn clear_sites(&mut self) {
+        let keys: Vec<SiteKey> = self.sites.keys().filter_map(Result::ok).collect();
+        for key in keys {
+            let _ = self.sites.remove(&key);
+        }
+        let ids: Vec<u32> = self.stacks.stack_ids().filter_map(Result::ok).collect();
+        for id in ids {
+            let _ = self.stacks.remove(&id);
+        }
+    }
+
+    /// The user-space return addresses of a sampled stack, innermost first.
+    pub fn stack(&self, stack_id: u32) -> Option<Vec<u64>> {
+        let trace = self.stacks.get(&stack_id, 0).ok()?;
+        Some(trace.frames().iter().map(|f| f.ip).collect())
+    }
+}
+
+/// A process name as the kernel's comm: at most 15 bytes, NUL-padded.
+pub fn comm_key(name: &str) -> [u8; TASK_COMM_LEN] {
+    let mut key = [0u8; TASK_COMM_LEN];
+    let bytes = name.as_bytes();
+    let n = bytes.len().min(TASK_COMM_LEN - 1);
+    key[..n].copy_from_slice(&bytes[..n]);
+    key
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn comm_key_truncates_like_the_kernel() {
+        assert_eq!(&comm_key("gunicorn")[..9], b"gunicorn\0");
+        let long = comm_key("a-very-long-process-name");
+        assert_eq!(&long[..15], b"a-very-long-pro");
+        assert_eq!(long[15], 0);
+    }
+}

@@ -1,0 +1,206 @@
+//! What /proc says about a process: identity (for matching and for telling a
+//! recycled pid from the process we know), and memory figures the kernel
+//! programs do not give (PSS, USS, per-mapping sizes, fds, threads).
+use std::path::PathBuf;
+
+use procfs::process::Process;
+use serde::Serialize;
+
+/// Identity of a process, read once when it is found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProcessView {
+    pub pid: u32,
+    pub ppid: u32,
+    pub comm: String,
+    pub exe: Option<PathBuf>,
+    pub cmdline: Vec<String>,
+    /// Start time in clock ticks after boot: with the pid, it names one process.
+    pub start_time: u64,
+}
+
+pub fn page_size() -> u64 {
+    procfs::page_size()
+}
+
+/// Reads a process's identity; None when it is gone (or a kernel thread).
+pub fn view(pid: u32) -> Option<ProcessView> {
+    let process = Process::new(pid as i32).ok()?;
+    let stat = process.stat().ok()?;
+    Some(ProcessView {
+        pid,
+        ppid: stat.ppid as u32,
+        comm: stat.comm.clone(),
+        exe: process.exe().ok(),
+        cmdline: process.cmdline().unwrap_or_default(),
+        start_time: stat.starttime,
+    })
+}
+
+/// Start time of a pid now, to check it is still the process we know.
+pub fn start_time(pid: u32) -> Option<u64> {
+    Process::new(pid as i32)
+        .ok()?
+        .stat()
+        .ok()
+        .map(|s| s.starttime)
+}
+
+/// Every process on the machine (kernel threads included; they never match).
+pub fn all_pids() -> Vec<u32> {
+    let Ok(iter) = procfs::process::all_processes() else {
+        return Vec::new();
+    };
+    iter.filter_map(Result::ok)
+        .map(|p| p.pid() as u32)
+        .collect()
+}
+
+/// RSS by member from /proc/PID/status (the kernel's counters, read
+/// approximately: per-CPU deltas may be missing, up to ~190 kB here).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct StatusMemory {
+    pub rss_file: u64,
+    pub rss_anon: u64,
+    pub rss_shmem: u64,
+    pub swap: u64,
+    pub threads: u64,
+}
+
+pub fn status_memory(pid: u32) -> Option<StatusMemory> {
+    let status = Process::new(pid as i32).ok()?.status().ok()?;
+    Some(StatusMemory {
+        rss_file: status.rssfile.unwrap_or(0) * 1024,
+        rss_anon: status.rssanon.unwrap_or(0) * 1024,
+        rss_shmem: status.rssshmem.unwrap_or(0) * 1024,
+        swap: status.vmswap.unwrap_or(0) * 1024,
+        threads: status.threads,
+    })
+}
+
+/// Totals from /proc/PID/smaps_rollup, in bytes: the ground truth for RSS,
+/// and the only source of PSS and USS.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Rollup {
+    pub rss: u64,
+    pub pss: u64,
+    pub pss_anon: u64,
+    pub pss_file: u64,
+    pub pss_shmem: u64,
+    /// Private_Clean + Private_Dirty: what exiting would free.
+    pub uss: u64,
+    pub anonymous: u64,
+    pub swap: u64,
+}
+
+pub fn smaps_rollup(pid: u32) -> Option<Rollup> {
+    let rollup = Process::new(pid as i32).ok()?.smaps_rollup().ok()?;
+    let map = rollup.memory_map_rollup.0.first()?;
+    let get = |k: &str| map.extension.map.get(k).copied().unwrap_or(0);
+    Some(Rollup {
+        rss: get("Rss"),
+        pss: get("Pss"),
+        pss_anon: get("Pss_Anon"),
+        pss_file: get("Pss_File"),
+        pss_shmem: get("Pss_Shmem"),
+        uss: get("Private_Clean") + get("Private_Dirty"),
+        anonymous: get("Anonymous"),
+        swap: get("Swap"),
+    })
+}
+
+pub fn fd_count(pid: u32) -> Option<usize> {
+    Process::new(pid as i32).ok()?.fd_count().ok()
+}
+
+/// End of the `[heap]` mapping: the program break, page-aligned (glibc moves
+/// it in whole pages). None when the process has no heap yet.
+pub fn heap_end(pid: u32) -> Option<u64> {
+    let maps = Process::new(pid as i32).ok()?.maps().ok()?;
+    maps.0
+        .iter()
+        .find_map(|m| matches!(m.pathname, procfs::process::MMapPath::Heap).then_some(m.address.1))
+}
+
+/// Resident and anonymous bytes of one group of mappings in /proc/PID/smaps.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct MappingUsage {
+    /// `[heap]`, `[stack]`, `[anon]` (all anonymous regions together), or a file path.
+    pub name: String,
+    pub rss: u64,
+    pub anonymous: u64,
+    pub size: u64,
+    pub regions: u64,
+}
+
+/// Per-mapping sizes, anonymous regions grouped together, largest RSS first.
+pub fn mappings(pid: u32) -> Option<Vec<MappingUsage>> {
+    use procfs::process::MMapPath;
+    let maps = Process::new(pid as i32).ok()?.smaps().ok()?;
+    let mut groups: std::collections::BTreeMap<String, MappingUsage> = Default::default();
+    for m in maps.0 {
+        let name = match &m.pathname {
+            MMapPath::Path(p) => p.display().to_string(),
+            MMapPath::Heap => "[heap]".into(),
+            MMapPath::Stack => "[stack]".into(),
+            MMapPath::TStack(_) => "[stack]".into(),
+            MMapPath::Vdso | MMapPath::Vvar | MMapPath::Vsyscall => "[vdso]".into(),
+            MMapPath::Anonymous => "[anon]".into(),
+            MMapPath::Other(o) => format!("[{o}]"),
+            _ => "[other]".into(),
+        };
+        let get = |k: &str| m.extension.map.get(k).copied().unwrap_or(0);
+        let entry = groups.entry(name.clone()).or_insert_with(|| MappingUsage {
+            name,
+            ..Default::default()
+        });
+        entry.rss += get("Rss");
+        entry.anonymous += get("Anonymous");
+        entry.size += m.address.1 - m.address.0;
+        entry.regions += 1;
+    }
+    let mut list: Vec<MappingUsage> = groups.into_values().collect();
+    list.sort_by(|a, b| b.rss.cmp(&a.rss).then_with(|| a.name.cmp(&b.name)));
+    Some(list)
+}
+
+/// Whether `pid` still names the process that started at `start_time`.
+pub fn same_process(pid: u32, known_start: u64) -> bool {
+    start_time_matches(start_time(pid), known_start)
+}
+
+fn start_time_matches(now: Option<u64>, known: u64) -> bool {
+    now == Some(known)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_own_process() {
+        let me = std::process::id();
+        let v = view(me).expect("own /proc entry");
+        assert_eq!(v.pid, me);
+        assert!(v.start_time > 0);
+        assert!(same_process(me, v.start_time));
+        assert!(!same_process(me, v.start_time + 1));
+        let rollup = smaps_rollup(me).expect("own smaps_rollup");
+        assert!(rollup.rss > 0 && rollup.pss > 0 && rollup.uss <= rollup.rss);
+        let status = status_memory(me).expect("own status");
+        assert!(status.rss_anon > 0 && status.threads >= 1);
+    }
+
+    #[test]
+    fn recycled_pid_is_not_the_same_process() {
+        assert!(!start_time_matches(None, 5));
+        assert!(!start_time_matches(Some(6), 5));
+        assert!(start_time_matches(Some(5), 5));
+    }
+
+    #[test]
+    fn groups_mappings() {
+        let maps = mappings(std::process::id()).expect("own smaps");
+        assert!(maps.iter().any(|m| m.name == "[stack]"));
+        assert!(maps.windows(2).all(|w| w[0].rss >= w[1].rss));
+    }
+}

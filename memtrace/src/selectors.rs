@@ -1,0 +1,187 @@
+//! Which processes to trace: by name, executable path, command line or pid.
+//! A process that matches is traced with every descendant it forks.
+use std::path::{Path, PathBuf};
+
+use regex::Regex;
+
+use crate::procinfo::ProcessView;
+
+#[derive(Clone, Debug, Default)]
+pub struct Selectors {
+    /// Process names (comm, as `ps -o comm` shows; compared on the kernel's
+    /// first 15 bytes), or the executable's file name.
+    pub names: Vec<String>,
+    /// Executable paths (/proc/PID/exe, symlinks resolved).
+    pub exes: Vec<PathBuf>,
+    /// Regular expression over the command line, arguments joined by spaces.
+    pub cmdline: Option<Regex>,
+    /// Process ids.
+    pub pids: Vec<u32>,
+}
+
+/// Why a process was selected, for the logs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MatchReason {
+    Name(String),
+    Exe(PathBuf),
+    Cmdline,
+    Pid,
+}
+
+impl std::fmt::Display for MatchReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Name(n) => write!(f, "name {n}"),
+            Self::Exe(p) => write!(f, "exe {}", p.display()),
+            Self::Cmdline => write!(f, "cmdline"),
+            Self::Pid => write!(f, "pid"),
+        }
+    }
+}
+
+/// The kernel keeps 15 bytes of a process name.
+const COMM_MAX: usize = 15;
+
+fn comm_matches(comm: &str, name: &str) -> bool {
+    let n = name.as_bytes();
+    let n = &n[..n.len().min(COMM_MAX)];
+    comm.as_bytes() == n
+}
+
+impl Selectors {
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+            && self.exes.is_empty()
+            && self.cmdline.is_none()
+            && self.pids.is_empty()
+    }
+
+    /// Whether the kernel alone can recognise new matches at exec (names).
+    /// Other selectors need every exec reported to the agent.
+    pub fn needs_exec_reports(&self) -> bool {
+        !self.exes.is_empty() || self.cmdline.is_some()
+    }
+
+    /// Resolves exe selectors to their canonical paths, as /proc/PID/exe shows
+    /// them. A path that does not exist is kept as given (it may appear later).
+    pub fn canonicalize(mut self) -> Self {
+        self.exes = self
+            .exes
+            .into_iter()
+            .map(|p| std::fs::canonicalize(&p).unwrap_or(p))
+            .collect();
+        self
+    }
+
+    pub fn matches(&self, p: &ProcessView) -> Option<MatchReason> {
+        if self.pids.contains(&p.pid) {
+            return Some(MatchReason::Pid);
+        }
+        let exe_name = p
+            .exe
+            .as_deref()
+            .and_then(Path::file_name)
+            .and_then(|n| n.to_str());
+        for name in &self.names {
+            if comm_matches(&p.comm, name) || exe_name == Some(name.as_str()) {
+                return Some(MatchReason::Name(name.clone()));
+            }
+        }
+        if let Some(exe) = &p.exe {
+            if let Some(sel) = self.exes.iter().find(|s| *s == exe) {
+                return Some(MatchReason::Exe(sel.clone()));
+            }
+        }
+        if let Some(re) = &self.cmdline {
+            if !p.cmdline.is_empty() && re.is_match(&p.cmdline.join(" ")) {
+                return Some(MatchReason::Cmdline);
+            }
+        }
+        None
+    }
+
+    /// A one-line description for "waiting for ..." messages.
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        parts.extend(self.names.iter().map(|n| format!("name={n}")));
+        parts.extend(self.exes.iter().map(|e| format!("exe={}", e.display())));
+        if let Some(re) = &self.cmdline {
+            parts.push(format!("cmdline=/{}/", re.as_str()));
+        }
+        parts.extend(self.pids.iter().map(|p| format!("pid={p}")));
+        parts.join(", ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(pid: u32, comm: &str, exe: &str, cmdline: &[&str]) -> ProcessView {
+        ProcessView {
+            pid,
+            ppid: 1,
+            comm: comm.into(),
+            exe: Some(exe.into()),
+            cmdline: cmdline.iter().map(|s| s.to_string()).collect(),
+            start_time: 1,
+        }
+    }
+
+    #[test]
+    fn matches_by_name_exe_cmdline_and_pid() {
+        let s = Selectors {
+            names: vec!["gunicorn".into()],
+            exes: vec!["/usr/sbin/php-fpm8.2".into()],
+            cmdline: Some(Regex::new(r"uwsgi .*--ini").unwrap()),
+            pids: vec![42],
+        };
+        let g = view(
+            10,
+            "gunicorn",
+            "/usr/bin/python3.11",
+            &["/usr/bin/python3", "/usr/bin/gunicorn"],
+        );
+        assert_eq!(s.matches(&g), Some(MatchReason::Name("gunicorn".into())));
+        let php = view(
+            11,
+            "php-fpm8.2",
+            "/usr/sbin/php-fpm8.2",
+            &["php-fpm: pool www"],
+        );
+        assert!(matches!(s.matches(&php), Some(MatchReason::Exe(_))));
+        let u = view(
+            12,
+            "uwsgi",
+            "/usr/bin/uwsgi",
+            &["uwsgi", "--ini", "app.ini"],
+        );
+        assert_eq!(s.matches(&u), Some(MatchReason::Cmdline));
+        let p = view(42, "x", "/bin/x", &[]);
+        assert_eq!(s.matches(&p), Some(MatchReason::Pid));
+        let other = view(13, "bash", "/usr/bin/bash", &["bash"]);
+        assert_eq!(s.matches(&other), None);
+    }
+
+    #[test]
+    fn long_names_compare_on_the_kernels_15_bytes() {
+        let s = Selectors {
+            names: vec!["my-very-long-server-name".into()],
+            ..Default::default()
+        };
+        let p = view(1, "my-very-long-se", "/opt/x", &[]);
+        assert!(s.matches(&p).is_some());
+        let q = view(1, "my-very-long", "/opt/x", &[]);
+        assert!(s.matches(&q).is_none());
+    }
+
+    #[test]
+    fn name_also_matches_the_executable_file_name() {
+        let s = Selectors {
+            names: vec!["python3.11".into()],
+            ..Default::default()
+        };
+        let p = view(1, "gunicorn", "/usr/bin/python3.11", &[]);
+        assert!(s.matches(&p).is_some());
+    }
+}
