@@ -169,12 +169,16 @@ impl Agent {
 
     /// Reads kernel counters and /proc into the worker model, and notices
     /// processes that died without an exit event.
-    pub fn refresh(&self) {
+    pub fn refresh(&mut self) {
+        // Pending exit events carry final counters: handle them first.
+        self.poll_events();
         lock(&self.state).refresh();
     }
 
     /// Scans /proc for processes to trace that the kernel did not see start.
     pub fn rescan(&mut self) {
+        // Events first: what the kernel saw start is better added from them.
+        self.poll_events();
         let found = lock(&self.state).rescan();
         let state = lock(&self.state);
         if state.registry.is_empty() {
@@ -371,10 +375,21 @@ impl State {
     /// Adds a process to the model and logs it.
     fn attach(&mut self, mut worker: Worker) {
         let pid = worker.pid;
-        if worker.origin != Origin::Fork {
-            if let Some(status) = procinfo::status_memory(pid) {
-                worker.apply_seed(RssBreakdown::from_status(&status));
+        if let Some(known) = self.registry.get_mut(pid)
+            && known.start_time == worker.start_time
+        {
+            // Found by a /proc scan just before its fork or exec event
+            // arrived: the event knows better how the mm started.
+            if known.origin == Origin::Scan {
+                known.origin = worker.origin;
+                known.reason = worker.reason;
             }
+            return;
+        }
+        if worker.origin != Origin::Fork
+            && let Some(status) = procinfo::status_memory(pid)
+        {
+            worker.apply_seed(RssBreakdown::from_status(&status));
         }
         let (reason, origin, name, ppid) = (
             worker.reason.clone(),
@@ -402,28 +417,31 @@ impl State {
         if let Some(mm) = mm {
             w.apply_mm(&mm);
         }
-        if w.needs_seed() {
-            if let Some(status) = procinfo::status_memory(pid) {
-                w.apply_seed(RssBreakdown::from_status(&status));
-            }
+        if w.needs_seed()
+            && let Some(status) = procinfo::status_memory(pid)
+        {
+            w.apply_seed(RssBreakdown::from_status(&status));
         }
         true
     }
 
     fn refresh(&mut self) {
         for pid in self.registry.pids() {
-            if self.refresh_one(pid) {
+            // /proc decides what is alive: an exit event can be lost (ring
+            // buffer full), or come before the process was watched.
+            let start = self.registry.get(pid).map_or(0, |w| w.start_time);
+            if !procinfo::same_process(pid, start) {
+                self.tracer.unwatch(pid);
+                if let Some(w) = self.registry.retire(pid, None) {
+                    info!(pid, name = %w.name, "worker exited (noticed in /proc)");
+                }
                 continue;
             }
-            // Not in the kernel map: its exit event was lost (ring buffer
-            // full) or it was never watched. /proc decides.
-            let start = self.registry.get(pid).map_or(0, |w| w.start_time);
-            if procinfo::same_process(pid, start) {
+            if !self.refresh_one(pid) {
+                // Alive but not in the kernel map: watch it again.
                 if let Err(e) = self.tracer.watch(pid, procinfo::heap_end(pid).unwrap_or(0)) {
                     warn!(pid, error = %e, "cannot trace process: kernel map full?");
                 }
-            } else if let Some(w) = self.registry.retire(pid, None) {
-                info!(pid, name = %w.name, "worker exited (noticed in /proc)");
             }
         }
         let counters = self.tracer.counters();
@@ -444,9 +462,13 @@ impl State {
     /// Finds processes that match a selector, or descend from a traced one,
     /// and are not traced yet. Returns how many were added.
     fn rescan(&mut self) -> usize {
+        // A process the kernel already watches has its fork or exec event on
+        // the way, unless events were ever dropped.
+        let events_complete = self.tracer.counters().ringbuf_drops == 0;
         let views: Vec<ProcessView> = procinfo::all_pids()
             .into_iter()
             .filter(|&pid| pid != self.agent_pid && !self.registry.contains(pid))
+            .filter(|&pid| !(events_complete && self.tracer.proc_stats(pid).is_some()))
             .filter_map(procinfo::view)
             .collect();
         let mut added = 0;

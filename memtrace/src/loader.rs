@@ -58,19 +58,19 @@ pub enum LoadError {
     #[error(transparent)]
     Tracefs(#[from] TracefsError),
     #[error("loading the eBPF programs failed: {0}")]
-    Load(#[source] aya::EbpfError),
+    Load(#[source] Box<aya::EbpfError>),
     #[error("the kernel refused program {program}: {source}")]
     Program {
         program: String,
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     #[error("attaching {program} to {target} failed: {source}")]
     Attach {
         program: String,
         target: String,
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     #[error("map {0} is missing from the eBPF object")]
     MissingMap(&'static str),
@@ -191,7 +191,7 @@ impl Tracer {
             .override_global("CONFIG", &config, true)
             .map_max_entries("EVENTS", ring)
             .load(EBPF_OBJECT)
-            .map_err(LoadError::Load)?;
+            .map_err(|e| LoadError::Load(Box::new(e)))?;
 
         let names: Vec<String> = ebpf.programs().map(|(name, _)| name.to_string()).collect();
         for name in &names {
@@ -203,7 +203,7 @@ impl Tracer {
             };
             result.map_err(|source| LoadError::Program {
                 program: name.clone(),
-                source,
+                source: Box::new(source),
             })?;
         }
 
@@ -270,7 +270,7 @@ impl Tracer {
             .map_err(|source| LoadError::Attach {
                 program: program.to_string(),
                 target: format!("tracepoint {category}:{name}"),
-                source,
+                source: Box::new(source),
             })?;
         self.attached.push(format!("{program}@{category}:{name}"));
         Ok(link)
@@ -297,7 +297,7 @@ impl Tracer {
             .map_err(|source| LoadError::Attach {
                 program: program.to_string(),
                 target: format!("{}:{}", target.binary.display(), target.symbol),
-                source,
+                source: Box::new(source),
             })?;
         self.uprobe_links.push((program, link));
         self.attached.push(format!(
@@ -392,13 +392,13 @@ impl Tracer {
     /// stack programs if they are not attached yet.
     pub fn start_collection(&mut self, tgids: &[u32]) -> Result<(), LoadError> {
         for &tgid in tgids {
-            if let Ok(mut stats) = self.procs.get(&tgid, 0) {
-                if stats.flags & PROC_FLAG_COLLECT == 0 {
-                    // Counters may move between get and insert; the flag is
-                    // only written here, and a lost count is one fault.
-                    stats.flags |= PROC_FLAG_COLLECT;
-                    let _ = self.procs.insert(tgid, stats, 2 /* BPF_EXIST */);
-                }
+            if let Ok(mut stats) = self.procs.get(&tgid, 0)
+                && stats.flags & PROC_FLAG_COLLECT == 0
+            {
+                // Counters may move between get and insert; the flag is
+                // only written here, and a lost count is one fault.
+                stats.flags |= PROC_FLAG_COLLECT;
+                let _ = self.procs.insert(tgid, stats, 2 /* BPF_EXIST */);
             }
         }
         if self.collection_links.is_empty() {
@@ -420,11 +420,11 @@ impl Tracer {
                 .retain(|a| !a.starts_with(&format!("{program}@")));
         }
         for tgid in self.watched_tgids() {
-            if let Ok(mut stats) = self.procs.get(&tgid, 0) {
-                if stats.flags & PROC_FLAG_COLLECT != 0 {
-                    stats.flags &= !PROC_FLAG_COLLECT;
-                    let _ = self.procs.insert(tgid, stats, 2);
-                }
+            if let Ok(mut stats) = self.procs.get(&tgid, 0)
+                && stats.flags & PROC_FLAG_COLLECT != 0
+            {
+                stats.flags &= !PROC_FLAG_COLLECT;
+                let _ = self.procs.insert(tgid, stats, 2);
             }
         }
         self.clear_sites();

@@ -35,6 +35,14 @@ fn run_agent(args: memtrace::cli::AgentArgs) -> ExitCode {
         }
     };
     runtime.block_on(async move {
+        // Handlers first: a SIGTERM during start-up must stop us cleanly too.
+        let shutdown = match shutdown_signal() {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("memtrace: cannot install signal handlers: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
         let agent = match Agent::start(resolved.settings) {
             Ok(agent) => agent,
             Err(e) => {
@@ -43,18 +51,20 @@ fn run_agent(args: memtrace::cli::AgentArgs) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        agent.run(shutdown_signal()).await;
+        agent.run(shutdown).await;
         ExitCode::SUCCESS
     })
 }
 
-/// Completes on SIGINT or SIGTERM.
-async fn shutdown_signal() {
+/// Installs SIGINT and SIGTERM handlers; the future completes on either.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received; stopping"),
-        _ = int.recv() => tracing::info!("SIGINT received; stopping"),
-    }
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received; stopping"),
+            _ = int.recv() => tracing::info!("SIGINT received; stopping"),
+        }
+    })
 }

@@ -22,10 +22,14 @@ pub fn page_size() -> u64 {
     procfs::page_size()
 }
 
-/// Reads a process's identity; None when it is gone (or a kernel thread).
+/// Reads a process's identity; None when it is gone, a zombie, or a kernel
+/// thread.
 pub fn view(pid: u32) -> Option<ProcessView> {
     let process = Process::new(pid as i32).ok()?;
     let stat = process.stat().ok()?;
+    if is_dead_state(stat.state) || stat.flags & PF_KTHREAD != 0 {
+        return None;
+    }
     Some(ProcessView {
         pid,
         ppid: stat.ppid as u32,
@@ -36,13 +40,18 @@ pub fn view(pid: u32) -> Option<ProcessView> {
     })
 }
 
-/// Start time of a pid now, to check it is still the process we know.
+/// `PF_KTHREAD` in /proc/PID/stat's flags.
+const PF_KTHREAD: u32 = 0x0020_0000;
+
+/// Zombie or dead: exited, only the /proc entry is left.
+fn is_dead_state(state: char) -> bool {
+    matches!(state, 'Z' | 'X' | 'x')
+}
+
+/// Start time of a live pid now, to check it is still the process we know.
 pub fn start_time(pid: u32) -> Option<u64> {
-    Process::new(pid as i32)
-        .ok()?
-        .stat()
-        .ok()
-        .map(|s| s.starttime)
+    let stat = Process::new(pid as i32).ok()?.stat().ok()?;
+    (!is_dead_state(stat.state)).then_some(stat.starttime)
 }
 
 /// Every process on the machine (kernel threads included; they never match).
@@ -163,7 +172,7 @@ pub fn mappings(pid: u32) -> Option<Vec<MappingUsage>> {
     Some(list)
 }
 
-/// Whether `pid` still names the process that started at `start_time`.
+/// Whether `pid` still names the live process that started at `known_start`.
 pub fn same_process(pid: u32, known_start: u64) -> bool {
     start_time_matches(start_time(pid), known_start)
 }

@@ -87,15 +87,16 @@ impl Selectors {
                 return Some(MatchReason::Name(name.clone()));
             }
         }
-        if let Some(exe) = &p.exe {
-            if let Some(sel) = self.exes.iter().find(|s| *s == exe) {
-                return Some(MatchReason::Exe(sel.clone()));
-            }
+        if let Some(exe) = &p.exe
+            && let Some(sel) = self.exes.iter().find(|s| *s == exe)
+        {
+            return Some(MatchReason::Exe(sel.clone()));
         }
-        if let Some(re) = &self.cmdline {
-            if !p.cmdline.is_empty() && re.is_match(&p.cmdline.join(" ")) {
-                return Some(MatchReason::Cmdline);
-            }
+        if let Some(re) = &self.cmdline
+            && !p.cmdline.is_empty()
+            && re.is_match(&p.cmdline.join(" "))
+        {
+            return Some(MatchReason::Cmdline);
         }
         None
     }

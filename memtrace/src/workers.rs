@@ -210,10 +210,10 @@ impl Registry {
     /// Adds a process. A pid already known as alive with another start time
     /// was recycled: the old entry is retired first.
     pub fn add(&mut self, worker: Worker) -> &mut Worker {
-        if let Some(old) = self.alive.get(&worker.pid) {
-            if old.start_time != worker.start_time {
-                self.retire(worker.pid, None);
-            }
+        if let Some(old) = self.alive.get(&worker.pid)
+            && old.start_time != worker.start_time
+        {
+            self.retire(worker.pid, None);
         }
         let pid = worker.pid;
         self.alive.entry(pid).or_insert(worker)

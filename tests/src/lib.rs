@@ -1,1 +1,347 @@
+//! Harness for memtrace's end-to-end tests: fixture builds, an agent running
+//! in this process, child processes that are cleaned up, and ground truth
+//! from /proc.
+//!
+//! The tests load real eBPF programs, so they need root and run one at a
+//! time (`--test-threads=1`; `cargo xtask test` does both).
+use std::{
+    io::{Read as _, Write as _},
+    net::TcpStream,
+    path::{Path, PathBuf},
+    process::{Child, Command},
+    sync::{Mutex, MutexGuard, OnceLock},
+    thread,
+    time::{Duration, Instant},
+};
 
+use memtrace::agent::{Agent, AgentSettings, SharedState, State};
+
+/// Fails the test with instructions when not root: an end-to-end test that
+/// silently passed without loading anything would prove nothing.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "end-to-end tests load eBPF programs and need root: run `sudo -E cargo xtask test`"
+    );
+}
+
+fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ is in the workspace")
+        .to_path_buf()
+}
+
+/// Compiled fixtures (C, with frame pointers), built once per test binary.
+pub struct Fixtures {
+    pub dir: PathBuf,
+}
+
+impl Fixtures {
+    pub fn bin(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    pub fn handler_so(&self) -> PathBuf {
+        self.dir.join("libmtfixture_handler.so")
+    }
+
+    pub fn source(name: &str) -> PathBuf {
+        workspace_root().join("tests/fixtures").join(name)
+    }
+}
+
+pub fn fixtures() -> &'static Fixtures {
+    static FIXTURES: OnceLock<Fixtures> = OnceLock::new();
+    FIXTURES.get_or_init(|| {
+        let dir = workspace_root().join("target/fixtures");
+        std::fs::create_dir_all(&dir).expect("create target/fixtures");
+        let src = workspace_root().join("tests/fixtures");
+        let cflags = ["-O1", "-g", "-fno-omit-frame-pointer", "-Wall"];
+        let gcc = |args: &[&str]| {
+            let status = Command::new("gcc")
+                .args(cflags)
+                .args(args)
+                .status()
+                .expect("gcc is installed (cargo xtask setup)");
+            assert!(status.success(), "gcc {args:?} failed");
+        };
+        let so = dir.join("libmtfixture_handler.so");
+        gcc(&[
+            "-fPIC",
+            "-shared",
+            "-o",
+            so.to_str().unwrap(),
+            src.join("handler.c").to_str().unwrap(),
+        ]);
+        let rpath = format!("-Wl,-rpath,{}", dir.display());
+        let libdir = format!("-L{}", dir.display());
+        gcc(&[
+            "-o",
+            dir.join("leaky_server").to_str().unwrap(),
+            src.join("leaky_server.c").to_str().unwrap(),
+            &libdir,
+            "-lmtfixture_handler",
+            &rpath,
+        ]);
+        for name in ["prefork_pages", "mapper"] {
+            gcc(&[
+                "-o",
+                dir.join(name).to_str().unwrap(),
+                src.join(format!("{name}.c")).to_str().unwrap(),
+            ]);
+        }
+        Fixtures { dir }
+    })
+}
+
+/// The memtrace binary (built by `cargo xtask test`, or named by MEMTRACE_BIN).
+pub fn memtrace_bin() -> PathBuf {
+    std::env::var_os("MEMTRACE_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/debug/memtrace"))
+}
+
+/// Polls `cond` every 20 ms until it holds or `timeout` passes.
+pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A child process killed (with its process group) when dropped.
+pub struct Proc {
+    pub child: Child,
+}
+
+impl Proc {
+    pub fn spawn(cmd: &mut Command) -> Self {
+        use std::os::unix::process::CommandExt as _;
+        cmd.process_group(0);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        Self { child }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid() as i32), sig);
+    }
+
+    /// Sends SIGTERM and waits up to `timeout` for the exit.
+    pub fn stop(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let pgid = nix::unistd::Pid::from_raw(-(self.pid() as i32));
+        let _ = nix::sys::signal::kill(pgid, nix::sys::signal::Signal::SIGKILL);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The agent, running in this process on its own thread, as `memtrace agent`
+/// runs it. Stopped (programs detached) on drop.
+pub struct AgentHarness {
+    state: SharedState,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+/// One agent at a time: tests in one binary share the kernel's tracepoints.
+static AGENT_LOCK: Mutex<()> = Mutex::new(());
+
+pub fn serial() -> MutexGuard<'static, ()> {
+    AGENT_LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl AgentHarness {
+    pub fn start(settings: AgentSettings) -> Self {
+        require_root();
+        let agent = Agent::start(settings).expect("agent starts");
+        let state = agent.state();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(agent.run(async move {
+                let _ = rx.await;
+            }));
+        });
+        Self {
+            state,
+            stop: Some(tx),
+            thread: Some(thread),
+        }
+    }
+
+    pub fn state(&self) -> SharedState {
+        self.state.clone()
+    }
+
+    pub fn with<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
+        let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut guard)
+    }
+
+    /// Waits until `cond` holds on the agent's state.
+    pub fn wait(&self, timeout: Duration, mut cond: impl FnMut(&State) -> bool) -> bool {
+        wait_for(timeout, || self.with(|s| cond(s)))
+    }
+
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for AgentHarness {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Settings for tests: fast refresh, no periodic summaries.
+pub fn test_settings(names: &[&str]) -> AgentSettings {
+    let mut s = AgentSettings::default();
+    s.selectors.names = names.iter().map(|n| n.to_string()).collect();
+    s.refresh_interval = Duration::from_millis(100);
+    s.rescan_interval = Duration::from_millis(500);
+    s.summary_interval = Duration::ZERO;
+    s
+}
+
+/// Rss from /proc/PID/smaps_rollup, in bytes: the ground truth.
+pub fn smaps_rss(pid: u32) -> Option<u64> {
+    memtrace::procinfo::smaps_rollup(pid).map(|r| r.rss)
+}
+
+/// Reads `key=value` pairs from a fixture's status file.
+pub fn read_kv(path: &Path) -> Option<std::collections::HashMap<String, i64>> {
+    let text = std::fs::read_to_string(path).ok()?;
+    Some(
+        text.split_whitespace()
+            .filter_map(|kv| kv.split_once('='))
+            .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
+            .collect(),
+    )
+}
+
+/// Pids of the workers a fixture wrote status files for.
+pub fn worker_files(dir: &Path) -> Vec<u32> {
+    let mut pids: Vec<u32> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .filter_map(|e| {
+                    e.file_name()
+                        .to_str()?
+                        .strip_prefix("worker-")?
+                        .parse()
+                        .ok()
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    pids.sort_unstable();
+    pids
+}
+
+pub fn read_pid(path: &Path) -> Option<u32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral port")
+}
+
+/// One HTTP/1.0 GET; returns the body.
+pub fn http_get(port: u16, path: &str) -> std::io::Result<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    match out.split_once("\r\n\r\n") {
+        Some((head, body)) if head.starts_with("HTTP/1.") && head.contains(" 200 ") => {
+            Ok(body.to_string())
+        }
+        _ => Err(std::io::Error::other(format!("bad reply: {out:?}"))),
+    }
+}
+
+/// Waits until something accepts connections on the port.
+pub fn wait_port(port: u16, timeout: Duration) -> bool {
+    wait_for(timeout, || TcpStream::connect(("127.0.0.1", port)).is_ok())
+}
+
+/// Names of memtrace's programs, as the kernel lists them (15 bytes).
+pub const PROGRAM_NAMES: &[&str] = &[
+    "page_fault_user",
+    "rss_stat",
+    "task_newtask",
+    "sched_process_e", // exec and exit, truncated alike
+    "mmap_enter",
+    "mmap_exit",
+    "munmap_enter",
+    "munmap_exit",
+    "mremap_enter",
+    "mremap_exit",
+    "brk_exit",
+    "accept_exit",
+    "close_enter",
+    "request_begin",
+    "request_end_ret",
+    "request_end",
+    "page_fault_stac",
+    "mmap_stacks",
+    "brk_stacks",
+];
+
+/// memtrace programs loaded in the kernel right now.
+pub fn loaded_memtrace_programs() -> Vec<String> {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter_map(|p| p.name_as_str().map(str::to_string))
+        .filter(|name| PROGRAM_NAMES.contains(&name.as_str()))
+        .collect()
+}

@@ -1,1 +1,131 @@
-fn main() {}
+//! memtrace developer commands.
+//!
+//! ```text
+//! cargo xtask setup          install what the build and tests need (idempotent)
+//! cargo xtask test           unit tests, then the end-to-end tests (root)
+//! cargo xtask run -- ARGS    build in release and run `memtrace ARGS`
+//! cargo xtask bench          benchmarks, written to BENCHMARKS.md
+//! ```
+mod setup;
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "memtrace developer commands")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install the nightly's rust-src, bpf-linker (built against the nightly's
+    /// LLVM) and the Debian packages the tests use. Safe to run again.
+    Setup {
+        /// Do not install Debian packages; only report missing ones.
+        #[arg(long)]
+        no_apt: bool,
+    },
+    /// Build the agent (with its eBPF programs) in release mode.
+    Build,
+    /// Run the unit tests, then the end-to-end tests against this kernel (root).
+    Test {
+        /// Only the unit tests (no root needed).
+        #[arg(long)]
+        unit: bool,
+        /// Only tests whose name contains this.
+        filter: Option<String>,
+    },
+    /// Build in release mode and run memtrace with these arguments.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+/// A cargo command in the workspace with bpf-linker on PATH.
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(workspace_root())
+        .env("PATH", setup::path_with_cargo_bin());
+    cmd
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+fn ensure_setup() -> Result<()> {
+    if !setup::build_ready() {
+        setup::setup(&setup::SetupOptions { apt: true })?;
+    }
+    Ok(())
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Cmd::Setup { no_apt } => setup::setup(&setup::SetupOptions { apt: !no_apt }),
+        Cmd::Build => {
+            ensure_setup()?;
+            run(cargo().args(["build", "--release", "-p", "memtrace"]))
+        }
+        Cmd::Run { args } => {
+            ensure_setup()?;
+            run(cargo().args(["build", "--release", "-p", "memtrace"]))?;
+            let bin = workspace_root().join("target/release/memtrace");
+            run(Command::new(bin).args(args))
+        }
+        Cmd::Test { unit, filter } => {
+            // Packages needed by the end-to-end tests are installed too.
+            setup::setup(&setup::SetupOptions { apt: true })?;
+            run(cargo().args([
+                "test",
+                "--workspace",
+                "--exclude",
+                "memtrace-ebpf",
+                "--exclude",
+                "memtrace-tests",
+            ]))?;
+            if unit {
+                return Ok(());
+            }
+            if !is_root() {
+                bail!(
+                    "the end-to-end tests load eBPF programs and need root: run `sudo -E cargo xtask test` (or `cargo xtask test --unit` for the unit tests alone)"
+                );
+            }
+            run(cargo().args(["build", "-p", "memtrace"]))?;
+            let mut cmd = cargo();
+            cmd.args(["test", "-p", "memtrace-tests", "--", "--test-threads=1"]);
+            if let Some(f) = filter {
+                cmd.arg(f);
+            }
+            cmd.env(
+                "MEMTRACE_BIN",
+                workspace_root().join("target/debug/memtrace"),
+            );
+            run(&mut cmd)
+        }
+    }
+}
