@@ -14,6 +14,7 @@ use crate::{
     loader::{KernelCounters, LoadError, LoadOptions, Tracer},
     preflight::{self, PreflightError},
     procinfo::{self, ProcessView},
+    requests::{RequestLog, RequestRecord, RequestSettings},
     selectors::Selectors,
     tracefs::{Tracefs, TracefsError},
     workers::{Origin, Registry, RssBreakdown, Worker},
@@ -31,6 +32,8 @@ pub enum AgentError {
     Selectors(#[source] aya::maps::MapError),
     #[error("no process selector given: use --process-name, --exe, --cmdline or --pid")]
     NoSelectors,
+    #[error(transparent)]
+    Uprobe(#[from] crate::uprobes::UprobeTargetError),
 }
 
 /// What the agent needs to start.
@@ -48,6 +51,8 @@ pub struct AgentSettings {
     pub rescan_interval: Duration,
     /// How often a per-worker summary is logged (zero: never).
     pub summary_interval: Duration,
+    /// Per-request log thresholds and history.
+    pub requests: RequestSettings,
 }
 
 impl Default for AgentSettings {
@@ -60,6 +65,7 @@ impl Default for AgentSettings {
             refresh_interval: Duration::from_secs(1),
             rescan_interval: Duration::from_secs(5),
             summary_interval: Duration::from_secs(30),
+            requests: RequestSettings::default(),
         }
     }
 }
@@ -81,6 +87,7 @@ pub struct State {
     pub counters: AgentCounters,
     pub started: Instant,
     pub agent_pid: u32,
+    pub request_settings: RequestSettings,
 }
 
 pub type SharedState = Arc<Mutex<State>>;
@@ -105,6 +112,7 @@ impl Agent {
         let agent_pid = std::process::id();
         let mut load = settings.load.clone();
         load.report_all_execs = settings.selectors.needs_exec_reports();
+        load.requests = check_request_probes(&load.requests)?;
         let (mut tracer, ring) = Tracer::load(&tracefs, agent_pid, &load)?;
         tracer
             .set_selector_comms(settings.selectors.names.iter().map(String::as_str))
@@ -121,6 +129,7 @@ impl Agent {
             counters: AgentCounters::default(),
             started: Instant::now(),
             agent_pid,
+            request_settings: settings.requests,
         };
         let mut agent = Self {
             state: Arc::new(Mutex::new(state)),
@@ -367,14 +376,20 @@ impl State {
     }
 
     fn on_request(&mut self, ev: &memtrace_common::RequestEvent) {
-        if let Some(w) = self.registry.get_mut(ev.tgid) {
-            w.apply_kernel_rss(ev.rss_after, ev.known_after);
-        }
+        let settings = self.request_settings;
+        let Some(w) = self.registry.get_mut(ev.tgid) else {
+            return;
+        };
+        let record = RequestRecord::from_event(ev, w.requests.next_seq(), &w.rss, &settings);
+        w.apply_kernel_rss(ev.rss_after, ev.known_after);
+        record.log();
+        w.requests.push(record);
     }
 
     /// Adds a process to the model and logs it.
     fn attach(&mut self, mut worker: Worker) {
         let pid = worker.pid;
+        worker.requests = RequestLog::new(self.request_settings.history);
         if let Some(known) = self.registry.get_mut(pid)
             && known.start_time == worker.start_time
         {
@@ -518,4 +533,20 @@ impl State {
         self.attach(Worker::new(view, Origin::Scan, reason));
         true
     }
+}
+
+/// Checks uprobe targets (binary and symbol) before anything is attached, and
+/// resolves bare library names to paths.
+fn check_request_probes(
+    probes: &crate::loader::RequestProbes,
+) -> Result<crate::loader::RequestProbes, AgentError> {
+    use crate::{loader::RequestProbes, uprobes::check_target};
+    Ok(match probes {
+        RequestProbes::Function(t) => RequestProbes::Function(check_target(t)?),
+        RequestProbes::BeginEnd { begin, end } => RequestProbes::BeginEnd {
+            begin: check_target(begin)?,
+            end: check_target(end)?,
+        },
+        other => other.clone(),
+    })
 }

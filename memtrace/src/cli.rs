@@ -10,6 +10,7 @@ use crate::{
     agent::AgentSettings,
     loader::{LoadOptions, ProbeTarget, RequestProbes},
     logging::LogFormat,
+    requests::RequestSettings,
     selectors::Selectors,
 };
 
@@ -89,6 +90,71 @@ pub struct AgentArgs {
         help_heading = "Selection"
     )]
     pub pid: Vec<u32>,
+
+    /// Where requests begin and end: none, uprobe (needs --request-fn or
+    /// --request-begin/--request-end; implied by them), or accept (accept() to
+    /// close() of the connection, for prefork and sync servers) [default: none].
+    #[arg(
+        long,
+        env = "MEMTRACE_REQUEST_MODE",
+        value_enum,
+        help_heading = "Requests"
+    )]
+    pub request_mode: Option<RequestMode>,
+
+    /// A request is one call of this function: BINARY:SYMBOL (executable or shared library).
+    #[arg(
+        long,
+        env = "MEMTRACE_REQUEST_FN",
+        value_name = "BINARY:SYMBOL",
+        help_heading = "Requests"
+    )]
+    pub request_fn: Option<String>,
+
+    /// A request begins at the entry of this function (with --request-end).
+    #[arg(
+        long,
+        env = "MEMTRACE_REQUEST_BEGIN",
+        value_name = "BINARY:SYMBOL",
+        help_heading = "Requests"
+    )]
+    pub request_begin: Option<String>,
+
+    /// A request ends at the entry of this function (with --request-begin).
+    #[arg(
+        long,
+        env = "MEMTRACE_REQUEST_END",
+        value_name = "BINARY:SYMBOL",
+        help_heading = "Requests"
+    )]
+    pub request_end: Option<String>,
+
+    /// Log a request at INFO (HIGH_MEMORY_USAGE) when its RSS grew more than this [default: 5].
+    #[arg(
+        long,
+        env = "MEMTRACE_HIGH_MEMORY_MB",
+        value_name = "MB",
+        help_heading = "Requests"
+    )]
+    pub high_memory_mb: Option<f64>,
+
+    /// Log a request at WARN (SPIKE_DETECTED) when its RSS grew more than this [default: 10].
+    #[arg(
+        long,
+        env = "MEMTRACE_SPIKE_MB",
+        value_name = "MB",
+        help_heading = "Requests"
+    )]
+    pub spike_mb: Option<f64>,
+
+    /// Requests kept per worker for the API [default: 1000].
+    #[arg(
+        long,
+        env = "MEMTRACE_REQUEST_HISTORY",
+        value_name = "N",
+        help_heading = "Requests"
+    )]
+    pub request_history: Option<usize>,
 
     /// Log format [default: pretty].
     #[arg(
@@ -195,6 +261,47 @@ pub fn parse_probe_target(s: &str) -> Result<ProbeTarget, String> {
     })
 }
 
+/// Turns the request flags into probes, refusing combinations that make no sense.
+fn request_probes(
+    mode: Option<RequestMode>,
+    function: Option<&str>,
+    begin: Option<&str>,
+    end: Option<&str>,
+) -> Result<RequestProbes, ConfigError> {
+    let target =
+        |setting: &'static str, s: &str| parse_probe_target(s).map_err(|m| invalid(setting, m));
+    let uprobes = match (function, begin, end) {
+        (None, None, None) => None,
+        (Some(f), None, None) => Some(RequestProbes::Function(target("--request-fn", f)?)),
+        (None, Some(b), Some(e)) => Some(RequestProbes::BeginEnd {
+            begin: target("--request-begin", b)?,
+            end: target("--request-end", e)?,
+        }),
+        (Some(_), _, _) => {
+            return Err(invalid(
+                "--request-fn",
+                "use either --request-fn or --request-begin with --request-end, not both",
+            ));
+        }
+        (None, Some(_), None) => return Err(invalid("--request-begin", "needs --request-end")),
+        (None, None, Some(_)) => return Err(invalid("--request-end", "needs --request-begin")),
+    };
+    match (mode, uprobes) {
+        (None | Some(RequestMode::Uprobe), Some(p)) => Ok(p),
+        (Some(RequestMode::Uprobe), None) => Err(invalid(
+            "--request-mode",
+            "uprobe mode needs --request-fn BINARY:SYMBOL or --request-begin/--request-end",
+        )),
+        (Some(m), Some(_)) => Err(invalid(
+            "--request-mode",
+            format!("{m:?} mode takes no --request-fn/--request-begin/--request-end")
+                .to_lowercase(),
+        )),
+        (Some(RequestMode::Accept), None) => Ok(RequestProbes::Accept),
+        (None | Some(RequestMode::None), None) => Ok(RequestProbes::None),
+    }
+}
+
 /// Everything `memtrace agent` needs, resolved.
 #[derive(Clone, Debug)]
 pub struct ResolvedAgent {
@@ -236,7 +343,8 @@ impl AgentArgs {
         let cli = self;
         merge_lists!(cli, file; process_name, exe, pid);
         merge_options!(cli, file;
-            cmdline, log_format, log_level, summary_interval_secs, ring_buffer_bytes,
+            cmdline, request_mode, request_fn, request_begin, request_end, high_memory_mb,
+            spike_mb, request_history, log_format, log_level, summary_interval_secs, ring_buffer_bytes,
             poll_interval_ms, rss_step_bytes, refresh_interval_ms, rescan_interval_secs,
             no_mount_tracefs,
         );
@@ -299,7 +407,28 @@ impl AgentArgs {
             rss_step_bytes,
             report_all_execs: selectors.needs_exec_reports(),
             fault_sample_period: LoadOptions::default().fault_sample_period,
-            requests: RequestProbes::None,
+            requests: request_probes(
+                self.request_mode,
+                self.request_fn.as_deref(),
+                self.request_begin.as_deref(),
+                self.request_end.as_deref(),
+            )?,
+        };
+        let mb =
+            |setting: &'static str, v: Option<f64>, default: f64| -> Result<u64, ConfigError> {
+                let v = v.unwrap_or(default);
+                if !v.is_finite() || v < 0.0 {
+                    return Err(invalid(setting, format!("{v} is not a size in MB")));
+                }
+                Ok((v * 1024.0 * 1024.0) as u64)
+            };
+        let requests = RequestSettings {
+            high_memory_bytes: mb("--high-memory-mb", self.high_memory_mb, 5.0)?,
+            spike_bytes: mb("--spike-mb", self.spike_mb, 10.0)?,
+            history: match self.request_history.unwrap_or(1000) {
+                0 => return Err(invalid("--request-history", "must be at least 1")),
+                n => n,
+            },
         };
         let settings = AgentSettings {
             selectors,
@@ -309,6 +438,7 @@ impl AgentArgs {
             refresh_interval: Duration::from_millis(refresh_ms),
             rescan_interval: Duration::from_secs(rescan_secs),
             summary_interval: Duration::from_secs(self.summary_interval_secs.unwrap_or(30)),
+            requests,
         };
         Ok(ResolvedAgent {
             settings,
@@ -365,6 +495,50 @@ mod tests {
         let a = parse(&["-n", "a,b", "-n", "c", "-p", "1,2"]);
         assert_eq!(a.process_name, vec!["a", "b", "c"]);
         assert_eq!(a.pid, vec![1, 2]);
+    }
+
+    #[test]
+    fn request_flags() {
+        let r = |args: &[&str]| parse(args).resolve().map(|r| r.settings.load.requests);
+        assert_eq!(r(&["-n", "x"]).unwrap(), RequestProbes::None);
+        assert_eq!(
+            r(&["-n", "x", "--request-mode", "accept"]).unwrap(),
+            RequestProbes::Accept
+        );
+        assert!(matches!(
+            r(&["-n", "x", "--request-fn", "/bin/srv:handle"]).unwrap(),
+            RequestProbes::Function(_)
+        ));
+        assert!(matches!(
+            r(&[
+                "-n",
+                "x",
+                "--request-begin",
+                "/bin/a:b",
+                "--request-end",
+                "/bin/a:c"
+            ])
+            .unwrap(),
+            RequestProbes::BeginEnd { .. }
+        ));
+        for bad in [
+            &["-n", "x", "--request-mode", "uprobe"][..],
+            &[
+                "-n",
+                "x",
+                "--request-mode",
+                "accept",
+                "--request-fn",
+                "/b:f",
+            ],
+            &["-n", "x", "--request-begin", "/b:f"],
+            &["-n", "x", "--request-fn", "/b:f", "--request-end", "/b:g"],
+            &["-n", "x", "--request-fn", "nocolon"],
+            &["-n", "x", "--spike-mb", "-1"],
+            &["-n", "x", "--request-history", "0"],
+        ] {
+            assert!(r(bad).is_err(), "{bad:?} accepted");
+        }
     }
 
     #[test]

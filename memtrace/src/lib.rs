@@ -6,11 +6,15 @@
 //! and keeps a model of every worker ([`workers`]).
 pub mod agent;
 pub mod cli;
+pub mod detector;
 pub mod events;
 pub mod loader;
 pub mod logging;
 pub mod preflight;
 pub mod procinfo;
+pub mod requests;
 pub mod selectors;
+pub mod symbolize;
 pub mod tracefs;
+pub mod uprobes;
 pub mod workers;

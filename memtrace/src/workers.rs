@@ -10,7 +10,10 @@ use memtrace_common::{
 };
 use serde::Serialize;
 
-use crate::procinfo::{ProcessView, StatusMemory};
+use crate::{
+    procinfo::{ProcessView, StatusMemory},
+    requests::RequestLog,
+};
 
 /// Resident memory by kind, in bytes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -115,6 +118,8 @@ pub struct Worker {
     pub seed: RssBreakdown,
     /// Kernel counters (faults, mmap, brk, requests), last read or final.
     pub stats: ProcStats,
+    /// Recent requests and totals.
+    pub requests: RequestLog,
 }
 
 impl Worker {
@@ -134,6 +139,7 @@ impl Worker {
             rss_known: 0,
             seed: RssBreakdown::default(),
             stats: ProcStats::default(),
+            requests: RequestLog::default(),
         }
     }
 

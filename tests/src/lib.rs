@@ -309,9 +309,19 @@ pub fn http_get(port: u16, path: &str) -> std::io::Result<String> {
     }
 }
 
-/// Waits until something accepts connections on the port.
+/// Waits until a socket listens on the port, without connecting (a
+/// connection would be a request to the server under test).
 pub fn wait_port(port: u16, timeout: Duration) -> bool {
-    wait_for(timeout, || TcpStream::connect(("127.0.0.1", port)).is_ok())
+    let needle = format!(":{port:04X} ");
+    wait_for(timeout, || {
+        std::fs::read_to_string("/proc/net/tcp").is_ok_and(|table| {
+            table.lines().skip(1).any(|line| {
+                let cols: Vec<&str> = line.split_whitespace().collect();
+                // local_address is column 1, state 0A is LISTEN.
+                cols.len() > 3 && format!("{} ", cols[1]).ends_with(&needle) && cols[3] == "0A"
+            })
+        })
+    })
 }
 
 /// Names of memtrace's programs, as the kernel lists them (15 bytes).
@@ -344,4 +354,32 @@ pub fn loaded_memtrace_programs() -> Vec<String> {
         .filter_map(|p| p.name_as_str().map(str::to_string))
         .filter(|name| PROGRAM_NAMES.contains(&name.as_str()))
         .collect()
+}
+
+/// Sends `total` GET requests from `concurrency` threads; every one must
+/// succeed (the count sent is the ground truth the tests compare with).
+pub fn drive(port: u16, path: &str, total: usize, concurrency: usize) {
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let threads: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let next = next.clone();
+            let path = path.to_string();
+            thread::spawn(move || {
+                while next.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < total {
+                    http_get(port, &path).unwrap_or_else(|e| panic!("GET {path}: {e}"));
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("load thread");
+    }
+}
+
+/// Requests the agent has counted for these processes.
+pub fn requests_seen(state: &State, pids: &[u32]) -> u64 {
+    pids.iter()
+        .filter_map(|&p| state.registry.find(p))
+        .map(|w| w.requests.seen)
+        .sum()
 }

@@ -1,0 +1,347 @@
+//! Requests as the agent keeps them: one record per kernel summary, a
+//! bounded history per worker, and the plan's per-request log line.
+use std::{
+    collections::VecDeque,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use memtrace_common::{
+    MM_ANONPAGES, MM_FILEPAGES, MM_SHMEMPAGES, REQUEST_ABORTED, RSS_MEMBERS, RequestEvent,
+};
+use serde::Serialize;
+
+use crate::workers::RssBreakdown;
+
+const MB: f64 = 1024.0 * 1024.0;
+
+/// Per-request log thresholds, as the plan's middleware had them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RequestSettings {
+    /// Above this RSS growth a request is logged at INFO as HIGH_MEMORY_USAGE.
+    pub high_memory_bytes: u64,
+    /// Above this it is logged at WARN as SPIKE_DETECTED.
+    pub spike_bytes: u64,
+    /// Requests kept per worker.
+    pub history: usize,
+}
+
+impl Default for RequestSettings {
+    fn default() -> Self {
+        Self {
+            high_memory_bytes: 5 * 1024 * 1024,
+            spike_bytes: 10 * 1024 * 1024,
+            history: 1000,
+        }
+    }
+}
+
+/// How a request's memory growth is classified in the log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestLevel {
+    Normal,
+    HighMemoryUsage,
+    SpikeDetected,
+}
+
+impl RequestLevel {
+    pub fn classify(delta_bytes: i64, settings: &RequestSettings) -> Self {
+        if delta_bytes > settings.spike_bytes as i64 {
+            Self::SpikeDetected
+        } else if delta_bytes > settings.high_memory_bytes as i64 {
+            Self::HighMemoryUsage
+        } else {
+            Self::Normal
+        }
+    }
+}
+
+/// One request of one worker.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RequestRecord {
+    /// `PID-SEQ`: unique per agent run, for correlating log lines.
+    pub request_id: String,
+    /// 1-based number of the request in its worker, in the order they ended.
+    pub seq: u64,
+    /// The kernel's start-order number (0-based).
+    pub kernel_seq: u64,
+    pub pid: u32,
+    pub tid: u32,
+    /// Milliseconds since the Unix epoch.
+    pub started_unix_ms: f64,
+    pub duration_ms: f64,
+    pub rss_before_bytes: u64,
+    pub rss_after_bytes: u64,
+    /// RSS growth over the request (after - before), by the members the
+    /// kernel saw at both ends.
+    pub delta_bytes: i64,
+    pub anon_delta_bytes: i64,
+    pub file_delta_bytes: i64,
+    pub shmem_delta_bytes: i64,
+    /// Page faults this thread took during the request.
+    pub faults: u64,
+    pub mmap_bytes: u64,
+    pub munmap_bytes: u64,
+    pub brk_grow_bytes: u64,
+    pub brk_shrink_bytes: u64,
+    /// The thread exited mid-request.
+    pub aborted: bool,
+    pub level: RequestLevel,
+}
+
+/// Converts CLOCK_MONOTONIC nanoseconds (bpf_ktime_get_ns) to wall time.
+pub fn monotonic_to_wall(ns: u64) -> SystemTime {
+    let now_wall = SystemTime::now();
+    let now_mono = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| Duration::from(t).as_nanos() as u64)
+        .unwrap_or(ns);
+    now_wall
+        .checked_sub(Duration::from_nanos(now_mono.saturating_sub(ns)))
+        .unwrap_or(now_wall)
+}
+
+impl RequestRecord {
+    /// Builds the record for a kernel summary. `current` fills in members
+    /// the kernel had not seen at one of the ends (their growth counts 0).
+    pub fn from_event(
+        ev: &RequestEvent,
+        seq: u64,
+        current: &RssBreakdown,
+        settings: &RequestSettings,
+    ) -> Self {
+        let fallback = |m: usize| -> i64 {
+            let bytes = match m {
+                MM_FILEPAGES => current.file,
+                MM_ANONPAGES => current.anon,
+                MM_SHMEMPAGES => current.shmem,
+                _ => current.swap,
+            };
+            bytes as i64
+        };
+        let mut before = [0i64; RSS_MEMBERS];
+        let mut after = [0i64; RSS_MEMBERS];
+        for m in 0..RSS_MEMBERS {
+            let bit = 1 << m;
+            (before[m], after[m]) = match (ev.known_before & bit != 0, ev.known_after & bit != 0) {
+                (true, true) => (ev.rss_before[m], ev.rss_after[m]),
+                (false, true) => (ev.rss_after[m], ev.rss_after[m]),
+                _ => (fallback(m), fallback(m)),
+            };
+        }
+        let resident = |r: &[i64; RSS_MEMBERS]| {
+            (r[MM_FILEPAGES] + r[MM_ANONPAGES] + r[MM_SHMEMPAGES]).max(0) as u64
+        };
+        let delta = |m: usize| after[m] - before[m];
+        let delta_bytes = delta(MM_FILEPAGES) + delta(MM_ANONPAGES) + delta(MM_SHMEMPAGES);
+        let started = monotonic_to_wall(ev.start_ns);
+        Self {
+            request_id: format!("{}-{seq}", ev.tgid),
+            seq,
+            kernel_seq: ev.seq,
+            pid: ev.tgid,
+            tid: ev.tid,
+            started_unix_ms: started
+                .duration_since(UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64() * 1000.0),
+            duration_ms: ev.end_ns.saturating_sub(ev.start_ns) as f64 / 1e6,
+            rss_before_bytes: resident(&before),
+            rss_after_bytes: resident(&after),
+            delta_bytes,
+            anon_delta_bytes: delta(MM_ANONPAGES),
+            file_delta_bytes: delta(MM_FILEPAGES),
+            shmem_delta_bytes: delta(MM_SHMEMPAGES),
+            faults: ev.faults,
+            mmap_bytes: ev.mmap_bytes,
+            munmap_bytes: ev.munmap_bytes,
+            brk_grow_bytes: ev.brk_grow_bytes,
+            brk_shrink_bytes: ev.brk_shrink_bytes,
+            aborted: ev.status == REQUEST_ABORTED,
+            level: RequestLevel::classify(delta_bytes, settings),
+        }
+    }
+
+    /// The plan's middleware log line, as a structured event.
+    pub fn log(&self) {
+        macro_rules! emit {
+            ($level:ident, $msg:literal) => {
+                tracing::$level!(
+                    request_id = %self.request_id,
+                    pid = self.pid,
+                    tid = self.tid,
+                    duration_ms = self.duration_ms,
+                    rss_before_mb = self.rss_before_bytes as f64 / MB,
+                    rss_after_mb = self.rss_after_bytes as f64 / MB,
+                    delta_mb = self.delta_bytes as f64 / MB,
+                    faults = self.faults,
+                    mmap_bytes = self.mmap_bytes,
+                    munmap_bytes = self.munmap_bytes,
+                    brk_grow_bytes = self.brk_grow_bytes,
+                    aborted = self.aborted,
+                    $msg
+                )
+            };
+        }
+        match self.level {
+            RequestLevel::SpikeDetected => emit!(warn, "SPIKE_DETECTED"),
+            RequestLevel::HighMemoryUsage => emit!(info, "HIGH_MEMORY_USAGE"),
+            RequestLevel::Normal => emit!(debug, "request"),
+        }
+    }
+}
+
+/// A worker's recent requests and its totals.
+#[derive(Clone, Debug)]
+pub struct RequestLog {
+    records: VecDeque<RequestRecord>,
+    capacity: usize,
+    /// Requests ended (normally or aborted) since the worker was found.
+    pub seen: u64,
+    pub aborted: u64,
+}
+
+impl RequestLog {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            records: VecDeque::with_capacity(capacity.min(1024)),
+            capacity: capacity.max(1),
+            seen: 0,
+            aborted: 0,
+        }
+    }
+
+    /// The number the next request gets.
+    pub fn next_seq(&self) -> u64 {
+        self.seen + 1
+    }
+
+    pub fn push(&mut self, record: RequestRecord) {
+        self.seen += 1;
+        if record.aborted {
+            self.aborted += 1;
+        }
+        if self.records.len() == self.capacity {
+            self.records.pop_front();
+        }
+        self.records.push_back(record);
+    }
+
+    /// Newest first.
+    pub fn recent(&self, limit: usize) -> impl Iterator<Item = &RequestRecord> {
+        self.records.iter().rev().take(limit)
+    }
+
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    pub fn last(&self) -> Option<&RequestRecord> {
+        self.records.back()
+    }
+}
+
+impl Default for RequestLog {
+    fn default() -> Self {
+        Self::new(RequestSettings::default().history)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(before: [i64; 4], after: [i64; 4], kb: u32, ka: u32) -> RequestEvent {
+        RequestEvent {
+            tgid: 9,
+            tid: 9,
+            start_ns: 1_000_000,
+            end_ns: 3_500_000,
+            rss_before: before,
+            rss_after: after,
+            known_before: kb,
+            known_after: ka,
+            faults: 16,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn delta_counts_members_known_at_both_ends() {
+        let current = RssBreakdown {
+            file: 1000,
+            anon: 0,
+            shmem: 50,
+            swap: 0,
+        };
+        // file (bit 0) and anon (bit 1) known at both ends, shmem never.
+        let ev = event([4096, 8192, 0, 0], [4096, 73728, 0, 0], 0b11, 0b11);
+        let r = RequestRecord::from_event(&ev, 1, &current, &RequestSettings::default());
+        assert_eq!(r.delta_bytes, 65536);
+        assert_eq!(r.anon_delta_bytes, 65536);
+        assert_eq!(r.shmem_delta_bytes, 0);
+        assert_eq!(r.rss_before_bytes, 4096 + 8192 + 50);
+        assert_eq!(r.duration_ms, 2.5);
+        assert_eq!(r.request_id, "9-1");
+        assert_eq!(r.level, RequestLevel::Normal);
+    }
+
+    #[test]
+    fn member_first_seen_mid_request_counts_no_growth() {
+        let ev = event([0, 8192, 0, 0], [500, 9000, 0, 0], 0b10, 0b11);
+        let r = RequestRecord::from_event(
+            &ev,
+            1,
+            &RssBreakdown::default(),
+            &RequestSettings::default(),
+        );
+        assert_eq!(r.file_delta_bytes, 0);
+        assert_eq!(r.anon_delta_bytes, 808);
+    }
+
+    #[test]
+    fn levels_follow_the_plans_thresholds() {
+        let s = RequestSettings::default();
+        assert_eq!(
+            RequestLevel::classify(5 * 1024 * 1024, &s),
+            RequestLevel::Normal
+        );
+        assert_eq!(
+            RequestLevel::classify(6 * 1024 * 1024, &s),
+            RequestLevel::HighMemoryUsage
+        );
+        assert_eq!(
+            RequestLevel::classify(11 * 1024 * 1024, &s),
+            RequestLevel::SpikeDetected
+        );
+        assert_eq!(
+            RequestLevel::classify(-50 * 1024 * 1024, &s),
+            RequestLevel::Normal
+        );
+    }
+
+    #[test]
+    fn history_is_bounded_and_counts_everything() {
+        let mut log = RequestLog::new(3);
+        for i in 1..=5u64 {
+            let mut ev = event([0; 4], [0; 4], 0, 0);
+            ev.status = if i == 2 { REQUEST_ABORTED } else { 0 };
+            let r = RequestRecord::from_event(
+                &ev,
+                log.next_seq(),
+                &RssBreakdown::default(),
+                &RequestSettings::default(),
+            );
+            log.push(r);
+        }
+        assert_eq!(log.seen, 5);
+        assert_eq!(log.aborted, 1);
+        assert_eq!(log.len(), 3);
+        assert_eq!(
+            log.recent(10).map(|r| r.seq).collect::<Vec<_>>(),
+            vec![5, 4, 3]
+        );
+    }
+}

@@ -1,0 +1,207 @@
+//! Checking uprobe targets before attaching: the binary exists, and the
+//! symbol is a function in it. When it is not, the error lists the nearest
+//! names, because a typo in `--request-fn` is the common case.
+use std::path::{Path, PathBuf};
+
+use object::{Object as _, ObjectSymbol as _, SymbolKind};
+
+use crate::loader::ProbeTarget;
+
+/// Where a bare library or program name is looked for.
+const SEARCH_DIRS: &[&str] = &[
+    "/lib/x86_64-linux-gnu",
+    "/usr/lib/x86_64-linux-gnu",
+    "/lib64",
+    "/usr/lib64",
+    "/lib",
+    "/usr/lib",
+    "/usr/local/lib",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum UprobeTargetError {
+    #[error("uprobe binary `{0}` not found: give a full path to the executable or shared library")]
+    BinaryNotFound(String),
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not an ELF object memtrace can read: {message}")]
+    NotElf { path: PathBuf, message: String },
+    #[error("function `{symbol}` is not in {path}{}", near_list(.near))]
+    SymbolNotFound {
+        symbol: String,
+        path: PathBuf,
+        near: Vec<String>,
+    },
+}
+
+fn near_list(near: &[String]) -> String {
+    if near.is_empty() {
+        "; it has no function with a similar name (is it stripped? `nm -D` lists what is left)"
+            .to_string()
+    } else {
+        format!("; did you mean: {}?", near.join(", "))
+    }
+}
+
+/// Finds the binary: a path as given, or a bare name in the library
+/// directories and in PATH.
+pub fn resolve_binary(binary: &Path) -> Result<PathBuf, UprobeTargetError> {
+    if binary.components().count() > 1 || binary.is_absolute() {
+        return if binary.is_file() {
+            Ok(std::fs::canonicalize(binary).unwrap_or_else(|_| binary.to_path_buf()))
+        } else {
+            Err(UprobeTargetError::BinaryNotFound(
+                binary.display().to_string(),
+            ))
+        };
+    }
+    let path_dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    SEARCH_DIRS
+        .iter()
+        .map(PathBuf::from)
+        .chain(path_dirs)
+        .map(|dir| dir.join(binary))
+        .find(|candidate| candidate.is_file())
+        .map(|p| std::fs::canonicalize(&p).unwrap_or(p))
+        .ok_or_else(|| UprobeTargetError::BinaryNotFound(binary.display().to_string()))
+}
+
+/// Names of the functions an ELF object defines (symtab and dynsym).
+pub fn function_names(path: &Path) -> Result<Vec<String>, UprobeTargetError> {
+    let data = std::fs::read(path).map_err(|source| UprobeTargetError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let file = object::File::parse(&*data).map_err(|e| UprobeTargetError::NotElf {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    let mut names: Vec<String> = file
+        .symbols()
+        .chain(file.dynamic_symbols())
+        .filter(|s| s.kind() == SymbolKind::Text && s.is_definition())
+        .filter_map(|s| s.name().ok().map(str::to_string))
+        .filter(|n| !n.is_empty())
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    Ok(names)
+}
+
+/// Checks a target and returns it with the binary's resolved path.
+pub fn check_target(target: &ProbeTarget) -> Result<ProbeTarget, UprobeTargetError> {
+    let path = resolve_binary(&target.binary)?;
+    let names = function_names(&path)?;
+    // glibc-style versioned names (`malloc@@GLIBC_2.2.5`) match their base.
+    let found = names
+        .iter()
+        .any(|n| n == &target.symbol || n.split('@').next() == Some(target.symbol.as_str()));
+    if !found {
+        return Err(UprobeTargetError::SymbolNotFound {
+            symbol: target.symbol.clone(),
+            path,
+            near: nearest(&target.symbol, &names, 5),
+        });
+    }
+    Ok(ProbeTarget {
+        binary: path,
+        symbol: target.symbol.clone(),
+    })
+}
+
+/// Up to `n` names closest to `wanted`: those containing it (or contained in
+/// it) first, then by edit distance, only when reasonably close.
+pub fn nearest(wanted: &str, names: &[String], n: usize) -> Vec<String> {
+    let lower = wanted.to_ascii_lowercase();
+    let mut scored: Vec<(usize, &String)> = names
+        .iter()
+        .filter_map(|name| {
+            let l = name.to_ascii_lowercase();
+            if l.contains(&lower) || (l.len() >= 4 && lower.contains(&l)) {
+                return Some((0, name));
+            }
+            let d = edit_distance(&lower, &l);
+            (d <= (wanted.len() / 3).max(2)).then_some((d, name))
+        })
+        .collect();
+    scored.sort_by(|a, b| {
+        a.0.cmp(&b.0)
+            .then_with(|| a.1.len().cmp(&b.1.len()))
+            .then_with(|| a.1.cmp(b.1))
+    });
+    scored.into_iter().take(n).map(|(_, s)| s.clone()).collect()
+}
+
+/// Levenshtein distance over bytes.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    let mut cur = vec![0; b.len() + 1];
+    for (i, &ca) in a.iter().enumerate() {
+        cur[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let cost = usize::from(ca != cb);
+            cur[j + 1] = (prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        std::mem::swap(&mut prev, &mut cur);
+    }
+    prev[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn edit_distances() {
+        assert_eq!(edit_distance("handle_request", "handle_request"), 0);
+        assert_eq!(edit_distance("handle_reqest", "handle_request"), 1);
+        assert_eq!(edit_distance("", "abc"), 3);
+    }
+
+    #[test]
+    fn nearest_names_put_substrings_first() {
+        let names: Vec<String> = ["handle_request", "handle_response", "main", "request_end"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(nearest("handle_reqest", &names, 5)[0], "handle_request");
+        assert_eq!(
+            nearest("request", &names, 2),
+            vec!["request_end", "handle_request"]
+        );
+        assert!(nearest("zzzzzzzz", &names, 5).is_empty());
+    }
+
+    #[test]
+    fn finds_libc_functions_and_suggests_for_typos() {
+        let ok = check_target(&ProbeTarget {
+            binary: "libc.so.6".into(),
+            symbol: "malloc".into(),
+        })
+        .expect("libc.so.6 has malloc");
+        assert!(ok.binary.is_absolute());
+        let err = check_target(&ProbeTarget {
+            binary: "libc.so.6".into(),
+            symbol: "mallok".into(),
+        })
+        .unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("did you mean") && msg.contains("malloc"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn missing_binary_is_a_clear_error() {
+        let err = resolve_binary(Path::new("/no/such/binary")).unwrap_err();
+        assert!(err.to_string().contains("full path"), "{err}");
+    }
+}

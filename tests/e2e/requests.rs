@@ -1,0 +1,272 @@
+//! Request boundaries: uprobes (in a shared library and in an executable)
+//! and accept mode, on the fixture server and real gunicorn. Requests counted
+//! against requests sent; per-request RSS growth against the known leak.
+use std::{
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use memtrace::loader::{ProbeTarget, RequestProbes};
+use memtrace_tests::*;
+
+const KIB: i64 = 1024;
+
+struct Server {
+    _proc: Proc,
+    port: u16,
+    workers: Vec<u32>,
+    _dir: tempfile::TempDir,
+}
+
+fn leaky_server(workers: usize, leak: i64) -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let proc = Proc::spawn(
+        Command::new(fixtures().bin("leaky_server"))
+            .arg(port.to_string())
+            .arg(workers.to_string())
+            .arg(dir.path())
+            .env("LEAK_BYTES", leak.to_string()),
+    );
+    assert!(
+        wait_port(port, Duration::from_secs(10)),
+        "leaky_server listens"
+    );
+    let master = read_pid(&dir.path().join("master")).expect("master pid");
+    let workers = children(master, workers);
+    Server {
+        _proc: proc,
+        port,
+        workers,
+        _dir: dir,
+    }
+}
+
+/// The children of `parent`, once there are `n` of them.
+fn children(parent: u32, n: usize) -> Vec<u32> {
+    let mut kids = Vec::new();
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            kids = memtrace::procinfo::all_pids()
+                .into_iter()
+                .filter(|&p| memtrace::procinfo::view(p).is_some_and(|v| v.ppid == parent))
+                .collect();
+            kids.len() == n
+        }),
+        "{parent} has {} children, expected {n}",
+        kids.len()
+    );
+    kids
+}
+
+fn settings(name: &str, requests: RequestProbes) -> memtrace::agent::AgentSettings {
+    let mut s = test_settings(&[name]);
+    s.load.requests = requests;
+    s
+}
+
+fn handler_fn() -> RequestProbes {
+    RequestProbes::Function(ProbeTarget {
+        binary: fixtures().handler_so(),
+        symbol: "handle_request".into(),
+    })
+}
+
+/// Waits for the agent to count exactly `sent` requests over `pids`, and
+/// checks no extra one shows up afterwards.
+fn assert_counted_exactly(agent: &AgentHarness, pids: &[u32], sent: u64) {
+    let mut seen = 0;
+    wait_for(Duration::from_secs(10), || {
+        seen = agent.with(|s| requests_seen(s, pids));
+        seen >= sent
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    seen = agent.with(|s| requests_seen(s, pids));
+    assert_eq!(seen, sent, "requests counted by memtrace vs sent");
+}
+
+fn mean(v: &[i64]) -> f64 {
+    v.iter().sum::<i64>() as f64 / v.len().max(1) as f64
+}
+
+fn assert_mean_within(deltas: &[i64], truth: i64, tolerance: f64, what: &str) {
+    let m = mean(deltas);
+    eprintln!(
+        "{what}: mean per-request RSS delta {m:.0} bytes over {} requests (truth {truth})",
+        deltas.len()
+    );
+    assert!(
+        (m - truth as f64).abs() <= truth as f64 * tolerance,
+        "{what}: mean per-request RSS delta {m:.0} bytes over {} requests, leak {truth} (±{:.0}%)",
+        deltas.len(),
+        tolerance * 100.0
+    );
+}
+
+#[test]
+fn uprobe_in_a_shared_library_counts_requests_and_their_leaks() {
+    let _serial = serial();
+    let agent = AgentHarness::start(settings("leaky_server", handler_fn()));
+    let server = leaky_server(2, 0);
+    let pids = server.workers.clone();
+
+    // Leaks of 64 KiB and more, by path, 150 requests each.
+    let mut sent = 0u64;
+    for leak in [64 * KIB, 256 * KIB, 1024 * KIB] {
+        let n = 150;
+        drive(server.port, &format!("/leak/{leak}"), n, 3);
+        sent += n as u64;
+        assert_counted_exactly(&agent, &pids, sent);
+        let d = recent_deltas(&agent, &pids, n);
+        assert_eq!(d.len(), n);
+        assert_mean_within(&d, leak, 0.05, &format!("leak {leak}"));
+    }
+
+    // Nothing leaked: growth averages out.
+    let n = 300;
+    drive(server.port, "/leak/0", n, 3);
+    sent += n as u64;
+    assert_counted_exactly(&agent, &pids, sent);
+    let d = recent_deltas(&agent, &pids, n);
+    let mean_abs = d.iter().map(|x| x.abs()).sum::<i64>() as f64 / d.len() as f64;
+    eprintln!(
+        "no leak: mean |delta| {mean_abs:.0} bytes over {} requests",
+        d.len()
+    );
+    assert!(
+        mean_abs < 4096.0,
+        "no leak: mean |delta| {mean_abs:.0} bytes"
+    );
+
+    // Requests carry the kernel's per-thread counters too.
+    agent.with(|s| {
+        let w = s.registry.get(pids[0]).unwrap();
+        assert!(
+            w.requests
+                .recent(1000)
+                .all(|r| !r.aborted && r.duration_ms >= 0.0)
+        );
+        assert_eq!(w.stats.requests_in_flight(), 0);
+    });
+    assert_eq!(agent.with(|s| s.tracer.counters().ringbuf_drops), 0);
+}
+
+/// The last `n` requests overall: per worker, the newest ones, split the way
+/// the workers actually served them (their request counts since `n` ago).
+fn recent_deltas(agent: &AgentHarness, pids: &[u32], n: usize) -> Vec<i64> {
+    agent.with(|s| {
+        let mut all: Vec<(f64, i64)> = pids
+            .iter()
+            .filter_map(|&p| s.registry.find(p))
+            .flat_map(|w| {
+                w.requests
+                    .recent(n)
+                    .map(|r| (r.started_unix_ms, r.delta_bytes))
+            })
+            .collect();
+        all.sort_by(|a, b| b.0.total_cmp(&a.0));
+        all.truncate(n);
+        all.into_iter().map(|(_, d)| d).collect()
+    })
+}
+
+#[test]
+fn uprobe_in_the_executable_counts_every_request() {
+    let _serial = serial();
+    let probe = RequestProbes::Function(ProbeTarget {
+        binary: fixtures().bin("leaky_server"),
+        symbol: "serve_connection".into(),
+    });
+    let agent = AgentHarness::start(settings("leaky_server", probe));
+    let server = leaky_server(3, 128 * KIB);
+    drive(server.port, "/", 300, 4);
+    assert_counted_exactly(&agent, &server.workers, 300);
+    let d = recent_deltas(&agent, &server.workers, 300);
+    assert_mean_within(&d, 128 * KIB, 0.05, "leak 128 KiB");
+}
+
+#[test]
+fn accept_mode_counts_requests_of_a_prefork_server() {
+    let _serial = serial();
+    let agent = AgentHarness::start(settings("leaky_server", RequestProbes::Accept));
+    let server = leaky_server(2, 64 * KIB);
+    drive(server.port, "/", 400, 4);
+    assert_counted_exactly(&agent, &server.workers, 400);
+    let d = recent_deltas(&agent, &server.workers, 400);
+    assert_mean_within(&d, 64 * KIB, 0.05, "leak 64 KiB (accept mode)");
+}
+
+#[test]
+fn a_missing_symbol_is_refused_with_near_matches() {
+    let _serial = serial();
+    let mut s = test_settings(&["leaky_server"]);
+    s.load.requests = RequestProbes::Function(ProbeTarget {
+        binary: fixtures().handler_so(),
+        symbol: "handle_reqest".into(),
+    });
+    let err = memtrace::agent::Agent::start(s).err().expect("refused");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("handle_request") && msg.contains("did you mean"),
+        "{msg}"
+    );
+}
+
+fn gunicorn(port: u16, workers: usize, leak: i64) -> Proc {
+    Proc::spawn(
+        Command::new("gunicorn")
+            .args(["--workers", &workers.to_string(), "--worker-class", "sync"])
+            .arg("--bind")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--chdir")
+            .arg(Fixtures::source(""))
+            .arg("wsgi_app:app")
+            .env("LEAK_BYTES", leak.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )
+}
+
+fn gunicorn_workers(port: u16, n: usize) -> Vec<u32> {
+    // The master: gunicorn with our port on its command line, whose parent
+    // is not gunicorn.
+    let mut master = None;
+    assert!(wait_for(Duration::from_secs(20), || {
+        master = memtrace::procinfo::all_pids().into_iter().find(|&p| {
+            memtrace::procinfo::view(p).is_some_and(|v| {
+                v.comm == "gunicorn"
+                    && v.cmdline.join(" ").contains(&format!("127.0.0.1:{port}"))
+                    && memtrace::procinfo::view(v.ppid).is_none_or(|pv| pv.comm != "gunicorn")
+            })
+        });
+        master.is_some()
+    }));
+    children(master.unwrap(), n)
+}
+
+#[test]
+fn accept_mode_on_real_gunicorn_counts_every_request_and_the_leak() {
+    let _serial = serial();
+    let agent = AgentHarness::start(settings("gunicorn", RequestProbes::Accept));
+    let port = free_port();
+    let leak = 256 * KIB;
+    let _server = gunicorn(port, 3, leak);
+    assert!(wait_port(port, Duration::from_secs(20)), "gunicorn listens");
+    let workers = gunicorn_workers(port, 3);
+    let sent = 300;
+    drive(port, "/", sent, 3);
+    assert_counted_exactly(&agent, &workers, sent as u64);
+    let d = recent_deltas(&agent, &workers, sent);
+    assert_mean_within(&d, leak, 0.10, "gunicorn leak 256 KiB");
+    let per_worker: Vec<u64> = agent.with(|s| {
+        workers
+            .iter()
+            .map(|&p| s.registry.get(p).map_or(0, |w| w.requests.seen))
+            .collect()
+    });
+    assert_eq!(
+        per_worker.iter().sum::<u64>(),
+        sent as u64,
+        "{per_worker:?}"
+    );
+}
