@@ -534,7 +534,7 @@ mod tests {
             &["-n", "x", "--request-begin", "/b:f"],
             &["-n", "x", "--request-fn", "/b:f", "--request-end", "/b:g"],
             &["-n", "x", "--request-fn", "nocolon"],
-            &["-n", "x", "--spike-mb", "-1"],
+            &["-n", "x", "--spike-mb=-1"],
             &["-n", "x", "--request-history", "0"],
         ] {
             assert!(r(bad).is_err(), "{bad:?} accepted");

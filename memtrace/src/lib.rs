@@ -14,6 +14,7 @@ pub mod preflight;
 pub mod procinfo;
 pub mod requests;
 pub mod selectors;
+pub mod softlimit;
 pub mod symbolize;
 pub mod tracefs;
 pub mod uprobes;
