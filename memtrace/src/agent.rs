@@ -10,12 +10,14 @@ use memtrace_common::ProcessEvent;
 use tracing::{debug, info, warn};
 
 use crate::{
+    detector::{Detection, DetectorConfig, LeakDetector},
     events::{KernelEvent, c_str, decode},
     loader::{KernelCounters, LoadError, LoadOptions, Tracer},
     preflight::{self, PreflightError},
     procinfo::{self, ProcessView},
     requests::{RequestLog, RequestRecord, RequestSettings},
     selectors::Selectors,
+    softlimit::{Enforcer, Processes, SoftLimitSettings, log_outcome},
     tracefs::{Tracefs, TracefsError},
     workers::{Origin, Registry, RssBreakdown, Worker},
 };
@@ -53,6 +55,13 @@ pub struct AgentSettings {
     pub summary_interval: Duration,
     /// Per-request log thresholds and history.
     pub requests: RequestSettings,
+    /// Leak detector of each worker, fed the RSS after each request.
+    pub detector: DetectorConfig,
+    /// Detector of workers without request boundaries: fed every
+    /// `leak_sample_interval` with time as x; its threshold is in MB/s.
+    pub timed_detector: DetectorConfig,
+    pub leak_sample_interval: Duration,
+    pub soft_limit: SoftLimitSettings,
 }
 
 impl Default for AgentSettings {
@@ -66,9 +75,25 @@ impl Default for AgentSettings {
             rescan_interval: Duration::from_secs(5),
             summary_interval: Duration::from_secs(30),
             requests: RequestSettings::default(),
+            detector: DetectorConfig::default().with_warmup_samples(DEFAULT_WARMUP_REQUESTS),
+            timed_detector: DetectorConfig {
+                slope_threshold_mb: DEFAULT_TIMED_SLOPE_MB_PER_HOUR / 3600.0,
+                window_size: 60,
+                check_interval: 6,
+                ..DetectorConfig::default()
+            },
+            leak_sample_interval: Duration::from_secs(10),
+            soft_limit: SoftLimitSettings::default(),
         }
     }
 }
+
+/// Requests a new worker serves before its trend is judged (imports,
+/// caches filling): the plan judged from the first request.
+pub const DEFAULT_WARMUP_REQUESTS: usize = 20;
+/// Growth that counts as a leak for a worker fed by time rather than
+/// requests: 60 MB per hour.
+pub const DEFAULT_TIMED_SLOPE_MB_PER_HOUR: f64 = 60.0;
 
 /// Agent-side counters.
 #[derive(Clone, Copy, Debug, Default, serde::Serialize)]
@@ -88,6 +113,13 @@ pub struct State {
     pub started: Instant,
     pub agent_pid: u32,
     pub request_settings: RequestSettings,
+    /// Whether request boundaries are traced (else detectors use time).
+    pub requests_traced: bool,
+    pub detector_config: DetectorConfig,
+    pub timed_detector_config: DetectorConfig,
+    pub leak_sample_interval: Duration,
+    last_leak_sample: Option<Instant>,
+    pub enforcer: Enforcer,
 }
 
 pub type SharedState = Arc<Mutex<State>>;
@@ -130,6 +162,12 @@ impl Agent {
             started: Instant::now(),
             agent_pid,
             request_settings: settings.requests,
+            requests_traced: load.requests != crate::loader::RequestProbes::None,
+            detector_config: settings.detector.clone(),
+            timed_detector_config: settings.timed_detector.clone(),
+            leak_sample_interval: settings.leak_sample_interval,
+            last_leak_sample: None,
+            enforcer: Enforcer::new(settings.soft_limit.clone(), agent_pid),
         };
         let mut agent = Self {
             state: Arc::new(Mutex::new(state)),
@@ -383,13 +421,129 @@ impl State {
         let record = RequestRecord::from_event(ev, w.requests.next_seq(), &w.rss, &settings);
         w.apply_kernel_rss(ev.rss_after, ev.known_after);
         record.log();
+        let rss_mb = record.rss_after_bytes as f64 / MB;
         w.requests.push(record);
+        let detection = w.detector.record_at(rss_mb, ev.end_ns as f64 / 1e9);
+        if let Some(d) = detection {
+            self.on_detection(ev.tgid, d);
+        }
+    }
+
+    /// Acts on what a worker's detector reported.
+    fn on_detection(&mut self, pid: u32, detection: Detection) {
+        let Some(w) = self.registry.get_mut(pid) else {
+            return;
+        };
+        match detection {
+            Detection::LeakTrendDetected {
+                slope_mb_per_unit,
+                lower_bound,
+                window,
+                high_water_mark_mb,
+                slope_mb_per_hour,
+                axis,
+                ..
+            } => {
+                w.leak_detections += 1;
+                let state = w.detector.get_state();
+                warn!(
+                    pid,
+                    name = %w.name,
+                    slope_mb_per_unit,
+                    slope_unit = axis.slope_unit(),
+                    slope_lower_bound = lower_bound,
+                    slope_mb_per_hour,
+                    window,
+                    high_water_mark_mb,
+                    rss_mb = state.last_rss_mb,
+                    forecast_requests_to_limit = state.forecast_requests_to_limit,
+                    forecast_seconds_to_limit = state.forecast_seconds_to_limit,
+                    "LEAK_TREND_DETECTED"
+                );
+            }
+            Detection::SoftLimitExceeded {
+                rss_mb,
+                soft_limit_mb,
+            } => {
+                let (ppid, name) = (w.ppid, w.name.clone());
+                let procs = SystemProcesses {
+                    tracer: &self.tracer,
+                };
+                match self.enforcer.request(
+                    &procs,
+                    pid,
+                    ppid,
+                    rss_mb,
+                    soft_limit_mb,
+                    Instant::now(),
+                ) {
+                    Ok(()) => warn!(
+                        pid,
+                        name = %name,
+                        rss_mb,
+                        soft_limit_mb,
+                        target_pid = self.enforcer.target_of(pid, ppid),
+                        "SOFT_LIMIT_EXCEEDED: graceful restart queued"
+                    ),
+                    Err(refused) => warn!(
+                        pid,
+                        name = %name,
+                        rss_mb,
+                        soft_limit_mb,
+                        reason = %refused,
+                        "SOFT_LIMIT_EXCEEDED: no restart possible"
+                    ),
+                }
+            }
+        }
+    }
+
+    /// Feeds detectors of workers without request boundaries, on time.
+    fn sample_timed_detectors(&mut self) {
+        if self.requests_traced {
+            return;
+        }
+        let now = Instant::now();
+        if self
+            .last_leak_sample
+            .is_some_and(|t| now.duration_since(t) < self.leak_sample_interval)
+        {
+            return;
+        }
+        self.last_leak_sample = Some(now);
+        let secs = self.started.elapsed().as_secs_f64();
+        let mut detections = Vec::new();
+        for w in self.registry.alive_mut() {
+            let rss_mb = w.rss.resident() as f64 / MB;
+            if let Some(d) = w.detector.record_timed(rss_mb, secs) {
+                detections.push((w.pid, d));
+            }
+        }
+        for (pid, d) in detections {
+            self.on_detection(pid, d);
+        }
+    }
+
+    /// Lets the enforcer act on queued restarts.
+    fn enforce(&mut self) {
+        let mut procs = SystemProcesses {
+            tracer: &self.tracer,
+        };
+        for outcome in self.enforcer.tick(&mut procs, Instant::now()) {
+            log_outcome(&outcome);
+        }
     }
 
     /// Adds a process to the model and logs it.
     fn attach(&mut self, mut worker: Worker) {
         let pid = worker.pid;
         worker.requests = RequestLog::new(self.request_settings.history);
+        // A new worker (or a new program image) is judged from scratch.
+        worker.detector = LeakDetector::new(if self.requests_traced {
+            self.detector_config.clone()
+        } else {
+            self.timed_detector_config.clone()
+        });
         if let Some(known) = self.registry.get_mut(pid)
             && known.start_time == worker.start_time
         {
@@ -461,6 +615,8 @@ impl State {
         }
         let counters = self.tracer.counters();
         self.report_drops(&counters);
+        self.sample_timed_detectors();
+        self.enforce();
     }
 
     fn report_drops(&mut self, counters: &KernelCounters) {
@@ -549,4 +705,29 @@ fn check_request_probes(
         },
         other => other.clone(),
     })
+}
+
+const MB: f64 = 1024.0 * 1024.0;
+
+/// Processes as the enforcer sees them: /proc for identity, the kernel maps
+/// for requests in flight, kill(2) for signals.
+struct SystemProcesses<'a> {
+    tracer: &'a Tracer,
+}
+
+impl Processes for SystemProcesses<'_> {
+    fn start_time(&self, pid: u32) -> Option<u64> {
+        procinfo::start_time(pid)
+    }
+
+    fn in_flight(&self, pid: u32) -> u64 {
+        self.tracer
+            .proc_stats(pid)
+            .map_or(0, |s| s.requests_in_flight())
+    }
+
+    fn kill(&mut self, pid: u32, signal: nix::sys::signal::Signal) -> Result<(), String> {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal)
+            .map_err(|e| e.to_string())
+    }
 }

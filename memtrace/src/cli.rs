@@ -7,11 +7,13 @@ use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
 
 use crate::{
-    agent::AgentSettings,
+    agent::{AgentSettings, DEFAULT_TIMED_SLOPE_MB_PER_HOUR},
+    detector::DetectorConfig,
     loader::{LoadOptions, ProbeTarget, RequestProbes},
     logging::LogFormat,
     requests::RequestSettings,
     selectors::Selectors,
+    softlimit::{SoftLimitAction, SoftLimitSettings, SoftLimitTarget, parse_signal},
 };
 
 #[derive(Debug, Parser)]
@@ -156,6 +158,123 @@ pub struct AgentArgs {
     )]
     pub request_history: Option<usize>,
 
+    /// Requests in the leak detector's sliding window [default: 200].
+    #[arg(
+        long,
+        env = "MEMTRACE_LEAK_WINDOW_SIZE",
+        value_name = "N",
+        help_heading = "Leak detection"
+    )]
+    pub leak_window_size: Option<usize>,
+
+    /// Judge the trend every N requests [default: 50].
+    #[arg(
+        long,
+        env = "MEMTRACE_LEAK_CHECK_INTERVAL",
+        value_name = "N",
+        help_heading = "Leak detection"
+    )]
+    pub leak_check_interval: Option<usize>,
+
+    /// A sustained slope above this many MB per request is a leak [default: 0.1].
+    #[arg(
+        long,
+        env = "MEMTRACE_LEAK_SLOPE_THRESHOLD",
+        value_name = "MB",
+        help_heading = "Leak detection"
+    )]
+    pub leak_slope_threshold: Option<f64>,
+
+    /// Requests a new worker serves before its trend is judged [default: 20].
+    #[arg(
+        long,
+        env = "MEMTRACE_LEAK_WARMUP_REQUESTS",
+        value_name = "N",
+        help_heading = "Leak detection"
+    )]
+    pub leak_warmup_requests: Option<usize>,
+
+    /// Without request boundaries: seconds between RSS samples fed to the detector [default: 10].
+    #[arg(
+        long,
+        env = "MEMTRACE_LEAK_SAMPLE_INTERVAL_SECS",
+        value_name = "SECS",
+        help_heading = "Leak detection"
+    )]
+    pub leak_sample_interval_secs: Option<u64>,
+
+    /// Without request boundaries: growth above this many MB per hour is a leak [default: 60].
+    #[arg(
+        long,
+        env = "MEMTRACE_LEAK_TIME_SLOPE_MB_PER_HOUR",
+        value_name = "MB",
+        help_heading = "Leak detection"
+    )]
+    pub leak_time_slope_mb_per_hour: Option<f64>,
+
+    /// Ask for a graceful restart when a worker's RSS exceeds this [default: 450].
+    #[arg(
+        long,
+        env = "MEMTRACE_SOFT_LIMIT_MB",
+        value_name = "MB",
+        help_heading = "Soft limit"
+    )]
+    pub soft_limit_mb: Option<f64>,
+
+    /// signal, or log (dry run) [default: signal].
+    #[arg(
+        long,
+        env = "MEMTRACE_SOFT_LIMIT_ACTION",
+        value_enum,
+        help_heading = "Soft limit"
+    )]
+    pub soft_limit_action: Option<SoftLimitAction>,
+
+    /// Who gets the signal: parent (the master) or worker [default: parent].
+    #[arg(
+        long,
+        env = "MEMTRACE_SOFT_LIMIT_TARGET",
+        value_enum,
+        help_heading = "Soft limit"
+    )]
+    pub soft_limit_target: Option<SoftLimitTarget>,
+
+    /// Signal to send, by name or number [default: HUP].
+    #[arg(
+        long,
+        env = "MEMTRACE_SOFT_LIMIT_SIGNAL",
+        value_name = "SIGNAL",
+        help_heading = "Soft limit"
+    )]
+    pub soft_limit_signal: Option<String>,
+
+    /// Least seconds between two restarts, across all workers [default: 30].
+    #[arg(
+        long,
+        env = "MEMTRACE_SOFT_LIMIT_MIN_INTERVAL_SECS",
+        value_name = "SECS",
+        help_heading = "Soft limit"
+    )]
+    pub soft_limit_min_interval_secs: Option<f64>,
+
+    /// Up to this many random seconds added to each interval [default: 5].
+    #[arg(
+        long,
+        env = "MEMTRACE_SOFT_LIMIT_JITTER_SECS",
+        value_name = "SECS",
+        help_heading = "Soft limit"
+    )]
+    pub soft_limit_jitter_secs: Option<f64>,
+
+    /// Seconds to wait for the worker's requests in flight before acting [default: 10].
+    #[arg(
+        long,
+        env = "MEMTRACE_SOFT_LIMIT_DRAIN_TIMEOUT_SECS",
+        value_name = "SECS",
+        help_heading = "Soft limit"
+    )]
+    pub soft_limit_drain_timeout_secs: Option<f64>,
+
     /// Log format [default: pretty].
     #[arg(
         long,
@@ -212,6 +331,15 @@ pub struct AgentArgs {
     /// Seconds between /proc scans for matching processes [default: 5].
     #[arg(long, env = "MEMTRACE_RESCAN_INTERVAL_SECS", value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=3600), help_heading = "Kernel")]
     pub rescan_interval_secs: Option<u64>,
+
+    /// While allocation sites are collected, one user stack every N page faults per thread [default: 4].
+    #[arg(
+        long,
+        env = "MEMTRACE_FAULT_SAMPLE_PERIOD",
+        value_name = "N",
+        help_heading = "Kernel"
+    )]
+    pub fault_sample_period: Option<u32>,
 
     /// Do not mount tracefs when it is missing; fail with instructions instead.
     #[arg(long, env = "MEMTRACE_NO_MOUNT_TRACEFS", help_heading = "Kernel")]
@@ -344,7 +472,11 @@ impl AgentArgs {
         merge_lists!(cli, file; process_name, exe, pid);
         merge_options!(cli, file;
             cmdline, request_mode, request_fn, request_begin, request_end, high_memory_mb,
-            spike_mb, request_history, log_format, log_level, summary_interval_secs, ring_buffer_bytes,
+            spike_mb, request_history, leak_window_size, leak_check_interval,
+            leak_slope_threshold, leak_warmup_requests, leak_sample_interval_secs,
+            leak_time_slope_mb_per_hour, soft_limit_mb, soft_limit_action, soft_limit_target,
+            soft_limit_signal, soft_limit_min_interval_secs, soft_limit_jitter_secs,
+            soft_limit_drain_timeout_secs, fault_sample_period, log_format, log_level, summary_interval_secs, ring_buffer_bytes,
             poll_interval_ms, rss_step_bytes, refresh_interval_ms, rescan_interval_secs,
             no_mount_tracefs,
         );
@@ -406,7 +538,10 @@ impl AgentArgs {
             ring_buffer_bytes,
             rss_step_bytes,
             report_all_execs: selectors.needs_exec_reports(),
-            fault_sample_period: LoadOptions::default().fault_sample_period,
+            fault_sample_period: match self.fault_sample_period.unwrap_or(4) {
+                0 => return Err(invalid("--fault-sample-period", "must be at least 1")),
+                n => n,
+            },
             requests: request_probes(
                 self.request_mode,
                 self.request_fn.as_deref(),
@@ -430,6 +565,76 @@ impl AgentArgs {
                 n => n,
             },
         };
+        let defaults = AgentSettings::default();
+        let detector = DetectorConfig {
+            window_size: self
+                .leak_window_size
+                .unwrap_or(defaults.detector.window_size),
+            check_interval: self
+                .leak_check_interval
+                .unwrap_or(defaults.detector.check_interval),
+            slope_threshold_mb: self
+                .leak_slope_threshold
+                .unwrap_or(defaults.detector.slope_threshold_mb),
+            soft_limit_mb: self
+                .soft_limit_mb
+                .unwrap_or(defaults.detector.soft_limit_mb),
+            warmup_samples: self
+                .leak_warmup_requests
+                .unwrap_or(defaults.detector.warmup_samples),
+        };
+        detector
+            .validate()
+            .map_err(|m| invalid("leak detector", m))?;
+        let per_hour = self
+            .leak_time_slope_mb_per_hour
+            .unwrap_or(DEFAULT_TIMED_SLOPE_MB_PER_HOUR);
+        let timed_detector = DetectorConfig {
+            slope_threshold_mb: per_hour / 3600.0,
+            soft_limit_mb: detector.soft_limit_mb,
+            ..defaults.timed_detector.clone()
+        };
+        timed_detector
+            .validate()
+            .map_err(|m| invalid("--leak-time-slope-mb-per-hour", m))?;
+        let leak_sample_interval = match self.leak_sample_interval_secs.unwrap_or(10) {
+            0 => return Err(invalid("--leak-sample-interval-secs", "must be at least 1")),
+            n => Duration::from_secs(n),
+        };
+        let secs = |setting: &'static str,
+                    v: Option<f64>,
+                    default: Duration|
+         -> Result<Duration, ConfigError> {
+            match v {
+                None => Ok(default),
+                Some(v) if (0.0..1e9).contains(&v) => Ok(Duration::from_secs_f64(v)),
+                Some(v) => Err(invalid(setting, format!("{v} is not a number of seconds"))),
+            }
+        };
+        let soft = defaults.soft_limit.clone();
+        let soft_limit = SoftLimitSettings {
+            action: self.soft_limit_action.unwrap_or(soft.action),
+            target: self.soft_limit_target.unwrap_or(soft.target),
+            signal: match &self.soft_limit_signal {
+                Some(s) => parse_signal(s).map_err(|m| invalid("--soft-limit-signal", m))?,
+                None => soft.signal,
+            },
+            min_interval: secs(
+                "--soft-limit-min-interval-secs",
+                self.soft_limit_min_interval_secs,
+                soft.min_interval,
+            )?,
+            jitter: secs(
+                "--soft-limit-jitter-secs",
+                self.soft_limit_jitter_secs,
+                soft.jitter,
+            )?,
+            drain_timeout: secs(
+                "--soft-limit-drain-timeout-secs",
+                self.soft_limit_drain_timeout_secs,
+                soft.drain_timeout,
+            )?,
+        };
         let settings = AgentSettings {
             selectors,
             load,
@@ -439,6 +644,10 @@ impl AgentArgs {
             rescan_interval: Duration::from_secs(rescan_secs),
             summary_interval: Duration::from_secs(self.summary_interval_secs.unwrap_or(30)),
             requests,
+            detector,
+            timed_detector,
+            leak_sample_interval,
+            soft_limit,
         };
         Ok(ResolvedAgent {
             settings,
@@ -538,6 +747,57 @@ mod tests {
             &["-n", "x", "--request-history", "0"],
         ] {
             assert!(r(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn detector_and_soft_limit_settings() {
+        let r = parse(&[
+            "-n",
+            "x",
+            "--leak-window-size",
+            "100",
+            "--leak-check-interval",
+            "25",
+            "--leak-slope-threshold",
+            "0.5",
+            "--soft-limit-mb",
+            "300",
+            "--soft-limit-signal",
+            "TERM",
+            "--soft-limit-target",
+            "worker",
+            "--soft-limit-action",
+            "log",
+        ])
+        .resolve()
+        .unwrap();
+        let d = &r.settings.detector;
+        assert_eq!((d.window_size, d.check_interval), (100, 25));
+        assert_eq!((d.slope_threshold_mb, d.soft_limit_mb), (0.5, 300.0));
+        assert_eq!(d.warmup_samples, crate::agent::DEFAULT_WARMUP_REQUESTS);
+        assert_eq!(r.settings.timed_detector.soft_limit_mb, 300.0);
+        let s = &r.settings.soft_limit;
+        assert_eq!(s.signal, nix::sys::signal::Signal::SIGTERM);
+        assert_eq!(s.target, SoftLimitTarget::Worker);
+        assert_eq!(s.action, SoftLimitAction::Log);
+
+        let defaults = parse(&["-n", "x"]).resolve().unwrap().settings;
+        assert_eq!(defaults.detector.window_size, 200);
+        assert_eq!(defaults.detector.check_interval, 50);
+        assert_eq!(defaults.detector.slope_threshold_mb, 0.1);
+        assert_eq!(defaults.detector.soft_limit_mb, 450.0);
+        assert_eq!(defaults.soft_limit.signal, nix::sys::signal::Signal::SIGHUP);
+
+        for bad in [
+            &["-n", "x", "--leak-window-size", "1"][..],
+            &["-n", "x", "--leak-check-interval", "500"],
+            &["-n", "x", "--soft-limit-mb", "0"],
+            &["-n", "x", "--soft-limit-signal", "NOPE"],
+            &["-n", "x", "--soft-limit-min-interval-secs=-3"],
+            &["-n", "x", "--fault-sample-period", "0"],
+        ] {
+            assert!(parse(bad).resolve().is_err(), "{bad:?} accepted");
         }
     }
 

@@ -11,6 +11,7 @@ use memtrace_common::{
 use serde::Serialize;
 
 use crate::{
+    detector::{DetectorConfig, LeakDetector},
     procinfo::{ProcessView, StatusMemory},
     requests::RequestLog,
 };
@@ -120,6 +121,10 @@ pub struct Worker {
     pub stats: ProcStats,
     /// Recent requests and totals.
     pub requests: RequestLog,
+    /// Leak trend and soft limit of this worker's lifetime.
+    pub detector: LeakDetector,
+    /// LEAK_TREND_DETECTED reports so far.
+    pub leak_detections: u64,
 }
 
 impl Worker {
@@ -140,6 +145,8 @@ impl Worker {
             seed: RssBreakdown::default(),
             stats: ProcStats::default(),
             requests: RequestLog::default(),
+            detector: LeakDetector::new(DetectorConfig::default()),
+            leak_detections: 0,
         }
     }
 

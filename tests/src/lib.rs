@@ -383,3 +383,70 @@ pub fn requests_seen(state: &State, pids: &[u32]) -> u64 {
         .map(|w| w.requests.seen)
         .sum()
 }
+
+/// The `memtrace` binary running as a child, its JSON log lines collected.
+pub struct AgentProcess {
+    pub proc: Proc,
+    lines: std::sync::Arc<Mutex<Vec<serde_json::Value>>>,
+}
+
+impl AgentProcess {
+    /// Starts `memtrace ARGS --log-format json` and waits until its
+    /// programs are attached.
+    pub fn start(args: &[&str]) -> Self {
+        use std::io::BufRead as _;
+        require_root();
+        let mut proc = Proc::spawn(
+            Command::new(memtrace_bin())
+                .args(args)
+                .args(["--log-format", "json"])
+                .env("RUST_LOG", "info")
+                .stderr(std::process::Stdio::piped()),
+        );
+        let stderr = proc.child.stderr.take().expect("piped stderr");
+        let lines = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let value = serde_json::from_str(&line)
+                    .unwrap_or_else(|_| serde_json::json!({ "message": line }));
+                sink.lock().unwrap_or_else(|e| e.into_inner()).push(value);
+            }
+        });
+        let agent = Self { proc, lines };
+        assert!(
+            agent
+                .wait_log(Duration::from_secs(30), |l| l["message"]
+                    == "eBPF programs attached")
+                .is_some(),
+            "memtrace did not start: {:?}",
+            agent.logs()
+        );
+        agent
+    }
+
+    pub fn logs(&self) -> Vec<serde_json::Value> {
+        self.lines.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The first log line matching `pred`, waiting up to `timeout`.
+    pub fn wait_log(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> Option<serde_json::Value> {
+        let mut found = None;
+        wait_for(timeout, || {
+            found = self.logs().into_iter().find(|l| pred(l));
+            found.is_some()
+        });
+        found
+    }
+
+    pub fn count_logs(&self, pred: impl Fn(&serde_json::Value) -> bool) -> usize {
+        self.logs().iter().filter(|l| pred(l)).count()
+    }
+}

@@ -10,8 +10,8 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use memtrace_common::{
-    EVENT_EXEC, EVENT_EXIT, EVENT_FORK, ProcStats, ProcessEvent, REQUEST_ABORTED, RSS_MEMBERS,
-    TASK_COMM_LEN,
+    EVENT_EXEC, EVENT_EXIT, EVENT_FORK, PROC_FLAG_COLLECT, ProcStats, ProcessEvent,
+    REQUEST_ABORTED, RSS_MEMBERS, TASK_COMM_LEN,
 };
 
 use crate::{
@@ -86,9 +86,9 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
 
 fn try_task_newtask(ctx: &TracePointContext) -> Result<(), i64> {
     let parent = current();
-    if watched(parent.tgid).is_none() {
+    let Some(parent_stats) = watched(parent.tgid) else {
         return Ok(());
-    }
+    };
     let layout = CONFIG.load().layout;
     let clone_flags: u64 = field(ctx, layout.newtask_clone_flags)?;
     if clone_flags & CLONE_THREAD != 0 {
@@ -101,10 +101,14 @@ fn try_task_newtask(ctx: &TracePointContext) -> Result<(), i64> {
         return Ok(());
     }
     // Watched from this instant: the child's first fault is already counted.
-    if PROCS
-        .insert(child, ProcStats::default(), BPF_NOEXIST as u64)
-        .is_err()
-    {
+    // A worker forked while allocation sites are collected is collected too.
+    // SAFETY: pointer from a map lookup.
+    let flags = unsafe { (*parent_stats).flags } & PROC_FLAG_COLLECT;
+    let stats = ProcStats {
+        flags,
+        ..ProcStats::default()
+    };
+    if PROCS.insert(child, stats, BPF_NOEXIST as u64).is_err() {
         count(memtrace_common::CTR_PROCS_FULL);
         return Ok(());
     }
