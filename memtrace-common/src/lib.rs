@@ -27,6 +27,8 @@ pub const DEFAULT_RING_BYTES: u32 = 4 << 20;
 pub const MAX_STACKS: u32 = 16_384;
 /// (process, stack, kind) aggregation slots while collection is on.
 pub const MAX_STACK_SITES: u32 = 65_536;
+/// Live heap allocations tracked while collection is on (malloc probes).
+pub const MAX_ALLOCS: u32 = 262_144;
 /// Frames per user stack (the kernel's PERF_MAX_STACK_DEPTH).
 pub const STACK_DEPTH: usize = 127;
 
@@ -134,6 +136,10 @@ pub struct ThreadState {
     /// `MmRss::known` of the process's mm when the request began.
     pub req_known: u32,
     pub req: RequestStart,
+    /// malloc/calloc/realloc: the size asked for, saved at entry for the return probe.
+    pub alloc_size: u64,
+    /// realloc: the block being resized.
+    pub alloc_old_ptr: u64,
 }
 
 /// Ring-buffer event kinds (the first u32 of every event).
@@ -224,6 +230,26 @@ pub const NUM_COUNTERS: u32 = 8;
 pub const SITE_FAULT: u32 = 0;
 pub const SITE_MMAP: u32 = 1;
 pub const SITE_BRK: u32 = 2;
+/// Live bytes of heap blocks allocated here (malloc/calloc/realloc minus
+/// free). `SiteCount::bytes` and `samples` wrap: read them as i64.
+pub const SITE_MALLOC: u32 = 3;
+
+/// A live heap block (malloc probes), by process and address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AllocKey {
+    pub tgid: u32,
+    pub _pad: u32,
+    pub ptr: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AllocInfo {
+    pub size: u64,
+    pub stack_id: u32,
+    pub _pad: u32,
+}
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -297,6 +323,8 @@ mod user {
     unsafe impl aya::Pod for ThreadState {}
     unsafe impl aya::Pod for SiteKey {}
     unsafe impl aya::Pod for SiteCount {}
+    unsafe impl aya::Pod for AllocKey {}
+    unsafe impl aya::Pod for AllocInfo {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for TracepointLayout {}
 }
@@ -307,7 +335,9 @@ const _: () = {
     assert!(core::mem::size_of::<ProcStats>() == 11 * 8 + 8);
     assert!(core::mem::size_of::<MmRss>() == 4 * 8 + 8 + 8);
     assert!(core::mem::size_of::<RequestStart>() == 2 * 8 + 4 * 8 + 5 * 8);
-    assert!(core::mem::size_of::<ThreadState>() == 8 + 5 * 8 + 3 * 8 + 8 + 88);
+    assert!(core::mem::size_of::<ThreadState>() == 8 + 5 * 8 + 3 * 8 + 8 + 88 + 16);
+    assert!(core::mem::size_of::<AllocKey>() == 16);
+    assert!(core::mem::size_of::<AllocInfo>() == 16);
     assert!(core::mem::size_of::<ProcessEvent>() == 24 + 16 + 256 + 96 + 32);
     assert!(core::mem::size_of::<RssEvent>() == 24 + 32);
     assert!(core::mem::size_of::<RequestEvent>() == 24 + 24 + 64 + 40);

@@ -6,9 +6,9 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf, StackTrace},
 };
 use memtrace_common::{
-    Config, DEFAULT_RING_BYTES, MAX_MMS, MAX_PROCS, MAX_SELECTOR_COMMS, MAX_STACK_SITES,
-    MAX_STACKS, MAX_THREADS, MmRss, NUM_COUNTERS, ProcStats, SiteCount, SiteKey, TASK_COMM_LEN,
-    ThreadState,
+    AllocInfo, AllocKey, Config, DEFAULT_RING_BYTES, MAX_ALLOCS, MAX_MMS, MAX_PROCS,
+    MAX_SELECTOR_COMMS, MAX_STACK_SITES, MAX_STACKS, MAX_THREADS, MmRss, NUM_COUNTERS, ProcStats,
+    SiteCount, SiteKey, TASK_COMM_LEN, ThreadState,
 };
 
 /// Watched processes by tgid; presence means watched.
@@ -44,6 +44,10 @@ pub static STACKS: StackTrace = StackTrace::with_max_entries(MAX_STACKS, 0);
 /// Bytes per (process, stack, kind) while collection is on.
 #[map]
 pub static STACK_SITES: HashMap<SiteKey, SiteCount> = HashMap::with_max_entries(MAX_STACK_SITES, 0);
+
+/// Live heap blocks of collected processes (malloc probes).
+#[map]
+pub static ALLOCS: HashMap<AllocKey, AllocInfo> = HashMap::with_max_entries(MAX_ALLOCS, 0);
 
 /// Written by the agent at load time (tracepoint offsets, agent pid, steps).
 #[unsafe(no_mangle)]

@@ -36,6 +36,12 @@ pub enum AgentError {
     NoSelectors,
     #[error(transparent)]
     Uprobe(#[from] crate::uprobes::UprobeTargetError),
+    #[error("cannot listen on {addr} for the API: {source} (change --listen, or --listen off)")]
+    Listen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// What the agent needs to start.
@@ -62,6 +68,10 @@ pub struct AgentSettings {
     pub timed_detector: DetectorConfig,
     pub leak_sample_interval: Duration,
     pub soft_limit: SoftLimitSettings,
+    /// Where the HTTP API listens; None: no API.
+    pub listen: Option<std::net::SocketAddr>,
+    /// MEMTRACE_DEBUG_TOKEN; without it the protected endpoints answer 403.
+    pub api_token: Option<crate::api::Token>,
 }
 
 impl Default for AgentSettings {
@@ -84,6 +94,8 @@ impl Default for AgentSettings {
             },
             leak_sample_interval: Duration::from_secs(10),
             soft_limit: SoftLimitSettings::default(),
+            listen: None,
+            api_token: None,
         }
     }
 }
@@ -129,6 +141,7 @@ pub struct Agent {
     ring: RingBuf<MapData>,
     settings: AgentSettings,
     waiting_logged: Option<Instant>,
+    api_listener: Option<std::net::TcpListener>,
 }
 
 impl Agent {
@@ -169,11 +182,21 @@ impl Agent {
             last_leak_sample: None,
             enforcer: Enforcer::new(settings.soft_limit.clone(), agent_pid),
         };
+        let api_listener = match settings.listen {
+            Some(addr) => {
+                let listener = std::net::TcpListener::bind(addr)
+                    .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                    .map_err(|source| AgentError::Listen { addr, source })?;
+                Some(listener)
+            }
+            None => None,
+        };
         let mut agent = Self {
             state: Arc::new(Mutex::new(state)),
             ring,
             settings,
             waiting_logged: None,
+            api_listener,
         };
         // Two passes: a process forked between the listing and the watch of
         // its parent shows up in the second.
@@ -185,6 +208,46 @@ impl Agent {
 
     pub fn state(&self) -> SharedState {
         self.state.clone()
+    }
+
+    /// Where the API listens (the port is known once bound, even for port 0).
+    pub fn api_addr(&self) -> Option<std::net::SocketAddr> {
+        self.api_listener.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// Starts serving the API on the runtime; it stops when `stop` fires.
+    fn spawn_api(&mut self, stop: tokio::sync::watch::Receiver<bool>) {
+        let Some(listener) = self.api_listener.take() else {
+            return;
+        };
+        let addr = listener.local_addr().ok();
+        let listener = match tokio::net::TcpListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(error = %e, "the API cannot start");
+                return;
+            }
+        };
+        let token = self.settings.api_token.clone();
+        info!(
+            addr = ?addr,
+            debug_endpoints = if token.is_some() { "enabled" } else { "disabled: set MEMTRACE_DEBUG_TOKEN" },
+            "API listening"
+        );
+        let backend = Arc::new(crate::backend::AgentBackend::new(self.state.clone()));
+        let app = crate::api::app(crate::api::ApiState::new(backend, token));
+        let mut stop = stop;
+        tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            if let Err(e) = axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+            {
+                warn!(error = %e, "the API stopped");
+            }
+        });
     }
 
     pub fn lock(&self) -> MutexGuard<'_, State> {
@@ -294,6 +357,8 @@ impl Agent {
         for i in [&mut poll, &mut refresh, &mut rescan, &mut summary] {
             i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         }
+        let (stop_api, api_stopped) = tokio::sync::watch::channel(false);
+        self.spawn_api(api_stopped);
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -304,6 +369,7 @@ impl Agent {
                 _ = summary.tick() => self.log_summary(),
             }
         }
+        let _ = stop_api.send(true);
         self.poll_events();
         let programs = self.lock().tracer.attached().len();
         drop(self);
@@ -344,6 +410,15 @@ impl State {
         });
         let worker = Worker::new(&view, Origin::Fork, format!("child of {}", ev.ppid));
         self.attach(worker);
+        // Forked while allocation sites are collected: the kernel already
+        // collects its faults; its heap needs probes of its own.
+        let collected = self
+            .tracer
+            .proc_stats(ev.tgid)
+            .is_some_and(|s| s.flags & memtrace_common::PROC_FLAG_COLLECT != 0);
+        if collected {
+            self.tracer.attach_alloc_probes(ev.tgid);
+        }
     }
 
     fn on_exec(&mut self, ev: &ProcessEvent) {
@@ -390,6 +465,7 @@ impl State {
 
     fn on_exit(&mut self, ev: &ProcessEvent) {
         let pid = ev.tgid;
+        self.tracer.detach_alloc_probes(pid);
         let role = self.registry.role(pid);
         let Some(w) = self.registry.retire(pid, Some((ev.stats, ev.rss))) else {
             return;

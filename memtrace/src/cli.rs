@@ -275,6 +275,16 @@ pub struct AgentArgs {
     )]
     pub soft_limit_drain_timeout_secs: Option<f64>,
 
+    /// Address of the HTTP API (status, snapshots, metrics), or `off` [default: 127.0.0.1:9464].
+    /// Its protected endpoints need MEMTRACE_DEBUG_TOKEN (environment only, so it never shows in `ps`).
+    #[arg(
+        long,
+        env = "MEMTRACE_LISTEN",
+        value_name = "ADDR",
+        help_heading = "API"
+    )]
+    pub listen: Option<String>,
+
     /// Log format [default: pretty].
     #[arg(
         long,
@@ -389,6 +399,23 @@ pub fn parse_probe_target(s: &str) -> Result<ProbeTarget, String> {
     })
 }
 
+/// The environment variable holding the API's debug token.
+pub const DEBUG_TOKEN_ENV: &str = "MEMTRACE_DEBUG_TOKEN";
+/// Where the API listens unless told otherwise.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9464";
+
+fn parse_listen(value: Option<&str>) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+    match value.unwrap_or(DEFAULT_LISTEN) {
+        "off" | "none" | "" => Ok(None),
+        v => v.parse().map(Some).map_err(|_| {
+            invalid(
+                "--listen",
+                format!("`{v}` is not an address like 127.0.0.1:9464, or `off`"),
+            )
+        }),
+    }
+}
+
 /// Turns the request flags into probes, refusing combinations that make no sense.
 fn request_probes(
     mode: Option<RequestMode>,
@@ -476,7 +503,7 @@ impl AgentArgs {
             leak_slope_threshold, leak_warmup_requests, leak_sample_interval_secs,
             leak_time_slope_mb_per_hour, soft_limit_mb, soft_limit_action, soft_limit_target,
             soft_limit_signal, soft_limit_min_interval_secs, soft_limit_jitter_secs,
-            soft_limit_drain_timeout_secs, fault_sample_period, log_format, log_level, summary_interval_secs, ring_buffer_bytes,
+            soft_limit_drain_timeout_secs, fault_sample_period, listen, log_format, log_level, summary_interval_secs, ring_buffer_bytes,
             poll_interval_ms, rss_step_bytes, refresh_interval_ms, rescan_interval_secs,
             no_mount_tracefs,
         );
@@ -648,6 +675,8 @@ impl AgentArgs {
             timed_detector,
             leak_sample_interval,
             soft_limit,
+            listen: parse_listen(self.listen.as_deref())?,
+            api_token: crate::api::Token::new(std::env::var(DEBUG_TOKEN_ENV).ok()),
         };
         Ok(ResolvedAgent {
             settings,
@@ -799,6 +828,21 @@ mod tests {
         ] {
             assert!(parse(bad).resolve().is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn listen_addresses() {
+        let l = |args: &[&str]| parse(args).resolve().map(|r| r.settings.listen);
+        assert_eq!(
+            l(&["-n", "x"]).unwrap(),
+            Some(DEFAULT_LISTEN.parse().unwrap())
+        );
+        assert_eq!(l(&["-n", "x", "--listen", "off"]).unwrap(), None);
+        assert_eq!(
+            l(&["-n", "x", "--listen", "0.0.0.0:1"]).unwrap(),
+            Some("0.0.0.0:1".parse().unwrap())
+        );
+        assert!(l(&["-n", "x", "--listen", "localhost"]).is_err());
     }
 
     #[test]

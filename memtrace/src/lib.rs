@@ -5,16 +5,21 @@
 //! processes chosen by [`selectors`] through fork, exec and exit ([`agent`]),
 //! and keeps a model of every worker ([`workers`]).
 pub mod agent;
+pub mod api;
+pub mod backend;
 pub mod cli;
 pub mod detector;
 pub mod events;
 pub mod loader;
 pub mod logging;
+pub mod metrics;
 pub mod preflight;
 pub mod procinfo;
 pub mod requests;
 pub mod selectors;
+pub mod snapshot;
 pub mod softlimit;
+pub mod status;
 pub mod symbolize;
 pub mod tracefs;
 pub mod uprobes;

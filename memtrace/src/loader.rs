@@ -12,8 +12,8 @@ use aya::{
     },
 };
 use memtrace_common::{
-    Config, MmRss, NUM_COUNTERS, PROC_FLAG_COLLECT, ProcStats, SiteCount, SiteKey, TASK_COMM_LEN,
-    TracepointLayout,
+    AllocInfo, AllocKey, Config, MmRss, NUM_COUNTERS, PROC_FLAG_COLLECT, ProcStats, SiteCount,
+    SiteKey, TASK_COMM_LEN, TracepointLayout,
 };
 
 use crate::tracefs::{Tracefs, TracefsError};
@@ -52,6 +52,18 @@ pub const COLLECTION_PROGRAMS: &[(&str, &str, &str)] = &[
 ];
 
 const UPROBE_PROGRAMS: &[&str] = &["request_begin", "request_end_ret", "request_end"];
+
+/// Heap-allocation probes on the C library, attached per process while
+/// collection is on: (program, symbol).
+pub const ALLOC_PROBES: &[(&str, &str)] = &[
+    ("malloc_enter", "malloc"),
+    ("alloc_exit", "malloc"),
+    ("calloc_enter", "calloc"),
+    ("alloc_exit", "calloc"),
+    ("realloc_enter", "realloc"),
+    ("alloc_exit", "realloc"),
+    ("free_enter", "free"),
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -153,6 +165,8 @@ pub struct Tracer {
     stacks: StackTraceMap<MapData>,
     attached: Vec<String>,
     collection_links: Vec<(&'static str, TracePointLinkId)>,
+    alloc_links: std::collections::HashMap<u32, Vec<(&'static str, UProbeLinkId)>>,
+    allocs: HashMap<MapData, AllocKey, AllocInfo>,
     uprobe_links: Vec<(&'static str, UProbeLinkId)>,
     pub layout: TracepointLayout,
 }
@@ -213,6 +227,7 @@ impl Tracer {
         let counters = take_map(&mut ebpf, "COUNTERS")?;
         let sites = take_map(&mut ebpf, "STACK_SITES")?;
         let stacks = take_map(&mut ebpf, "STACKS")?;
+        let allocs = take_map(&mut ebpf, "ALLOCS")?;
         let events: RingBuf<MapData> = take_map(&mut ebpf, "EVENTS")?;
 
         let mut tracer = Self {
@@ -225,6 +240,8 @@ impl Tracer {
             stacks,
             attached: Vec::new(),
             collection_links: Vec::new(),
+            alloc_links: std::collections::HashMap::new(),
+            allocs,
             uprobe_links: Vec::new(),
             layout,
         };
@@ -388,6 +405,11 @@ impl Tracer {
         !self.collection_links.is_empty()
     }
 
+    /// Processes whose heap allocations are probed.
+    pub fn alloc_probed(&self) -> Vec<u32> {
+        self.alloc_links.keys().copied().collect()
+    }
+
     /// Turns allocation-site collection on for these processes, attaching the
     /// stack programs if they are not attached yet.
     pub fn start_collection(&mut self, tgids: &[u32]) -> Result<(), LoadError> {
@@ -407,7 +429,57 @@ impl Tracer {
                 self.collection_links.push((program, link));
             }
         }
+        for &tgid in tgids {
+            self.attach_alloc_probes(tgid);
+        }
         Ok(())
+    }
+
+    /// Attaches the malloc/free probes to one process's C library. Without
+    /// one (static binaries) only page-fault and mmap/brk sites are seen.
+    pub fn attach_alloc_probes(&mut self, tgid: u32) {
+        if self.alloc_links.contains_key(&tgid) {
+            return;
+        }
+        let Some(pid) = std::num::NonZeroU32::new(tgid) else {
+            return;
+        };
+        let Some(libc) = crate::procinfo::libc_path(tgid) else {
+            tracing::info!(
+                pid = tgid,
+                "no shared C library mapped: heap allocations not tracked, page-fault sites only"
+            );
+            return;
+        };
+        let mut links = Vec::new();
+        for &(program, symbol) in ALLOC_PROBES {
+            let p: &mut UProbe = self
+                .ebpf
+                .program_mut(program)
+                .expect("alloc program is in the object")
+                .try_into()
+                .expect("uprobe program");
+            match p.attach(symbol, &libc, UProbeScope::OneProcess(pid)) {
+                Ok(link) => links.push((program, link)),
+                Err(e) => {
+                    tracing::warn!(pid = tgid, symbol, error = %e, "cannot probe the C library's allocator");
+                }
+            }
+        }
+        self.alloc_links.insert(tgid, links);
+    }
+
+    /// Detaches one process's malloc/free probes (it exited).
+    pub fn detach_alloc_probes(&mut self, tgid: u32) {
+        for (program, link) in self.alloc_links.remove(&tgid).unwrap_or_default() {
+            let p: &mut UProbe = self
+                .ebpf
+                .program_mut(program)
+                .expect("alloc program is in the object")
+                .try_into()
+                .expect("uprobe program");
+            let _ = p.detach(link);
+        }
     }
 
     /// Detaches the stack programs, clears the flags and forgets the sites.
@@ -418,6 +490,10 @@ impl Tracer {
             }
             self.attached
                 .retain(|a| !a.starts_with(&format!("{program}@")));
+        }
+        let probed: Vec<u32> = self.alloc_links.keys().copied().collect();
+        for tgid in probed {
+            self.detach_alloc_probes(tgid);
         }
         for tgid in self.watched_tgids() {
             if let Ok(mut stats) = self.procs.get(&tgid, 0)
@@ -439,6 +515,10 @@ impl Tracer {
         let keys: Vec<SiteKey> = self.sites.keys().filter_map(Result::ok).collect();
         for key in keys {
             let _ = self.sites.remove(&key);
+        }
+        let blocks: Vec<AllocKey> = self.allocs.keys().filter_map(Result::ok).collect();
+        for key in blocks {
+            let _ = self.allocs.remove(&key);
         }
         let ids: Vec<u32> = self.stacks.stack_ids().filter_map(Result::ok).collect();
         for id in ids {

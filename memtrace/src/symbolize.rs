@@ -92,7 +92,7 @@ pub struct Frame {
 impl Frame {
     /// A frame about which nothing but the address (and maybe its module) is
     /// known.
-    fn unresolved(addr: u64, module: Option<String>) -> Self {
+    pub fn unresolved_in(addr: u64, module: Option<String>) -> Self {
         Self {
             addr,
             function: None,
@@ -101,6 +101,11 @@ impl Frame {
             line: None,
             module,
         }
+    }
+
+    /// A frame with only its address (the process was gone, say).
+    pub fn unresolved(addr: u64) -> Self {
+        Self::unresolved_in(addr, None)
     }
 
     /// A short human-readable form for reports and logs, e.g.
@@ -611,12 +616,12 @@ impl Symbolizer {
                     .or_else(|| use_cache.then(|| self.cached(pid, entry, addr)).flatten())
                 {
                     Some(found) => found.frame(addr, entry),
-                    None => Frame::unresolved(addr, entry.module()),
+                    None => Frame::unresolved_in(addr, entry.module()),
                 },
                 // Outside any mapping that could hold code; the module is
                 // still worth knowing if the address is inside a file.
                 None => {
-                    Frame::unresolved(addr, find_entry(&maps, addr).and_then(MapsEntry::module))
+                    Frame::unresolved_in(addr, find_entry(&maps, addr).and_then(MapsEntry::module))
                 }
             })
             .collect();
@@ -887,7 +892,7 @@ mod tests {
         let frames = symbolizer
             .symbolize(own_pid(), &[0x10])
             .expect("symbolize own process");
-        assert_eq!(frames, vec![Frame::unresolved(0x10, None)]);
+        assert_eq!(frames, vec![Frame::unresolved_in(0x10, None)]);
         assert_eq!(frames[0].display(), "0x10 [?]");
         // Nothing was asked of blazesym for it.
         assert_eq!(symbolizer.stats().misses, 0);
@@ -1179,9 +1184,9 @@ mod tests {
         assert_eq!(frame.display(), "leak_memory+0x1a [libfoo.so]");
         frame.offset = Some(0);
         assert_eq!(frame.display(), "leak_memory [libfoo.so]");
-        let unresolved = Frame::unresolved(0x7f00_1234, Some("/lib/libc.so.6".into()));
+        let unresolved = Frame::unresolved_in(0x7f00_1234, Some("/lib/libc.so.6".into()));
         assert_eq!(unresolved.display(), "0x7f001234 [libc.so.6]");
-        let vdso = Frame::unresolved(0x1000, Some(VDSO.into()));
+        let vdso = Frame::unresolved_in(0x1000, Some(VDSO.into()));
         assert_eq!(vdso.display(), "0x1000 [vdso]");
     }
 }

@@ -59,7 +59,14 @@ pub fn fixtures() -> &'static Fixtures {
         let dir = workspace_root().join("target/fixtures");
         std::fs::create_dir_all(&dir).expect("create target/fixtures");
         let src = workspace_root().join("tests/fixtures");
-        let cflags = ["-O1", "-g", "-fno-omit-frame-pointer", "-Wall"];
+        // Leaf functions keep their frame too, or the stack walk skips their caller.
+        let cflags = [
+            "-O1",
+            "-g",
+            "-fno-omit-frame-pointer",
+            "-mno-omit-leaf-frame-pointer",
+            "-Wall",
+        ];
         let gcc = |args: &[&str]| {
             let status = Command::new("gcc")
                 .args(cflags)
@@ -184,7 +191,11 @@ pub fn serial() -> MutexGuard<'static, ()> {
 impl AgentHarness {
     pub fn start(settings: AgentSettings) -> Self {
         require_root();
-        let agent = Agent::start(settings).expect("agent starts");
+        Self::from_agent(Agent::start(settings).expect("agent starts"))
+    }
+
+    /// Runs an agent already started (to read its API address first).
+    pub fn from_agent(agent: Agent) -> Self {
         let state = agent.state();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let thread = thread::spawn(move || {
@@ -345,6 +356,11 @@ pub const PROGRAM_NAMES: &[&str] = &[
     "page_fault_stac",
     "mmap_stacks",
     "brk_stacks",
+    "malloc_enter",
+    "calloc_enter",
+    "realloc_enter",
+    "alloc_exit",
+    "free_enter",
 ];
 
 /// memtrace programs loaded in the kernel right now.
@@ -449,4 +465,75 @@ impl AgentProcess {
     pub fn count_logs(&self, pred: impl Fn(&serde_json::Value) -> bool) -> usize {
         self.logs().iter().filter(|l| pred(l)).count()
     }
+}
+
+/// Names of memtrace programs with at least one link (attached) right now.
+pub fn attached_memtrace_programs() -> Vec<String> {
+    let names: std::collections::HashMap<u32, String> = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter_map(|p| Some((p.id(), p.name_as_str()?.to_string())))
+        .filter(|(_, name)| PROGRAM_NAMES.contains(&name.as_str()))
+        .collect();
+    let mut attached: Vec<String> = aya::programs::loaded_links()
+        .filter_map(Result::ok)
+        .filter_map(|l| names.get(&l.program_id()).cloned())
+        .collect();
+    attached.sort();
+    attached.dedup();
+    attached
+}
+
+/// The heap-allocation probes' program names (15 bytes, as the kernel keeps them).
+pub const ALLOC_PROGRAM_NAMES: &[&str] = &[
+    "malloc_enter",
+    "calloc_enter",
+    "realloc_enter",
+    "alloc_exit",
+    "free_enter",
+];
+
+/// One GET to the agent's API: status code and JSON body (or the text).
+pub fn api_get(addr: std::net::SocketAddr, path: &str) -> (u16, serde_json::Value) {
+    let mut s = TcpStream::connect(addr).expect("connect to the API");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).expect("read the reply");
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    let value = serde_json::from_str(&body).unwrap_or(serde_json::Value::String(body));
+    (code, value)
+}
+
+fn dechunk(body: &str) -> String {
+    let mut out = String::new();
+    let mut rest = body;
+    while let Some((size, tail)) = rest.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || tail.len() < n {
+            break;
+        }
+        out.push_str(&tail[..n]);
+        rest = tail[n..].trim_start_matches("\r\n");
+    }
+    out
 }

@@ -1,4 +1,5 @@
 //! One module per hook family.
+mod alloc;
 mod faults;
 mod mmap;
 mod request;

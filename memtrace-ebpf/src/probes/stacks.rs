@@ -5,7 +5,7 @@
 use aya_ebpf::{
     bindings::BPF_F_USER_STACK,
     macros::tracepoint,
-    programs::{TracePointContext, tracing::StackIdContext as _},
+    programs::{TracePointContext, tracing::StackIdContext},
 };
 use memtrace_common::{PROC_FLAG_COLLECT, SITE_BRK, SITE_FAULT, SITE_MMAP, SiteCount, SiteKey};
 
@@ -18,7 +18,7 @@ const PAGE_SIZE: u64 = 4096;
 
 /// The process's counters if collection is on for it.
 #[inline(always)]
-fn collecting(tgid: u32) -> Option<*mut memtrace_common::ProcStats> {
+pub fn collecting(tgid: u32) -> Option<*mut memtrace_common::ProcStats> {
     let stats = watched(tgid)?;
     // SAFETY: pointer from a map lookup.
     (unsafe { (*stats).flags } & PROC_FLAG_COLLECT != 0).then_some(stats)
@@ -26,14 +26,29 @@ fn collecting(tgid: u32) -> Option<*mut memtrace_common::ProcStats> {
 
 #[inline(always)]
 fn add_site(ctx: &TracePointContext, tgid: u32, kind: u32, bytes: u64) {
-    let stack_id = match ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {
-        Ok(id) => id as u32,
+    if let Some(stack_id) = user_stack(ctx) {
+        add_to_site(tgid, stack_id, kind, bytes, 1);
+    }
+}
+
+/// The current user stack's id, counting failures.
+#[inline(always)]
+pub fn user_stack<C: StackIdContext>(ctx: &C) -> Option<u32> {
+    match ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {
+        Ok(id) => {
+            count(memtrace_common::CTR_STACK_SAMPLES);
+            Some(id as u32)
+        }
         Err(_) => {
             count(memtrace_common::CTR_STACK_ERRORS);
-            return;
+            None
         }
-    };
-    count(memtrace_common::CTR_STACK_SAMPLES);
+    }
+}
+
+/// Adds (wrapping: frees subtract) to a site's bytes and samples.
+#[inline(always)]
+pub fn add_to_site(tgid: u32, stack_id: u32, kind: u32, bytes: u64, samples: u64) {
     let key = SiteKey {
         tgid,
         stack_id,
@@ -44,11 +59,11 @@ fn add_site(ctx: &TracePointContext, tgid: u32, kind: u32, bytes: u64) {
         // SAFETY: pointer from a map lookup; other CPUs may add concurrently.
         unsafe {
             atomic_add(&raw mut (*site).bytes, bytes);
-            atomic_add(&raw mut (*site).samples, 1);
+            atomic_add(&raw mut (*site).samples, samples);
         }
         return;
     }
-    let fresh = SiteCount { bytes, samples: 1 };
+    let fresh = SiteCount { bytes, samples };
     if STACK_SITES.insert(key, fresh, 0).is_err() {
         count(memtrace_common::CTR_SITES_FULL);
     }

@@ -1,0 +1,580 @@
+//! The router against a fake backend: no socket, no root. The plan's
+//! endpoint tests are ported here, with every bad input it mishandled.
+use std::sync::{Arc, Mutex};
+
+use axum::{
+    body::Body,
+    http::{Request, StatusCode},
+};
+use http_body_util::BodyExt as _;
+use serde_json::Value;
+use tower::ServiceExt as _;
+
+use super::*;
+use crate::{
+    detector::{DetectorConfig, LeakDetector},
+    loader::KernelCounters,
+    snapshot::{DiffView, SnapshotView},
+    status::{AgentStatus, SoftLimitStatus},
+    workers::{Origin, Role, RssBreakdown},
+};
+
+const TOKEN: &str = "secret123";
+
+#[derive(Default)]
+struct Calls {
+    collecting: bool,
+    baseline: bool,
+    last_limit: Option<usize>,
+    last_pid: Option<u32>,
+}
+
+struct Fake {
+    calls: Mutex<Calls>,
+}
+
+fn worker(pid: u32) -> WorkerStatus {
+    WorkerStatus {
+        pid,
+        ppid: 1,
+        role: Role::Worker,
+        name: "srv".into(),
+        exe: None,
+        cmdline: "srv".into(),
+        origin: Origin::Fork,
+        reason: "child of 1".into(),
+        alive: true,
+        start_time_ticks: 5,
+        first_seen_unix: 1.0,
+        exited_unix: None,
+        rss_bytes: 3 << 20,
+        rss: RssBreakdown {
+            file: 1 << 20,
+            anon: 2 << 20,
+            shmem: 0,
+            swap: 0,
+        },
+        pss_bytes: Some(2 << 20),
+        pss: None,
+        uss_bytes: Some(1 << 20),
+        memory_mb: 3.0,
+        pss_mb: Some(2.0),
+        uss_mb: Some(1.0),
+        fds: Some(4),
+        threads: Some(1),
+        faults: 10,
+        mmap_bytes: 0,
+        munmap_bytes: 0,
+        mremap_grow_bytes: 0,
+        mremap_shrink_bytes: 0,
+        brk_grow_bytes: 0,
+        brk_shrink_bytes: 0,
+        requests_seen: 0,
+        requests_aborted: 0,
+        requests_in_flight: 0,
+        leak_detections: 0,
+        leak_detector: LeakDetector::new(DetectorConfig::default()).get_state(),
+        collecting: false,
+    }
+}
+
+impl Backend for Fake {
+    fn status(&self, pid: Option<u32>) -> Result<StatusView, BackendError> {
+        let calls = self.calls.lock().unwrap();
+        if let Some(p) = pid.filter(|&p| p != 42) {
+            return Err(BackendError::UnknownPid(p));
+        }
+        Ok(StatusView {
+            agent: AgentStatus {
+                pid: 7,
+                version: "test",
+                uptime_secs: 1.0,
+                selectors: "name=srv".into(),
+                workers_alive: 1,
+                workers_exited: 0,
+                events_received: 0,
+                decode_errors: 0,
+                kernel: KernelCounters::default(),
+                programs_attached: vec![],
+                collection_active: calls.collecting,
+                soft_limit: SoftLimitStatus {
+                    actions_taken: 0,
+                    actions_skipped: 0,
+                    pending: vec![],
+                },
+            },
+            workers: vec![worker(42)],
+        })
+    }
+
+    fn workers(&self) -> Vec<WorkerStatus> {
+        vec![worker(42)]
+    }
+
+    fn worker(&self, pid: u32) -> Result<WorkerStatus, BackendError> {
+        if pid == 42 {
+            Ok(worker(42))
+        } else {
+            Err(BackendError::UnknownPid(pid))
+        }
+    }
+
+    fn requests(&self, pid: u32, limit: usize) -> Result<Vec<RequestRecord>, BackendError> {
+        self.calls.lock().unwrap().last_limit = Some(limit);
+        if pid == 42 {
+            Ok(vec![])
+        } else {
+            Err(BackendError::UnknownPid(pid))
+        }
+    }
+
+    fn snapshot(&self, pid: Option<u32>, limit: usize) -> Result<SnapshotView, BackendError> {
+        let mut calls = self.calls.lock().unwrap();
+        if let Some(p) = pid.filter(|&p| p != 42) {
+            return Err(BackendError::UnknownPid(p));
+        }
+        calls.collecting = true;
+        calls.baseline = true;
+        calls.last_limit = Some(limit);
+        calls.last_pid = pid;
+        Ok(SnapshotView {
+            taken_unix: 1.0,
+            pids: vec![42],
+            top_allocations: vec![],
+            top_page_faults: vec![],
+            top_mapping_calls: vec![],
+            mappings: vec![],
+        })
+    }
+
+    fn diff(&self, _pid: Option<u32>, limit: usize) -> Result<DiffView, BackendError> {
+        let mut calls = self.calls.lock().unwrap();
+        if !calls.baseline {
+            return Err(BackendError::NoBaseline);
+        }
+        calls.last_limit = Some(limit);
+        Ok(DiffView {
+            since_unix: 1.0,
+            taken_unix: 2.0,
+            pids: vec![42],
+            growth: vec![],
+            fault_growth: vec![],
+            mapping_call_growth: vec![],
+            mappings: vec![],
+        })
+    }
+
+    fn stop(&self) -> Result<StopView, BackendError> {
+        let mut calls = self.calls.lock().unwrap();
+        calls.collecting = false;
+        calls.baseline = false;
+        Ok(StopView {
+            status: "collection stopped",
+            collection_active: false,
+            programs_detached: 3,
+        })
+    }
+
+    fn metrics(&self) -> String {
+        "# EOF\n".into()
+    }
+}
+
+struct Harness {
+    fake: Arc<Fake>,
+    router: Router,
+}
+
+fn harness(token: Option<&str>) -> Harness {
+    let fake = Arc::new(Fake {
+        calls: Mutex::new(Calls::default()),
+    });
+    let state = ApiState::new(fake.clone(), Token::new(token.map(str::to_string)));
+    Harness {
+        fake,
+        router: app(state),
+    }
+}
+
+impl Harness {
+    async fn get(&self, uri: &str) -> (StatusCode, Value) {
+        self.get_with(uri, &[]).await
+    }
+
+    async fn get_with(&self, uri: &str, headers: &[(&str, &str)]) -> (StatusCode, Value) {
+        let mut req = Request::builder().uri(uri);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        self.send(req.body(Body::empty()).unwrap()).await
+    }
+
+    async fn send(&self, req: Request<Body>) -> (StatusCode, Value) {
+        let resp = self.router.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        let body = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+        (status, body)
+    }
+}
+
+fn with_token(path_and_query: &str) -> String {
+    let sep = if path_and_query.contains('?') {
+        '&'
+    } else {
+        '?'
+    };
+    format!("{path_and_query}{sep}token={TOKEN}")
+}
+
+// ── The plan's endpoint tests ──────────────────────────────────────
+
+#[tokio::test]
+async fn missing_token_returns_403() {
+    let h = harness(Some(TOKEN));
+    let (status, body) = h.get("/debug/memory/").await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(body["error"], "Forbidden");
+}
+
+#[tokio::test]
+async fn wrong_token_returns_403() {
+    let h = harness(Some(TOKEN));
+    assert_eq!(
+        h.get("/debug/memory/?token=wrong").await.0,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        h.get_with("/debug/memory/", &[("x-debug-token", "wrong")])
+            .await
+            .0,
+        StatusCode::FORBIDDEN
+    );
+}
+
+#[tokio::test]
+async fn correct_token_returns_200() {
+    let h = harness(Some(TOKEN));
+    assert_eq!(
+        h.get(&with_token("/debug/memory/?action=status")).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        h.get_with("/debug/memory/?action=status", &[("x-debug-token", TOKEN)])
+            .await
+            .0,
+        StatusCode::OK
+    );
+    let bearer = format!("Bearer {TOKEN}");
+    assert_eq!(
+        h.get_with("/debug/memory/", &[("authorization", &bearer)])
+            .await
+            .0,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn empty_token_config_disables_endpoint() {
+    for configured in [Some(""), None] {
+        let h = harness(configured);
+        let (status, _) = h.get("/debug/memory/?token=anything&action=status").await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        let (status, _) = h.get("/debug/memory/?token=&action=status").await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        assert_eq!(h.get("/v1/workers?token=").await.0, StatusCode::FORBIDDEN);
+    }
+}
+
+#[tokio::test]
+async fn status_action_returns_memory_and_detector_state() {
+    let h = harness(Some(TOKEN));
+    let (status, body) = h.get(&with_token("/debug/memory/?action=status")).await;
+    assert_eq!(status, StatusCode::OK);
+    let w = &body["workers"][0];
+    for field in [
+        "memory_mb",
+        "uss_mb",
+        "pss_mb",
+        "rss_bytes",
+        "rss",
+        "faults",
+        "leak_detector",
+    ] {
+        assert!(!w[field].is_null(), "worker field {field} missing: {w}");
+    }
+    for field in [
+        "slope",
+        "high_water_mark",
+        "request_count",
+        "window_size",
+        "soft_limit_fired",
+    ] {
+        assert!(
+            w["leak_detector"].get(field).is_some(),
+            "detector field {field}"
+        );
+    }
+    assert!(body["agent"]["collection_active"].is_boolean());
+    // The plan's default action is status.
+    let (status, body) = h.get(&with_token("/debug/memory/")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body["workers"].is_array());
+}
+
+#[tokio::test]
+async fn snapshot_action_starts_collection() {
+    let h = harness(Some(TOKEN));
+    let (status, body) = h.get(&with_token("/debug/memory/?action=snapshot")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body["top_allocations"].is_array());
+    assert!(h.fake.calls.lock().unwrap().collecting);
+    let (_, status_body) = h.get(&with_token("/debug/memory/?action=status")).await;
+    assert_eq!(status_body["agent"]["collection_active"], true);
+}
+
+#[tokio::test]
+async fn stop_action_stops_collection() {
+    let h = harness(Some(TOKEN));
+    h.get(&with_token("/debug/memory/?action=snapshot")).await;
+    let (status, body) = h.get(&with_token("/debug/memory/?action=stop")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["collection_active"], false);
+    assert!(!h.fake.calls.lock().unwrap().collecting);
+}
+
+// ── Diff and the bad inputs the plan's endpoint crashed on ────────
+
+#[tokio::test]
+async fn diff_without_snapshot_says_to_take_one() {
+    let h = harness(Some(TOKEN));
+    let (status, body) = h.get(&with_token("/debug/memory/?action=diff")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        body["error"].as_str().unwrap().contains("action=snapshot"),
+        "{body}"
+    );
+    h.get(&with_token("/debug/memory/?action=snapshot")).await;
+    assert_eq!(
+        h.get(&with_token("/debug/memory/?action=diff")).await.0,
+        StatusCode::OK
+    );
+    h.get(&with_token("/debug/memory/?action=stop")).await;
+    assert_eq!(
+        h.get(&with_token("/debug/memory/?action=diff")).await.0,
+        StatusCode::BAD_REQUEST,
+        "stop drops the baseline"
+    );
+}
+
+#[tokio::test]
+async fn unknown_action_is_400_naming_the_valid_ones() {
+    let h = harness(Some(TOKEN));
+    let (status, body) = h.get(&with_token("/debug/memory/?action=explode")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let msg = body["error"].as_str().unwrap();
+    assert!(msg.contains("status, snapshot, diff, stop"), "{msg}");
+}
+
+#[tokio::test]
+async fn bad_limits_are_400_and_large_ones_capped() {
+    let h = harness(Some(TOKEN));
+    for bad in ["abc", "-1", "0", "1.5", "", "%00"] {
+        let (status, body) = h
+            .get(&with_token(&format!(
+                "/debug/memory/?action=snapshot&limit={bad}"
+            )))
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "limit={bad}");
+        assert!(body["error"].as_str().unwrap().contains("limit"), "{body}");
+    }
+    let (status, _) = h
+        .get(&with_token(
+            "/debug/memory/?action=snapshot&limit=1000000000",
+        ))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        h.fake.calls.lock().unwrap().last_limit,
+        Some(query::MAX_LIMIT)
+    );
+}
+
+#[tokio::test]
+async fn pids_unknown_or_malformed() {
+    let h = harness(Some(TOKEN));
+    let (status, body) = h
+        .get(&with_token("/debug/memory/?action=status&pid=999"))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(body["error"].as_str().unwrap().contains("999"));
+    assert_eq!(
+        h.get(&with_token("/debug/memory/?action=snapshot&pid=999"))
+            .await
+            .0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        h.get(&with_token("/debug/memory/?action=status&pid=abc"))
+            .await
+            .0,
+        StatusCode::BAD_REQUEST
+    );
+    let (status, _) = h
+        .get(&with_token("/debug/memory/?action=snapshot&pid=42"))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(h.fake.calls.lock().unwrap().last_pid, Some(42));
+}
+
+#[tokio::test]
+async fn long_queries_and_repeated_parameters() {
+    let h = harness(Some(TOKEN));
+    let long = with_token(&format!(
+        "/debug/memory/?action=status&pad={}",
+        "x".repeat(10_000)
+    ));
+    let (status, body) = h.get(&long).await;
+    assert_eq!(status, StatusCode::URI_TOO_LONG);
+    assert!(body["error"].is_string());
+    let (status, body) = h
+        .get(&with_token("/debug/memory/?action=status&action=stop"))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(body["error"].as_str().unwrap().contains("more than once"));
+    // Two tokens: no token.
+    let (status, _) = h
+        .get(&format!("/debug/memory/?token={TOKEN}&token={TOKEN}"))
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _) = h.get(&with_token("/debug/memory/?nonsense=1")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn strangers_learn_nothing_about_their_query() {
+    let h = harness(Some(TOKEN));
+    let (status, body) = h.get("/debug/memory/?action=explode&limit=abc").await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(body["error"], "Forbidden");
+}
+
+// ── REST, health, metrics, OpenAPI ────────────────────────────────
+
+#[tokio::test]
+async fn rest_endpoints() {
+    let h = harness(Some(TOKEN));
+    assert_eq!(h.get("/v1/workers").await.0, StatusCode::FORBIDDEN);
+    let (status, body) = h.get(&with_token("/v1/workers")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["workers"][0]["pid"], 42);
+    let (status, body) = h.get(&with_token("/v1/workers/42")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["pid"], 42);
+    assert_eq!(
+        h.get(&with_token("/v1/workers/999")).await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        h.get(&with_token("/v1/workers/abc")).await.0,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        h.get(&with_token("/v1/workers/-1")).await.0,
+        StatusCode::BAD_REQUEST
+    );
+    let (status, body) = h.get(&with_token("/v1/workers/42/requests?limit=5")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body["requests"].is_array());
+    assert_eq!(h.fake.calls.lock().unwrap().last_limit, Some(5));
+    assert_eq!(
+        h.get(&with_token("/v1/workers/42/requests?limit=abc"))
+            .await
+            .0,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        h.get(&with_token("/v1/workers/42/requests?limit=1&limit=2"))
+            .await
+            .0,
+        StatusCode::BAD_REQUEST
+    );
+}
+
+#[tokio::test]
+async fn health_metrics_and_openapi_need_no_token() {
+    let h = harness(Some(TOKEN));
+    let (status, body) = h.get("/healthz").await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (StatusCode::OK, Some("ok"))
+    );
+    assert_eq!(h.get("/metrics").await.0, StatusCode::OK);
+    let (status, doc) = h.get("/openapi.json").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(doc["openapi"], "3.0.3");
+    for path in [
+        "/debug/memory/",
+        "/v1/workers",
+        "/v1/workers/{pid}",
+        "/v1/workers/{pid}/requests",
+        "/healthz",
+        "/metrics",
+    ] {
+        assert!(doc["paths"].get(path).is_some(), "{path} documented");
+    }
+}
+
+#[tokio::test]
+async fn unknown_routes_and_methods_are_json_4xx() {
+    let h = harness(Some(TOKEN));
+    let (status, body) = h.get("/nope").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(body["error"].is_string());
+    let req = Request::builder()
+        .method("POST")
+        .uri(with_token("/debug/memory/"))
+        .body(Body::empty())
+        .unwrap();
+    let (status, body) = h.send(req).await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    assert!(body["error"].is_string());
+}
+
+#[tokio::test]
+async fn odd_inputs_never_give_a_server_error() {
+    let h = harness(Some(TOKEN));
+    let queries = [
+        "action=",
+        "action=%ff%fe",
+        "limit=%2B5",
+        "limit=5%00",
+        "pid=4294967296",
+        "pid=%20",
+        "=",
+        "&&&",
+        "token",
+        "action=status&limit=",
+        "a%5Bb%5D=1",
+        "limit=00000000000000000001",
+        "action=SNAPSHOT",
+        "action=status%20",
+    ];
+    for q in queries {
+        for path in ["/debug/memory/", "/v1/workers", "/v1/workers/42/requests"] {
+            let (status, body) = h.get(&with_token(&format!("{path}?{q}"))).await;
+            assert!(status.as_u16() < 500, "{path}?{q} gave {status}");
+            if !status.is_success() {
+                assert!(body["error"].is_string(), "{path}?{q}: {body}");
+            }
+        }
+    }
+}
+
+#[test]
+fn the_token_never_prints() {
+    let t = Token::new(Some(TOKEN.into())).unwrap();
+    assert!(!format!("{t:?}").contains(TOKEN));
+    assert!(Token::new(Some(String::new())).is_none());
+}

@@ -1,0 +1,231 @@
+//! Prometheus metrics, in the OpenMetrics text format. Built fresh from the
+//! worker model at each scrape: workers come and go, and their label sets
+//! go with them.
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+use crate::{agent::State, procinfo, workers::Role};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WorkerLabels {
+    pid: String,
+    name: String,
+    role: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TypedLabels {
+    pid: String,
+    name: String,
+    role: String,
+    r#type: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: String,
+}
+
+type GaugeF = Gauge<f64, std::sync::atomic::AtomicU64>;
+
+/// Metric names, for the dashboard and the docs.
+pub const METRIC_NAMES: &[&str] = &[
+    "memtrace_worker_rss_bytes",
+    "memtrace_worker_rss_type_bytes",
+    "memtrace_worker_pss_bytes",
+    "memtrace_worker_uss_bytes",
+    "memtrace_worker_leak_slope_mb_per_request",
+    "memtrace_worker_leak_slope_mb_per_hour",
+    "memtrace_worker_forecast_seconds_to_limit",
+    "memtrace_worker_requests_total",
+    "memtrace_worker_requests_in_flight",
+    "memtrace_worker_page_faults_total",
+    "memtrace_worker_mmap_bytes_total",
+    "memtrace_worker_brk_grow_bytes_total",
+    "memtrace_worker_leak_detections_total",
+    "memtrace_worker_soft_limit_fired",
+    "memtrace_soft_limit_actions_total",
+    "memtrace_ringbuf_drops_total",
+    "memtrace_events_total",
+    "memtrace_workers",
+    "memtrace_collection_active",
+];
+
+fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::Master => "master",
+        Role::Worker => "worker",
+        Role::Process => "process",
+    }
+}
+
+/// Renders every metric for the live workers.
+pub fn render(state: &State) -> String {
+    let mut registry = Registry::default();
+    macro_rules! family {
+        ($name:literal, $help:literal, $ty:ty) => {{
+            let f = Family::<_, $ty>::default();
+            registry.register($name, $help, f.clone());
+            f
+        }};
+    }
+    let rss = family!(
+        "memtrace_worker_rss_bytes",
+        "Resident bytes (file + anon + shmem), from the kernel's counters",
+        Gauge
+    );
+    let rss_type: Family<TypedLabels, Gauge> = family!(
+        "memtrace_worker_rss_type_bytes",
+        "Resident bytes by type (anon, file, shmem; swap)",
+        Gauge
+    );
+    let pss = family!(
+        "memtrace_worker_pss_bytes",
+        "Proportional set size, from smaps_rollup",
+        Gauge
+    );
+    let uss = family!(
+        "memtrace_worker_uss_bytes",
+        "Unique set size (private clean + dirty), from smaps_rollup",
+        Gauge
+    );
+    let slope: Family<WorkerLabels, GaugeF> = family!(
+        "memtrace_worker_leak_slope_mb_per_request",
+        "Robust leak slope at the last check (MB per request; MB per second for workers without request boundaries)",
+        GaugeF
+    );
+    let slope_hour: Family<WorkerLabels, GaugeF> = family!(
+        "memtrace_worker_leak_slope_mb_per_hour",
+        "Leak slope in MB per hour",
+        GaugeF
+    );
+    let forecast: Family<WorkerLabels, GaugeF> = family!(
+        "memtrace_worker_forecast_seconds_to_limit",
+        "Seconds until the soft limit at the current slope",
+        GaugeF
+    );
+    let requests = family!("memtrace_worker_requests", "Requests ended", Counter);
+    let in_flight = family!(
+        "memtrace_worker_requests_in_flight",
+        "Requests in flight",
+        Gauge
+    );
+    let faults = family!("memtrace_worker_page_faults", "User page faults", Counter);
+    let mmap = family!(
+        "memtrace_worker_mmap_bytes",
+        "Bytes mapped by mmap(2)",
+        Counter
+    );
+    let brk = family!(
+        "memtrace_worker_brk_grow_bytes",
+        "Program-break growth",
+        Counter
+    );
+    let detections = family!(
+        "memtrace_worker_leak_detections",
+        "LEAK_TREND_DETECTED reports",
+        Counter
+    );
+    let fired = family!(
+        "memtrace_worker_soft_limit_fired",
+        "1 once the worker crossed its soft limit",
+        Gauge
+    );
+    let actions: Family<OutcomeLabels, Counter> = family!(
+        "memtrace_soft_limit_actions",
+        "Soft-limit restarts, by outcome",
+        Counter
+    );
+    macro_rules! single {
+        ($name:literal, $help:literal, $ty:ty) => {{
+            let m = <$ty>::default();
+            registry.register($name, $help, m.clone());
+            m
+        }};
+    }
+    let drops = single!(
+        "memtrace_ringbuf_drops",
+        "Kernel events dropped: ring buffer full",
+        Counter
+    );
+    let events = single!("memtrace_events", "Kernel events received", Counter);
+    let workers = single!("memtrace_workers", "Traced live processes", Gauge);
+    let collecting = single!(
+        "memtrace_collection_active",
+        "1 while allocation-site collection is on",
+        Gauge
+    );
+
+    for w in state.registry.alive() {
+        let role = role_name(state.registry.role(w.pid)).to_string();
+        let labels = WorkerLabels {
+            pid: w.pid.to_string(),
+            name: w.name.clone(),
+            role: role.clone(),
+        };
+        rss.get_or_create(&labels).set(w.rss.resident() as i64);
+        for (ty, v) in [
+            ("anon", w.rss.anon),
+            ("file", w.rss.file),
+            ("shmem", w.rss.shmem),
+            ("swap", w.rss.swap),
+        ] {
+            let typed = TypedLabels {
+                pid: labels.pid.clone(),
+                name: labels.name.clone(),
+                role: role.clone(),
+                r#type: ty.to_string(),
+            };
+            rss_type.get_or_create(&typed).set(v as i64);
+        }
+        if let Some(r) = procinfo::smaps_rollup(w.pid) {
+            pss.get_or_create(&labels).set(r.pss as i64);
+            uss.get_or_create(&labels).set(r.uss as i64);
+        }
+        let d = w.detector.get_state();
+        if let Some(s) = d.robust_slope {
+            slope.get_or_create(&labels).set(s);
+        }
+        if let Some(s) = d.slope_mb_per_hour {
+            slope_hour.get_or_create(&labels).set(s);
+        }
+        if let Some(s) = d.forecast_seconds_to_limit {
+            forecast.get_or_create(&labels).set(s);
+        }
+        let stats = state.tracer.proc_stats(w.pid).unwrap_or(w.stats);
+        requests.get_or_create(&labels).inc_by(w.requests.seen);
+        in_flight
+            .get_or_create(&labels)
+            .set(stats.requests_in_flight() as i64);
+        faults.get_or_create(&labels).inc_by(stats.faults);
+        mmap.get_or_create(&labels).inc_by(stats.mmap_bytes);
+        brk.get_or_create(&labels).inc_by(stats.brk_grow_bytes);
+        detections.get_or_create(&labels).inc_by(w.leak_detections);
+        fired
+            .get_or_create(&labels)
+            .set(i64::from(d.soft_limit_fired));
+    }
+    for (outcome, n) in [
+        ("taken", state.enforcer.actions_taken),
+        ("skipped", state.enforcer.actions_skipped),
+    ] {
+        actions
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.to_string(),
+            })
+            .inc_by(n);
+    }
+    let kernel = state.tracer.counters();
+    drops.inc_by(kernel.ringbuf_drops);
+    events.inc_by(state.counters.events_received);
+    workers.set(state.registry.len() as i64);
+    collecting.set(i64::from(state.tracer.collecting()));
+
+    let mut out = String::new();
+    // Writing to a String cannot fail.
+    let _ = encode(&mut out, &registry);
+    out
+}

@@ -1,0 +1,622 @@
+//! Allocation-site snapshots and diffs: the kernel's user stacks of heap
+//! allocations still live (malloc probes), of sampled page faults and of
+//! mmap/brk calls, symbolized while the processes are alive, plus
+//! per-mapping sizes from /proc/PID/smaps. Collection costs a uprobe pair
+//! per malloc and a stack walk per allocation or sampled fault, so it only
+//! runs between `snapshot` and `stop`.
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::mpsc,
+    thread,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use memtrace_common::{SITE_BRK, SITE_FAULT, SITE_MALLOC, SITE_MMAP};
+use serde::Serialize;
+
+use crate::{
+    procinfo::{self, MappingUsage},
+    symbolize::{Frame, Symbolizer},
+};
+
+/// Frames kept per site in the output.
+const STACK_FRAMES_SHOWN: usize = 16;
+
+/// What a site's bytes measure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SiteKind {
+    /// Heap blocks allocated here (malloc, calloc, realloc) and not freed:
+    /// what tracemalloc would report.
+    Malloc,
+    /// Pages first touched here (sampled faults, weighted): resident growth.
+    Fault,
+    /// mmap(2) called from here: address space mapped.
+    Mmap,
+    /// brk(2) growth asked from here (malloc's heap).
+    Brk,
+}
+
+impl SiteKind {
+    pub fn from_kernel(kind: u32) -> Option<Self> {
+        match kind {
+            SITE_FAULT => Some(Self::Fault),
+            SITE_MMAP => Some(Self::Mmap),
+            SITE_BRK => Some(Self::Brk),
+            SITE_MALLOC => Some(Self::Malloc),
+            _ => None,
+        }
+    }
+}
+
+/// One kernel site, symbolized.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RawSite {
+    pub pid: u32,
+    pub kind: SiteKind,
+    pub bytes: u64,
+    pub samples: u64,
+    pub frames: Vec<Frame>,
+}
+
+/// A call stack that allocated, summed over the selected workers.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Site {
+    /// Innermost function (or its address when unresolved).
+    pub function: String,
+    /// Source file:line of the innermost frame, when debug info has it.
+    pub location: Option<String>,
+    /// The binary or library of the innermost frame.
+    pub module: Option<String>,
+    /// When the innermost frame is in a system library (libc's malloc,
+    /// memset), the first frame of the application's own code.
+    pub caller: Option<String>,
+    pub kind: SiteKind,
+    pub bytes: u64,
+    pub samples: u64,
+    pub pids: Vec<u32>,
+    /// Innermost first.
+    pub stack: Vec<String>,
+}
+
+/// Libraries whose frames are not "the code that allocated".
+fn is_system_library(module: &str) -> bool {
+    let file = module.rsplit('/').next().unwrap_or(module);
+    [
+        "libc.so",
+        "libc-",
+        "ld-linux",
+        "ld-musl",
+        "libpthread",
+        "libm.so",
+        "libdl",
+        "libstdc++",
+        "libgcc_s",
+    ]
+    .iter()
+    .any(|p| file.starts_with(p))
+}
+
+fn frame_location(f: &Frame) -> Option<String> {
+    let file = f.file.as_deref()?;
+    let short = file.rsplit('/').next().unwrap_or(file);
+    Some(match f.line {
+        Some(line) => format!("{short}:{line}"),
+        None => short.to_string(),
+    })
+}
+
+/// A stack's identity across processes: modules and functions with offsets,
+/// not addresses (exec'd workers have their own address layout).
+fn signature(kind: SiteKind, frames: &[Frame]) -> String {
+    let mut sig = format!("{kind:?}");
+    for f in frames {
+        let module = f.module.as_deref().unwrap_or("?");
+        match (&f.function, f.offset) {
+            (Some(func), Some(off)) => sig.push_str(&format!("|{module}:{func}+{off:#x}")),
+            (Some(func), None) => sig.push_str(&format!("|{module}:{func}")),
+            _ => sig.push_str(&format!("|{module}:{:#x}", f.addr)),
+        }
+    }
+    sig
+}
+
+impl Site {
+    fn new(raw: &RawSite) -> Self {
+        let innermost = raw.frames.first();
+        let function = innermost.map_or_else(
+            || "[unknown]".to_string(),
+            |f| {
+                f.function
+                    .clone()
+                    .unwrap_or_else(|| format!("{:#x}", f.addr))
+            },
+        );
+        let in_system = innermost
+            .and_then(|f| f.module.as_deref())
+            .is_some_and(is_system_library);
+        let caller = in_system
+            .then(|| {
+                raw.frames
+                    .iter()
+                    .find(|f| !f.module.as_deref().is_some_and(is_system_library))
+                    .map(Frame::display)
+            })
+            .flatten();
+        Self {
+            function,
+            location: innermost.and_then(frame_location),
+            module: innermost.and_then(|f| f.module.clone()),
+            caller,
+            kind: raw.kind,
+            bytes: 0,
+            samples: 0,
+            pids: Vec::new(),
+            stack: raw
+                .frames
+                .iter()
+                .take(STACK_FRAMES_SHOWN)
+                .map(Frame::display)
+                .collect(),
+        }
+    }
+}
+
+/// Mapping totals by name over the selected workers.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct MappingTotal {
+    pub name: String,
+    pub rss_bytes: u64,
+    pub anonymous_bytes: u64,
+    pub size_bytes: u64,
+    pub regions: u64,
+}
+
+/// The state at one instant: sites (cumulative since collection began) and
+/// mappings.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Snapshot {
+    pub taken_unix: f64,
+    pub pids: Vec<u32>,
+    pub sites: HashMap<String, Site>,
+    pub mappings: BTreeMap<u32, Vec<MappingUsage>>,
+}
+
+impl Snapshot {
+    pub fn build(
+        pids: Vec<u32>,
+        raw: Vec<RawSite>,
+        mappings: BTreeMap<u32, Vec<MappingUsage>>,
+    ) -> Self {
+        let mut sites: HashMap<String, Site> = HashMap::new();
+        for r in raw.iter().filter(|r| pids.contains(&r.pid)) {
+            let site = sites
+                .entry(signature(r.kind, &r.frames))
+                .or_insert_with(|| Site::new(r));
+            site.bytes += r.bytes;
+            site.samples += r.samples;
+            if !site.pids.contains(&r.pid) {
+                site.pids.push(r.pid);
+                site.pids.sort_unstable();
+            }
+        }
+        Self {
+            taken_unix: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+            pids,
+            sites,
+            mappings,
+        }
+    }
+
+    fn top(&self, kinds: &[SiteKind], limit: usize) -> Vec<Site> {
+        let mut v: Vec<Site> = self
+            .sites
+            .values()
+            .filter(|s| kinds.contains(&s.kind))
+            .cloned()
+            .collect();
+        v.sort_by(|a, b| {
+            b.bytes
+                .cmp(&a.bytes)
+                .then_with(|| a.function.cmp(&b.function))
+        });
+        v.truncate(limit);
+        v
+    }
+
+    pub fn mapping_totals(&self) -> Vec<MappingTotal> {
+        let mut by_name: BTreeMap<&str, MappingTotal> = BTreeMap::new();
+        for m in self.mappings.values().flatten() {
+            let t = by_name.entry(&m.name).or_insert_with(|| MappingTotal {
+                name: m.name.clone(),
+                ..Default::default()
+            });
+            t.rss_bytes += m.rss;
+            t.anonymous_bytes += m.anonymous;
+            t.size_bytes += m.size;
+            t.regions += m.regions;
+        }
+        let mut v: Vec<MappingTotal> = by_name.into_values().collect();
+        v.sort_by(|a, b| {
+            b.rss_bytes
+                .cmp(&a.rss_bytes)
+                .then_with(|| a.name.cmp(&b.name))
+        });
+        v
+    }
+
+    pub fn view(&self, limit: usize) -> SnapshotView {
+        let mut mappings = self.mapping_totals();
+        mappings.truncate(limit);
+        SnapshotView {
+            taken_unix: self.taken_unix,
+            pids: self.pids.clone(),
+            top_allocations: self.top(&[SiteKind::Malloc], limit),
+            top_page_faults: self.top(&[SiteKind::Fault], limit),
+            top_mapping_calls: self.top(&[SiteKind::Mmap, SiteKind::Brk], limit),
+            mappings,
+        }
+    }
+}
+
+/// `?action=snapshot`
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SnapshotView {
+    pub taken_unix: f64,
+    pub pids: Vec<u32>,
+    /// Live heap bytes by allocating stack (allocated since collection
+    /// began and not freed), largest first.
+    pub top_allocations: Vec<Site>,
+    /// Where resident memory was first touched (sampled page faults).
+    pub top_page_faults: Vec<Site>,
+    /// Where mmap and brk were called from, by bytes asked for.
+    pub top_mapping_calls: Vec<Site>,
+    /// Resident memory by mapping over the selected workers.
+    pub mappings: Vec<MappingTotal>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SiteGrowth {
+    #[serde(flatten)]
+    pub site: Site,
+    pub bytes_before: u64,
+    pub growth_bytes: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct MappingGrowth {
+    pub name: String,
+    pub rss_before: u64,
+    pub rss_after: u64,
+    pub growth_bytes: i64,
+    pub anonymous_growth_bytes: i64,
+}
+
+/// `?action=diff`
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct DiffView {
+    pub since_unix: f64,
+    pub taken_unix: f64,
+    pub pids: Vec<u32>,
+    /// Growth of live heap bytes by allocating stack, largest first.
+    pub growth: Vec<SiteGrowth>,
+    /// Pages first touched since the baseline, by stack.
+    pub fault_growth: Vec<SiteGrowth>,
+    /// Growth of mmap/brk calls by stack.
+    pub mapping_call_growth: Vec<SiteGrowth>,
+    /// Growth by mapping ([heap], [anon], libraries), largest first.
+    pub mappings: Vec<MappingGrowth>,
+}
+
+fn site_growth(
+    before: &Snapshot,
+    after: &Snapshot,
+    kinds: &[SiteKind],
+    limit: usize,
+) -> Vec<SiteGrowth> {
+    let mut v: Vec<SiteGrowth> = after
+        .sites
+        .iter()
+        .filter(|(_, s)| kinds.contains(&s.kind))
+        .map(|(sig, s)| {
+            let bytes_before = before.sites.get(sig).map_or(0, |b| b.bytes);
+            SiteGrowth {
+                site: s.clone(),
+                bytes_before,
+                growth_bytes: s.bytes as i64 - bytes_before as i64,
+            }
+        })
+        .filter(|g| g.growth_bytes > 0)
+        .collect();
+    v.sort_by(|a, b| {
+        b.growth_bytes
+            .cmp(&a.growth_bytes)
+            .then_with(|| a.site.function.cmp(&b.site.function))
+    });
+    v.truncate(limit);
+    v
+}
+
+/// Growth from `before` to `after`.
+pub fn diff(before: &Snapshot, after: &Snapshot, limit: usize) -> DiffView {
+    let before_maps: HashMap<String, MappingTotal> = before
+        .mapping_totals()
+        .into_iter()
+        .map(|m| (m.name.clone(), m))
+        .collect();
+    let after_maps = after.mapping_totals();
+    let mut names: Vec<String> = after_maps.iter().map(|m| m.name.clone()).collect();
+    for name in before_maps.keys() {
+        if !names.contains(name) {
+            names.push(name.clone());
+        }
+    }
+    let after_by: HashMap<&str, &MappingTotal> =
+        after_maps.iter().map(|m| (m.name.as_str(), m)).collect();
+    let mut mappings: Vec<MappingGrowth> = names
+        .iter()
+        .map(|name| {
+            let b = before_maps.get(name);
+            let a = after_by.get(name.as_str());
+            let rss_before = b.map_or(0, |m| m.rss_bytes);
+            let rss_after = a.map_or(0, |m| m.rss_bytes);
+            MappingGrowth {
+                name: name.clone(),
+                rss_before,
+                rss_after,
+                growth_bytes: rss_after as i64 - rss_before as i64,
+                anonymous_growth_bytes: a.map_or(0, |m| m.anonymous_bytes) as i64
+                    - b.map_or(0, |m| m.anonymous_bytes) as i64,
+            }
+        })
+        .collect();
+    mappings.sort_by(|a, b| {
+        b.growth_bytes
+            .cmp(&a.growth_bytes)
+            .then_with(|| a.name.cmp(&b.name))
+    });
+    mappings.truncate(limit);
+    DiffView {
+        since_unix: before.taken_unix,
+        taken_unix: after.taken_unix,
+        pids: after.pids.clone(),
+        growth: site_growth(before, after, &[SiteKind::Malloc], limit),
+        fault_growth: site_growth(before, after, &[SiteKind::Fault], limit),
+        mapping_call_growth: site_growth(before, after, &[SiteKind::Mmap, SiteKind::Brk], limit),
+        mappings,
+    }
+}
+
+/// Reads the per-mapping usage of each pid (skipping any that exited).
+pub fn read_mappings(pids: &[u32]) -> BTreeMap<u32, Vec<MappingUsage>> {
+    pids.iter()
+        .filter_map(|&p| procinfo::mappings(p).map(|m| (p, m)))
+        .collect()
+}
+
+/// blazesym's symbolizer cannot move between threads, so it lives on one
+/// of its own and is asked through a channel; its cache survives snapshots.
+pub struct SymbolizerService {
+    jobs: mpsc::Sender<Job>,
+}
+
+enum Job {
+    Symbolize {
+        pid: u32,
+        addrs: Vec<u64>,
+        reply: mpsc::Sender<Vec<Frame>>,
+    },
+    Forget(u32),
+}
+
+impl SymbolizerService {
+    pub fn spawn() -> Self {
+        let (jobs, rx) = mpsc::channel::<Job>();
+        thread::Builder::new()
+            .name("memtrace-symbolizer".into())
+            .spawn(move || {
+                let mut symbolizer = Symbolizer::new();
+                for job in rx {
+                    match job {
+                        Job::Symbolize { pid, addrs, reply } => {
+                            // A process gone meanwhile keeps its raw addresses.
+                            let frames =
+                                symbolizer
+                                    .symbolize_cached(pid, &addrs)
+                                    .unwrap_or_else(|_| {
+                                        addrs.iter().map(|&addr| Frame::unresolved(addr)).collect()
+                                    });
+                            let _ = reply.send(frames);
+                        }
+                        Job::Forget(pid) => symbolizer.forget(pid),
+                    }
+                }
+            })
+            .expect("spawn the symbolizer thread");
+        Self { jobs }
+    }
+
+    /// Symbolizes one stack of a live process. The kernel gives the faulting
+    /// instruction first, then return addresses: those are looked up one byte
+    /// back, inside the call instruction, so the line is the call's.
+    pub fn stack(&self, pid: u32, ips: &[u64]) -> Vec<Frame> {
+        let lookup: Vec<u64> = ips
+            .iter()
+            .enumerate()
+            .map(|(i, &ip)| if i == 0 { ip } else { ip.saturating_sub(1) })
+            .collect();
+        let (reply, rx) = mpsc::channel();
+        let job = Job::Symbolize {
+            pid,
+            addrs: lookup,
+            reply,
+        };
+        if self.jobs.send(job).is_err() {
+            return ips.iter().map(|&a| Frame::unresolved(a)).collect();
+        }
+        let mut frames = rx
+            .recv()
+            .unwrap_or_else(|_| ips.iter().map(|&a| Frame::unresolved(a)).collect());
+        // Report the addresses the kernel gave.
+        for (f, &ip) in frames.iter_mut().zip(ips) {
+            f.addr = ip;
+        }
+        frames
+    }
+
+    pub fn forget(&self, pid: u32) {
+        let _ = self.jobs.send(Job::Forget(pid));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(func: &str, module: &str, line: u32) -> Frame {
+        Frame {
+            addr: 0x1000,
+            function: Some(func.into()),
+            offset: Some(0x10),
+            file: Some(format!("/src/{func}.c")),
+            line: Some(line),
+            module: Some(module.into()),
+        }
+    }
+
+    fn raw(pid: u32, kind: SiteKind, bytes: u64, frames: Vec<Frame>) -> RawSite {
+        RawSite {
+            pid,
+            kind,
+            bytes,
+            samples: bytes / 4096,
+            frames,
+        }
+    }
+
+    fn leak_stack() -> Vec<Frame> {
+        vec![
+            frame("leak_memory", "/app/libh.so", 20),
+            frame("handle_request", "/app/libh.so", 40),
+        ]
+    }
+
+    fn scratch_stack() -> Vec<Frame> {
+        vec![
+            frame("scratch_buffer", "/app/libh.so", 30),
+            frame("handle_request", "/app/libh.so", 41),
+        ]
+    }
+
+    #[test]
+    fn same_stack_in_two_workers_is_one_site() {
+        let s = Snapshot::build(
+            vec![1, 2],
+            vec![
+                raw(1, SiteKind::Malloc, 8192, leak_stack()),
+                raw(2, SiteKind::Malloc, 4096, leak_stack()),
+                raw(3, SiteKind::Malloc, 1 << 30, leak_stack()), // not selected
+            ],
+            BTreeMap::new(),
+        );
+        let v = s.view(10);
+        assert_eq!(v.top_allocations.len(), 1);
+        let site = &v.top_allocations[0];
+        assert_eq!(site.bytes, 12288);
+        assert_eq!(site.pids, vec![1, 2]);
+        assert_eq!(site.function, "leak_memory");
+        assert_eq!(site.location.as_deref(), Some("leak_memory.c:20"));
+        assert_eq!(site.caller, None);
+    }
+
+    #[test]
+    fn diff_ranks_growth_and_mappings() {
+        let maps = |heap: u64| {
+            BTreeMap::from([(
+                1,
+                vec![MappingUsage {
+                    name: "[heap]".into(),
+                    rss: heap,
+                    anonymous: heap,
+                    size: heap,
+                    regions: 1,
+                }],
+            )])
+        };
+        let before = Snapshot::build(
+            vec![1],
+            vec![
+                raw(1, SiteKind::Malloc, 4096, leak_stack()),
+                raw(1, SiteKind::Malloc, 40960, scratch_stack()),
+            ],
+            maps(1 << 20),
+        );
+        let after = Snapshot::build(
+            vec![1],
+            vec![
+                raw(1, SiteKind::Malloc, 4096 * 101, leak_stack()),
+                raw(1, SiteKind::Malloc, 45056, scratch_stack()),
+            ],
+            maps(1 << 21),
+        );
+        let d = diff(&before, &after, 10);
+        assert_eq!(d.growth[0].site.function, "leak_memory");
+        assert_eq!(d.growth[0].growth_bytes, 409600);
+        assert_eq!(d.growth[1].growth_bytes, 4096);
+        assert_eq!(d.mappings[0].name, "[heap]");
+        assert_eq!(d.mappings[0].growth_bytes, 1 << 20);
+    }
+
+    #[test]
+    fn a_libc_leaf_names_the_application_caller() {
+        let frames = vec![
+            frame("__memset_avx2", "/usr/lib/x86_64-linux-gnu/libc.so.6", 1),
+            frame("fill_cache", "/app/server", 12),
+        ];
+        let s = Snapshot::build(
+            vec![1],
+            vec![raw(1, SiteKind::Fault, 4096, frames)],
+            BTreeMap::new(),
+        );
+        let site = &s.view(1).top_page_faults[0];
+        assert_eq!(site.function, "__memset_avx2");
+        assert!(site.caller.as_deref().unwrap().contains("fill_cache"));
+    }
+
+    #[test]
+    fn kinds_are_listed_apart() {
+        let s = Snapshot::build(
+            vec![1],
+            vec![
+                raw(1, SiteKind::Brk, 1 << 20, leak_stack()),
+                raw(1, SiteKind::Fault, 4096, leak_stack()),
+                raw(1, SiteKind::Malloc, 4096, leak_stack()),
+            ],
+            BTreeMap::new(),
+        );
+        let v = s.view(10);
+        assert_eq!(v.top_allocations.len(), 1);
+        assert_eq!(v.top_page_faults.len(), 1);
+        assert_eq!(v.top_mapping_calls.len(), 1);
+        assert_eq!(v.top_mapping_calls[0].kind, SiteKind::Brk);
+    }
+
+    #[test]
+    fn symbolizes_this_process() {
+        let service = SymbolizerService::spawn();
+        let ip = symbolizes_this_process as *const () as u64;
+        let frames = service.stack(std::process::id(), &[ip, ip + 8]);
+        assert_eq!(frames.len(), 2);
+        assert_eq!(frames[0].addr, ip);
+        assert_eq!(frames[1].addr, ip + 8);
+        assert!(
+            frames[0]
+                .function
+                .as_deref()
+                .is_some_and(|f| f.contains("symbolizes_this_process")),
+            "{frames:?}"
+        );
+    }
+}
