@@ -522,20 +522,32 @@ impl State {
             } => {
                 w.leak_detections += 1;
                 let state = w.detector.get_state();
-                warn!(
-                    pid,
-                    name = %w.name,
-                    slope_mb_per_unit,
-                    slope_unit = axis.slope_unit(),
-                    slope_lower_bound = lower_bound,
-                    slope_mb_per_hour,
-                    window,
-                    high_water_mark_mb,
-                    rss_mb = state.last_rss_mb,
-                    forecast_requests_to_limit = state.forecast_requests_to_limit,
-                    forecast_seconds_to_limit = state.forecast_seconds_to_limit,
-                    "LEAK_TREND_DETECTED"
-                );
+                // The detector reports at every check while the trend lasts;
+                // the first report of a worker's life is the news.
+                macro_rules! report {
+                    ($level:ident) => {
+                        tracing::$level!(
+                            pid,
+                            name = %w.name,
+                            slope_mb_per_unit,
+                            slope_unit = axis.slope_unit(),
+                            slope_lower_bound = lower_bound,
+                            slope_mb_per_hour,
+                            window,
+                            high_water_mark_mb,
+                            rss_mb = state.last_rss_mb,
+                            forecast_requests_to_limit = state.forecast_requests_to_limit,
+                            forecast_seconds_to_limit = state.forecast_seconds_to_limit,
+                            detections = w.leak_detections,
+                            "LEAK_TREND_DETECTED"
+                        )
+                    };
+                }
+                if w.leak_detections == 1 {
+                    report!(warn);
+                } else {
+                    report!(debug);
+                }
             }
             Detection::SoftLimitExceeded {
                 rss_mb,
@@ -805,5 +817,78 @@ impl Processes for SystemProcesses<'_> {
     fn kill(&mut self, pid: u32, signal: nix::sys::signal::Signal) -> Result<(), String> {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal)
             .map_err(|e| e.to_string())
+    }
+}
+
+/// An agent running on a thread of its own, with its own runtime: for the
+/// demo and the end-to-end tests, which drive a workload meanwhile.
+pub struct BackgroundAgent {
+    state: SharedState,
+    api_addr: Option<std::net::SocketAddr>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl BackgroundAgent {
+    pub fn start(settings: AgentSettings) -> Result<Self, AgentError> {
+        Ok(Self::run(Agent::start(settings)?))
+    }
+
+    /// Runs an agent already started.
+    pub fn run(agent: Agent) -> Self {
+        let state = agent.state();
+        let api_addr = agent.api_addr();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("memtrace-agent".into())
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a current-thread runtime");
+                runtime.block_on(agent.run(async move {
+                    let _ = stopped.await;
+                }));
+            })
+            .expect("spawn the agent thread");
+        Self {
+            state,
+            api_addr,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    pub fn state(&self) -> SharedState {
+        self.state.clone()
+    }
+
+    pub fn api_addr(&self) -> Option<std::net::SocketAddr> {
+        self.api_addr
+    }
+
+    /// Runs `f` on the agent's state.
+    pub fn with<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
+        f(&mut lock(&self.state))
+    }
+
+    /// Stops the agent and waits until every program is detached.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for BackgroundAgent {
+    fn drop(&mut self) {
+        self.shutdown();
     }
 }

@@ -1,9 +1,10 @@
 use std::process::ExitCode;
 
-use clap::Parser as _;
+use clap::{CommandFactory as _, Parser as _};
 use memtrace::{
     agent::Agent,
-    cli::{Cli, Command},
+    cli::{AgentArgs, Cli, ClientArgs, Command, DEBUG_TOKEN_ENV},
+    client::{self, Client},
     logging,
 };
 
@@ -11,16 +12,106 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Agent(args) => run_agent(*args),
+        Command::Status { client, pid } => run_client(
+            &client,
+            |c| c.debug("status", pid, None),
+            client::render_status,
+        ),
+        Command::Snapshot { client, pid, limit } => run_client(
+            &client,
+            |c| c.debug("snapshot", pid, Some(limit)),
+            client::render_snapshot,
+        ),
+        Command::Diff { client, pid, limit } => run_client(
+            &client,
+            |c| c.debug("diff", pid, Some(limit)),
+            client::render_diff,
+        ),
+        Command::Stop { client } => run_client(
+            &client,
+            |c| c.debug("stop", None, None),
+            |_| "allocation-site collection stopped; programs detached\n".to_string(),
+        ),
+        Command::Requests { client, pid, limit } => run_client(
+            &client,
+            |c| c.get(&format!("/v1/workers/{pid}/requests?limit={limit}")),
+            client::render_requests,
+        ),
+        Command::Top { client, interval } => {
+            let c = Client::new(&client.url, std::env::var(DEBUG_TOKEN_ENV).ok());
+            match memtrace::top::run(c, interval) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(e),
+            }
+        }
+        Command::Demo(args) => {
+            let options = match args.options() {
+                Ok(o) => o,
+                Err(e) => return usage_error(e),
+            };
+            logging::init(logging::LogFormat::Pretty, "warn");
+            match memtrace::demo::run(&options) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(e),
+            }
+        }
+        Command::DemoServer {
+            port,
+            workers,
+            leak_kb,
+        } => match memtrace::demo_server::run(port, workers, leak_kb * 1024) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(e),
+        },
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "memtrace",
+                &mut std::io::stdout(),
+            );
+            ExitCode::SUCCESS
+        }
     }
 }
 
-fn run_agent(args: memtrace::cli::AgentArgs) -> ExitCode {
+fn fail(e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("memtrace: {e}");
+    ExitCode::FAILURE
+}
+
+fn usage_error(e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("memtrace: {e}");
+    ExitCode::from(2)
+}
+
+/// Calls the agent's API and prints a table, or the JSON.
+fn run_client(
+    args: &ClientArgs,
+    call: impl FnOnce(&Client) -> Result<serde_json::Value, client::ClientError>,
+    render: impl FnOnce(&serde_json::Value) -> String,
+) -> ExitCode {
+    let c = Client::new(&args.url, std::env::var(DEBUG_TOKEN_ENV).ok());
+    match call(&c) {
+        Ok(body) if args.json => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&body).unwrap_or_default()
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(body) => {
+            print!("{}", render(&body));
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
+    }
+}
+
+fn run_agent(args: AgentArgs) -> ExitCode {
     let resolved = match args.with_config_file().and_then(|a| a.resolve()) {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("memtrace: {e}");
-            return ExitCode::from(2);
-        }
+        Err(e) => return usage_error(e),
     };
     logging::init(resolved.log_format, &resolved.log_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -29,26 +120,19 @@ fn run_agent(args: memtrace::cli::AgentArgs) -> ExitCode {
         .build()
     {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("memtrace: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(e) => return fail(format_args!("cannot start the async runtime: {e}")),
     };
     runtime.block_on(async move {
         // Handlers first: a SIGTERM during start-up must stop us cleanly too.
         let shutdown = match shutdown_signal() {
             Ok(s) => s,
-            Err(e) => {
-                eprintln!("memtrace: cannot install signal handlers: {e}");
-                return ExitCode::FAILURE;
-            }
+            Err(e) => return fail(format_args!("cannot install signal handlers: {e}")),
         };
         let agent = match Agent::start(resolved.settings) {
             Ok(agent) => agent,
             Err(e) => {
                 tracing::error!(error = %e, "memtrace cannot start");
-                eprintln!("memtrace: {e}");
-                return ExitCode::FAILURE;
+                return fail(e);
             }
         };
         agent.run(shutdown).await;

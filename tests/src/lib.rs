@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use memtrace::agent::{Agent, AgentSettings, SharedState, State};
+use memtrace::agent::{Agent, AgentSettings, BackgroundAgent, SharedState, State};
 
 /// Fails the test with instructions when not root: an end-to-end test that
 /// silently passed without loading anything would prove nothing.
@@ -176,9 +176,7 @@ impl Drop for Proc {
 /// The agent, running in this process on its own thread, as `memtrace agent`
 /// runs it. Stopped (programs detached) on drop.
 pub struct AgentHarness {
-    state: SharedState,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<thread::JoinHandle<()>>,
+    agent: BackgroundAgent,
 }
 
 /// One agent at a time: tests in one binary share the kernel's tracepoints.
@@ -191,36 +189,28 @@ pub fn serial() -> MutexGuard<'static, ()> {
 impl AgentHarness {
     pub fn start(settings: AgentSettings) -> Self {
         require_root();
-        Self::from_agent(Agent::start(settings).expect("agent starts"))
+        Self {
+            agent: BackgroundAgent::start(settings).expect("agent starts"),
+        }
     }
 
     /// Runs an agent already started (to read its API address first).
     pub fn from_agent(agent: Agent) -> Self {
-        let state = agent.state();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let thread = thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(agent.run(async move {
-                let _ = rx.await;
-            }));
-        });
         Self {
-            state,
-            stop: Some(tx),
-            thread: Some(thread),
+            agent: BackgroundAgent::run(agent),
         }
     }
 
     pub fn state(&self) -> SharedState {
-        self.state.clone()
+        self.agent.state()
+    }
+
+    pub fn api_addr(&self) -> Option<std::net::SocketAddr> {
+        self.agent.api_addr()
     }
 
     pub fn with<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
-        let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        f(&mut guard)
+        self.agent.with(f)
     }
 
     /// Waits until `cond` holds on the agent's state.
@@ -228,23 +218,8 @@ impl AgentHarness {
         wait_for(timeout, || self.with(|s| cond(s)))
     }
 
-    pub fn stop(mut self) {
-        self.shutdown();
-    }
-
-    fn shutdown(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for AgentHarness {
-    fn drop(&mut self) {
-        self.shutdown();
+    pub fn stop(self) {
+        self.agent.stop();
     }
 }
 

@@ -1,0 +1,398 @@
+//! `memtrace status|snapshot|diff|stop|requests`: a client of the agent's
+//! API that prints tables people read at 3 a.m., or the JSON as is.
+use std::time::Duration;
+
+use serde_json::Value;
+
+/// Where the agent listens unless told otherwise.
+pub const DEFAULT_URL: &str = "http://127.0.0.1:9464";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(
+        "cannot reach the agent at {url}: {message} (is `memtrace agent` running, with --listen on that address?)"
+    )]
+    Unreachable { url: String, message: String },
+    #[error(
+        "the agent refused the request (403): set MEMTRACE_DEBUG_TOKEN to the agent's token (an agent without one serves no debug endpoints)"
+    )]
+    Forbidden,
+    #[error("the agent answered {status}: {message}")]
+    Api { status: u16, message: String },
+    #[error("the agent's answer is not JSON: {0}")]
+    BadAnswer(String),
+}
+
+/// A blocking client of one agent.
+pub struct Client {
+    agent: ureq::Agent,
+    base: String,
+    token: Option<String>,
+}
+
+impl Client {
+    pub fn new(url: &str, token: Option<String>) -> Self {
+        let config = ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_secs(60)))
+            .http_status_as_error(false)
+            .build();
+        Self {
+            agent: config.into(),
+            base: url.trim_end_matches('/').to_string(),
+            token: token.filter(|t| !t.is_empty()),
+        }
+    }
+
+    /// GETs a path and returns the JSON body; API errors become ClientError.
+    pub fn get(&self, path_and_query: &str) -> Result<Value, ClientError> {
+        let url = format!("{}{}", self.base, path_and_query);
+        let mut req = self.agent.get(&url);
+        if let Some(t) = &self.token {
+            req = req.header("X-Debug-Token", t);
+        }
+        let mut resp = req.call().map_err(|e| ClientError::Unreachable {
+            url: self.base.clone(),
+            message: e.to_string(),
+        })?;
+        let status = resp.status().as_u16();
+        let text = resp
+            .body_mut()
+            .read_to_string()
+            .map_err(|e| ClientError::BadAnswer(e.to_string()))?;
+        if status == 403 {
+            return Err(ClientError::Forbidden);
+        }
+        let body: Value = serde_json::from_str(&text)
+            .map_err(|_| ClientError::BadAnswer(text.chars().take(200).collect()))?;
+        if status >= 400 {
+            let message = body["error"].as_str().unwrap_or("no message").to_string();
+            return Err(ClientError::Api { status, message });
+        }
+        Ok(body)
+    }
+
+    pub fn debug(
+        &self,
+        action: &str,
+        pid: Option<u32>,
+        limit: Option<usize>,
+    ) -> Result<Value, ClientError> {
+        let mut q = format!("/debug/memory/?action={action}");
+        if let Some(p) = pid {
+            q.push_str(&format!("&pid={p}"));
+        }
+        if let Some(l) = limit {
+            q.push_str(&format!("&limit={l}"));
+        }
+        self.get(&q)
+    }
+}
+
+fn mb(v: &Value) -> String {
+    v.as_f64()
+        .map_or_else(|| "-".into(), |b| format!("{:.1}", b / (1024.0 * 1024.0)))
+}
+
+fn num(v: &Value) -> String {
+    match v {
+        Value::Number(n) => n.to_string(),
+        _ => "-".into(),
+    }
+}
+
+fn float(v: &Value, digits: usize) -> String {
+    v.as_f64()
+        .map_or_else(|| "-".into(), |f| format!("{f:.digits$}"))
+}
+
+/// Human form of a duration in seconds: 45s, 12m, 3.5h.
+pub fn human_secs(v: &Value) -> String {
+    let Some(s) = v.as_f64() else {
+        return "-".into();
+    };
+    if s < 120.0 {
+        format!("{s:.0}s")
+    } else if s < 7200.0 {
+        format!("{:.0}m", s / 60.0)
+    } else {
+        format!("{:.1}h", s / 3600.0)
+    }
+}
+
+/// Lays out rows under a header, each column as wide as its widest cell.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut out = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i > 0 {
+                out.push_str("  ");
+            }
+            out.push_str(&format!("{cell:<w$}"));
+        }
+        out.trim_end().to_string()
+    };
+    let mut out = line(header.iter().map(|s| s.to_string()).collect());
+    out.push('\n');
+    for row in rows {
+        out.push_str(&line(row.clone()));
+        out.push('\n');
+    }
+    out
+}
+
+/// `memtrace status`
+pub fn render_status(body: &Value) -> String {
+    let agent = &body["agent"];
+    let mut out = format!(
+        "memtrace {} (pid {}), up {}, tracing {}: {} live, {} exited; events {}, drops {}, collection {}\n\n",
+        agent["version"].as_str().unwrap_or("?"),
+        num(&agent["pid"]),
+        human_secs(&agent["uptime_secs"]),
+        agent["selectors"].as_str().unwrap_or("?"),
+        num(&agent["workers_alive"]),
+        num(&agent["workers_exited"]),
+        num(&agent["events_received"]),
+        num(&agent["kernel"]["ringbuf_drops"]),
+        if agent["collection_active"] == true {
+            "on"
+        } else {
+            "off"
+        },
+    );
+    let rows: Vec<Vec<String>> = body["workers"]
+        .as_array()
+        .map(|ws| {
+            ws.iter()
+                .map(|w| {
+                    let d = &w["leak_detector"];
+                    vec![
+                        num(&w["pid"]),
+                        num(&w["ppid"]),
+                        w["role"].as_str().unwrap_or("-").into(),
+                        w["name"].as_str().unwrap_or("-").into(),
+                        mb(&w["rss_bytes"]),
+                        mb(&w["rss"]["anon"]),
+                        mb(&w["rss"]["file"]),
+                        mb(&w["pss_bytes"]),
+                        mb(&w["uss_bytes"]),
+                        num(&w["requests_seen"]),
+                        num(&w["requests_in_flight"]),
+                        float(&d["robust_slope"], 3),
+                        human_secs(&d["forecast_seconds_to_limit"]),
+                        if d["soft_limit_fired"] == true {
+                            "yes".into()
+                        } else {
+                            "no".into()
+                        },
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    out.push_str(&table(
+        &[
+            "PID",
+            "PPID",
+            "ROLE",
+            "NAME",
+            "RSS_MB",
+            "ANON_MB",
+            "FILE_MB",
+            "PSS_MB",
+            "USS_MB",
+            "REQS",
+            "INFL",
+            "SLOPE_MB/REQ",
+            "TO_LIMIT",
+            "LIMIT_HIT",
+        ],
+        &rows,
+    ));
+    out
+}
+
+fn render_sites(title: &str, sites: &Value, bytes_key: &str) -> String {
+    let rows: Vec<Vec<String>> = sites
+        .as_array()
+        .map(|v| {
+            v.iter()
+                .map(|s| {
+                    let place = match (s["location"].as_str(), s["module"].as_str()) {
+                        (Some(l), _) => l.to_string(),
+                        (None, Some(m)) => m.rsplit('/').next().unwrap_or(m).to_string(),
+                        _ => "?".into(),
+                    };
+                    let caller = s["caller"]
+                        .as_str()
+                        .map(|c| format!(" <- {c}"))
+                        .unwrap_or_default();
+                    vec![
+                        mb(&s[bytes_key]),
+                        num(&s["samples"]),
+                        format!("{}{caller}", s["function"].as_str().unwrap_or("?")),
+                        place,
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if rows.is_empty() {
+        return format!("{title}: none yet\n");
+    }
+    format!(
+        "{title}\n{}",
+        table(&["MB", "SAMPLES", "FUNCTION", "WHERE"], &rows)
+    )
+}
+
+fn render_mappings(title: &str, maps: &Value, key: &str) -> String {
+    let rows: Vec<Vec<String>> = maps
+        .as_array()
+        .map(|v| {
+            v.iter()
+                .map(|m| vec![mb(&m[key]), m["name"].as_str().unwrap_or("?").to_string()])
+                .collect()
+        })
+        .unwrap_or_default();
+    format!("{title}\n{}", table(&["MB", "MAPPING"], &rows))
+}
+
+/// `memtrace snapshot`
+pub fn render_snapshot(body: &Value) -> String {
+    format!(
+        "collection on for pids {}; this snapshot is the baseline for `memtrace diff`\n\n{}\n{}\n{}\n{}",
+        body["pids"],
+        render_sites(
+            "Live heap by allocating stack",
+            &body["top_allocations"],
+            "bytes"
+        ),
+        render_sites("Pages first touched", &body["top_page_faults"], "bytes"),
+        render_sites("mmap/brk calls", &body["top_mapping_calls"], "bytes"),
+        render_mappings("Resident memory by mapping", &body["mappings"], "rss_bytes"),
+    )
+}
+
+/// `memtrace diff`
+pub fn render_diff(body: &Value) -> String {
+    let secs =
+        body["taken_unix"].as_f64().unwrap_or(0.0) - body["since_unix"].as_f64().unwrap_or(0.0);
+    format!(
+        "growth over {secs:.0}s for pids {}\n\n{}\n{}\n{}\n{}",
+        body["pids"],
+        render_sites(
+            "Live heap growth by allocating stack",
+            &body["growth"],
+            "growth_bytes"
+        ),
+        render_sites("Pages first touched", &body["fault_growth"], "growth_bytes"),
+        render_sites(
+            "mmap/brk calls",
+            &body["mapping_call_growth"],
+            "growth_bytes"
+        ),
+        render_mappings("Growth by mapping", &body["mappings"], "growth_bytes"),
+    )
+}
+
+/// `memtrace requests PID`
+pub fn render_requests(body: &Value) -> String {
+    let rows: Vec<Vec<String>> = body["requests"]
+        .as_array()
+        .map(|v| {
+            v.iter()
+                .map(|r| {
+                    vec![
+                        r["request_id"].as_str().unwrap_or("?").into(),
+                        float(&r["duration_ms"], 2),
+                        mb(&r["rss_after_bytes"]),
+                        format!(
+                            "{:+.2}",
+                            r["delta_bytes"].as_f64().unwrap_or(0.0) / (1024.0 * 1024.0)
+                        ),
+                        num(&r["faults"]),
+                        mb(&r["mmap_bytes"]),
+                        mb(&r["brk_grow_bytes"]),
+                        r["level"].as_str().unwrap_or("-").into(),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    table(
+        &[
+            "REQUEST", "MS", "RSS_MB", "DELTA_MB", "FAULTS", "MMAP_MB", "BRK_MB", "LEVEL",
+        ],
+        &rows,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn tables_align() {
+        let t = table(&["A", "LONGER"], &[vec!["wide-cell".into(), "x".into()]]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines[0], "A          LONGER");
+        assert_eq!(lines[1], "wide-cell  x");
+    }
+
+    #[test]
+    fn status_table_has_a_row_per_worker() {
+        let body = json!({
+            "agent": {"version": "0.1.0", "pid": 1, "uptime_secs": 65.0, "selectors": "name=srv",
+                      "workers_alive": 2, "workers_exited": 0, "events_received": 10,
+                      "kernel": {"ringbuf_drops": 0}, "collection_active": false},
+            "workers": [
+                {"pid": 10, "ppid": 1, "role": "master", "name": "srv", "rss_bytes": 1048576,
+                 "rss": {"anon": 524288, "file": 524288}, "requests_seen": 0, "requests_in_flight": 0,
+                 "leak_detector": {"robust_slope": null, "soft_limit_fired": false}},
+                {"pid": 11, "ppid": 10, "role": "worker", "name": "srv", "rss_bytes": 10485760,
+                 "rss": {"anon": 9437184, "file": 1048576}, "pss_bytes": 5242880, "uss_bytes": 4194304,
+                 "requests_seen": 42, "requests_in_flight": 1,
+                 "leak_detector": {"robust_slope": 0.5, "forecast_seconds_to_limit": 30.0, "soft_limit_fired": true}}
+            ]
+        });
+        let out = render_status(&body);
+        assert!(out.contains("up 65s"), "{out}");
+        let row = out.lines().find(|l| l.starts_with("11")).unwrap();
+        for cell in [
+            "worker", "10.0", "9.0", "5.0", "4.0", "42", "0.500", "30s", "yes",
+        ] {
+            assert!(row.contains(cell), "{cell} missing in {row}");
+        }
+    }
+
+    #[test]
+    fn diff_lists_growth() {
+        let body = json!({"since_unix": 100.0, "taken_unix": 160.0, "pids": [11],
+            "growth": [{"function": "leak_memory", "location": "handler.c:20", "growth_bytes": 13107200, "samples": 200}],
+            "fault_growth": [], "mapping_call_growth": [],
+            "mappings": [{"name": "[heap]", "growth_bytes": 13107200}]});
+        let out = render_diff(&body);
+        assert!(out.contains("growth over 60s"));
+        assert!(
+            out.contains("12.5") && out.contains("leak_memory") && out.contains("handler.c:20"),
+            "{out}"
+        );
+        assert!(out.contains("[heap]"));
+    }
+
+    #[test]
+    fn durations_read_well() {
+        assert_eq!(human_secs(&json!(45.0)), "45s");
+        assert_eq!(human_secs(&json!(720.0)), "12m");
+        assert_eq!(human_secs(&json!(12600.0)), "3.5h");
+        assert_eq!(human_secs(&Value::Null), "-");
+    }
+}

@@ -1,0 +1,1 @@
+//! Operator experience end to end (being written).
