@@ -22,8 +22,9 @@ fn get(addr: SocketAddr, path: &str) -> (u16, serde_json::Value) {
     api_get(addr, &format!("{path}{sep}token={TOKEN}"))
 }
 
+/// Stack programs this test process (the agent runs in it) has attached.
 fn stack_programs_attached() -> Vec<String> {
-    attached_memtrace_programs()
+    attached_program_names(std::process::id())
         .into_iter()
         .filter(|p| STACK_PROGRAMS.contains(&p.as_str()))
         .collect()

@@ -343,21 +343,28 @@ fn a_tiny_ring_buffer_overflows_and_the_drops_are_reported() {
 #[test]
 fn stopping_the_agent_detaches_everything() {
     let _serial = serial();
-    assert!(
-        loaded_memtrace_programs().is_empty(),
-        "no memtrace program loaded before the test: {:?}",
-        loaded_memtrace_programs()
-    );
+    let before = bpf_fds(std::process::id());
     let agent = AgentHarness::start(test_settings(&["no-such-proc"]));
-    let loaded = loaded_memtrace_programs();
-    assert!(loaded.len() >= 12, "programs loaded: {loaded:?}");
+    let during = bpf_fds(std::process::id());
+    let ours: Vec<u32> = during
+        .programs
+        .iter()
+        .copied()
+        .filter(|p| !before.programs.contains(p))
+        .collect();
+    assert!(ours.len() >= 12, "programs loaded: {ours:?}");
+    assert!(
+        during.links.len() >= before.links.len() + 12,
+        "links: {:?}",
+        during.links
+    );
     drop(agent);
     assert!(
-        wait_for(Duration::from_secs(5), || loaded_memtrace_programs()
-            .is_empty()),
+        wait_for(Duration::from_secs(5), || still_loaded(&ours).is_empty()),
         "left behind: {:?}",
-        loaded_memtrace_programs()
+        still_loaded(&ours)
     );
+    assert_eq!(bpf_fds(std::process::id()), before, "no BPF fd kept");
 }
 
 #[test]
@@ -371,6 +378,8 @@ fn the_binary_exits_cleanly_on_sigterm_and_leaves_nothing() {
                 "no-such-proc",
                 "--log-format",
                 "json",
+                "--listen",
+                "off",
             ])
             .stderr(Stdio::piped()),
     );
@@ -381,16 +390,20 @@ fn the_binary_exits_cleanly_on_sigterm_and_leaves_nothing() {
         .map_while(Result::ok)
         .any(|l| l.contains("eBPF programs attached"));
     assert!(attached, "agent logged that it attached");
-    assert!(!loaded_memtrace_programs().is_empty());
+    let held = bpf_fds(agent.pid());
+    assert!(
+        held.programs.len() >= 12 && held.links.len() >= 12,
+        "{held:?}"
+    );
     let status = agent
         .stop(Duration::from_secs(10))
         .expect("exits on SIGTERM");
     assert!(status.success(), "exit status {status}");
     assert!(
-        wait_for(Duration::from_secs(5), || loaded_memtrace_programs()
+        wait_for(Duration::from_secs(5), || still_loaded(&held.programs)
             .is_empty()),
         "left behind: {:?}",
-        loaded_memtrace_programs()
+        still_loaded(&held.programs)
     );
 }
 

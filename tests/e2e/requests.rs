@@ -32,6 +32,7 @@ fn leaky_server(workers: usize, leak: i64) -> Server {
         wait_port(port, Duration::from_secs(10)),
         "leaky_server listens"
     );
+    // leaky_server writes its pid file before it listens.
     let master = read_pid(&dir.path().join("master")).expect("master pid");
     let workers = children(master, workers);
     Server {

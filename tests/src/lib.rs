@@ -310,71 +310,6 @@ pub fn wait_port(port: u16, timeout: Duration) -> bool {
     })
 }
 
-/// Names of memtrace's programs, as the kernel lists them (15 bytes).
-pub const PROGRAM_NAMES: &[&str] = &[
-    "page_fault_user",
-    "rss_stat",
-    "task_newtask",
-    "sched_process_e", // exec and exit, truncated alike
-    "mmap_enter",
-    "mmap_exit",
-    "munmap_enter",
-    "munmap_exit",
-    "mremap_enter",
-    "mremap_exit",
-    "brk_exit",
-    "accept_exit",
-    "close_enter",
-    "request_begin",
-    "request_end_ret",
-    "request_end",
-    "page_fault_stac",
-    "mmap_stacks",
-    "brk_stacks",
-    "malloc_enter",
-    "calloc_enter",
-    "realloc_enter",
-    "alloc_exit",
-    "free_enter",
-];
-
-/// memtrace programs loaded in the kernel right now.
-pub fn loaded_memtrace_programs() -> Vec<String> {
-    aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .filter_map(|p| p.name_as_str().map(str::to_string))
-        .filter(|name| PROGRAM_NAMES.contains(&name.as_str()))
-        .collect()
-}
-
-/// Sends `total` GET requests from `concurrency` threads; every one must
-/// succeed (the count sent is the ground truth the tests compare with).
-pub fn drive(port: u16, path: &str, total: usize, concurrency: usize) {
-    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let threads: Vec<_> = (0..concurrency)
-        .map(|_| {
-            let next = next.clone();
-            let path = path.to_string();
-            thread::spawn(move || {
-                while next.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < total {
-                    http_get(port, &path).unwrap_or_else(|e| panic!("GET {path}: {e}"));
-                }
-            })
-        })
-        .collect();
-    for t in threads {
-        t.join().expect("load thread");
-    }
-}
-
-/// Requests the agent has counted for these processes.
-pub fn requests_seen(state: &State, pids: &[u32]) -> u64 {
-    pids.iter()
-        .filter_map(|&p| state.registry.find(p))
-        .map(|w| w.requests.seen)
-        .sum()
-}
-
 /// The `memtrace` binary running as a child, its JSON log lines collected.
 pub struct AgentProcess {
     pub proc: Proc,
@@ -385,6 +320,11 @@ impl AgentProcess {
     /// Starts `memtrace ARGS --log-format json` and waits until its
     /// programs are attached.
     pub fn start(args: &[&str]) -> Self {
+        Self::start_with_env(args, &[])
+    }
+
+    /// Like `start`, with extra environment variables.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
         use std::io::BufRead as _;
         require_root();
         let mut proc = Proc::spawn(
@@ -392,6 +332,7 @@ impl AgentProcess {
                 .args(args)
                 .args(["--log-format", "json"])
                 .env("RUST_LOG", "info")
+                .envs(env.iter().copied())
                 .stderr(std::process::Stdio::piped()),
         );
         let stderr = proc.child.stderr.take().expect("piped stderr");
@@ -442,30 +383,61 @@ impl AgentProcess {
     }
 }
 
-/// Names of memtrace programs with at least one link (attached) right now.
-pub fn attached_memtrace_programs() -> Vec<String> {
-    let names: std::collections::HashMap<u32, String> = aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .filter_map(|p| Some((p.id(), p.name_as_str()?.to_string())))
-        .filter(|(_, name)| PROGRAM_NAMES.contains(&name.as_str()))
-        .collect();
-    let mut attached: Vec<String> = aya::programs::loaded_links()
-        .filter_map(Result::ok)
-        .filter_map(|l| names.get(&l.program_id()).cloned())
-        .collect();
-    attached.sort();
-    attached.dedup();
-    attached
+/// The BPF objects a process holds, from /proc/PID/fdinfo: program ids (of
+/// program fds) and (link id, program id) of link fds. Other memtrace agents
+/// on the machine (another test run, a demo) do not count.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BpfFds {
+    pub programs: Vec<u32>,
+    pub links: Vec<(u32, u32)>,
 }
 
-/// The heap-allocation probes' program names (15 bytes, as the kernel keeps them).
-pub const ALLOC_PROGRAM_NAMES: &[&str] = &[
-    "malloc_enter",
-    "calloc_enter",
-    "realloc_enter",
-    "alloc_exit",
-    "free_enter",
-];
+pub fn bpf_fds(pid: u32) -> BpfFds {
+    let mut out = BpfFds::default();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return out;
+    };
+    for entry in dir.filter_map(Result::ok) {
+        let Ok(info) = std::fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse::<u32>().ok())
+        };
+        match (field("link_id:"), field("prog_id:"), field("prog_type:")) {
+            (Some(link), Some(prog), _) => out.links.push((link, prog)),
+            (None, Some(prog), Some(_)) => out.programs.push(prog),
+            _ => {}
+        }
+    }
+    out.programs.sort_unstable();
+    out.links.sort_unstable();
+    out
+}
+
+/// Which of these program ids the kernel still has loaded.
+pub fn still_loaded(ids: &[u32]) -> Vec<u32> {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .map(|p| p.id())
+        .filter(|id| ids.contains(id))
+        .collect()
+}
+
+/// Names of the programs `pid` has attached (through link fds it holds).
+pub fn attached_program_names(pid: u32) -> Vec<String> {
+    let linked: Vec<u32> = bpf_fds(pid).links.iter().map(|&(_, prog)| prog).collect();
+    let mut names: Vec<String> = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|p| linked.contains(&p.id()))
+        .filter_map(|p| p.name_as_str().map(str::to_string))
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
 
 /// One GET to the agent's API: status code and JSON body (or the text).
 pub fn api_get(addr: std::net::SocketAddr, path: &str) -> (u16, serde_json::Value) {
@@ -511,4 +483,31 @@ fn dechunk(body: &str) -> String {
         rest = tail[n..].trim_start_matches("\r\n");
     }
     out
+}
+
+/// Sends `total` GET requests from `concurrency` threads; every one must
+/// succeed (the count sent is the ground truth the tests compare with).
+pub fn drive(port: u16, path: &str, total: usize, concurrency: usize) {
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let threads: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let next = next.clone();
+            let path = path.to_string();
+            thread::spawn(move || {
+                while next.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < total {
+                    http_get(port, &path).unwrap_or_else(|e| panic!("GET {path}: {e}"));
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("load thread");
+    }
+}
+/// Requests the agent has counted for these processes.
+pub fn requests_seen(state: &State, pids: &[u32]) -> u64 {
+    pids.iter()
+        .filter_map(|&p| state.registry.find(p))
+        .map(|w| w.requests.seen)
+        .sum()
 }
