@@ -463,7 +463,7 @@ pub struct AgentArgs {
     pub fault_sample_period: Option<u32>,
 
     /// Do not mount tracefs when it is missing; fail with instructions instead.
-    #[arg(long, env = "MEMTRACE_NO_MOUNT_TRACEFS", help_heading = "Kernel")]
+    #[arg(long, env = "MEMTRACE_NO_MOUNT_TRACEFS", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL", help_heading = "Kernel")]
     pub no_mount_tracefs: Option<bool>,
 }
 
@@ -475,7 +475,7 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("config file {path}: {source}")]
+    #[error("config file {path}: {}", clip(&source.to_string(), 400))]
     Parse {
         path: PathBuf,
         #[source]
@@ -491,8 +491,20 @@ pub enum ConfigError {
 fn invalid(setting: &'static str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         setting,
-        message: message.into(),
+        message: clip(&message.into(), 400),
     }
+}
+
+/// Messages that echo user input stay short whatever the input was.
+fn clip(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
 }
 
 /// Parses `BINARY:SYMBOL`. The binary must exist; the symbol is checked
@@ -955,6 +967,23 @@ mod tests {
             Some("0.0.0.0:1".parse().unwrap())
         );
         assert!(l(&["-n", "x", "--listen", "localhost"]).is_err());
+    }
+
+    #[test]
+    fn no_mount_tracefs_is_a_flag_or_a_value() {
+        let v = |args: &[&str]| parse(args).no_mount_tracefs;
+        assert_eq!(v(&["--no-mount-tracefs"]), Some(true));
+        assert_eq!(v(&["--no-mount-tracefs=false"]), Some(false));
+        assert_eq!(v(&[]), None);
+    }
+
+    #[test]
+    fn long_bad_values_give_short_errors() {
+        let huge = "x".repeat(10_000);
+        let e = parse(&["-n", "x", "--soft-limit-signal", &huge])
+            .resolve()
+            .unwrap_err();
+        assert!(e.to_string().len() < 500, "{} bytes", e.to_string().len());
     }
 
     #[test]

@@ -13,7 +13,7 @@ pub const TRACEFS_DIRS: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/t
 #[derive(Debug, thiserror::Error)]
 pub enum TracefsError {
     #[error(
-        "tracefs is not mounted and mounting it failed ({source}): run `mount -t tracefs nodev /sys/kernel/tracing` as root, or start memtrace with --mount-tracefs"
+        "tracefs is not mounted and mounting it failed ({source}): run `mount -t tracefs nodev /sys/kernel/tracing` as root"
     )]
     MountFailed {
         #[source]

@@ -115,19 +115,28 @@ pub fn check_target(target: &ProbeTarget) -> Result<ProbeTarget, UprobeTargetErr
     })
 }
 
-/// Up to `n` names closest to `wanted`: those containing it (or contained in
-/// it) first, then by edit distance, only when reasonably close.
+/// Up to `n` names closest to `wanted`: an exact match first, then one that
+/// differs in case, then those containing it (or contained in it), then by
+/// edit distance, only when reasonably close.
 pub fn nearest(wanted: &str, names: &[String], n: usize) -> Vec<String> {
     let lower = wanted.to_ascii_lowercase();
+    // Scores: 0 exact, 1 differs only in case, 2 contains or is contained,
+    // then 2 + edit distance.
     let mut scored: Vec<(usize, &String)> = names
         .iter()
         .filter_map(|name| {
-            let l = name.to_ascii_lowercase();
-            if l.contains(&lower) || (l.len() >= 4 && lower.contains(&l)) {
+            if name == wanted {
                 return Some((0, name));
             }
+            let l = name.to_ascii_lowercase();
+            if l == lower {
+                return Some((1, name));
+            }
+            if l.contains(&lower) || (l.len() >= 4 && lower.contains(&l)) {
+                return Some((2, name));
+            }
             let d = edit_distance(&lower, &l);
-            (d <= (wanted.len() / 3).max(2)).then_some((d, name))
+            (d <= (wanted.len() / 3).max(2)).then_some((2 + d, name))
         })
         .collect();
     scored.sort_by(|a, b| {
