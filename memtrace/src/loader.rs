@@ -42,6 +42,9 @@ const ACCEPT_PROGRAMS: &[(&str, &str, &str)] = &[
     ("accept_exit", "syscalls", "sys_exit_accept4"),
     ("accept_exit", "syscalls", "sys_exit_accept"),
     ("close_enter", "syscalls", "sys_enter_close"),
+    // shutdown(fd) ends the response as surely as close (Python's
+    // socketserver shuts down, then closes when the last reference goes).
+    ("close_enter", "syscalls", "sys_enter_shutdown"),
 ];
 
 /// Allocation-site collection, attached only while it is on.

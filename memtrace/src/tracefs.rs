@@ -224,6 +224,14 @@ impl Tracefs {
                 });
             }
         }
+        // close_enter also serves sys_enter_shutdown: same `fd` offset.
+        let shutdown = Lookup::new(self, "syscalls", "sys_enter_shutdown")?;
+        if shutdown.get("fd", 8)? != layout.close_fd {
+            return Err(TracefsError::MissingField {
+                event: "syscalls:sys_enter_shutdown".into(),
+                field: format!("fd at offset {}", layout.close_fd),
+            });
+        }
         Ok(layout)
     }
 }

@@ -57,49 +57,12 @@ pub fn fixtures() -> &'static Fixtures {
     static FIXTURES: OnceLock<Fixtures> = OnceLock::new();
     FIXTURES.get_or_init(|| {
         let dir = workspace_root().join("target/fixtures");
-        std::fs::create_dir_all(&dir).expect("create target/fixtures");
-        let src = workspace_root().join("tests/fixtures");
-        // Leaf functions keep their frame too, or the stack walk skips their caller.
-        let cflags = [
-            "-O1",
-            "-g",
-            "-fno-omit-frame-pointer",
-            "-mno-omit-leaf-frame-pointer",
-            "-Wall",
-        ];
-        let gcc = |args: &[&str]| {
-            let status = Command::new("gcc")
-                .args(cflags)
-                .args(args)
-                .status()
-                .expect("gcc is installed (cargo xtask setup)");
-            assert!(status.success(), "gcc {args:?} failed");
-        };
-        let so = dir.join("libmtfixture_handler.so");
-        gcc(&[
-            "-fPIC",
-            "-shared",
-            "-o",
-            so.to_str().unwrap(),
-            src.join("handler.c").to_str().unwrap(),
-        ]);
-        let rpath = format!("-Wl,-rpath,{}", dir.display());
-        let libdir = format!("-L{}", dir.display());
-        gcc(&[
-            "-o",
-            dir.join("leaky_server").to_str().unwrap(),
-            src.join("leaky_server.c").to_str().unwrap(),
-            &libdir,
-            "-lmtfixture_handler",
-            &rpath,
-        ]);
-        for name in ["prefork_pages", "mapper"] {
-            gcc(&[
-                "-o",
-                dir.join(name).to_str().unwrap(),
-                src.join(format!("{name}.c")).to_str().unwrap(),
-            ]);
-        }
+        let script = workspace_root().join("tests/fixtures/build.sh");
+        let status = Command::new(&script)
+            .arg(&dir)
+            .status()
+            .expect("run tests/fixtures/build.sh (gcc is installed by cargo xtask setup)");
+        assert!(status.success(), "building the fixtures failed");
         Fixtures { dir }
     })
 }

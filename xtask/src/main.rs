@@ -6,6 +6,7 @@
 //! cargo xtask run -- ARGS    build in release and run `memtrace ARGS`
 //! cargo xtask bench          benchmarks, written to BENCHMARKS.md
 //! ```
+mod bench;
 mod setup;
 
 use std::{path::PathBuf, process::Command};
@@ -38,6 +39,19 @@ enum Cmd {
         unit: bool,
         /// Only tests whose name contains this.
         filter: Option<String>,
+    },
+    /// Measure memtrace's cost and limits on this machine (root); prints a
+    /// report and writes it to BENCHMARKS.tmp.md.
+    Bench {
+        /// Interleaved rounds per comparison.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Seconds per load run.
+        #[arg(long, default_value_t = 8)]
+        seconds: u64,
+        /// Minutes of the soak run (0 skips it).
+        #[arg(long, default_value_t = 0)]
+        soak_minutes: u64,
     },
     /// Build in release mode and run memtrace with these arguments.
     Run {
@@ -89,6 +103,18 @@ fn main() -> Result<()> {
         Cmd::Build => {
             ensure_setup()?;
             run(cargo().args(["build", "--release", "-p", "memtrace"]))
+        }
+        Cmd::Bench {
+            rounds,
+            seconds,
+            soak_minutes,
+        } => {
+            ensure_setup()?;
+            bench::bench(&bench::BenchOptions {
+                rounds,
+                seconds,
+                soak_minutes,
+            })
         }
         Cmd::Run { args } => {
             ensure_setup()?;

@@ -20,6 +20,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("wrk", "wrk"),
     ("tmux", "tmux"),
     ("hyperfine", "hyperfine"),
+    ("bpftool", "bpftool"),
 ];
 
 pub struct SetupOptions {

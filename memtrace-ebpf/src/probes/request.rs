@@ -152,7 +152,8 @@ fn try_accept_exit(ctx: &TracePointContext) -> Result<(), i64> {
     Ok(())
 }
 
-/// sys_enter_close: closing the connection of the request in flight ends it.
+/// sys_enter_close and sys_enter_shutdown: closing (or shutting down) the
+/// connection of the request in flight ends it.
 #[tracepoint]
 pub fn close_enter(ctx: TracePointContext) -> u32 {
     let _ = try_close_enter(&ctx);
