@@ -74,8 +74,8 @@ pub enum Command {
     Top {
         #[command(flatten)]
         client: ClientArgs,
-        /// Seconds between refreshes.
-        #[arg(long, default_value_t = 1.0)]
+        /// Seconds between refreshes (0.1 to 3600).
+        #[arg(long, default_value_t = 1.0, value_parser = parse_interval)]
         interval: f64,
     },
     /// Start a bundled leaky server, attach, and show a leak detected and a
@@ -93,6 +93,15 @@ pub enum Command {
     },
     /// Shell completions: `memtrace completions bash > /etc/bash_completion.d/memtrace`.
     Completions { shell: clap_complete::Shell },
+}
+
+fn parse_interval(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.1..=3600.0).contains(&v) => Ok(v),
+        _ => Err(format!(
+            "`{s}` is not a number of seconds between 0.1 and 3600"
+        )),
+    }
 }
 
 /// How the client commands reach the agent.

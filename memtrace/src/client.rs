@@ -43,6 +43,11 @@ impl Client {
         }
     }
 
+    /// The agent's base URL.
+    pub fn url(&self) -> &str {
+        &self.base
+    }
+
     /// GETs a path and returns the JSON body; API errors become ClientError.
     pub fn get(&self, path_and_query: &str) -> Result<Value, ClientError> {
         let url = format!("{}{}", self.base, path_and_query);

@@ -175,31 +175,6 @@ fn progress(state: &State) -> Progress {
     }
 }
 
-/// Set by SIGINT/SIGTERM: the demo stops and cleans up (its server runs in
-/// a process group of its own, which a terminal's Ctrl-C does not reach).
-static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-extern "C" fn on_interrupt(_: libc::c_int) {
-    INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
-}
-
-fn interrupted() -> bool {
-    INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst)
-}
-
-fn catch_interrupts() {
-    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
-    let action = SigAction::new(
-        SigHandler::Handler(on_interrupt),
-        SaFlags::SA_RESTART,
-        SigSet::empty(),
-    );
-    for sig in [Signal::SIGINT, Signal::SIGTERM] {
-        // SAFETY: the handler only stores to an atomic.
-        let _ = unsafe { sigaction(sig, &action) };
-    }
-}
-
 fn say(start: Instant, line: impl std::fmt::Display) {
     println!("[{:5.1}s] {line}", start.elapsed().as_secs_f64());
 }
@@ -207,7 +182,7 @@ fn say(start: Instant, line: impl std::fmt::Display) {
 /// Runs the demo; returns once the detection and the restart were shown.
 pub fn run(opts: &DemoOptions) -> Result<(), DemoError> {
     let start = Instant::now();
-    catch_interrupts();
+    crate::interrupt::catch_stop_signals();
     println!(
         "memtrace demo: a prefork server with {} workers, each request leaking {} KiB; soft limit {} MB\n",
         opts.workers, opts.leak_kb, opts.soft_limit_mb
@@ -266,7 +241,7 @@ pub fn run(opts: &DemoOptions) -> Result<(), DemoError> {
     let mut replaced_at = None;
     let mut sent = 0u64;
     loop {
-        if interrupted() {
+        if crate::interrupt::stop_requested() {
             return Err(DemoError::Interrupted);
         }
         if start.elapsed() > opts.timeout {
@@ -365,7 +340,7 @@ pub fn run(opts: &DemoOptions) -> Result<(), DemoError> {
             format_args!("holding for {} s (Ctrl-C to stop)...", opts.hold.as_secs()),
         );
         let until = Instant::now() + opts.hold;
-        while Instant::now() < until && !interrupted() {
+        while Instant::now() < until && !crate::interrupt::stop_requested() {
             request(server.port);
             std::thread::sleep(Duration::from_millis(500));
         }

@@ -129,10 +129,10 @@ pub fn run(port: u16, workers: usize, leak_bytes: usize) -> std::io::Result<()> 
         }
         match waitpid(None, None) {
             Ok(WaitStatus::Exited(dead, _) | WaitStatus::Signaled(dead, _, _)) => {
-                if let Some(slot) = pids.iter_mut().find(|p| **p == dead) {
-                    if !STOP.load(Ordering::SeqCst) {
-                        *slot = spawn(&listener, leak_bytes)?;
-                    }
+                if let Some(slot) = pids.iter_mut().find(|p| **p == dead)
+                    && !STOP.load(Ordering::SeqCst)
+                {
+                    *slot = spawn(&listener, leak_bytes)?;
                 }
             }
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}

@@ -13,6 +13,7 @@ pub mod demo;
 pub mod demo_server;
 pub mod detector;
 pub mod events;
+pub mod interrupt;
 pub mod loader;
 pub mod logging;
 pub mod metrics;

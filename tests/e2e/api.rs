@@ -2,7 +2,7 @@
 //! leaking; snapshot, requests, diff: the leaking function is the top growth
 //! site and [heap]/[anon] grew by the bytes leaked. Stack programs are
 //! attached only between snapshot and stop.
-use std::{net::SocketAddr, process::Command, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
 use memtrace::loader::{ProbeTarget, RequestProbes};
 use memtrace_tests::*;
@@ -44,18 +44,10 @@ fn snapshot_requests_diff_finds_the_leaking_function() {
     let addr = agent_core.api_addr().expect("API bound");
     let agent = AgentHarness::from_agent(agent_core);
 
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
     // Every request uses and frees 48 KiB (scratch_buffer); /leak/N also
     // keeps N bytes (leak_memory).
-    let _server = Proc::spawn(
-        Command::new(fixtures().bin("leaky_server"))
-            .arg(port.to_string())
-            .arg("2")
-            .arg(dir.path())
-            .env("SCRATCH_BYTES", (48 * 1024).to_string()),
-    );
-    assert!(wait_port(port, Duration::from_secs(10)));
+    let server = LeakyServer::start(2, 0, &[("SCRATCH_BYTES", "49152")]);
+    let port = server.port;
     drive(port, "/leak/0", 50, 2);
 
     // Without a token: 403. Status lists both workers with PSS and USS.

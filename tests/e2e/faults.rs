@@ -22,17 +22,9 @@ fn a_worker_killed_mid_request_gives_an_aborted_summary() {
         symbol: "serve_connection".into(),
     });
     let agent = AgentHarness::start(settings);
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let _server = Proc::spawn(
-        Command::new(fixtures().bin("leaky_server"))
-            .arg(port.to_string())
-            .arg("1")
-            .arg(dir.path()),
-    );
-    assert!(wait_port(port, Duration::from_secs(10)));
+    let server = LeakyServer::start(1, 0, &[]);
+    let (port, master) = (server.port, server.master);
     http_get(port, "/").unwrap();
-    let master = read_pid(&dir.path().join("master")).unwrap();
     let worker = agent
         .with(|s| s.registry.alive().find(|w| w.ppid == master).map(|w| w.pid))
         .expect("worker traced");

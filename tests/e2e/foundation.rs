@@ -242,20 +242,6 @@ fn mmap_munmap_mremap_and_brk_totals_equal_the_fixtures_own() {
     assert_no_drops(&agent);
 }
 
-fn gunicorn(port: u16, workers: usize) -> Proc {
-    Proc::spawn(
-        Command::new("gunicorn")
-            .args(["--workers", &workers.to_string(), "--worker-class", "sync"])
-            .arg("--bind")
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--chdir")
-            .arg(Fixtures::source(""))
-            .arg("wsgi_app:app")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()),
-    )
-}
-
 fn gunicorn_tree(agent: &AgentHarness, workers: usize) -> Option<(u32, Vec<u32>)> {
     agent.with(|s| {
         let master = s
@@ -273,23 +259,13 @@ fn gunicorn_tree(agent: &AgentHarness, workers: usize) -> Option<(u32, Vec<u32>)
     })
 }
 
-/// The pids gunicorn really runs: the master and its children, from /proc.
-fn proc_children(master: u32) -> Vec<u32> {
-    let mut kids: Vec<u32> = memtrace::procinfo::all_pids()
-        .into_iter()
-        .filter(|&p| memtrace::procinfo::view(p).is_some_and(|v| v.ppid == master))
-        .collect();
-    kids.sort_unstable();
-    kids
-}
-
 #[test]
 fn real_gunicorn_master_and_workers_with_rss_from_the_kernel() {
     let _serial = serial();
     let port = free_port();
     // Agent first: gunicorn is matched at exec and its workers at fork.
     let agent = AgentHarness::start(test_settings(&["gunicorn"]));
-    let _server = gunicorn(port, 3);
+    let _server = gunicorn(port, 3, 0);
     assert!(wait_port(port, Duration::from_secs(20)), "gunicorn listens");
     let mut tree = None;
     assert!(
@@ -301,7 +277,7 @@ fn real_gunicorn_master_and_workers_with_rss_from_the_kernel() {
     );
     let (master, mut workers) = tree.unwrap();
     workers.sort_unstable();
-    assert_eq!(workers, proc_children(master), "the workers /proc lists");
+    assert_eq!(workers, children_of(master), "the workers /proc lists");
     for _ in 0..20 {
         http_get(port, "/").expect("gunicorn answers");
     }

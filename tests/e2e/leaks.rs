@@ -2,7 +2,7 @@
 //! leak gives the slope; the fixture master counts the signals it gets; real
 //! gunicorn replaces its workers and memtrace follows the new ones.
 use std::{
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -13,20 +13,6 @@ use memtrace::{
 use memtrace_tests::*;
 
 const MIB: u64 = 1024 * 1024;
-
-fn start_leaky(workers: usize, leak: u64) -> (Proc, u16, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let proc = Proc::spawn(
-        Command::new(fixtures().bin("leaky_server"))
-            .arg(port.to_string())
-            .arg(workers.to_string())
-            .arg(dir.path())
-            .env("LEAK_BYTES", leak.to_string()),
-    );
-    assert!(wait_port(port, Duration::from_secs(10)));
-    (proc, port, dir)
-}
 
 #[test]
 fn a_1mb_per_request_leak_is_logged_with_its_slope() {
@@ -42,7 +28,8 @@ fn a_1mb_per_request_leak_is_logged_with_its_slope() {
         "--soft-limit-mb",
         "100000",
     ]);
-    let (_server, port, _dir) = start_leaky(1, MIB);
+    let server = LeakyServer::start(1, MIB, &[]);
+    let port = server.port;
     // Warm-up 20, then the window needs 50 samples at a check (every 50).
     drive(port, "/", 150, 1);
     let line = agent
@@ -68,9 +55,9 @@ fn no_leak_no_alarm() {
         symbol: "handle_request".into(),
     });
     let agent = AgentHarness::start(settings);
-    let (_server, port, dir) = start_leaky(2, 0);
-    drive(port, "/", 400, 2);
-    let master = read_pid(&dir.path().join("master")).unwrap();
+    let server = LeakyServer::start(2, 0, &[]);
+    drive(server.port, "/", 400, 2);
+    let master = server.master;
     assert!(agent.wait(Duration::from_secs(10), |s| {
         s.registry
             .alive()
@@ -182,18 +169,18 @@ fn the_fixture_master_restarts_a_leaking_worker_once() {
     settings.soft_limit.jitter = Duration::ZERO;
     settings.soft_limit.min_interval = Duration::from_millis(500);
     let agent = AgentHarness::start(settings);
-    let (_server, port, dir) = start_leaky(1, MIB);
-    let master = read_pid(&dir.path().join("master")).unwrap();
-    let first = *worker_pids(master).first().expect("a worker");
+    let server = LeakyServer::start(1, MIB, &[]);
+    let (port, master) = (server.port, server.master);
+    let first = server.workers(1)[0];
     // ~40 requests of 1 MiB cross 40 MB; the master's restart replaces the worker.
     for _ in 0..60 {
         http_get(port, "/").unwrap();
-        if hups(dir.path()) > 0 {
+        if server.hups() > 0 {
             break;
         }
     }
     assert!(
-        wait_for(Duration::from_secs(10), || hups(dir.path()) == 1),
+        wait_for(Duration::from_secs(10), || server.hups() == 1),
         "master got a SIGHUP"
     );
     assert!(
@@ -211,22 +198,10 @@ fn the_fixture_master_restarts_a_leaking_worker_once() {
         assert!(w.detector.request_count() < 5);
     });
     assert_eq!(
-        hups(dir.path()),
+        server.hups(),
         1,
         "exactly one SIGHUP for that worker's lifetime"
     );
-}
-
-fn worker_pids(master: u32) -> Vec<u32> {
-    let mut kids = Vec::new();
-    wait_for(Duration::from_secs(10), || {
-        kids = memtrace::procinfo::all_pids()
-            .into_iter()
-            .filter(|&p| memtrace::procinfo::view(p).is_some_and(|v| v.ppid == master))
-            .collect();
-        !kids.is_empty()
-    });
-    kids
 }
 
 #[test]
@@ -240,25 +215,7 @@ fn real_gunicorn_is_restarted_by_sighup_and_its_new_workers_followed() {
     settings.soft_limit.target = SoftLimitTarget::Parent;
     let agent = AgentHarness::start(settings);
     let port = free_port();
-    let _server = Proc::spawn(
-        Command::new("gunicorn")
-            .args([
-                "--workers",
-                "2",
-                "--worker-class",
-                "sync",
-                "--graceful-timeout",
-                "5",
-            ])
-            .arg("--bind")
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--chdir")
-            .arg(Fixtures::source(""))
-            .arg("wsgi_app:app")
-            .env("LEAK_BYTES", MIB.to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()),
-    );
+    let _server = gunicorn(port, 2, MIB);
     assert!(wait_port(port, Duration::from_secs(20)));
     let mut tree = None;
     assert!(wait_for(Duration::from_secs(10), || {
@@ -286,8 +243,9 @@ fn real_gunicorn_is_restarted_by_sighup_and_its_new_workers_followed() {
             break;
         }
     }
+    // The enforcer acts on the agent's next refresh.
     assert!(
-        agent.with(|s| s.enforcer.actions_taken) >= 1,
+        agent.wait(Duration::from_secs(10), |s| s.enforcer.actions_taken >= 1),
         "a restart was asked for"
     );
     // gunicorn replaces every worker on SIGHUP; memtrace follows the new ones.

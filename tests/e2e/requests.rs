@@ -1,63 +1,29 @@
 //! Request boundaries: uprobes (in a shared library and in an executable)
 //! and accept mode, on the fixture server and real gunicorn. Requests counted
 //! against requests sent; per-request RSS growth against the known leak.
-use std::{
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::time::Duration;
 
 use memtrace::loader::{ProbeTarget, RequestProbes};
 use memtrace_tests::*;
 
 const KIB: i64 = 1024;
 
+/// A leaky_server with its workers' pids.
 struct Server {
-    _proc: Proc,
+    _inner: LeakyServer,
     port: u16,
     workers: Vec<u32>,
-    _dir: tempfile::TempDir,
 }
 
 fn leaky_server(workers: usize, leak: i64) -> Server {
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let proc = Proc::spawn(
-        Command::new(fixtures().bin("leaky_server"))
-            .arg(port.to_string())
-            .arg(workers.to_string())
-            .arg(dir.path())
-            .env("LEAK_BYTES", leak.to_string()),
-    );
-    assert!(
-        wait_port(port, Duration::from_secs(10)),
-        "leaky_server listens"
-    );
-    // leaky_server writes its pid file before it listens.
-    let master = read_pid(&dir.path().join("master")).expect("master pid");
-    let workers = children(master, workers);
+    let inner = LeakyServer::start(workers, leak as u64, &[]);
+    let port = inner.port;
+    let workers = inner.workers(workers);
     Server {
-        _proc: proc,
+        _inner: inner,
         port,
         workers,
-        _dir: dir,
     }
-}
-
-/// The children of `parent`, once there are `n` of them.
-fn children(parent: u32, n: usize) -> Vec<u32> {
-    let mut kids = Vec::new();
-    assert!(
-        wait_for(Duration::from_secs(10), || {
-            kids = memtrace::procinfo::all_pids()
-                .into_iter()
-                .filter(|&p| memtrace::procinfo::view(p).is_some_and(|v| v.ppid == parent))
-                .collect();
-            kids.len() == n
-        }),
-        "{parent} has {} children, expected {n}",
-        kids.len()
-    );
-    kids
 }
 
 fn settings(name: &str, requests: RequestProbes) -> memtrace::agent::AgentSettings {
@@ -213,21 +179,6 @@ fn a_missing_symbol_is_refused_with_near_matches() {
     );
 }
 
-fn gunicorn(port: u16, workers: usize, leak: i64) -> Proc {
-    Proc::spawn(
-        Command::new("gunicorn")
-            .args(["--workers", &workers.to_string(), "--worker-class", "sync"])
-            .arg("--bind")
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--chdir")
-            .arg(Fixtures::source(""))
-            .arg("wsgi_app:app")
-            .env("LEAK_BYTES", leak.to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()),
-    )
-}
-
 fn gunicorn_workers(port: u16, n: usize) -> Vec<u32> {
     // The master: gunicorn with our port on its command line, whose parent
     // is not gunicorn.
@@ -242,7 +193,7 @@ fn gunicorn_workers(port: u16, n: usize) -> Vec<u32> {
         });
         master.is_some()
     }));
-    children(master.unwrap(), n)
+    wait_children(master.unwrap(), n)
 }
 
 #[test]
@@ -251,7 +202,7 @@ fn accept_mode_on_real_gunicorn_counts_every_request_and_the_leak() {
     let agent = AgentHarness::start(settings("gunicorn", RequestProbes::Accept));
     let port = free_port();
     let leak = 256 * KIB;
-    let _server = gunicorn(port, 3, leak);
+    let _server = gunicorn(port, 3, leak as u64);
     assert!(wait_port(port, Duration::from_secs(20)), "gunicorn listens");
     let workers = gunicorn_workers(port, 3);
     let sent = 300;

@@ -474,3 +474,93 @@ pub fn requests_seen(state: &State, pids: &[u32]) -> u64 {
         .map(|w| w.requests.seen)
         .sum()
 }
+
+/// Children of `parent` right now, sorted.
+pub fn children_of(parent: u32) -> Vec<u32> {
+    let mut kids: Vec<u32> = memtrace::procinfo::all_pids()
+        .into_iter()
+        .filter(|&p| memtrace::procinfo::view(p).is_some_and(|v| v.ppid == parent))
+        .collect();
+    kids.sort_unstable();
+    kids
+}
+
+/// The children of `parent`, once there are `n` of them.
+pub fn wait_children(parent: u32, n: usize) -> Vec<u32> {
+    let mut kids = Vec::new();
+    let ok = wait_for(Duration::from_secs(20), || {
+        kids = children_of(parent);
+        kids.len() == n
+    });
+    assert!(ok, "{parent} has {} children, expected {n}", kids.len());
+    kids
+}
+
+/// The fixture prefork HTTP server (tests/fixtures/leaky_server.c).
+pub struct LeakyServer {
+    pub proc: Proc,
+    pub port: u16,
+    pub master: u32,
+    /// Its status files (master pid, SIGHUP count, per-worker counts).
+    pub dir: tempfile::TempDir,
+}
+
+impl LeakyServer {
+    /// Starts `workers` workers leaking `leak_bytes` per request (LEAK_BYTES),
+    /// with extra environment, and waits until it listens.
+    pub fn start(workers: usize, leak_bytes: u64, env: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let port = free_port();
+        let proc = Proc::spawn(
+            Command::new(fixtures().bin("leaky_server"))
+                .arg(port.to_string())
+                .arg(workers.to_string())
+                .arg(dir.path())
+                .env("LEAK_BYTES", leak_bytes.to_string())
+                .envs(env.iter().copied()),
+        );
+        assert!(
+            wait_port(port, Duration::from_secs(10)),
+            "leaky_server listens"
+        );
+        // leaky_server writes its pid file before it listens.
+        let master = read_pid(&dir.path().join("master")).expect("master pid");
+        Self {
+            proc,
+            port,
+            master,
+            dir,
+        }
+    }
+
+    /// Its workers, once all `n` are running.
+    pub fn workers(&self, n: usize) -> Vec<u32> {
+        wait_children(self.master, n)
+    }
+
+    /// SIGHUPs the master has received.
+    pub fn hups(&self) -> usize {
+        std::fs::read_to_string(self.dir.path().join("hup"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+/// Real gunicorn (Debian's), sync workers, serving tests/fixtures/wsgi_app.py
+/// which keeps `leak_bytes` per request.
+pub fn gunicorn(port: u16, workers: usize, leak_bytes: u64) -> Proc {
+    Proc::spawn(
+        Command::new("gunicorn")
+            .args(["--workers", &workers.to_string(), "--worker-class", "sync"])
+            .args(["--graceful-timeout", "5"])
+            .arg("--bind")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--chdir")
+            .arg(Fixtures::source(""))
+            .arg("wsgi_app:app")
+            .env("LEAK_BYTES", leak_bytes.to_string())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null()),
+    )
+}

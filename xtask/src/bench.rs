@@ -374,7 +374,7 @@ fn program_costs(
                 (runs > 0).then(|| (name, runs, run_ns as f64 / runs as f64))
             })
             .collect();
-        costs.sort_by(|a, b| b.1.cmp(&a.1));
+        costs.sort_by_key(|c| std::cmp::Reverse(c.1));
         Ok(costs)
     })();
     let _ = std::fs::write(stats, before.trim());
@@ -467,7 +467,13 @@ fn zero_drop_rate(
         eprintln!(
             "  {rate:>7}/s asked, {achieved:>7}/s achieved: {seen} counted of {calls}, {drops} dropped, agent {cpu_pct:.1}% CPU"
         );
-        out.push((rate, achieved, calls.saturating_sub(seen), drops, cpu_pct));
+        out.push(RateRun {
+            asked: rate,
+            achieved,
+            missing: calls.saturating_sub(seen),
+            dropped: drops,
+            agent_cpu_pct: cpu_pct,
+        });
         drop(agent);
     }
     Ok(out)
