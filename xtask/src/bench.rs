@@ -420,12 +420,18 @@ fn program_names() -> Result<Vec<(u32, String)>> {
         .unwrap_or_default())
 }
 
+/// One rate of the zero-drop run.
+struct RateRun {
+    asked: u64,
+    achieved: u64,
+    /// Calls the agent did not count.
+    missing: u64,
+    dropped: u64,
+    agent_cpu_pct: f64,
+}
+
 /// Request-event rates the pipeline carries without a drop.
-fn zero_drop_rate(
-    paths: &Paths,
-    rates: &[u64],
-    seconds: u64,
-) -> Result<Vec<(u64, u64, u64, u64, f64)>> {
+fn zero_drop_rate(paths: &Paths, rates: &[u64], seconds: u64) -> Result<Vec<RateRun>> {
     let mut out = Vec::new();
     for &rate in rates {
         let agent = Agent::start(paths, "request_loop", Mode::Uprobe, &[])?.expect("on");
