@@ -678,16 +678,17 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
         "| asked /s | achieved /s | not counted | ring-buffer drops | agent CPU % of one core |"
     );
     let _ = writeln!(md, "|---:|---:|---:|---:|---:|");
-    for (rate, achieved, missing, dropped, cpu) in &drops {
+    for r in &drops {
         let _ = writeln!(
             md,
-            "| {rate} | {achieved} | {missing} | {dropped} | {cpu:.1} |"
+            "| {} | {} | {} | {} | {:.1} |",
+            r.asked, r.achieved, r.missing, r.dropped, r.agent_cpu_pct
         );
     }
     let best = drops
         .iter()
-        .filter(|r| r.2 == 0 && r.3 == 0)
-        .map(|r| r.1)
+        .filter(|r| r.missing == 0 && r.dropped == 0)
+        .map(|r| r.achieved)
         .max()
         .unwrap_or(0);
     let _ = writeln!(
