@@ -20,6 +20,8 @@ use anyhow::{Context as _, Result, bail};
 use crate::{cargo, run, workspace_root};
 
 const TOKEN: &str = "bench-token";
+/// Workers (and wrk connections) of the fixture server.
+const FIXTURE_WORKERS: u32 = 8;
 
 pub struct BenchOptions {
     /// Interleaved rounds per comparison.
@@ -585,18 +587,20 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
         std::fs::create_dir_all(&dir)?;
         Proc::spawn(
             Command::new(fx.join("leaky_server"))
-                .args([port.to_string(), "2".into()])
+                .args([port.to_string(), FIXTURE_WORKERS.to_string()])
                 .arg(&dir)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null()),
         )
     };
+    // One keep-alive connection per worker: a prefork worker serves one
+    // connection until it closes, so more connections would only queue.
     let fixture = Target {
         name: "leaky_server",
         process_name: "leaky_server",
         start: &leaky,
         threads: 2,
-        conns: 32,
+        conns: FIXTURE_WORKERS,
     };
     let modes = [
         Mode::Off,
@@ -609,8 +613,8 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
     let _ = writeln!(md, "## 1. Throughput, fixture server\n");
     let _ = writeln!(
         md,
-        "`tests/fixtures/leaky_server` with 2 workers, HTTP/1.1 keep-alive, each request writes a 16 KiB scratch buffer (no leak); \
-         `wrk -t2 -c32 -d{}s` on loopback, on the same 2 cores.\n",
+        "`tests/fixtures/leaky_server` with {FIXTURE_WORKERS} workers, HTTP/1.1 keep-alive, each request writes a 16 KiB scratch buffer (no leak); \
+         `wrk -t2 -c{FIXTURE_WORKERS} -d{}s` on loopback, on the same 2 cores.\n",
         opts.seconds
     );
     throughput_table(&mut md, &fixture_results);
@@ -621,7 +625,7 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
     let gunicorn = move |port: u16| -> Result<Proc> {
         Proc::spawn(
             Command::new("gunicorn")
-                .args(["--workers", "2", "--worker-class", "sync", "--bind"])
+                .args(["--workers", "4", "--worker-class", "sync", "--bind"])
                 .arg(format!("127.0.0.1:{port}"))
                 .arg("--chdir")
                 .arg(&app_dir)
@@ -635,17 +639,41 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
         process_name: "gunicorn",
         start: &gunicorn,
         threads: 2,
-        conns: 8,
+        conns: 4,
     };
     let gmodes = [Mode::Off, Mode::Steady, Mode::Accept, Mode::AcceptCollect];
     let gunicorn_results = throughput(&paths, &gunicorn_target, &gmodes, opts)?;
     let _ = writeln!(md, "\n## 2. Throughput, gunicorn\n");
     let _ = writeln!(
         md,
-        "Debian's gunicorn, 2 sync workers, `tests/fixtures/wsgi_app.py` (no leak); sync workers close every connection; `wrk -t2 -c8 -d{}s`.\n",
+        "Debian's gunicorn, 4 sync workers, `tests/fixtures/wsgi_app.py` (no leak); sync workers close every connection; `wrk -t2 -c4 -d{}s`.\n",
         opts.seconds
     );
     throughput_table(&mut md, &gunicorn_results);
+
+    // 2b. Per-operation costs.
+    eprintln!("per-operation costs:");
+    let micro = micro_costs(&paths, opts.rounds)?;
+    let _ = writeln!(md, "\n## 2b. Per-operation cost\n");
+    let _ = writeln!(
+        md,
+        "`tests/fixtures/micro`, in-process timing, interleaved rounds, medians. `syscalls`: ns per getppid(2) — while any \
+         syscall tracepoint is attached every syscall of every process takes the kernel's tracing slow path. `faults`: ns per \
+         first-touch write fault over 512 MiB of fresh anonymous memory, the process traced by name.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| operation | off | on | on + collection | on / off | collection / off |"
+    );
+    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|");
+    for (op, off, on, collect) in &micro {
+        let _ = writeln!(
+            md,
+            "| {op} | {off:.1} ns | {on:.1} ns | {collect:.1} ns | {:.3} | {:.3} |",
+            on / off,
+            collect / off
+        );
+    }
 
     // 3. Kernel-side cost per program.
     eprintln!("per-program cost:");
@@ -793,6 +821,68 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
     eprintln!("\nresults written to BENCHMARKS.tmp.md (merge the analysis into BENCHMARKS.md)");
     print!("{md}");
     Ok(())
+}
+
+/// One run of the micro fixture: ns per operation.
+fn micro_once(paths: &Paths, op: &str, arg: &str, mode: Mode) -> Result<f64> {
+    let mut child = Command::new(paths.fixtures.join("micro"))
+        .args([op, arg])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let pid = child.id();
+    let mut stdin = child.stdin.take().expect("piped");
+    let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
+    let _ready = lines.next();
+    let agent = Agent::start(paths, "micro", mode, &[])?;
+    if let Some(a) = &agent {
+        if !wait_until(Duration::from_secs(10), || a.worker(pid).is_some()) {
+            bail!("the agent did not find the micro fixture");
+        }
+        if mode == Mode::Collect {
+            a.snapshot()?;
+        }
+    }
+    writeln!(stdin)?;
+    let out = lines.next().transpose()?.unwrap_or_default();
+    let _ = child.wait();
+    drop(agent);
+    out.trim()
+        .parse()
+        .with_context(|| format!("micro printed {out:?}"))
+}
+
+/// (operation, off, on, on + collection) medians in ns.
+fn micro_costs(paths: &Paths, rounds: usize) -> Result<Vec<(&'static str, f64, f64, f64)>> {
+    let mut out = Vec::new();
+    for (op, arg, label) in [
+        ("syscalls", "5000000", "getppid syscall"),
+        ("faults", "512", "first-touch page fault"),
+    ] {
+        let mut v = [Vec::new(), Vec::new(), Vec::new()];
+        for _ in 0..rounds {
+            // Steady mode for "on"; Collect adds the stack programs.
+            for (i, mode) in [Mode::Off, Mode::Steady, Mode::Collect]
+                .into_iter()
+                .enumerate()
+            {
+                v[i].push(micro_once(paths, op, arg, mode)?);
+            }
+        }
+        let [mut off, mut on, mut collect] = v;
+        let row = (
+            label,
+            median(&mut off),
+            median(&mut on),
+            median(&mut collect),
+        );
+        eprintln!(
+            "  {}: off {:.1} ns, on {:.1} ns, collecting {:.1} ns",
+            row.0, row.1, row.2, row.3
+        );
+        out.push(row);
+    }
+    Ok(out)
 }
 
 fn soak(paths: &Paths, minutes: u64) -> Result<Vec<(f64, f64, u64)>> {

@@ -44,7 +44,7 @@ enum Cmd {
     /// report and writes it to BENCHMARKS.tmp.md.
     Bench {
         /// Interleaved rounds per comparison.
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = 5)]
         rounds: usize,
         /// Seconds per load run.
         #[arg(long, default_value_t = 8)]
