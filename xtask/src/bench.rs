@@ -243,8 +243,24 @@ fn process_footprint(pid: u32) -> (f64, u64) {
     (cpu, rss)
 }
 
+/// A command pinned to one CPU (when there are two or more): the load
+/// generator on one, the server on the other. Unpinned, the scheduler's
+/// placement of client and server threads swung throughput by ±30% from one
+/// run to the next on these 2-core machines; pinned, by a few percent.
+fn pinned(cpu: usize, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    if thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        return Command::new(program);
+    }
+    let mut cmd = Command::new("taskset");
+    cmd.args(["-c", &cpu.to_string()]).arg(program);
+    cmd
+}
+
+const CLIENT_CPU: usize = 0;
+const SERVER_CPU: usize = 1;
+
 fn wrk(url: &str, seconds: u64, threads: u32, conns: u32) -> Result<f64> {
-    let out = Command::new("wrk")
+    let out = pinned(CLIENT_CPU, "wrk")
         .args([
             format!("-t{threads}"),
             format!("-c{conns}"),
@@ -586,7 +602,7 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
         let dir = std::env::temp_dir().join(format!("memtrace-bench-{port}"));
         std::fs::create_dir_all(&dir)?;
         Proc::spawn(
-            Command::new(fx.join("leaky_server"))
+            pinned(SERVER_CPU, fx.join("leaky_server"))
                 .args([port.to_string(), FIXTURE_WORKERS.to_string()])
                 .arg(&dir)
                 .stdout(Stdio::null())
@@ -599,7 +615,7 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
         name: "leaky_server",
         process_name: "leaky_server",
         start: &leaky,
-        threads: 2,
+        threads: 1,
         conns: FIXTURE_WORKERS,
     };
     let modes = [
@@ -614,7 +630,7 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
     let _ = writeln!(
         md,
         "`tests/fixtures/leaky_server` with {FIXTURE_WORKERS} workers, HTTP/1.1 keep-alive, each request writes a 16 KiB scratch buffer (no leak); \
-         `wrk -t2 -c{FIXTURE_WORKERS} -d{}s` on loopback, on the same 2 cores.\n",
+         `wrk -t1 -c{FIXTURE_WORKERS} -d{}s` on loopback; wrk pinned to CPU 0, the server to CPU 1, the agent free.\n",
         opts.seconds
     );
     throughput_table(&mut md, &fixture_results);
@@ -624,7 +640,7 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
     let app_dir = root.join("tests/fixtures");
     let gunicorn = move |port: u16| -> Result<Proc> {
         Proc::spawn(
-            Command::new("gunicorn")
+            pinned(SERVER_CPU, "gunicorn")
                 .args(["--workers", "4", "--worker-class", "sync", "--bind"])
                 .arg(format!("127.0.0.1:{port}"))
                 .arg("--chdir")
@@ -638,7 +654,7 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
         name: "gunicorn",
         process_name: "gunicorn",
         start: &gunicorn,
-        threads: 2,
+        threads: 1,
         conns: 4,
     };
     let gmodes = [Mode::Off, Mode::Steady, Mode::Accept, Mode::AcceptCollect];
@@ -646,7 +662,7 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
     let _ = writeln!(md, "\n## 2. Throughput, gunicorn\n");
     let _ = writeln!(
         md,
-        "Debian's gunicorn, 4 sync workers, `tests/fixtures/wsgi_app.py` (no leak); sync workers close every connection; `wrk -t2 -c4 -d{}s`.\n",
+        "Debian's gunicorn, 4 sync workers, `tests/fixtures/wsgi_app.py` (no leak); sync workers close every connection; `wrk -t1 -c4 -d{}s`, pinned as above.\n",
         opts.seconds
     );
     throughput_table(&mut md, &gunicorn_results);
@@ -748,7 +764,7 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
     let moderate_cpu = (c1 - c0) / idle_secs as f64 * 100.0;
     let (c2, _) = agent.footprint();
     let t = Instant::now();
-    let full_rps = wrk(&format!("http://127.0.0.1:{port}/"), opts.seconds, 2, 32)?;
+    let full_rps = wrk(&format!("http://127.0.0.1:{port}/"), opts.seconds, 1, 16)?;
     let full_secs = t.elapsed().as_secs_f64();
     let (c3, rss_full) = agent.footprint();
     let full_cpu = (c3 - c2) / full_secs * 100.0;
@@ -903,7 +919,7 @@ fn soak(paths: &Paths, minutes: u64) -> Result<Vec<(f64, f64, u64)>> {
     let mut requests = 0.0;
     let mut samples = vec![(0.0, 0.0, agent.footprint().1)];
     while start.elapsed() < Duration::from_secs(minutes * 60) {
-        requests += wrk(&format!("http://127.0.0.1:{port}/"), 30, 2, 16)? * 30.0;
+        requests += wrk(&format!("http://127.0.0.1:{port}/"), 30, 1, 4)? * 30.0;
         let rss = agent.footprint().1;
         let min = start.elapsed().as_secs_f64() / 60.0;
         eprintln!(
