@@ -270,6 +270,14 @@ impl Tracer {
         Ok((tracer, events))
     }
 
+    fn uprobe(&mut self, program: &str) -> &mut UProbe {
+        let p = self
+            .ebpf
+            .program_mut(program)
+            .unwrap_or_else(|| panic!("program {program} is in the object"));
+        p.try_into().expect("uprobe program")
+    }
+
     fn tracepoint(&mut self, program: &str) -> &mut TracePoint {
         let p = self
             .ebpf
@@ -302,13 +310,8 @@ impl Tracer {
         target: &ProbeTarget,
     ) -> Result<(), LoadError> {
         debug_assert!(UPROBE_PROGRAMS.contains(&program));
-        let p: &mut UProbe = self
-            .ebpf
-            .program_mut(program)
-            .expect("uprobe program is in the object")
-            .try_into()
-            .expect("uprobe program");
-        let link = p
+        let link = self
+            .uprobe(program)
             .attach(
                 target.symbol.as_str(),
                 &target.binary,
@@ -456,13 +459,10 @@ impl Tracer {
         };
         let mut links = Vec::new();
         for &(program, symbol) in ALLOC_PROBES {
-            let p: &mut UProbe = self
-                .ebpf
-                .program_mut(program)
-                .expect("alloc program is in the object")
-                .try_into()
-                .expect("uprobe program");
-            match p.attach(symbol, &libc, UProbeScope::OneProcess(pid)) {
+            match self
+                .uprobe(program)
+                .attach(symbol, &libc, UProbeScope::OneProcess(pid))
+            {
                 Ok(link) => links.push((program, link)),
                 Err(e) => {
                     tracing::warn!(pid = tgid, symbol, error = %e, "cannot probe the C library's allocator");
@@ -475,13 +475,7 @@ impl Tracer {
     /// Detaches one process's malloc/free probes (it exited).
     pub fn detach_alloc_probes(&mut self, tgid: u32) {
         for (program, link) in self.alloc_links.remove(&tgid).unwrap_or_default() {
-            let p: &mut UProbe = self
-                .ebpf
-                .program_mut(program)
-                .expect("alloc program is in the object")
-                .try_into()
-                .expect("uprobe program");
-            let _ = p.detach(link);
+            let _ = self.uprobe(program).detach(link);
         }
     }
 
