@@ -589,7 +589,7 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
     );
     let _ = writeln!(
         md,
-        "Reproduce with `sudo -E cargo xtask bench` (this file is rewritten; `--rounds`, `--seconds` and `--soak-minutes` change the run). \
+        "Reproduce with `sudo -E cargo xtask bench` (it writes its tables to BENCHMARKS.tmp.md; `--rounds`, `--seconds` and `--soak-minutes` change the run). \
          Ratios compare runs of the same invocation, interleaved off/on and summarised by the median of {} rounds of {} s; \
          the machine is shared and noisy, so absolute numbers move between runs and ratios within about ±3%.\n",
         opts.rounds, opts.seconds
