@@ -1,7 +1,7 @@
 //! Request boundaries: uprobes (in a shared library and in an executable)
 //! and accept mode, on the fixture server and real gunicorn. Requests counted
 //! against requests sent; per-request RSS growth against the known leak.
-use std::time::Duration;
+use std::{process::Command, time::Duration};
 
 use memtrace::loader::{ProbeTarget, RequestProbes};
 use memtrace_tests::*;
@@ -221,4 +221,52 @@ fn accept_mode_on_real_gunicorn_counts_every_request_and_the_leak() {
         sent as u64,
         "{per_worker:?}"
     );
+}
+
+/// Runs `request_loop` at a slow pace for `seconds`; returns the calls it made
+/// and its pid.
+fn run_request_loop(agent: &AgentHarness, args: &[&str]) -> (u64, u32) {
+    use std::io::{BufRead as _, Write as _};
+    let mut proc = Proc::spawn(
+        Command::new(fixtures().bin("request_loop"))
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped()),
+    );
+    let pid = proc.pid();
+    let mut stdin = proc.child.stdin.take().unwrap();
+    let mut lines = std::io::BufReader::new(proc.child.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "ready");
+    assert!(agent.wait(Duration::from_secs(5), |s| s.registry.contains(pid)));
+    writeln!(stdin).unwrap();
+    let done = lines.next().unwrap().unwrap();
+    let calls: u64 = done.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let ok = agent.wait(Duration::from_secs(10), |s| {
+        s.registry
+            .get(pid)
+            .is_some_and(|w| w.requests.seen >= calls)
+    });
+    assert!(ok, "not every call was counted");
+    writeln!(stdin).unwrap();
+    (calls, pid)
+}
+
+#[test]
+fn a_recursive_request_function_counts_once_per_outer_call() {
+    let _serial = serial();
+    let probe = RequestProbes::Function(ProbeTarget {
+        binary: fixtures().handler_so(),
+        symbol: "recurse".into(),
+    });
+    let agent = AgentHarness::start(settings("request_loop", probe));
+    // 200 calls a second for a second, each recursing 5 deep.
+    let (calls, pid) = run_request_loop(&agent, &["200", "1", "5"]);
+    std::thread::sleep(Duration::from_millis(300));
+    agent.with(|s| {
+        // It may have exited by now: find() looks in the exited list too.
+        let w = s.registry.find(pid).unwrap();
+        assert_eq!(w.requests.seen, calls, "one request per outer call");
+        assert!(w.requests.recent(1000).all(|r| !r.aborted));
+        assert_eq!(w.stats.requests_in_flight(), 0);
+    });
 }

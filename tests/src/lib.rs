@@ -15,6 +15,8 @@ use std::{
 };
 
 use memtrace::agent::{Agent, AgentSettings, BackgroundAgent, SharedState, State};
+/// Regular expressions, for selector settings.
+pub use regex::Regex;
 
 /// Fails the test with instructions when not root: an end-to-end test that
 /// silently passed without loading anything would prove nothing.
