@@ -403,22 +403,24 @@ fn without_privileges_the_agent_says_so_and_exits_non_zero() {
 #[test]
 fn exe_and_cmdline_selectors_find_servers_as_they_start() {
     let _serial = serial();
-    for by_exe in [true, false] {
+    let by_exe = memtrace::selectors::Selectors {
+        exes: vec![std::fs::canonicalize(fixtures().bin("prefork_pages")).unwrap()],
+        ..Default::default()
+    };
+    let by_cmdline = memtrace::selectors::Selectors {
+        cmdline: Some(Regex::new(r"prefork_pages 2 \d+ ").unwrap()),
+        ..Default::default()
+    };
+    for (how, selectors) in [("exe", by_exe), ("cmdline", by_cmdline)] {
         let mut settings = test_settings(&[]);
-        if by_exe {
-            settings.selectors.exes =
-                vec![std::fs::canonicalize(fixtures().bin("prefork_pages")).unwrap()];
-        } else {
-            settings.selectors.cmdline = Some(Regex::new(r"prefork_pages 2 \d+ ").unwrap());
-        }
+        settings.selectors = selectors;
         let agent = AgentHarness::start(settings);
         let dir = tempfile::tempdir().unwrap();
         let (_server, master, workers) = start_prefork(dir.path(), 2);
         assert!(
             agent.wait(Duration::from_secs(5), |s| s.registry.contains(master)
                 && workers.iter().all(|w| s.registry.contains(*w))),
-            "selected by {}: master {master} and workers {workers:?}",
-            if by_exe { "exe" } else { "cmdline" }
+            "selected by {how}: master {master} and workers {workers:?}"
         );
         agent.with(|s| {
             assert_eq!(s.registry.get(master).unwrap().origin, Origin::Exec);
