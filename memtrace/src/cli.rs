@@ -696,7 +696,8 @@ impl AgentArgs {
         let load = LoadOptions {
             ring_buffer_bytes,
             rss_step_bytes,
-            report_all_execs: selectors.needs_exec_reports(),
+            // Derived from the selectors when the agent starts.
+            report_all_execs: false,
             fault_sample_period: match self.fault_sample_period.unwrap_or(4) {
                 0 => return Err(invalid("--fault-sample-period", "must be at least 1")),
                 n => n,

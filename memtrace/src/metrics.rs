@@ -31,7 +31,8 @@ struct OutcomeLabels {
 
 type GaugeF = Gauge<f64, std::sync::atomic::AtomicU64>;
 
-/// Metric names, for the dashboard and the docs.
+/// Every series `render` exports (counters with their `_total`), checked
+/// against the Grafana dashboard by a test.
 pub const METRIC_NAMES: &[&str] = &[
     "memtrace_worker_rss_bytes",
     "memtrace_worker_rss_type_bytes",
@@ -228,4 +229,26 @@ pub fn render(state: &State) -> String {
     // Writing to a String cannot fail.
     let _ = encode(&mut out, &registry);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every series the Grafana dashboard queries is one memtrace exports.
+    #[test]
+    fn the_dashboard_queries_only_exported_series() {
+        let dashboard = include_str!("../../deploy/grafana/memtrace-dashboard.json");
+        let re = regex::Regex::new(r"memtrace_[a-z_]+").unwrap();
+        let used: std::collections::BTreeSet<&str> =
+            re.find_iter(dashboard).map(|m| m.as_str()).collect();
+        assert!(used.len() >= 10, "the dashboard uses {used:?}");
+        for name in &used {
+            let known = METRIC_NAMES.iter().any(|m| name == m);
+            assert!(
+                known,
+                "the dashboard queries {name}, which memtrace does not export"
+            );
+        }
+    }
 }
