@@ -9,7 +9,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use memtrace_tests::{Proc, api_get, free_port, memtrace_bin, require_root, serial, wait_port};
+use memtrace_tests::{
+    Proc, api_get, free_port, memtrace_bin, poll_every, require_root, serial, wait_port,
+};
 
 const TOKEN: &str = "operator-test-token";
 const DEMO_SERVER_NAME: &str = "mt-demo-server";
@@ -43,30 +45,16 @@ impl Output {
 
     /// Waits for the writer to close the pipe, then returns everything.
     fn finish(self, timeout: Duration) -> String {
-        poll(timeout, Duration::from_millis(20), || {
+        poll_every(timeout, Duration::from_millis(20), || {
             self.reader.is_finished()
         });
         self.text()
     }
 }
 
-/// Checks `cond` every `step` until it holds or `timeout` passes.
-fn poll(timeout: Duration, step: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        thread::sleep(step);
-    }
-}
-
 fn wait_exit(proc: &mut Proc, timeout: Duration) -> Option<ExitStatus> {
     let mut status = None;
-    poll(timeout, Duration::from_millis(50), || {
+    poll_every(timeout, Duration::from_millis(50), || {
         status = proc.child.try_wait().ok().flatten();
         status.is_some()
     });
@@ -273,7 +261,7 @@ impl Tmux {
         mut cond: impl FnMut(&str) -> bool,
     ) -> Result<String, String> {
         let mut last = String::new();
-        let ok = poll(timeout, Duration::from_millis(200), || {
+        let ok = poll_every(timeout, Duration::from_millis(200), || {
             last = self.capture(session);
             cond(&last)
         });
@@ -327,7 +315,7 @@ fn top_under_tmux_shows_the_demo_workers_and_updates() {
     // light traffic keeps the workers well under the limit for a while: the
     // pids stay the same during the test.
     assert!(
-        poll(Duration::from_secs(90), Duration::from_millis(100), || demo
+        poll_every(Duration::from_secs(90), Duration::from_millis(100), || demo
             .stdout
             .text()
             .contains("demo complete")),
@@ -338,7 +326,7 @@ fn top_under_tmux_shows_the_demo_workers_and_updates() {
     assert_eq!(code, 200, "/healthz");
     let mut workers = Vec::new();
     assert!(
-        poll(Duration::from_secs(10), Duration::from_millis(100), || {
+        poll_every(Duration::from_secs(10), Duration::from_millis(100), || {
             let (code, body) = api_get(demo.addr, &format!("/v1/workers?token={TOKEN}"));
             workers = body["workers"]
                 .as_array()

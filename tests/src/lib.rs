@@ -77,7 +77,12 @@ pub fn memtrace_bin() -> PathBuf {
 }
 
 /// Polls `cond` every 20 ms until it holds or `timeout` passes.
-pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+pub fn wait_for(timeout: Duration, cond: impl FnMut() -> bool) -> bool {
+    poll_every(timeout, Duration::from_millis(20), cond)
+}
+
+/// Polls `cond` every `step` until it holds or `timeout` passes.
+pub fn poll_every(timeout: Duration, step: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     loop {
         if cond() {
@@ -86,7 +91,7 @@ pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
         if Instant::now() >= deadline {
             return false;
         }
-        thread::sleep(Duration::from_millis(20));
+        thread::sleep(step);
     }
 }
 
