@@ -1,31 +1,24 @@
 //! memtrace: a kernel-level memory tracer for multi-worker servers.
 //!
-//! The agent loads eBPF programs ([`loader`]) that count page faults, RSS,
-//! mmap/brk and request boundaries per process in the kernel, follows the
-//! processes chosen by [`selectors`] through fork, exec and exit ([`agent`]),
-//! and keeps a model of every worker ([`workers`]).
+//! The folders follow the data, from the kernel to what a person reads, and
+//! each may import only the folders listed as its inputs:
+//!
+//! | folder    | holds                                                        | imports            |
+//! |-----------|--------------------------------------------------------------|--------------------|
+//! | `kernel/` | loading and attaching the eBPF programs, tracefs, decoding events, uprobe targets, preflight checks | — |
+//! | `judge/`  | the leak detector and the soft-limit enforcer: pure logic     | —                  |
+//! | `model/`  | what is known of each traced process: /proc readers, workers, requests, selectors | `judge` (a worker owns its detector) |
+//! | `sites/`  | allocation sites: snapshots, diffs, symbolization            | `model`            |
+//! | `api/`    | the HTTP API, its views and `/metrics`, over a `Backend` trait | `kernel`, `model`, `judge`, `sites` |
+//! | `agent/`  | the running agent: shared state, event handling, the API's backend | all of the above |
+//! | `cli/`    | the agent's settings, client commands, `memtrace top`, the demo | all of the above |
+//!
+//! Inside a folder, files import each other one way only: no two modules
+//! import each other.
 pub mod agent;
 pub mod api;
-pub mod backend;
 pub mod cli;
-pub mod client;
-pub mod demo;
-pub mod demo_server;
-pub mod detector;
-pub mod events;
-pub mod interrupt;
-pub mod loader;
-pub mod logging;
-pub mod metrics;
-pub mod preflight;
-pub mod procinfo;
-pub mod requests;
-pub mod selectors;
-pub mod snapshot;
-pub mod softlimit;
-pub mod status;
-pub mod symbolize;
-pub mod top;
-pub mod tracefs;
-pub mod uprobes;
-pub mod workers;
+pub mod judge;
+pub mod kernel;
+pub mod model;
+pub mod sites;

@@ -3,9 +3,13 @@ use std::process::ExitCode;
 use clap::{CommandFactory as _, Parser as _};
 use memtrace::{
     agent::Agent,
-    cli::{AgentArgs, Cli, ClientArgs, Command, DEBUG_TOKEN_ENV},
-    client::{self, Client},
-    logging,
+    cli::{
+        args::{Cli, ClientArgs, Command},
+        client::{self, Client},
+        demo, demo_server, logging,
+        settings::{AgentArgs, DEBUG_TOKEN_ENV},
+        top,
+    },
 };
 
 fn main() -> ExitCode {
@@ -39,7 +43,7 @@ fn main() -> ExitCode {
         ),
         Command::Top { client, interval } => {
             let c = Client::new(&client.url, std::env::var(DEBUG_TOKEN_ENV).ok());
-            match memtrace::top::run(c, interval) {
+            match top::run(c, interval) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(e),
             }
@@ -50,7 +54,7 @@ fn main() -> ExitCode {
                 Err(e) => return usage_error(e),
             };
             logging::init(logging::LogFormat::Pretty, "warn");
-            match memtrace::demo::run(&options) {
+            match demo::run(&options) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(e),
             }
@@ -59,7 +63,7 @@ fn main() -> ExitCode {
             port,
             workers,
             leak_kb,
-        } => match memtrace::demo_server::run(port, workers, leak_kb * 1024) {
+        } => match demo_server::run(port, workers, leak_kb * 1024) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(e),
         },

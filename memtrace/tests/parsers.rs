@@ -26,13 +26,20 @@ use memtrace::{
         Action, DEFAULT_LIMIT, DebugQuery, ListQuery, MAX_LIMIT, MAX_QUERY_LEN, QueryError,
         lenient_token, parse_debug, parse_limit, parse_list, parse_pid, parse_token_only,
     },
-    cli::{AgentArgs, Cli, Command, ConfigError, ResolvedAgent, parse_probe_target},
-    events::{DecodeError, KernelEvent, c_str, decode},
-    procinfo::ProcessView,
-    selectors::{MatchReason, Selectors},
-    softlimit::parse_signal,
-    tracefs::{Field, parse_format},
-    uprobes::nearest,
+    cli::{
+        args::{Cli, Command},
+        settings::{AgentArgs, ConfigError, ResolvedAgent, parse_probe_target},
+    },
+    judge::softlimit::parse_signal,
+    kernel::{
+        events::{DecodeError, KernelEvent, c_str, decode},
+        tracefs::{Field, parse_format},
+        uprobes::nearest,
+    },
+    model::{
+        procinfo::ProcessView,
+        selectors::{MatchReason, Selectors},
+    },
 };
 use proptest::{
     collection::{btree_map, btree_set, vec},
@@ -555,7 +562,7 @@ proptest! {
 }
 
 // ---------------------------------------------------------------------------
-// tracefs `format` files (`memtrace::tracefs::parse_format`)
+// tracefs `format` files (`memtrace::kernel::tracefs::parse_format`)
 // ---------------------------------------------------------------------------
 //
 // The text of /sys/kernel/tracing/events/*/*/format, which differs between
@@ -746,7 +753,7 @@ proptest! {
 }
 
 // ---------------------------------------------------------------------------
-// Ring-buffer records (`memtrace::events`)
+// Ring-buffer records (`memtrace::kernel::events`)
 // ---------------------------------------------------------------------------
 //
 // The bytes the eBPF programs write to the ring buffer: trusted in principle,
@@ -865,7 +872,7 @@ proptest! {
 }
 
 // ---------------------------------------------------------------------------
-// Configuration (`memtrace::cli`): the TOML file and the flags
+// Configuration (`memtrace::cli::settings`): the TOML file and the flags
 // ---------------------------------------------------------------------------
 //
 // The file named by `--config`, which an operator writes by hand, and the
@@ -1412,7 +1419,7 @@ proptest! {
 }
 
 // ---------------------------------------------------------------------------
-// Probe targets (`memtrace::cli::parse_probe_target`)
+// Probe targets (`memtrace::cli::settings::parse_probe_target`)
 // ---------------------------------------------------------------------------
 //
 // The value of `--request-fn`, `--request-begin` and `--request-end` (or
@@ -1443,7 +1450,7 @@ proptest! {
 }
 
 // ---------------------------------------------------------------------------
-// Signals (`memtrace::softlimit::parse_signal`)
+// Signals (`memtrace::judge::softlimit::parse_signal`)
 // ---------------------------------------------------------------------------
 //
 // The value of `--soft-limit-signal` / `soft-limit-signal`: a name in any
@@ -1536,7 +1543,7 @@ proptest! {
 }
 
 // ---------------------------------------------------------------------------
-// Symbol suggestions (`memtrace::uprobes::nearest`)
+// Symbol suggestions (`memtrace::kernel::uprobes::nearest`)
 // ---------------------------------------------------------------------------
 //
 // The symbol of `--request-fn` (typed by a user) against the function names
@@ -1606,7 +1613,7 @@ proptest! {
 }
 
 // ---------------------------------------------------------------------------
-// Process selectors (`memtrace::selectors::Selectors::matches`)
+// Process selectors (`memtrace::model::selectors::Selectors::matches`)
 // ---------------------------------------------------------------------------
 //
 // The comm, executable path and command line of any process on the machine,

@@ -4,7 +4,7 @@
 //! attached only between snapshot and stop.
 use std::{net::SocketAddr, time::Duration};
 
-use memtrace::loader::{ProbeTarget, RequestProbes};
+use memtrace::kernel::{loader::RequestProbes, uprobes::ProbeTarget};
 use memtrace_tests::*;
 
 const TOKEN: &str = "e2e-token";

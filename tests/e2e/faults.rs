@@ -3,8 +3,8 @@
 use std::{io::Write as _, net::TcpStream, process::Command, time::Duration};
 
 use memtrace::{
-    loader::{ProbeTarget, RequestProbes},
-    workers::Role,
+    kernel::{loader::RequestProbes, uprobes::ProbeTarget},
+    model::workers::Role,
 };
 use memtrace_tests::*;
 use nix::sys::signal::Signal;
@@ -118,7 +118,7 @@ fn recycled_pid_case(lose_events: bool) {
         }
         (impostor, storm)
     });
-    let new_start = memtrace::procinfo::start_time(old).expect("impostor alive");
+    let new_start = memtrace::model::procinfo::start_time(old).expect("impostor alive");
     assert_ne!(new_start, old_start);
     assert!(
         agent.wait(Duration::from_secs(10), |s| s

@@ -6,7 +6,7 @@ use std::{
     time::Duration,
 };
 
-use memtrace::workers::{Origin, Role};
+use memtrace::model::workers::{Origin, Role};
 use memtrace_tests::*;
 use nix::sys::signal::Signal;
 
@@ -403,11 +403,11 @@ fn without_privileges_the_agent_says_so_and_exits_non_zero() {
 #[test]
 fn exe_and_cmdline_selectors_find_servers_as_they_start() {
     let _serial = serial();
-    let by_exe = memtrace::selectors::Selectors {
+    let by_exe = memtrace::model::selectors::Selectors {
         exes: vec![std::fs::canonicalize(fixtures().bin("prefork_pages")).unwrap()],
         ..Default::default()
     };
-    let by_cmdline = memtrace::selectors::Selectors {
+    let by_cmdline = memtrace::model::selectors::Selectors {
         cmdline: Some(Regex::new(r"prefork_pages 2 \d+ ").unwrap()),
         ..Default::default()
     };

@@ -7,8 +7,8 @@ use std::{
 };
 
 use memtrace::{
-    loader::{ProbeTarget, RequestProbes},
-    softlimit::{SoftLimitSettings, SoftLimitTarget},
+    judge::softlimit::{SoftLimitSettings, SoftLimitTarget},
+    kernel::{loader::RequestProbes, uprobes::ProbeTarget},
 };
 use memtrace_tests::*;
 
@@ -223,7 +223,7 @@ fn real_gunicorn_is_restarted_by_sighup_and_its_new_workers_followed() {
             let master = s
                 .registry
                 .alive()
-                .find(|w| s.registry.role(w.pid) == memtrace::workers::Role::Master)?;
+                .find(|w| s.registry.role(w.pid) == memtrace::model::workers::Role::Master)?;
             let kids: Vec<u32> = s
                 .registry
                 .alive()

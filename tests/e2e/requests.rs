@@ -3,7 +3,7 @@
 //! against requests sent; per-request RSS growth against the known leak.
 use std::{process::Command, time::Duration};
 
-use memtrace::loader::{ProbeTarget, RequestProbes};
+use memtrace::kernel::{loader::RequestProbes, uprobes::ProbeTarget};
 use memtrace_tests::*;
 
 const KIB: i64 = 1024;
@@ -184,13 +184,16 @@ fn gunicorn_workers(port: u16, n: usize) -> Vec<u32> {
     // is not gunicorn.
     let mut master = None;
     assert!(wait_for(Duration::from_secs(20), || {
-        master = memtrace::procinfo::all_pids().into_iter().find(|&p| {
-            memtrace::procinfo::view(p).is_some_and(|v| {
-                v.comm == "gunicorn"
-                    && v.cmdline.join(" ").contains(&format!("127.0.0.1:{port}"))
-                    && memtrace::procinfo::view(v.ppid).is_none_or(|pv| pv.comm != "gunicorn")
-            })
-        });
+        master = memtrace::model::procinfo::all_pids()
+            .into_iter()
+            .find(|&p| {
+                memtrace::model::procinfo::view(p).is_some_and(|v| {
+                    v.comm == "gunicorn"
+                        && v.cmdline.join(" ").contains(&format!("127.0.0.1:{port}"))
+                        && memtrace::model::procinfo::view(v.ppid)
+                            .is_none_or(|pv| pv.comm != "gunicorn")
+                })
+            });
         master.is_some()
     }));
     wait_children(master.unwrap(), n)

@@ -205,7 +205,7 @@ pub fn test_settings(names: &[&str]) -> AgentSettings {
 
 /// Rss from /proc/PID/smaps_rollup, in bytes: the ground truth.
 pub fn smaps_rss(pid: u32) -> Option<u64> {
-    memtrace::procinfo::smaps_rollup(pid).map(|r| r.rss)
+    memtrace::model::procinfo::smaps_rollup(pid).map(|r| r.rss)
 }
 
 /// Reads `key=value` pairs from a fixture's status file.
@@ -484,9 +484,9 @@ pub fn requests_seen(state: &State, pids: &[u32]) -> u64 {
 
 /// Children of `parent` right now, sorted.
 pub fn children_of(parent: u32) -> Vec<u32> {
-    let mut kids: Vec<u32> = memtrace::procinfo::all_pids()
+    let mut kids: Vec<u32> = memtrace::model::procinfo::all_pids()
         .into_iter()
-        .filter(|&p| memtrace::procinfo::view(p).is_some_and(|v| v.ppid == parent))
+        .filter(|&p| memtrace::model::procinfo::view(p).is_some_and(|v| v.ppid == parent))
         .collect();
     kids.sort_unstable();
     kids

@@ -7,6 +7,7 @@
 //! cargo xtask bench          benchmarks, written to BENCHMARKS.md
 //! ```
 mod bench;
+mod layout;
 mod setup;
 
 use std::{path::PathBuf, process::Command};
@@ -123,6 +124,9 @@ fn main() -> Result<()> {
             run(Command::new(bin).args(args))
         }
         Cmd::Test { unit, filter } => {
+            // The agent's folders import only what they may, and nothing
+            // imports back (README.md, "Layout").
+            layout::check(&workspace_root().join("memtrace/src"))?;
             // Packages needed by the end-to-end tests are installed too.
             setup::setup(&setup::SetupOptions { apt: true })?;
             run(cargo().args([

@@ -8,7 +8,8 @@ use axum::{
 };
 
 use super::{
-    ApiError, ApiState,
+    auth::ApiState,
+    error::ApiError,
     query::{self, Action, MAX_QUERY_LEN, QueryError},
 };
 

@@ -8,7 +8,8 @@ use axum::{
 use serde_json::{Value, json};
 
 use super::{
-    ApiError, ApiState,
+    auth::ApiState,
+    error::ApiError,
     query::{self, MAX_QUERY_LEN, QueryError},
 };
 

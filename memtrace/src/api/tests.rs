@@ -3,6 +3,7 @@
 use std::sync::{Arc, Mutex};
 
 use axum::{
+    Router,
     body::Body,
     http::{Request, StatusCode},
 };
@@ -10,13 +11,19 @@ use http_body_util::BodyExt as _;
 use serde_json::Value;
 use tower::ServiceExt as _;
 
-use super::*;
+use super::{
+    status::{AgentStatus, SoftLimitStatus, StatusView, WorkerStatus},
+    *,
+};
 use crate::{
-    detector::{DetectorConfig, LeakDetector},
-    loader::KernelCounters,
-    snapshot::{DiffView, SnapshotView},
-    status::{AgentStatus, SoftLimitStatus},
-    workers::{Origin, Role, RssBreakdown},
+    judge::detector::{DetectorConfig, LeakDetector},
+    kernel::loader::KernelCounters,
+    model::{
+        requests::RequestRecord,
+        rss::RssBreakdown,
+        workers::{Origin, Role},
+    },
+    sites::snapshot::{DiffView, SnapshotView},
 };
 
 const TOKEN: &str = "secret123";

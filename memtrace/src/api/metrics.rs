@@ -1,5 +1,5 @@
-//! Prometheus metrics, in the OpenMetrics text format. Built fresh from the
-//! worker model at each scrape: workers come and go, and their label sets
+//! Prometheus metrics, in the OpenMetrics text format. Rendered fresh from
+//! the status view at each scrape: workers come and go, and their label sets
 //! go with them.
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
@@ -7,7 +7,8 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{agent::State, procinfo, workers::Role};
+use super::status::StatusView;
+use crate::model::workers::Role;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct WorkerLabels {
@@ -63,8 +64,9 @@ fn role_name(role: Role) -> &'static str {
     }
 }
 
-/// Renders every metric for the live workers.
-pub fn render(state: &State) -> String {
+/// Renders every metric for the workers of `status` (the live ones, with
+/// what /proc adds).
+pub fn render(status: &StatusView) -> String {
     let mut registry = Registry::default();
     macro_rules! family {
         ($name:literal, $help:literal, $ty:ty) => {{
@@ -160,14 +162,14 @@ pub fn render(state: &State) -> String {
         Gauge
     );
 
-    for w in state.registry.alive() {
-        let role = role_name(state.registry.role(w.pid)).to_string();
+    for w in &status.workers {
+        let role = role_name(w.role).to_string();
         let labels = WorkerLabels {
             pid: w.pid.to_string(),
             name: w.name.clone(),
             role: role.clone(),
         };
-        rss.get_or_create(&labels).set(w.rss.resident() as i64);
+        rss.get_or_create(&labels).set(w.rss_bytes as i64);
         for (ty, v) in [
             ("anon", w.rss.anon),
             ("file", w.rss.file),
@@ -182,11 +184,11 @@ pub fn render(state: &State) -> String {
             };
             rss_type.get_or_create(&typed).set(v as i64);
         }
-        if let Some(r) = procinfo::smaps_rollup(w.pid) {
-            pss.get_or_create(&labels).set(r.pss as i64);
-            uss.get_or_create(&labels).set(r.uss as i64);
+        if let (Some(p), Some(u)) = (w.pss_bytes, w.uss_bytes) {
+            pss.get_or_create(&labels).set(p as i64);
+            uss.get_or_create(&labels).set(u as i64);
         }
-        let d = w.detector.get_state();
+        let d = &w.leak_detector;
         if let Some(s) = d.robust_slope {
             slope.get_or_create(&labels).set(s);
         }
@@ -196,22 +198,22 @@ pub fn render(state: &State) -> String {
         if let Some(s) = d.forecast_seconds_to_limit {
             forecast.get_or_create(&labels).set(s);
         }
-        let stats = state.tracer.proc_stats(w.pid).unwrap_or(w.stats);
-        requests.get_or_create(&labels).inc_by(w.requests.seen);
+        requests.get_or_create(&labels).inc_by(w.requests_seen);
         in_flight
             .get_or_create(&labels)
-            .set(stats.requests_in_flight() as i64);
-        faults.get_or_create(&labels).inc_by(stats.faults);
-        mmap.get_or_create(&labels).inc_by(stats.mmap_bytes);
-        brk.get_or_create(&labels).inc_by(stats.brk_grow_bytes);
+            .set(w.requests_in_flight as i64);
+        faults.get_or_create(&labels).inc_by(w.faults);
+        mmap.get_or_create(&labels).inc_by(w.mmap_bytes);
+        brk.get_or_create(&labels).inc_by(w.brk_grow_bytes);
         detections.get_or_create(&labels).inc_by(w.leak_detections);
         fired
             .get_or_create(&labels)
             .set(i64::from(d.soft_limit_fired));
     }
+    let agent = &status.agent;
     for (outcome, n) in [
-        ("taken", state.enforcer.actions_taken),
-        ("skipped", state.enforcer.actions_skipped),
+        ("taken", agent.soft_limit.actions_taken),
+        ("skipped", agent.soft_limit.actions_skipped),
     ] {
         actions
             .get_or_create(&OutcomeLabels {
@@ -219,11 +221,10 @@ pub fn render(state: &State) -> String {
             })
             .inc_by(n);
     }
-    let kernel = state.tracer.counters();
-    drops.inc_by(kernel.ringbuf_drops);
-    events.inc_by(state.counters.events_received);
-    workers.set(state.registry.len() as i64);
-    collecting.set(i64::from(state.tracer.collecting()));
+    drops.inc_by(agent.kernel.ringbuf_drops);
+    events.inc_by(agent.events_received);
+    workers.set(agent.workers_alive as i64);
+    collecting.set(i64::from(agent.collection_active));
 
     let mut out = String::new();
     // Writing to a String cannot fail.
@@ -238,7 +239,7 @@ mod tests {
     /// Every series the Grafana dashboard queries is one memtrace exports.
     #[test]
     fn the_dashboard_queries_only_exported_series() {
-        let dashboard = include_str!("../../deploy/grafana/memtrace-dashboard.json");
+        let dashboard = include_str!("../../../deploy/grafana/memtrace-dashboard.json");
         let re = regex::Regex::new(r"memtrace_[a-z_]+").unwrap();
         let used: std::collections::BTreeSet<&str> =
             re.find_iter(dashboard).map(|m| m.as_str()).collect();

@@ -5,69 +5,11 @@ use std::{
     time::SystemTime,
 };
 
-use memtrace_common::{
-    MM_ANONPAGES, MM_FILEPAGES, MM_SHMEMPAGES, MM_SWAPENTS, MmRss, ProcStats, RSS_MEMBERS,
-};
+use memtrace_common::{MmRss, ProcStats, RSS_MEMBERS};
 use serde::Serialize;
 
-use crate::{
-    detector::{DetectorConfig, LeakDetector},
-    procinfo::{ProcessView, StatusMemory},
-    requests::RequestLog,
-};
-
-/// Resident memory by kind, in bytes.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct RssBreakdown {
-    pub file: u64,
-    pub anon: u64,
-    pub shmem: u64,
-    pub swap: u64,
-}
-
-impl RssBreakdown {
-    /// What /proc calls RSS: file + anon + shmem.
-    pub fn resident(&self) -> u64 {
-        self.file + self.anon + self.shmem
-    }
-
-    fn from_members(bytes: [i64; RSS_MEMBERS]) -> Self {
-        let b = |m: usize| bytes[m].max(0) as u64;
-        Self {
-            file: b(MM_FILEPAGES),
-            anon: b(MM_ANONPAGES),
-            shmem: b(MM_SHMEMPAGES),
-            swap: b(MM_SWAPENTS),
-        }
-    }
-
-    fn member(&self, m: usize) -> u64 {
-        match m {
-            MM_FILEPAGES => self.file,
-            MM_ANONPAGES => self.anon,
-            MM_SHMEMPAGES => self.shmem,
-            _ => self.swap,
-        }
-    }
-
-    fn set_member(&mut self, m: usize, v: u64) {
-        match m {
-            MM_FILEPAGES => self.file = v,
-            MM_ANONPAGES => self.anon = v,
-            MM_SHMEMPAGES => self.shmem = v,
-            _ => self.swap = v,
-        }
-    }
-
-    pub fn from_status(s: &StatusMemory) -> Self {
-        Self {
-            file: s.rss_file,
-            anon: s.rss_anon,
-            shmem: s.rss_shmem,
-            swap: s.swap,
-        }
-    }
-}
+use super::{procinfo::ProcessView, requests::RequestLog, rss::RssBreakdown};
+use crate::judge::detector::{DetectorConfig, LeakDetector};
 
 /// How memtrace found a process. It decides what an RSS member the kernel
 /// has not reported yet is worth: a forked child's mm started empty and every
@@ -318,6 +260,8 @@ impl Registry {
 
 #[cfg(test)]
 mod tests {
+    use memtrace_common::MM_ANONPAGES;
+
     use super::*;
 
     fn view(pid: u32, ppid: u32, start: u64) -> ProcessView {

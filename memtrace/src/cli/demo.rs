@@ -10,14 +10,13 @@ use std::{
     time::{Duration, Instant},
 };
 
+use super::{interrupt, settings::DEBUG_TOKEN_ENV};
 use crate::{
     agent::{AgentError, AgentSettings, BackgroundAgent, State},
     api::Token,
-    cli::DEBUG_TOKEN_ENV,
-    detector::DetectorConfig,
-    loader::RequestProbes,
-    softlimit::SoftLimitSettings,
-    workers::Role,
+    judge::{detector::DetectorConfig, softlimit::SoftLimitSettings},
+    kernel::loader::RequestProbes,
+    model::workers::Role,
 };
 
 /// Demo settings (`memtrace demo --help`).
@@ -182,7 +181,7 @@ fn say(start: Instant, line: impl std::fmt::Display) {
 /// Runs the demo; returns once the detection and the restart were shown.
 pub fn run(opts: &DemoOptions) -> Result<(), DemoError> {
     let start = Instant::now();
-    crate::interrupt::catch_stop_signals();
+    interrupt::catch_stop_signals();
     println!(
         "memtrace demo: a prefork server with {} workers, each request leaking {} KiB; soft limit {} MB\n",
         opts.workers, opts.leak_kb, opts.soft_limit_mb
@@ -241,7 +240,7 @@ pub fn run(opts: &DemoOptions) -> Result<(), DemoError> {
     let mut replaced_at = None;
     let mut sent = 0u64;
     loop {
-        if crate::interrupt::stop_requested() {
+        if interrupt::stop_requested() {
             return Err(DemoError::Interrupted);
         }
         if start.elapsed() > opts.timeout {
@@ -340,7 +339,7 @@ pub fn run(opts: &DemoOptions) -> Result<(), DemoError> {
             format_args!("holding for {} s (Ctrl-C to stop)...", opts.hold.as_secs()),
         );
         let until = Instant::now() + opts.hold;
-        while Instant::now() < until && !crate::interrupt::stop_requested() {
+        while Instant::now() < until && !interrupt::stop_requested() {
             request(server.port);
             std::thread::sleep(Duration::from_millis(500));
         }

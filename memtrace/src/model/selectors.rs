@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use regex::Regex;
 
-use crate::procinfo::ProcessView;
+use super::procinfo::ProcessView;
 
 #[derive(Clone, Debug, Default)]
 pub struct Selectors {

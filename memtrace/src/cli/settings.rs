@@ -1,154 +1,25 @@
-//! The command line. Every agent setting can come from a flag, a `MEMTRACE_*`
+//! The agent's settings. Every one can come from a flag, a `MEMTRACE_*`
 //! environment variable or the TOML file given by `--config`, in that order
 //! of precedence; settings left unset take the defaults shown in `--help`.
+//! [`AgentArgs::resolve`] checks them and gives the agent's `AgentSettings`.
 use std::{path::PathBuf, time::Duration};
 
-use clap::{Args, Parser, Subcommand};
+use clap::Args;
 use serde::Deserialize;
 
+use super::logging::LogFormat;
 use crate::{
     agent::{AgentSettings, DEFAULT_TIMED_SLOPE_MB_PER_HOUR},
-    detector::DetectorConfig,
-    loader::{LoadOptions, ProbeTarget, RequestProbes},
-    logging::LogFormat,
-    requests::RequestSettings,
-    selectors::Selectors,
-    softlimit::{SoftLimitAction, SoftLimitSettings, SoftLimitTarget, parse_signal},
+    judge::{
+        detector::DetectorConfig,
+        softlimit::{SoftLimitAction, SoftLimitSettings, SoftLimitTarget, parse_signal},
+    },
+    kernel::{
+        loader::{LoadOptions, RequestProbes},
+        uprobes::ProbeTarget,
+    },
+    model::{requests::RequestSettings, selectors::Selectors},
 };
-
-#[derive(Debug, Parser)]
-#[command(name = "memtrace", version, about = "Kernel-level memory tracer for multi-worker servers", long_about = None)]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Trace servers: attach to processes by name, follow their workers,
-    /// account memory per worker and per request.
-    Agent(Box<AgentArgs>),
-    /// Workers of a running agent: RSS, PSS, USS, requests, leak slope.
-    Status {
-        #[command(flatten)]
-        client: ClientArgs,
-        /// Only this worker.
-        #[arg(long)]
-        pid: Option<u32>,
-    },
-    /// Start collecting allocation sites (if off) and print the top ones;
-    /// the snapshot becomes the baseline for `diff`.
-    Snapshot {
-        #[command(flatten)]
-        client: ClientArgs,
-        /// Only this worker (default: all).
-        #[arg(long)]
-        pid: Option<u32>,
-        /// Rows per list.
-        #[arg(long, default_value_t = 10)]
-        limit: usize,
-    },
-    /// Growth since the last snapshot or diff, by allocating stack and by mapping.
-    Diff {
-        #[command(flatten)]
-        client: ClientArgs,
-        #[arg(long)]
-        pid: Option<u32>,
-        #[arg(long, default_value_t = 10)]
-        limit: usize,
-    },
-    /// Stop collecting allocation sites (back to the steady-state cost).
-    Stop {
-        #[command(flatten)]
-        client: ClientArgs,
-    },
-    /// A worker's recent requests, newest first.
-    Requests {
-        #[command(flatten)]
-        client: ClientArgs,
-        pid: u32,
-        #[arg(long, default_value_t = 20)]
-        limit: usize,
-    },
-    /// Live view of the workers (q quits, s changes the sort, arrows select).
-    Top {
-        #[command(flatten)]
-        client: ClientArgs,
-        /// Seconds between refreshes (0.1 to 3600).
-        #[arg(long, default_value_t = 1.0, value_parser = parse_interval)]
-        interval: f64,
-    },
-    /// Start a bundled leaky server, attach, and show a leak detected and a
-    /// soft-limit restart within a minute; then clean up.
-    Demo(DemoArgs),
-    /// The demo's workload (started by `memtrace demo`).
-    #[command(hide = true)]
-    DemoServer {
-        #[arg(long)]
-        port: u16,
-        #[arg(long, default_value_t = 2)]
-        workers: usize,
-        #[arg(long, default_value_t = 1024)]
-        leak_kb: usize,
-    },
-    /// Shell completions: `memtrace completions bash > /etc/bash_completion.d/memtrace`.
-    Completions { shell: clap_complete::Shell },
-}
-
-fn parse_interval(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(v) if (0.1..=3600.0).contains(&v) => Ok(v),
-        _ => Err(format!(
-            "`{s}` is not a number of seconds between 0.1 and 3600"
-        )),
-    }
-}
-
-/// How the client commands reach the agent.
-#[derive(Clone, Debug, Args)]
-pub struct ClientArgs {
-    /// The agent's API (its --listen address). The token comes from MEMTRACE_DEBUG_TOKEN.
-    #[arg(long, env = "MEMTRACE_URL", default_value = crate::client::DEFAULT_URL)]
-    pub url: String,
-    /// Print the agent's JSON instead of tables.
-    #[arg(long)]
-    pub json: bool,
-}
-
-#[derive(Clone, Debug, Args)]
-pub struct DemoArgs {
-    /// Workers of the demo server.
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=16))]
-    pub workers: u16,
-    /// KiB each request leaks.
-    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(64..=16384))]
-    pub leak_kb: u32,
-    /// The demo's soft limit, in MB.
-    #[arg(long, default_value_t = 80.0)]
-    pub soft_limit_mb: f64,
-    /// Where the agent's API listens during the demo, or `off`.
-    #[arg(long, default_value = "127.0.0.1:9464")]
-    pub listen: String,
-    /// Keep the server and agent running this many seconds after the demo (for `memtrace top`).
-    #[arg(long, default_value_t = 0)]
-    pub hold_secs: u64,
-}
-
-impl DemoArgs {
-    pub fn options(&self) -> Result<crate::demo::DemoOptions, ConfigError> {
-        if !(self.soft_limit_mb.is_finite() && self.soft_limit_mb > 10.0) {
-            return Err(invalid("--soft-limit-mb", "must be more than 10"));
-        }
-        Ok(crate::demo::DemoOptions {
-            workers: usize::from(self.workers),
-            leak_kb: self.leak_kb as usize,
-            soft_limit_mb: self.soft_limit_mb,
-            listen: parse_listen(Some(&self.listen))?,
-            hold: Duration::from_secs(self.hold_secs),
-            ..crate::demo::DemoOptions::default()
-        })
-    }
-}
 
 /// How requests are delimited.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Deserialize)]
@@ -497,7 +368,7 @@ pub enum ConfigError {
     },
 }
 
-fn invalid(setting: &'static str, message: impl Into<String>) -> ConfigError {
+pub(super) fn invalid(setting: &'static str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         setting,
         message: clip(&message.into(), 400),
@@ -536,7 +407,9 @@ pub const DEBUG_TOKEN_ENV: &str = "MEMTRACE_DEBUG_TOKEN";
 /// Where the API listens unless told otherwise.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9464";
 
-fn parse_listen(value: Option<&str>) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+pub(super) fn parse_listen(
+    value: Option<&str>,
+) -> Result<Option<std::net::SocketAddr>, ConfigError> {
     match value.unwrap_or(DEFAULT_LISTEN) {
         "off" | "none" | "" => Ok(None),
         v => v.parse().map(Some).map_err(|_| {
@@ -821,7 +694,10 @@ impl AgentArgs {
 
 #[cfg(test)]
 mod tests {
+    use clap::Parser as _;
+
     use super::*;
+    use crate::cli::args::{Cli, Command};
 
     fn parse(args: &[&str]) -> AgentArgs {
         let mut full = vec!["memtrace", "agent"];

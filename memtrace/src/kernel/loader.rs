@@ -1,6 +1,5 @@
 //! Loading the eBPF object, attaching its programs, and the agent's access to
 //! the maps they fill.
-use std::path::PathBuf;
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -16,7 +15,10 @@ use memtrace_common::{
     SiteKey, TASK_COMM_LEN, TracepointLayout,
 };
 
-use crate::tracefs::{Tracefs, TracefsError};
+use super::{
+    tracefs::{Tracefs, TracefsError},
+    uprobes::{ProbeTarget, libc_path},
+};
 
 /// The programs, built by build.rs from memtrace-ebpf.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/memtrace"));
@@ -97,13 +99,6 @@ pub enum LoadError {
     },
     #[error("--ring-buffer-bytes must be a power of two of at least 4096, not {0}")]
     RingSize(u32),
-}
-
-/// A function in a binary or shared library, for uprobes.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ProbeTarget {
-    pub binary: PathBuf,
-    pub symbol: String,
 }
 
 /// Where requests begin and end, if memtrace should see them.
@@ -450,7 +445,7 @@ impl Tracer {
         let Some(pid) = std::num::NonZeroU32::new(tgid) else {
             return;
         };
-        let Some(libc) = crate::procinfo::libc_path(tgid) else {
+        let Some(libc) = libc_path(tgid) else {
             tracing::info!(
                 pid = tgid,
                 "no shared C library mapped: heap allocations not tracked, page-fault sites only"

@@ -5,15 +5,20 @@ use std::{
     sync::{Mutex, MutexGuard},
 };
 
+use super::{
+    state::{SharedState, State, lock},
+    views::{agent_status, worker_status},
+};
 use crate::{
-    agent::{SharedState, State},
-    api::{Backend, BackendError, StopView},
-    loader::COLLECTION_PROGRAMS,
-    metrics,
-    procinfo::MappingUsage,
-    requests::RequestRecord,
-    snapshot::{self, DiffView, RawSite, SiteKind, Snapshot, SnapshotView, SymbolizerService},
-    status::{AgentStatus, StatusView, WorkerStatus},
+    api::{
+        Backend, BackendError, StopView, metrics,
+        status::{StatusView, WorkerStatus},
+    },
+    kernel::loader::COLLECTION_PROGRAMS,
+    model::{procinfo::MappingUsage, requests::RequestRecord},
+    sites::snapshot::{
+        self, DiffView, RawSite, SiteKind, Snapshot, SnapshotView, SymbolizerService,
+    },
 };
 
 /// What a snapshot keeps for the next diff: everything, unfiltered, so a
@@ -40,7 +45,7 @@ impl AgentBackend {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.state)
     }
 
     fn lock_baseline(&self) -> MutexGuard<'_, Option<Baseline>> {
@@ -102,16 +107,16 @@ impl Backend for AgentBackend {
         let workers = match pid {
             Some(p) => {
                 let w = state.registry.find(p).ok_or(BackendError::UnknownPid(p))?;
-                vec![WorkerStatus::build(&state, w, true)]
+                vec![worker_status(&state, w, true)]
             }
             None => state
                 .registry
                 .alive()
-                .map(|w| WorkerStatus::build(&state, w, true))
+                .map(|w| worker_status(&state, w, true))
                 .collect(),
         };
         Ok(StatusView {
-            agent: AgentStatus::build(&state),
+            agent: agent_status(&state),
             workers,
         })
     }
@@ -121,7 +126,7 @@ impl Backend for AgentBackend {
         state
             .registry
             .alive()
-            .map(|w| WorkerStatus::build(&state, w, true))
+            .map(|w| worker_status(&state, w, true))
             .collect()
     }
 
@@ -131,7 +136,7 @@ impl Backend for AgentBackend {
             .registry
             .find(pid)
             .ok_or(BackendError::UnknownPid(pid))?;
-        Ok(WorkerStatus::build(&state, w, true))
+        Ok(worker_status(&state, w, true))
     }
 
     fn requests(&self, pid: u32, limit: usize) -> Result<Vec<RequestRecord>, BackendError> {
@@ -216,7 +221,9 @@ impl Backend for AgentBackend {
     }
 
     fn metrics(&self) -> String {
-        let state = self.lock();
-        metrics::render(&state)
+        // Every live worker, with what /proc adds: never an unknown pid.
+        self.status(None)
+            .map(|view| metrics::render(&view))
+            .unwrap_or_default()
     }
 }

@@ -1,11 +1,11 @@
 //! Checking uprobe targets before attaching: the binary exists, and the
 //! symbol is a function in it. When it is not, the error lists the nearest
-//! names, because a typo in `--request-fn` is the common case.
+//! names, because a typo in `--request-fn` is the common case. Also where
+//! each process's own C library is, for the allocator probes.
 use std::path::{Path, PathBuf};
 
 use object::{Object as _, ObjectSymbol as _, SymbolKind};
-
-use crate::loader::ProbeTarget;
+use procfs::process::Process;
 
 /// Where a bare library or program name is looked for.
 const SEARCH_DIRS: &[&str] = &[
@@ -17,6 +17,29 @@ const SEARCH_DIRS: &[&str] = &[
     "/usr/lib",
     "/usr/local/lib",
 ];
+
+/// A function in a binary or shared library, for uprobes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProbeTarget {
+    pub binary: PathBuf,
+    pub symbol: String,
+}
+
+/// The C library a process has mapped, as a path memtrace can open (through
+/// /proc/PID/root, so containers' own libraries are found).
+pub fn libc_path(pid: u32) -> Option<PathBuf> {
+    let maps = Process::new(pid as i32).ok()?.maps().ok()?;
+    maps.0.iter().find_map(|m| match &m.pathname {
+        procfs::process::MMapPath::Path(p) => {
+            let name = p.file_name()?.to_str()?;
+            (name.starts_with("libc.so") || name.starts_with("libc-")).then(|| {
+                let relative = p.strip_prefix("/").unwrap_or(p);
+                PathBuf::from(format!("/proc/{pid}/root")).join(relative)
+            })
+        }
+        _ => None,
+    })
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum UprobeTargetError {
@@ -212,5 +235,12 @@ mod tests {
     fn missing_binary_is_a_clear_error() {
         let err = resolve_binary(Path::new("/no/such/binary")).unwrap_err();
         assert!(err.to_string().contains("full path"), "{err}");
+    }
+
+    #[test]
+    fn finds_our_c_library() {
+        let path = libc_path(std::process::id()).expect("tests link libc dynamically");
+        assert!(path.to_str().unwrap().contains("libc"), "{path:?}");
+        assert!(path.is_file());
     }
 }

@@ -130,22 +130,6 @@ pub fn heap_end(pid: u32) -> Option<u64> {
         .find_map(|m| matches!(m.pathname, procfs::process::MMapPath::Heap).then_some(m.address.1))
 }
 
-/// The C library a process has mapped, as a path memtrace can open (through
-/// /proc/PID/root, so containers' own libraries are found).
-pub fn libc_path(pid: u32) -> Option<PathBuf> {
-    let maps = Process::new(pid as i32).ok()?.maps().ok()?;
-    maps.0.iter().find_map(|m| match &m.pathname {
-        procfs::process::MMapPath::Path(p) => {
-            let name = p.file_name()?.to_str()?;
-            (name.starts_with("libc.so") || name.starts_with("libc-")).then(|| {
-                let relative = p.strip_prefix("/").unwrap_or(p);
-                PathBuf::from(format!("/proc/{pid}/root")).join(relative)
-            })
-        }
-        _ => None,
-    })
-}
-
 /// Resident and anonymous bytes of one group of mappings in /proc/PID/smaps.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct MappingUsage {
@@ -220,13 +204,6 @@ mod tests {
         assert!(!start_time_matches(None, 5));
         assert!(!start_time_matches(Some(6), 5));
         assert!(start_time_matches(Some(5), 5));
-    }
-
-    #[test]
-    fn finds_our_c_library() {
-        let path = libc_path(std::process::id()).expect("tests link libc dynamically");
-        assert!(path.to_str().unwrap().contains("libc"), "{path:?}");
-        assert!(path.is_file());
     }
 
     #[test]

@@ -26,7 +26,10 @@ use ratatui::{
 };
 use serde_json::Value;
 
-use crate::client::{Client, ClientError, human_secs};
+use super::{
+    client::{Client, ClientError, human_secs},
+    interrupt,
+};
 
 /// Refreshes of RSS kept per worker for its sparkline.
 pub const HISTORY_LEN: usize = 60;
@@ -1033,7 +1036,7 @@ pub fn run(client: Client, interval_secs: f64) -> Result<(), TopError> {
         .name("top-fetch".into())
         .spawn(move || fetch_loop(&client, &job_rx, &result_tx))?;
 
-    crate::interrupt::catch_stop_signals();
+    interrupt::catch_stop_signals();
     let _guard = TerminalGuard;
     let mut terminal = ratatui::try_init()?;
     let mut next_refresh = Instant::now() + interval;
@@ -1081,7 +1084,7 @@ pub fn run(client: Client, interval_secs: f64) -> Result<(), TopError> {
             last_draw = Some(Instant::now());
             dirty = false;
         }
-        if crate::interrupt::stop_requested() {
+        if interrupt::stop_requested() {
             return Ok(());
         }
         if !event::poll(Duration::from_millis(50))? {

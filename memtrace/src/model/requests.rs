@@ -10,7 +10,7 @@ use memtrace_common::{
 };
 use serde::Serialize;
 
-use crate::workers::RssBreakdown;
+use super::rss::RssBreakdown;
 
 const MB: f64 = 1024.0 * 1024.0;
 

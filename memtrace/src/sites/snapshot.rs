@@ -14,10 +14,8 @@ use std::{
 use memtrace_common::{SITE_BRK, SITE_FAULT, SITE_MALLOC, SITE_MMAP};
 use serde::Serialize;
 
-use crate::{
-    procinfo::{self, MappingUsage},
-    symbolize::{Frame, Symbolizer},
-};
+use super::symbolize::{Frame, Symbolizer};
+use crate::model::procinfo::{self, MappingUsage};
 
 /// Frames kept per site in the output.
 const STACK_FRAMES_SHOWN: usize = 16;

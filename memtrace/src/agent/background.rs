@@ -1,0 +1,79 @@
+//! An agent on a thread of its own, for the demo and the end-to-end tests.
+use super::{
+    run::{Agent, AgentError},
+    settings::AgentSettings,
+    state::{SharedState, State, lock},
+};
+
+/// An agent running on a thread of its own, with its own runtime: for the
+/// demo and the end-to-end tests, which drive a workload meanwhile.
+pub struct BackgroundAgent {
+    state: SharedState,
+    api_addr: Option<std::net::SocketAddr>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl BackgroundAgent {
+    pub fn start(settings: AgentSettings) -> Result<Self, AgentError> {
+        Ok(Self::run(Agent::start(settings)?))
+    }
+
+    /// Runs an agent already started.
+    pub fn run(agent: Agent) -> Self {
+        let state = agent.state();
+        let api_addr = agent.api_addr();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("memtrace-agent".into())
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a current-thread runtime");
+                runtime.block_on(agent.run(async move {
+                    let _ = stopped.await;
+                }));
+            })
+            .expect("spawn the agent thread");
+        Self {
+            state,
+            api_addr,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    pub fn state(&self) -> SharedState {
+        self.state.clone()
+    }
+
+    pub fn api_addr(&self) -> Option<std::net::SocketAddr> {
+        self.api_addr
+    }
+
+    /// Runs `f` on the agent's state.
+    pub fn with<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
+        f(&mut lock(&self.state))
+    }
+
+    /// Stops the agent and waits until every program is detached.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for BackgroundAgent {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}

@@ -1,0 +1,303 @@
+//! The agent's life: start (checks, load, first scan), the event loop that
+//! drains the ring buffer and keeps the model fresh, and shutdown.
+use std::{
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
+
+use aya::maps::{MapData, RingBuf};
+use tracing::{info, warn};
+
+use super::{
+    backend::AgentBackend,
+    settings::AgentSettings,
+    state::{AgentCounters, SharedState, State, lock},
+};
+use crate::{
+    api::{ApiState, app},
+    judge::softlimit::Enforcer,
+    kernel::{
+        events::decode,
+        loader::{LoadError, RequestProbes, Tracer},
+        preflight::{self, PreflightError},
+        tracefs::{Tracefs, TracefsError},
+        uprobes::{UprobeTargetError, check_target},
+    },
+    model::workers::Registry,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Preflight(#[from] PreflightError),
+    #[error(transparent)]
+    Tracefs(#[from] TracefsError),
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error("selecting processes by name failed: {0}")]
+    Selectors(#[source] aya::maps::MapError),
+    #[error("no process selector given: use --process-name, --exe, --cmdline or --pid")]
+    NoSelectors,
+    #[error(transparent)]
+    Uprobe(#[from] UprobeTargetError),
+    #[error("cannot listen on {addr} for the API: {source} (change --listen, or --listen off)")]
+    Listen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub struct Agent {
+    state: SharedState,
+    ring: RingBuf<MapData>,
+    settings: AgentSettings,
+    waiting_logged: Option<Instant>,
+    api_listener: Option<std::net::TcpListener>,
+}
+
+impl Agent {
+    /// Checks privileges and tracefs, loads and attaches the programs, and
+    /// starts tracing every process already running that matches.
+    pub fn start(settings: AgentSettings) -> Result<Self, AgentError> {
+        if settings.selectors.is_empty() {
+            return Err(AgentError::NoSelectors);
+        }
+        preflight::check_privileges()?;
+        preflight::warn_if_no_btf();
+        let tracefs = Tracefs::ensure(settings.mount_tracefs)?;
+        let agent_pid = std::process::id();
+        let mut load = settings.load.clone();
+        load.report_all_execs = settings.selectors.needs_exec_reports();
+        load.requests = check_request_probes(&load.requests)?;
+        let (mut tracer, ring) = Tracer::load(&tracefs, agent_pid, &load)?;
+        tracer
+            .set_selector_comms(settings.selectors.names.iter().map(String::as_str))
+            .map_err(AgentError::Selectors)?;
+        info!(
+            programs = tracer.attached().len(),
+            selectors = %settings.selectors.describe(),
+            "eBPF programs attached"
+        );
+        let state = State {
+            tracer,
+            registry: Registry::default(),
+            selectors: settings.selectors.clone(),
+            counters: AgentCounters::default(),
+            started: Instant::now(),
+            agent_pid,
+            request_settings: settings.requests,
+            requests_traced: load.requests != RequestProbes::None,
+            detector_config: settings.detector.clone(),
+            timed_detector_config: settings.timed_detector.clone(),
+            leak_sample_interval: settings.leak_sample_interval,
+            last_leak_sample: None,
+            enforcer: Enforcer::new(settings.soft_limit.clone(), agent_pid),
+        };
+        let api_listener = match settings.listen {
+            Some(addr) => {
+                let listener = std::net::TcpListener::bind(addr)
+                    .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                    .map_err(|source| AgentError::Listen { addr, source })?;
+                Some(listener)
+            }
+            None => None,
+        };
+        let mut agent = Self {
+            state: Arc::new(Mutex::new(state)),
+            ring,
+            settings,
+            waiting_logged: None,
+            api_listener,
+        };
+        // Two passes: a process forked between the listing and the watch of
+        // its parent shows up in the second.
+        agent.rescan();
+        agent.rescan();
+        agent.refresh();
+        Ok(agent)
+    }
+
+    pub fn state(&self) -> SharedState {
+        self.state.clone()
+    }
+
+    /// Where the API listens (the port is known once bound, even for port 0).
+    pub fn api_addr(&self) -> Option<std::net::SocketAddr> {
+        self.api_listener.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// Starts serving the API on the runtime; it stops when `stop` fires.
+    fn spawn_api(&mut self, stop: tokio::sync::watch::Receiver<bool>) {
+        let Some(listener) = self.api_listener.take() else {
+            return;
+        };
+        let addr = listener.local_addr().ok();
+        let listener = match tokio::net::TcpListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(error = %e, "the API cannot start");
+                return;
+            }
+        };
+        let token = self.settings.api_token.clone();
+        info!(
+            addr = ?addr,
+            debug_endpoints = if token.is_some() { "enabled" } else { "disabled: set MEMTRACE_DEBUG_TOKEN" },
+            "API listening"
+        );
+        let backend = Arc::new(AgentBackend::new(self.state.clone()));
+        let app = app(ApiState::new(backend, token));
+        let mut stop = stop;
+        tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            if let Err(e) = axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+            {
+                warn!(error = %e, "the API stopped");
+            }
+        });
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+
+    /// Drains the ring buffer; returns how many events were handled.
+    pub fn poll_events(&mut self) -> usize {
+        let mut decoded = Vec::new();
+        let mut errors = 0u64;
+        while let Some(item) = self.ring.next() {
+            match decode(&item) {
+                Ok(ev) => decoded.push(ev),
+                Err(_) => errors += 1,
+            }
+        }
+        if decoded.is_empty() && errors == 0 {
+            return 0;
+        }
+        let n = decoded.len();
+        let mut state = lock(&self.state);
+        state.counters.events_received += n as u64;
+        state.counters.decode_errors += errors;
+        for ev in decoded {
+            state.handle(ev);
+        }
+        n
+    }
+
+    /// Reads kernel counters and /proc into the worker model, and notices
+    /// processes that died without an exit event.
+    pub fn refresh(&mut self) {
+        // Pending exit events carry final counters: handle them first.
+        self.poll_events();
+        lock(&self.state).refresh();
+    }
+
+    /// Scans /proc for processes to trace that the kernel did not see start.
+    pub fn rescan(&mut self) {
+        // Events first: what the kernel saw start is better added from them.
+        self.poll_events();
+        let found = lock(&self.state).rescan();
+        let state = lock(&self.state);
+        if state.registry.is_empty() {
+            let due = self
+                .waiting_logged
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(60));
+            if due {
+                info!(
+                    selectors = %state.selectors.describe(),
+                    "no process matches yet; waiting for one to start"
+                );
+                self.waiting_logged = Some(Instant::now());
+            }
+        } else if found > 0 {
+            self.waiting_logged = None;
+        }
+    }
+
+    /// Logs one summary line per traced process.
+    pub fn log_summary(&self) {
+        let mut state = lock(&self.state);
+        let counters = state.tracer.counters();
+        state.report_drops(&counters);
+        for w in state.registry.alive() {
+            info!(
+                pid = w.pid,
+                ppid = w.ppid,
+                role = ?state.registry.role(w.pid),
+                name = %w.name,
+                rss_bytes = w.rss.resident(),
+                anon_bytes = w.rss.anon,
+                file_bytes = w.rss.file,
+                shmem_bytes = w.rss.shmem,
+                swap_bytes = w.rss.swap,
+                faults = w.stats.faults,
+                mmap_bytes = w.stats.mmap_bytes,
+                munmap_bytes = w.stats.munmap_bytes,
+                brk_grow_bytes = w.stats.brk_grow_bytes,
+                brk_shrink_bytes = w.stats.brk_shrink_bytes,
+                requests = w.stats.requests_ended,
+                requests_in_flight = w.stats.requests_in_flight(),
+                "worker summary"
+            );
+        }
+        info!(
+            workers = state.registry.len(),
+            events = state.counters.events_received,
+            ringbuf_drops = counters.ringbuf_drops,
+            "agent summary"
+        );
+    }
+
+    /// Runs until `shutdown` completes, then drains the last events and
+    /// detaches every program (by dropping them).
+    pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) {
+        let mut poll = tokio::time::interval(self.settings.poll_interval);
+        let mut refresh = tokio::time::interval(self.settings.refresh_interval);
+        let mut rescan = tokio::time::interval(self.settings.rescan_interval);
+        let summary_every = if self.settings.summary_interval.is_zero() {
+            Duration::from_secs(365 * 24 * 3600)
+        } else {
+            self.settings.summary_interval
+        };
+        let mut summary =
+            tokio::time::interval_at(tokio::time::Instant::now() + summary_every, summary_every);
+        for i in [&mut poll, &mut refresh, &mut rescan, &mut summary] {
+            i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        }
+        let (stop_api, api_stopped) = tokio::sync::watch::channel(false);
+        self.spawn_api(api_stopped);
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                _ = poll.tick() => { self.poll_events(); }
+                _ = refresh.tick() => self.refresh(),
+                _ = rescan.tick() => self.rescan(),
+                _ = summary.tick() => self.log_summary(),
+            }
+        }
+        let _ = stop_api.send(true);
+        self.poll_events();
+        let programs = self.lock().tracer.attached().len();
+        drop(self);
+        info!(programs, "programs detached; memtrace stopped");
+    }
+}
+
+/// Checks uprobe targets (binary and symbol) before anything is attached, and
+/// resolves bare library names to paths.
+fn check_request_probes(probes: &RequestProbes) -> Result<RequestProbes, AgentError> {
+    Ok(match probes {
+        RequestProbes::Function(t) => RequestProbes::Function(check_target(t)?),
+        RequestProbes::BeginEnd { begin, end } => RequestProbes::BeginEnd {
+            begin: check_target(begin)?,
+            end: check_target(end)?,
+        },
+        other => other.clone(),
+    })
+}

@@ -1,0 +1,72 @@
+//! What the agent needs to start, with the defaults of every setting.
+use std::time::Duration;
+
+use crate::{
+    api::Token,
+    judge::{detector::DetectorConfig, softlimit::SoftLimitSettings},
+    kernel::loader::LoadOptions,
+    model::{requests::RequestSettings, selectors::Selectors},
+};
+
+/// What the agent needs to start.
+#[derive(Clone, Debug)]
+pub struct AgentSettings {
+    pub selectors: Selectors,
+    pub load: LoadOptions,
+    /// Mount tracefs at /sys/kernel/tracing when it is missing.
+    pub mount_tracefs: bool,
+    /// How often the ring buffer is drained.
+    pub poll_interval: Duration,
+    /// How often kernel maps and /proc are read into the worker model.
+    pub refresh_interval: Duration,
+    /// How often /proc is scanned for processes the kernel could not see start.
+    pub rescan_interval: Duration,
+    /// How often a per-worker summary is logged (zero: never).
+    pub summary_interval: Duration,
+    /// Per-request log thresholds and history.
+    pub requests: RequestSettings,
+    /// Leak detector of each worker, fed the RSS after each request.
+    pub detector: DetectorConfig,
+    /// Detector of workers without request boundaries: fed every
+    /// `leak_sample_interval` with time as x; its threshold is in MB/s.
+    pub timed_detector: DetectorConfig,
+    pub leak_sample_interval: Duration,
+    pub soft_limit: SoftLimitSettings,
+    /// Where the HTTP API listens; None: no API.
+    pub listen: Option<std::net::SocketAddr>,
+    /// MEMTRACE_DEBUG_TOKEN; without it the protected endpoints answer 403.
+    pub api_token: Option<Token>,
+}
+
+impl Default for AgentSettings {
+    fn default() -> Self {
+        Self {
+            selectors: Selectors::default(),
+            load: LoadOptions::default(),
+            mount_tracefs: true,
+            poll_interval: Duration::from_millis(10),
+            refresh_interval: Duration::from_secs(1),
+            rescan_interval: Duration::from_secs(5),
+            summary_interval: Duration::from_secs(30),
+            requests: RequestSettings::default(),
+            detector: DetectorConfig::default().with_warmup_samples(DEFAULT_WARMUP_REQUESTS),
+            timed_detector: DetectorConfig {
+                slope_threshold_mb: DEFAULT_TIMED_SLOPE_MB_PER_HOUR / 3600.0,
+                window_size: 60,
+                check_interval: 6,
+                ..DetectorConfig::default()
+            },
+            leak_sample_interval: Duration::from_secs(10),
+            soft_limit: SoftLimitSettings::default(),
+            listen: None,
+            api_token: None,
+        }
+    }
+}
+
+/// Requests a new worker serves before its trend is judged (imports,
+/// caches filling): the plan judged from the first request.
+pub const DEFAULT_WARMUP_REQUESTS: usize = 20;
+/// Growth that counts as a leak for a worker fed by time rather than
+/// requests: 60 MB per hour.
+pub const DEFAULT_TIMED_SLOPE_MB_PER_HOUR: f64 = 60.0;

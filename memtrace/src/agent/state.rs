@@ -1,0 +1,51 @@
+//! The state the agent shares between its event loop, its refresher and the
+//! API's backend: the loaded programs, the worker model, the detectors'
+//! settings and the soft-limit enforcer. What changes it lives beside it:
+//! kernel events (`events`), tracking (`tracking`), judgement (`judging`).
+use std::{
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
+
+use crate::{
+    judge::{detector::DetectorConfig, softlimit::Enforcer},
+    kernel::loader::Tracer,
+    model::{requests::RequestSettings, selectors::Selectors, workers::Registry},
+};
+
+pub(super) const MB: f64 = 1024.0 * 1024.0;
+
+/// Agent-side counters.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct AgentCounters {
+    pub events_received: u64,
+    pub decode_errors: u64,
+    /// Ring-buffer drops already reported in the log.
+    pub drops_reported: u64,
+}
+
+/// Everything the event loop, the refresher and the API share.
+pub struct State {
+    pub tracer: Tracer,
+    pub registry: Registry,
+    pub selectors: Selectors,
+    pub counters: AgentCounters,
+    pub started: Instant,
+    pub agent_pid: u32,
+    pub request_settings: RequestSettings,
+    /// Whether request boundaries are traced (else detectors use time).
+    pub requests_traced: bool,
+    pub detector_config: DetectorConfig,
+    pub timed_detector_config: DetectorConfig,
+    pub leak_sample_interval: Duration,
+    pub(super) last_leak_sample: Option<Instant>,
+    pub enforcer: Enforcer,
+}
+
+pub type SharedState = Arc<Mutex<State>>;
+
+pub(super) fn lock(state: &SharedState) -> MutexGuard<'_, State> {
+    // A panic while holding the lock leaves consistent-enough data behind:
+    // every update is a plain field write.
+    state.lock().unwrap_or_else(|e| e.into_inner())
+}

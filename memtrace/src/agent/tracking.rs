@@ -1,0 +1,174 @@
+//! Which processes are traced, and their numbers kept fresh: processes found
+//! in /proc or by events are attached to the model, kernel counters and /proc
+//! read into it, the dead retired, lost events reported.
+use tracing::{debug, info, warn};
+
+use super::state::State;
+use crate::{
+    judge::detector::LeakDetector,
+    kernel::loader::KernelCounters,
+    model::{
+        procinfo::{self, ProcessView},
+        requests::RequestLog,
+        rss::RssBreakdown,
+        workers::{Origin, Worker},
+    },
+};
+
+impl State {
+    /// Adds a process to the model and logs it.
+    pub(super) fn attach(&mut self, mut worker: Worker) {
+        let pid = worker.pid;
+        worker.requests = RequestLog::new(self.request_settings.history);
+        // A new worker (or a new program image) is judged from scratch.
+        worker.detector = LeakDetector::new(if self.requests_traced {
+            self.detector_config.clone()
+        } else {
+            self.timed_detector_config.clone()
+        });
+        if let Some(known) = self.registry.get_mut(pid)
+            && known.start_time == worker.start_time
+        {
+            // Found by a /proc scan just before its fork or exec event
+            // arrived: the event knows better how the mm started.
+            if known.origin == Origin::Scan {
+                known.origin = worker.origin;
+                known.reason = worker.reason;
+            }
+            return;
+        }
+        if worker.origin != Origin::Fork
+            && let Some(status) = procinfo::status_memory(pid)
+        {
+            worker.apply_seed(RssBreakdown::from_status(&status));
+        }
+        let (reason, origin, name, ppid) = (
+            worker.reason.clone(),
+            worker.origin,
+            worker.name.clone(),
+            worker.ppid,
+        );
+        self.registry.add(worker);
+        self.refresh_one(pid);
+        let role = self.registry.role(pid);
+        let rss = self.registry.get(pid).map_or(0, |w| w.rss.resident());
+        info!(pid, ppid, role = ?role, name = %name, origin = ?origin, reason = %reason, rss_bytes = rss, "worker attached");
+    }
+
+    /// Reads one process's kernel counters into the model.
+    fn refresh_one(&mut self, pid: u32) -> bool {
+        let Some(stats) = self.tracer.proc_stats(pid) else {
+            return false;
+        };
+        let mm = self.tracer.mm_rss(stats.mm_id);
+        let Some(w) = self.registry.get_mut(pid) else {
+            return true;
+        };
+        w.stats = stats;
+        if let Some(mm) = mm {
+            w.apply_mm(&mm);
+        }
+        if w.needs_seed()
+            && let Some(status) = procinfo::status_memory(pid)
+        {
+            w.apply_seed(RssBreakdown::from_status(&status));
+        }
+        true
+    }
+
+    pub(super) fn refresh(&mut self) {
+        for pid in self.registry.pids() {
+            // /proc decides what is alive: an exit event can be lost (ring
+            // buffer full), or come before the process was watched.
+            let start = self.registry.get(pid).map_or(0, |w| w.start_time);
+            if !procinfo::same_process(pid, start) {
+                self.tracer.unwatch(pid);
+                if let Some(w) = self.registry.retire(pid, None) {
+                    info!(pid, name = %w.name, "worker exited (noticed in /proc)");
+                }
+                continue;
+            }
+            if !self.refresh_one(pid) {
+                // Alive but not in the kernel map: watch it again.
+                if let Err(e) = self.tracer.watch(pid, procinfo::heap_end(pid).unwrap_or(0)) {
+                    warn!(pid, error = %e, "cannot trace process: kernel map full?");
+                }
+            }
+        }
+        let counters = self.tracer.counters();
+        self.report_drops(&counters);
+        self.sample_timed_detectors();
+        self.enforce();
+    }
+
+    pub(super) fn report_drops(&mut self, counters: &KernelCounters) {
+        if counters.ringbuf_drops > self.counters.drops_reported {
+            warn!(
+                dropped = counters.ringbuf_drops - self.counters.drops_reported,
+                total_dropped = counters.ringbuf_drops,
+                "ring buffer full: kernel events were dropped (raise --ring-buffer-bytes or lower --poll-interval-ms)"
+            );
+            self.counters.drops_reported = counters.ringbuf_drops;
+        }
+    }
+
+    /// Finds processes that match a selector, or descend from a traced one,
+    /// and are not traced yet. Returns how many were added.
+    pub(super) fn rescan(&mut self) -> usize {
+        // A process the kernel already watches has its fork or exec event on
+        // the way, unless events were ever dropped.
+        let events_complete = self.tracer.counters().ringbuf_drops == 0;
+        let views: Vec<ProcessView> = procinfo::all_pids()
+            .into_iter()
+            .filter(|&pid| pid != self.agent_pid && !self.registry.contains(pid))
+            .filter(|&pid| !(events_complete && self.tracer.proc_stats(pid).is_some()))
+            .filter_map(procinfo::view)
+            .collect();
+        let mut added = 0;
+        // Matches first, then their descendants until nothing changes.
+        let mut pending: Vec<ProcessView> = Vec::new();
+        for view in views {
+            if let Some(reason) = self.selectors.matches(&view) {
+                if self.watch_found(&view, reason.to_string()) {
+                    added += 1;
+                }
+            } else {
+                pending.push(view);
+            }
+        }
+        loop {
+            let before = pending.len();
+            pending.retain(|view| {
+                if self.registry.contains(view.ppid) {
+                    let reason = format!("child of {}", view.ppid);
+                    if self.watch_found(view, reason) {
+                        added += 1;
+                    }
+                    false
+                } else {
+                    true
+                }
+            });
+            if pending.len() == before {
+                break;
+            }
+        }
+        added
+    }
+
+    fn watch_found(&mut self, view: &ProcessView, reason: String) -> bool {
+        let heap = procinfo::heap_end(view.pid).unwrap_or(0);
+        if let Err(e) = self.tracer.watch(view.pid, heap) {
+            warn!(pid = view.pid, error = %e, "cannot trace process: kernel map full?");
+            return false;
+        }
+        // It may have exited between the listing and the watch.
+        if !procinfo::same_process(view.pid, view.start_time) {
+            self.tracer.unwatch(view.pid);
+            debug!(pid = view.pid, "process gone before it could be traced");
+            return false;
+        }
+        self.attach(Worker::new(view, Origin::Scan, reason));
+        true
+    }
+}

@@ -1,0 +1,97 @@
+//! Builds the API's views (`crate::api::status`) from the agent's state.
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use super::state::State;
+use crate::{
+    api::status::{AgentStatus, PssBreakdown, SoftLimitStatus, WorkerStatus},
+    model::{procinfo, workers::Worker},
+};
+
+const MB: f64 = 1024.0 * 1024.0;
+
+fn unix_secs(t: SystemTime) -> f64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// One worker, as the API shows it; `with_proc` adds what only /proc knows (PSS, USS,
+/// fds, threads), which costs a walk of the process's page tables.
+pub fn worker_status(state: &State, w: &Worker, with_proc: bool) -> WorkerStatus {
+    let live = w.alive();
+    let rollup = (with_proc && live)
+        .then(|| procinfo::smaps_rollup(w.pid))
+        .flatten();
+    let status = (with_proc && live)
+        .then(|| procinfo::status_memory(w.pid))
+        .flatten();
+    let stats = if live {
+        state.tracer.proc_stats(w.pid).unwrap_or(w.stats)
+    } else {
+        w.stats
+    };
+    WorkerStatus {
+        pid: w.pid,
+        ppid: w.ppid,
+        role: state.registry.role(w.pid),
+        name: w.name.clone(),
+        exe: w.exe.clone(),
+        cmdline: w.cmdline.clone(),
+        origin: w.origin,
+        reason: w.reason.clone(),
+        alive: live,
+        start_time_ticks: w.start_time,
+        first_seen_unix: unix_secs(w.first_seen),
+        exited_unix: w.exited_at.map(unix_secs),
+        rss_bytes: w.rss.resident(),
+        rss: w.rss,
+        pss_bytes: rollup.map(|r| r.pss),
+        pss: rollup.map(|r| PssBreakdown {
+            anon: r.pss_anon,
+            file: r.pss_file,
+            shmem: r.pss_shmem,
+        }),
+        uss_bytes: rollup.map(|r| r.uss),
+        memory_mb: w.rss.resident() as f64 / MB,
+        pss_mb: rollup.map(|r| r.pss as f64 / MB),
+        uss_mb: rollup.map(|r| r.uss as f64 / MB),
+        fds: (with_proc && live)
+            .then(|| procinfo::fd_count(w.pid))
+            .flatten(),
+        threads: status.map(|s| s.threads),
+        faults: stats.faults,
+        mmap_bytes: stats.mmap_bytes,
+        munmap_bytes: stats.munmap_bytes,
+        mremap_grow_bytes: stats.mremap_grow_bytes,
+        mremap_shrink_bytes: stats.mremap_shrink_bytes,
+        brk_grow_bytes: stats.brk_grow_bytes,
+        brk_shrink_bytes: stats.brk_shrink_bytes,
+        requests_seen: w.requests.seen,
+        requests_aborted: w.requests.aborted,
+        requests_in_flight: if live { stats.requests_in_flight() } else { 0 },
+        leak_detections: w.leak_detections,
+        leak_detector: w.detector.get_state(),
+        collecting: stats.flags & memtrace_common::PROC_FLAG_COLLECT != 0,
+    }
+}
+
+/// The agent itself.
+pub fn agent_status(state: &State) -> AgentStatus {
+    AgentStatus {
+        pid: state.agent_pid,
+        version: env!("CARGO_PKG_VERSION"),
+        uptime_secs: state.started.elapsed().as_secs_f64(),
+        selectors: state.selectors.describe(),
+        workers_alive: state.registry.len(),
+        workers_exited: state.registry.exited().count(),
+        events_received: state.counters.events_received,
+        decode_errors: state.counters.decode_errors,
+        kernel: state.tracer.counters(),
+        programs_attached: state.tracer.attached().to_vec(),
+        collection_active: state.tracer.collecting(),
+        soft_limit: SoftLimitStatus {
+            actions_taken: state.enforcer.actions_taken,
+            actions_skipped: state.enforcer.actions_skipped,
+            pending: state.enforcer.pending().cloned().collect(),
+        },
+    }
+}

@@ -1,0 +1,99 @@
+//! What the agent reports about itself and its workers: the views the API
+//! serves, the CLI prints and the metrics export. The agent builds them
+//! (`crate::agent::views`).
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    judge::{detector::DetectorState, softlimit::PendingRestart},
+    kernel::loader::KernelCounters,
+    model::{
+        rss::RssBreakdown,
+        workers::{Origin, Role},
+    },
+};
+
+/// PSS by type, from smaps_rollup.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PssBreakdown {
+    pub anon: u64,
+    pub file: u64,
+    pub shmem: u64,
+}
+
+/// One worker, as the API shows it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct WorkerStatus {
+    pub pid: u32,
+    pub ppid: u32,
+    pub role: Role,
+    pub name: String,
+    pub exe: Option<String>,
+    pub cmdline: String,
+    pub origin: Origin,
+    pub reason: String,
+    pub alive: bool,
+    /// Clock ticks after boot (/proc/PID/stat field 22).
+    pub start_time_ticks: u64,
+    pub first_seen_unix: f64,
+    pub exited_unix: Option<f64>,
+    /// Resident bytes (file + anon + shmem) from the kernel's counters.
+    pub rss_bytes: u64,
+    pub rss: RssBreakdown,
+    /// From smaps_rollup, for live processes.
+    pub pss_bytes: Option<u64>,
+    pub pss: Option<PssBreakdown>,
+    pub uss_bytes: Option<u64>,
+    /// The plan's figures, in MiB.
+    pub memory_mb: f64,
+    pub pss_mb: Option<f64>,
+    pub uss_mb: Option<f64>,
+    pub fds: Option<usize>,
+    pub threads: Option<u64>,
+    pub faults: u64,
+    pub mmap_bytes: u64,
+    pub munmap_bytes: u64,
+    pub mremap_grow_bytes: u64,
+    pub mremap_shrink_bytes: u64,
+    pub brk_grow_bytes: u64,
+    pub brk_shrink_bytes: u64,
+    pub requests_seen: u64,
+    pub requests_aborted: u64,
+    pub requests_in_flight: u64,
+    pub leak_detections: u64,
+    /// The plan's `leak_detector` state, with memtrace's additions.
+    pub leak_detector: DetectorState,
+    /// Allocation-site collection is on for this worker.
+    pub collecting: bool,
+}
+
+/// Soft-limit enforcement, as the API shows it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SoftLimitStatus {
+    pub actions_taken: u64,
+    pub actions_skipped: u64,
+    pub pending: Vec<PendingRestart>,
+}
+
+/// The agent itself.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct AgentStatus {
+    pub pid: u32,
+    pub version: &'static str,
+    pub uptime_secs: f64,
+    pub selectors: String,
+    pub workers_alive: usize,
+    pub workers_exited: usize,
+    pub events_received: u64,
+    pub decode_errors: u64,
+    pub kernel: KernelCounters,
+    pub programs_attached: Vec<String>,
+    pub collection_active: bool,
+    pub soft_limit: SoftLimitStatus,
+}
+
+/// `?action=status`: the agent and its workers (or one of them).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct StatusView {
+    pub agent: AgentStatus,
+    pub workers: Vec<WorkerStatus>,
+}

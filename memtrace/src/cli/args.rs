@@ -1,0 +1,146 @@
+//! The command line: the agent, the client subcommands that call its API,
+//! `top`, the demo and shell completions. The agent's own settings are in
+//! [`super::settings`].
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use super::{
+    client::DEFAULT_URL,
+    demo::DemoOptions,
+    settings::{AgentArgs, ConfigError, invalid, parse_listen},
+};
+
+#[derive(Debug, Parser)]
+#[command(name = "memtrace", version, about = "Kernel-level memory tracer for multi-worker servers", long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Trace servers: attach to processes by name, follow their workers,
+    /// account memory per worker and per request.
+    Agent(Box<AgentArgs>),
+    /// Workers of a running agent: RSS, PSS, USS, requests, leak slope.
+    Status {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Only this worker.
+        #[arg(long)]
+        pid: Option<u32>,
+    },
+    /// Start collecting allocation sites (if off) and print the top ones;
+    /// the snapshot becomes the baseline for `diff`.
+    Snapshot {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Only this worker (default: all).
+        #[arg(long)]
+        pid: Option<u32>,
+        /// Rows per list.
+        #[arg(long, default_value_t = 10)]
+        limit: usize,
+    },
+    /// Growth since the last snapshot or diff, by allocating stack and by mapping.
+    Diff {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        pid: Option<u32>,
+        #[arg(long, default_value_t = 10)]
+        limit: usize,
+    },
+    /// Stop collecting allocation sites (back to the steady-state cost).
+    Stop {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// A worker's recent requests, newest first.
+    Requests {
+        #[command(flatten)]
+        client: ClientArgs,
+        pid: u32,
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// Live view of the workers (q quits, s changes the sort, arrows select).
+    Top {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Seconds between refreshes (0.1 to 3600).
+        #[arg(long, default_value_t = 1.0, value_parser = parse_interval)]
+        interval: f64,
+    },
+    /// Start a bundled leaky server, attach, and show a leak detected and a
+    /// soft-limit restart within a minute; then clean up.
+    Demo(DemoArgs),
+    /// The demo's workload (started by `memtrace demo`).
+    #[command(hide = true)]
+    DemoServer {
+        #[arg(long)]
+        port: u16,
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        #[arg(long, default_value_t = 1024)]
+        leak_kb: usize,
+    },
+    /// Shell completions: `memtrace completions bash > /etc/bash_completion.d/memtrace`.
+    Completions { shell: clap_complete::Shell },
+}
+
+fn parse_interval(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.1..=3600.0).contains(&v) => Ok(v),
+        _ => Err(format!(
+            "`{s}` is not a number of seconds between 0.1 and 3600"
+        )),
+    }
+}
+
+/// How the client commands reach the agent.
+#[derive(Clone, Debug, Args)]
+pub struct ClientArgs {
+    /// The agent's API (its --listen address). The token comes from MEMTRACE_DEBUG_TOKEN.
+    #[arg(long, env = "MEMTRACE_URL", default_value = DEFAULT_URL)]
+    pub url: String,
+    /// Print the agent's JSON instead of tables.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Clone, Debug, Args)]
+pub struct DemoArgs {
+    /// Workers of the demo server.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub workers: u16,
+    /// KiB each request leaks.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(64..=16384))]
+    pub leak_kb: u32,
+    /// The demo's soft limit, in MB.
+    #[arg(long, default_value_t = 80.0)]
+    pub soft_limit_mb: f64,
+    /// Where the agent's API listens during the demo, or `off`.
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    pub listen: String,
+    /// Keep the server and agent running this many seconds after the demo (for `memtrace top`).
+    #[arg(long, default_value_t = 0)]
+    pub hold_secs: u64,
+}
+
+impl DemoArgs {
+    pub fn options(&self) -> Result<DemoOptions, ConfigError> {
+        if !(self.soft_limit_mb.is_finite() && self.soft_limit_mb > 10.0) {
+            return Err(invalid("--soft-limit-mb", "must be more than 10"));
+        }
+        Ok(DemoOptions {
+            workers: usize::from(self.workers),
+            leak_kb: self.leak_kb as usize,
+            soft_limit_mb: self.soft_limit_mb,
+            listen: parse_listen(Some(&self.listen))?,
+            hold: Duration::from_secs(self.hold_secs),
+            ..DemoOptions::default()
+        })
+    }
+}

@@ -1,0 +1,8 @@
+//! Judgement over the model's numbers: the per-worker leak detector
+//! ([`detector`]) and the soft-limit enforcer ([`softlimit`]).
+//!
+//! Pure logic: imports nothing else of memtrace. The enforcer reaches
+//! processes only through its [`softlimit::Processes`] trait, so both are
+//! tested without a kernel.
+pub mod detector;
+pub mod softlimit;

@@ -1,0 +1,12 @@
+//! The kernel side as the agent sees it: checks before loading
+//! ([`preflight`]), tracefs and tracepoint layouts ([`tracefs`]), loading and
+//! attaching the eBPF programs and reading their maps ([`loader`]), uprobe
+//! targets ([`uprobes`]), and decoding ring-buffer events ([`events`]).
+//!
+//! Imports: `memtrace_common` and nothing else of memtrace. Everything above
+//! the kernel reads it through [`loader::Tracer`] and [`events::KernelEvent`].
+pub mod events;
+pub mod loader;
+pub mod preflight;
+pub mod tracefs;
+pub mod uprobes;

@@ -1,0 +1,12 @@
+//! What memtrace knows of each traced process: /proc readers
+//! ([`procinfo`]), resident memory by type ([`rss`]), the worker registry
+//! ([`workers`]), per-request records ([`requests`]) and the selectors that
+//! choose processes ([`selectors`]).
+//!
+//! Imports: `judge::detector` (each worker owns its leak detector); nothing
+//! from the kernel loader, the API or the agent.
+pub mod procinfo;
+pub mod requests;
+pub mod rss;
+pub mod selectors;
+pub mod workers;
