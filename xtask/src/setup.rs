@@ -13,10 +13,16 @@ use anyhow::{Context as _, Result, bail};
 /// bpf-linker release known to work with the nightly's LLVM 22.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
-/// Debian packages the tests and benchmarks use, by the command they provide.
+/// Debian packages the tests and benchmarks use, by the command (or file) they provide.
 const PACKAGES: &[(&str, &str)] = &[
     ("gcc", "gcc"),
     ("gunicorn", "gunicorn"),
+    // Production gunicorn sets process titles (`gunicorn: worker [app]`)
+    // with it, and the kernel's comm follows the title: tests see that case.
+    (
+        "/usr/lib/python3/dist-packages/setproctitle/__init__.py",
+        "python3-setproctitle",
+    ),
     ("wrk", "wrk"),
     ("tmux", "tmux"),
     ("hyperfine", "hyperfine"),
@@ -206,7 +212,11 @@ fn ensure_bpf_linker() -> Result<bool> {
     Ok(true)
 }
 
+/// A command on PATH, or a file when given as an absolute path.
 fn have_command(cmd: &str) -> bool {
+    if cmd.starts_with('/') {
+        return Path::new(cmd).is_file();
+    }
     env::var_os("PATH")
         .is_some_and(|paths| env::split_paths(&paths).any(|dir| dir.join(cmd).is_file()))
 }

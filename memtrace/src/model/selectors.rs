@@ -9,7 +9,8 @@ use super::procinfo::ProcessView;
 #[derive(Clone, Debug, Default)]
 pub struct Selectors {
     /// Process names (comm, as `ps -o comm` shows; compared on the kernel's
-    /// first 15 bytes), or the executable's file name.
+    /// first 15 bytes), the executable's file name, or the name a process
+    /// title gives (`gunicorn: worker [app]`, `php-fpm: pool www`).
     pub names: Vec<String>,
     /// Executable paths (/proc/PID/exe, symlinks resolved).
     pub exes: Vec<PathBuf>,
@@ -48,6 +49,17 @@ fn comm_matches(comm: &str, name: &str) -> bool {
     comm.as_bytes() == n
 }
 
+/// The program a process title names: servers that set their title
+/// (gunicorn and Celery through setproctitle, php-fpm, nginx, PostgreSQL)
+/// write `NAME: role ...` over their arguments, and the kernel's comm then
+/// becomes the title's first 15 bytes (`gunicorn: worke`).
+fn title_name(cmdline: &[String]) -> Option<&str> {
+    let first = cmdline.first()?.split_whitespace().next()?;
+    let name = first.strip_suffix(':')?;
+    let name = name.rsplit('/').next().unwrap_or(name);
+    (!name.is_empty()).then_some(name)
+}
+
 impl Selectors {
     pub fn is_empty(&self) -> bool {
         self.names.is_empty()
@@ -82,8 +94,12 @@ impl Selectors {
             .as_deref()
             .and_then(Path::file_name)
             .and_then(|n| n.to_str());
+        let title = title_name(&p.cmdline);
         for name in &self.names {
-            if comm_matches(&p.comm, name) || exe_name == Some(name.as_str()) {
+            if comm_matches(&p.comm, name)
+                || exe_name == Some(name.as_str())
+                || title == Some(name.as_str())
+            {
                 return Some(MatchReason::Name(name.clone()));
             }
         }
@@ -184,5 +200,48 @@ mod tests {
         };
         let p = view(1, "gunicorn", "/usr/bin/python3.11", &[]);
         assert!(s.matches(&p).is_some());
+    }
+
+    #[test]
+    fn name_also_matches_a_process_title() {
+        let s = Selectors {
+            names: vec!["gunicorn".into(), "php-fpm".into()],
+            ..Default::default()
+        };
+        // gunicorn with setproctitle: comm is the title's first 15 bytes.
+        let worker = view(
+            1,
+            "gunicorn: worke",
+            "/usr/bin/python3.11",
+            &["gunicorn: worker [wsgi_app:app]"],
+        );
+        assert_eq!(
+            s.matches(&worker),
+            Some(MatchReason::Name("gunicorn".into()))
+        );
+        let master = view(
+            2,
+            "gunicorn: maste",
+            "/usr/bin/python3.11",
+            &["gunicorn: master [wsgi_app:app]"],
+        );
+        assert!(s.matches(&master).is_some());
+        let php = view(
+            3,
+            "php-fpm8.2",
+            "/usr/sbin/php-fpm8.2",
+            &["php-fpm: pool www"],
+        );
+        assert_eq!(s.matches(&php), Some(MatchReason::Name("php-fpm".into())));
+        // Only a title (`NAME:`) counts, not any first argument.
+        let shebang = view(
+            4,
+            "app.py",
+            "/usr/bin/python3.11",
+            &["/usr/bin/gunicorn", "app"],
+        );
+        assert_eq!(s.matches(&shebang), None);
+        let other = view(5, "bash", "/usr/bin/bash", &["gunicorn-like: x"]);
+        assert_eq!(s.matches(&other), None);
     }
 }
