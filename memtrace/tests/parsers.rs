@@ -1260,7 +1260,7 @@ proptest! {
         prop_assert_eq!(set.timed_detector.soft_limit_mb, s.soft_limit_mb);
         prop_assert_eq!(set.detector.slope_threshold_mb, s.slope);
         let signal = SIGNALS.iter().find(|(n, _)| *n == s.signal).unwrap().1;
-        prop_assert_eq!(set.soft_limit.signal.as_str(), signal);
+        prop_assert_eq!(set.soft_limit.signal.map(|s| s.as_str()), Some(signal));
         match s.listen.as_deref() {
             None => prop_assert_eq!(set.listen, Some("127.0.0.1:9464".parse().unwrap())),
             Some("off") => prop_assert_eq!(set.listen, None),
@@ -1338,7 +1338,7 @@ proptest! {
         prop_assert_eq!(&set.selectors.names, &flag_names);
         prop_assert_eq!(set.detector.window_size, flag_window);
         prop_assert_eq!(set.load.ring_buffer_bytes, 1u32 << flag_ring);
-        prop_assert_eq!(set.soft_limit.signal.as_str(), SIGNALS[flag_signal].1);
+        prop_assert_eq!(set.soft_limit.signal.map(|s| s.as_str()), Some(SIGNALS[flag_signal].1));
         prop_assert_eq!(set.detector.check_interval, 1);
         prop_assert_eq!(set.load.rss_step_bytes, file_rss_step);
     }

@@ -7,10 +7,14 @@ use std::{
 };
 
 use memtrace::{
-    judge::softlimit::{SoftLimitSettings, SoftLimitTarget},
+    judge::{
+        servers::ServerKind,
+        softlimit::{SoftLimitSettings, SoftLimitTarget},
+    },
     kernel::{loader::RequestProbes, uprobes::ProbeTarget},
 };
 use memtrace_tests::*;
+use nix::sys::signal::Signal;
 
 const MIB: u64 = 1024 * 1024;
 
@@ -108,7 +112,10 @@ fn one_sighup_per_worker_lifetime_rate_limited_across_workers() {
     settings.detector.soft_limit_mb = 6.0;
     settings.timed_detector.soft_limit_mb = 6.0;
     settings.leak_sample_interval = Duration::from_millis(200);
+    // Explicitly SIGHUP to the master, over the generic prefork preset.
     settings.soft_limit = SoftLimitSettings {
+        target: Some(SoftLimitTarget::Parent),
+        signal: Some(Signal::SIGHUP),
         min_interval: Duration::from_secs(2),
         jitter: Duration::ZERO,
         ..SoftLimitSettings::default()
@@ -158,7 +165,7 @@ fn one_sighup_per_worker_lifetime_rate_limited_across_workers() {
 }
 
 #[test]
-fn the_fixture_master_restarts_a_leaking_worker_once() {
+fn the_fixture_retires_its_leaking_worker_alone_and_replaces_it() {
     let _serial = serial();
     let mut settings = test_settings(&["leaky_server"]);
     settings.load.requests = RequestProbes::Function(ProbeTarget {
@@ -172,17 +179,14 @@ fn the_fixture_master_restarts_a_leaking_worker_once() {
     let server = LeakyServer::start(1, MIB, &[]);
     let (port, master) = (server.port, server.master);
     let first = server.workers(1)[0];
-    // ~40 requests of 1 MiB cross 40 MB; the master's restart replaces the worker.
+    // ~40 requests of 1 MiB cross 40 MB; the generic prefork preset sends
+    // TERM to the worker, which finishes and exits; the master respawns it.
     for _ in 0..60 {
         http_get(port, "/").unwrap();
-        if server.hups() > 0 {
+        if agent.with(|s| s.enforcer.actions_taken > 0) {
             break;
         }
     }
-    assert!(
-        wait_for(Duration::from_secs(10), || server.hups() == 1),
-        "master got a SIGHUP"
-    );
     assert!(
         agent.wait(Duration::from_secs(10), |s| s
             .registry
@@ -192,16 +196,34 @@ fn the_fixture_master_restarts_a_leaking_worker_once() {
         "old worker exited and a new one is followed"
     );
     let second = agent.with(|s| s.registry.alive().find(|w| w.ppid == master).unwrap().pid);
+    assert!(
+        agent.wait(Duration::from_secs(10), |s| {
+            s.enforcer
+                .recycles()
+                .any(|r| r.worker_pid == first && r.replacement_pid == Some(second))
+        }),
+        "the recycle names the replacement"
+    );
     agent.with(|s| {
+        let r = s
+            .enforcer
+            .recycles()
+            .find(|r| r.worker_pid == first)
+            .unwrap();
+        assert_eq!(
+            (r.server, r.signal.as_str()),
+            (ServerKind::GenericPrefork, "SIGTERM")
+        );
+        assert_eq!(r.target_pid, first);
+        assert_eq!(
+            s.enforcer.actions_taken, 1,
+            "once for that worker's lifetime"
+        );
         let w = s.registry.get(second).unwrap();
         assert!(!w.detector.soft_limit_fired(), "fresh detector");
         assert!(w.detector.request_count() < 5);
     });
-    assert_eq!(
-        server.hups(),
-        1,
-        "exactly one SIGHUP for that worker's lifetime"
-    );
+    assert_eq!(server.hups(), 0, "the master was not signalled");
 }
 
 #[test]
@@ -212,7 +234,8 @@ fn real_gunicorn_is_restarted_by_sighup_and_its_new_workers_followed() {
     settings.detector.soft_limit_mb = 60.0;
     settings.soft_limit.jitter = Duration::ZERO;
     settings.soft_limit.min_interval = Duration::from_secs(60);
-    settings.soft_limit.target = SoftLimitTarget::Parent;
+    settings.soft_limit.target = Some(SoftLimitTarget::Parent);
+    settings.soft_limit.signal = Some(Signal::SIGHUP);
     let agent = AgentHarness::start(settings);
     let port = free_port();
     let _server = gunicorn(port, 2, MIB);

@@ -122,7 +122,8 @@ fn demo_exits_zero_after_showing_a_detection_and_a_restart() {
     for needle in [
         "LEAK_TREND_DETECTED",
         "SOFT_LIMIT_EXCEEDED",
-        "replaced its workers",
+        "sent to that worker alone",
+        "replaced worker",
         "demo complete",
         "cleaned up",
     ] {

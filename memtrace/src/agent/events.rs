@@ -1,10 +1,13 @@
 //! Kernel events into the model: a traced process forked, exec'd or exited,
 //! its RSS moved, or it ended a request.
+use std::time::Instant;
+
 use memtrace_common::ProcessEvent;
 use tracing::{info, warn};
 
 use super::state::{MB, State};
 use crate::{
+    judge::softlimit::log_recycle,
     kernel::events::{KernelEvent, c_str},
     model::{
         procinfo::{self, ProcessView},
@@ -96,6 +99,10 @@ impl State {
     fn on_exit(&mut self, ev: &ProcessEvent) {
         let pid = ev.tgid;
         self.tracer.detach_alloc_probes(pid);
+        // A worker memtrace retired: its exit is timed here, to the event.
+        if let Some(recycle) = self.enforcer.worker_exited(pid, Instant::now()) {
+            log_recycle(&recycle);
+        }
         let role = self.registry.role(pid);
         let Some(w) = self.registry.retire(pid, Some((ev.stats, ev.rss))) else {
             return;

@@ -2,16 +2,17 @@
 //! without request boundaries fed on time, soft-limit restarts carried out.
 use std::time::Instant;
 
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::state::{MB, State};
 use crate::{
     judge::{
         detector::Detection,
-        softlimit::{Processes, log_outcome},
+        servers::{self, ServerKind, ServerProcess},
+        softlimit::{OverLimit, Processes, SoftLimitMetric, SoftLimitTarget, log_recycle},
     },
     kernel::loader::Tracer,
-    model::procinfo,
+    model::{procinfo, workers::Registry},
 };
 
 impl State {
@@ -62,38 +63,144 @@ impl State {
             Detection::SoftLimitExceeded {
                 rss_mb,
                 soft_limit_mb,
-            } => {
-                let (ppid, name) = (w.ppid, w.name.clone());
-                let procs = SystemProcesses {
-                    tracer: &self.tracer,
-                };
-                match self.enforcer.request(
-                    &procs,
+            } => self.over_soft_limit(pid, rss_mb, soft_limit_mb),
+        }
+    }
+
+    /// A worker's RSS crossed the soft limit: queue its restart when its
+    /// size in the limit's metric is over too, else watch it.
+    fn over_soft_limit(&mut self, pid: u32, rss_mb: f64, soft_limit_mb: f64) {
+        let metric = self.enforcer.settings().metric;
+        let Some(start_time) = self.registry.get(pid).map(|w| w.start_time) else {
+            return;
+        };
+        match soft_limit_measure(metric, pid, rss_mb) {
+            Some(measure_mb) if measure_mb > soft_limit_mb => {
+                self.queue_restart(pid, rss_mb, measure_mb, soft_limit_mb);
+            }
+            measure_mb => {
+                // RSS counts pages shared copy-on-write with the master.
+                info!(
                     pid,
-                    ppid,
                     rss_mb,
+                    metric = metric.name(),
+                    measure_mb,
                     soft_limit_mb,
-                    Instant::now(),
-                ) {
-                    Ok(()) => warn!(
-                        pid,
-                        name = %name,
-                        rss_mb,
-                        soft_limit_mb,
-                        target_pid = self.enforcer.target_of(pid, ppid),
-                        "SOFT_LIMIT_EXCEEDED: graceful restart queued"
-                    ),
-                    Err(refused) => warn!(
-                        pid,
-                        name = %name,
-                        rss_mb,
-                        soft_limit_mb,
-                        reason = %refused,
-                        "SOFT_LIMIT_EXCEEDED: no restart possible"
-                    ),
+                    "RSS is over the soft limit but the limit's metric is not: watching"
+                );
+                if !self.soft_limit_watch.contains(&(pid, start_time)) {
+                    self.soft_limit_watch.push((pid, start_time));
                 }
             }
         }
+    }
+
+    /// Workers whose RSS is over the soft limit but whose PSS or USS was
+    /// not: measured again, and queued once they are over too.
+    pub(super) fn check_soft_limit_watch(&mut self) {
+        let metric = self.enforcer.settings().metric;
+        let watched = std::mem::take(&mut self.soft_limit_watch);
+        for (pid, start_time) in watched {
+            let Some(w) = self
+                .registry
+                .get(pid)
+                .filter(|w| w.start_time == start_time)
+            else {
+                continue;
+            };
+            let rss_mb = w.rss.resident() as f64 / MB;
+            let limit = w.detector.get_state().soft_limit_mb;
+            match soft_limit_measure(metric, pid, rss_mb) {
+                Some(measure_mb) if measure_mb > limit => {
+                    self.queue_restart(pid, rss_mb, measure_mb, limit);
+                }
+                Some(_) => self.soft_limit_watch.push((pid, start_time)),
+                None => {}
+            }
+        }
+    }
+
+    fn queue_restart(&mut self, pid: u32, rss_mb: f64, measure_mb: f64, soft_limit_mb: f64) {
+        let Some(w) = self.registry.get(pid) else {
+            return;
+        };
+        let (ppid, name) = (w.ppid, w.name.clone());
+        let server = self.server_of(pid);
+        let over = OverLimit {
+            worker_pid: pid,
+            parent_pid: ppid,
+            server,
+            measure_mb,
+            rss_mb,
+            soft_limit_mb,
+        };
+        let procs = SystemProcesses {
+            tracer: &self.tracer,
+            registry: &self.registry,
+        };
+        let metric = self.enforcer.settings().metric.name();
+        match self.enforcer.request(&procs, &over, Instant::now()) {
+            Ok(plan) => warn!(
+                pid,
+                name = %name,
+                server = %server,
+                rss_mb,
+                metric,
+                measure_mb,
+                soft_limit_mb,
+                action = ?plan.action,
+                target_pid = match plan.target {
+                    SoftLimitTarget::Parent => ppid,
+                    SoftLimitTarget::Worker => pid,
+                },
+                signal = plan.signal.as_str(),
+                log_only_because = plan.log_only_because.as_deref(),
+                "SOFT_LIMIT_EXCEEDED: graceful restart queued"
+            ),
+            Err(refused) => warn!(
+                pid,
+                name = %name,
+                server = %server,
+                rss_mb,
+                soft_limit_mb,
+                reason = %refused,
+                "SOFT_LIMIT_EXCEEDED: no restart possible"
+            ),
+        }
+    }
+
+    /// The server a worker belongs to, from its process and its master's,
+    /// read afresh (servers retitle their processes after fork).
+    fn server_of(&self, pid: u32) -> ServerKind {
+        // (comm, exe, cmdline) of a live traced process.
+        let facts = |pid: u32| {
+            let w = self.registry.get(pid).filter(|w| w.alive())?;
+            Some(match procinfo::view(pid) {
+                Some(v) => (
+                    v.comm,
+                    v.exe.map(|e| e.display().to_string()),
+                    v.cmdline.join(" "),
+                ),
+                None => (w.name.clone(), w.exe.clone(), w.cmdline.clone()),
+            })
+        };
+        fn as_process(
+            (comm, exe, cmdline): &(String, Option<String>, String),
+        ) -> ServerProcess<'_> {
+            ServerProcess {
+                comm,
+                exe: exe.as_deref(),
+                cmdline,
+            }
+        }
+        let Some(worker) = facts(pid) else {
+            return ServerKind::Unknown;
+        };
+        let master = self.registry.get(pid).and_then(|w| facts(w.ppid));
+        servers::detect(
+            &as_process(&worker),
+            master.as_ref().map(as_process).as_ref(),
+        )
     }
 
     /// Feeds detectors of workers without request boundaries, on time.
@@ -122,21 +229,35 @@ impl State {
         }
     }
 
-    /// Lets the enforcer act on queued restarts.
+    /// Lets the enforcer act on queued restarts and follow signalled workers.
     pub(super) fn enforce(&mut self) {
         let mut procs = SystemProcesses {
             tracer: &self.tracer,
+            registry: &self.registry,
         };
-        for outcome in self.enforcer.tick(&mut procs, Instant::now()) {
-            log_outcome(&outcome);
+        for recycle in self.enforcer.tick(&mut procs, Instant::now()) {
+            log_recycle(&recycle);
         }
     }
 }
 
+/// The worker's size in the limit's metric: RSS from the kernel's counters,
+/// PSS or USS from smaps_rollup (None when the worker is gone).
+fn soft_limit_measure(metric: SoftLimitMetric, pid: u32, rss_mb: f64) -> Option<f64> {
+    let rollup = || procinfo::smaps_rollup(pid);
+    match metric {
+        SoftLimitMetric::Rss => Some(rss_mb),
+        SoftLimitMetric::Pss => rollup().map(|r| r.pss as f64 / MB),
+        SoftLimitMetric::Uss => rollup().map(|r| r.uss as f64 / MB),
+    }
+}
+
 /// Processes as the enforcer sees them: /proc for identity, the kernel maps
-/// for requests in flight, kill(2) for signals.
+/// for requests in flight, the worker model for children, kill(2) for
+/// signals.
 struct SystemProcesses<'a> {
     tracer: &'a Tracer,
+    registry: &'a Registry,
 }
 
 impl Processes for SystemProcesses<'_> {
@@ -148,6 +269,14 @@ impl Processes for SystemProcesses<'_> {
         self.tracer
             .proc_stats(pid)
             .map_or(0, |s| s.requests_in_flight())
+    }
+
+    fn children(&self, pid: u32) -> Vec<u32> {
+        self.registry
+            .alive()
+            .filter(|w| w.ppid == pid)
+            .map(|w| w.pid)
+            .collect()
     }
 
     fn kill(&mut self, pid: u32, signal: nix::sys::signal::Signal) -> Result<(), String> {

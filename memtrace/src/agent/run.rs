@@ -92,6 +92,7 @@ impl Agent {
             timed_detector_config: settings.timed_detector.clone(),
             leak_sample_interval: settings.leak_sample_interval,
             last_leak_sample: None,
+            soft_limit_watch: Vec::new(),
             enforcer: Enforcer::new(settings.soft_limit.clone(), agent_pid),
         };
         let api_listener = match settings.listen {

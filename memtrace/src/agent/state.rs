@@ -39,6 +39,9 @@ pub struct State {
     pub timed_detector_config: DetectorConfig,
     pub leak_sample_interval: Duration,
     pub(super) last_leak_sample: Option<Instant>,
+    /// Workers whose RSS is over the soft limit but whose PSS or USS (the
+    /// limit's metric) was not, by (pid, start time).
+    pub(super) soft_limit_watch: Vec<(u32, u64)>,
     pub enforcer: Enforcer,
 }
 

@@ -98,6 +98,7 @@ impl State {
         let counters = self.tracer.counters();
         self.report_drops(&counters);
         self.sample_timed_detectors();
+        self.check_soft_limit_watch();
         self.enforce();
     }
 

@@ -3,11 +3,14 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::state::State;
 use crate::{
-    api::status::{AgentStatus, PssBreakdown, SoftLimitStatus, WorkerStatus},
+    api::status::{AgentStatus, PssBreakdown, RecycleCount, SoftLimitStatus, WorkerStatus},
     model::{procinfo, workers::Worker},
 };
 
 const MB: f64 = 1024.0 * 1024.0;
+
+/// Recycles the agent status lists (each worker's own is in its status).
+const RECENT_RECYCLES: usize = 50;
 
 fn unix_secs(t: SystemTime) -> f64 {
     t.duration_since(UNIX_EPOCH)
@@ -71,6 +74,7 @@ pub fn worker_status(state: &State, w: &Worker, with_proc: bool) -> WorkerStatus
         leak_detections: w.leak_detections,
         leak_detector: w.detector.get_state(),
         collecting: stats.flags & memtrace_common::PROC_FLAG_COLLECT != 0,
+        soft_limit: state.enforcer.recycle_of(w.pid, w.start_time).cloned(),
     }
 }
 
@@ -89,9 +93,26 @@ pub fn agent_status(state: &State) -> AgentStatus {
         programs_attached: state.tracer.attached().to_vec(),
         collection_active: state.tracer.collecting(),
         soft_limit: SoftLimitStatus {
+            metric: state.enforcer.settings().metric,
             actions_taken: state.enforcer.actions_taken,
             actions_skipped: state.enforcer.actions_skipped,
             pending: state.enforcer.pending().cloned().collect(),
+            recycles: {
+                let all: Vec<_> = state.enforcer.recycles().collect();
+                all[all.len().saturating_sub(RECENT_RECYCLES)..]
+                    .iter()
+                    .map(|r| (*r).clone())
+                    .collect()
+            },
+            counts: state
+                .enforcer
+                .counts()
+                .map(|(server, state, count)| RecycleCount {
+                    server,
+                    state,
+                    count,
+                })
+                .collect(),
         },
     }
 }

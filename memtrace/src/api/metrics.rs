@@ -30,6 +30,22 @@ struct OutcomeLabels {
     outcome: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RecycleLabels {
+    server: String,
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WorkerRecycleLabels {
+    pid: String,
+    name: String,
+    role: String,
+    server: String,
+    signal: String,
+    state: String,
+}
+
 type GaugeF = Gauge<f64, std::sync::atomic::AtomicU64>;
 
 /// Every series `render` exports (counters with their `_total`), checked
@@ -50,6 +66,8 @@ pub const METRIC_NAMES: &[&str] = &[
     "memtrace_worker_leak_detections_total",
     "memtrace_worker_soft_limit_fired",
     "memtrace_soft_limit_actions_total",
+    "memtrace_soft_limit_recycles_total",
+    "memtrace_worker_soft_limit_action_timestamp_seconds",
     "memtrace_ringbuf_drops_total",
     "memtrace_events_total",
     "memtrace_workers",
@@ -142,6 +160,16 @@ pub fn render(status: &StatusView) -> String {
         "Soft-limit restarts, by outcome",
         Counter
     );
+    let recycles: Family<RecycleLabels, Counter> = family!(
+        "memtrace_soft_limit_recycles",
+        "Soft-limit recycles reaching each state (signalled, exited, replaced, timed_out, escalated, logged, skipped), by server",
+        Counter
+    );
+    let recycled: Family<WorkerRecycleLabels, GaugeF> = family!(
+        "memtrace_worker_soft_limit_action_timestamp_seconds",
+        "When the soft limit acted on this worker (Unix time), with the signal and where the recycle stands",
+        GaugeF
+    );
     macro_rules! single {
         ($name:literal, $help:literal, $ty:ty) => {{
             let m = <$ty>::default();
@@ -209,6 +237,26 @@ pub fn render(status: &StatusView) -> String {
         fired
             .get_or_create(&labels)
             .set(i64::from(d.soft_limit_fired));
+        if let Some(r) = &w.soft_limit {
+            recycled
+                .get_or_create(&WorkerRecycleLabels {
+                    pid: labels.pid.clone(),
+                    name: labels.name.clone(),
+                    role: role.clone(),
+                    server: r.server.to_string(),
+                    signal: r.signal.clone(),
+                    state: r.state.name().to_string(),
+                })
+                .set(r.acted_unix);
+        }
+    }
+    for c in &status.agent.soft_limit.counts {
+        recycles
+            .get_or_create(&RecycleLabels {
+                server: c.server.to_string(),
+                state: c.state.name().to_string(),
+            })
+            .inc_by(c.count);
     }
     let agent = &status.agent;
     for (outcome, n) in [

@@ -4,7 +4,11 @@
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    judge::{detector::DetectorState, softlimit::PendingRestart},
+    judge::{
+        detector::DetectorState,
+        servers::ServerKind,
+        softlimit::{PendingRestart, Recycle, RecycleState, SoftLimitMetric},
+    },
     kernel::loader::KernelCounters,
     model::{
         rss::RssBreakdown,
@@ -64,14 +68,29 @@ pub struct WorkerStatus {
     pub leak_detector: DetectorState,
     /// Allocation-site collection is on for this worker.
     pub collecting: bool,
+    /// What the soft limit did to this worker, if anything: action, signal,
+    /// outcome, time to exit, replacement pid.
+    pub soft_limit: Option<Recycle>,
 }
 
 /// Soft-limit enforcement, as the API shows it.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct SoftLimitStatus {
+    pub metric: SoftLimitMetric,
     pub actions_taken: u64,
     pub actions_skipped: u64,
     pub pending: Vec<PendingRestart>,
+    /// The latest recycles, oldest first.
+    pub recycles: Vec<Recycle>,
+    /// How often each state was reached, by server.
+    pub counts: Vec<RecycleCount>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RecycleCount {
+    pub server: ServerKind,
+    pub state: RecycleState,
+    pub count: u64,
 }
 
 /// The agent itself.

@@ -16,7 +16,13 @@ use super::{
     *,
 };
 use crate::{
-    judge::detector::{DetectorConfig, LeakDetector},
+    judge::{
+        detector::{DetectorConfig, LeakDetector},
+        servers::ServerKind,
+        softlimit::{
+            Enforcer, OverLimit, Processes, RecycleState, SoftLimitMetric, SoftLimitSettings,
+        },
+    },
     kernel::loader::KernelCounters,
     model::{
         requests::RequestRecord,
@@ -80,6 +86,7 @@ fn worker(pid: u32) -> WorkerStatus {
         requests_aborted: 0,
         requests_in_flight: 0,
         leak_detections: 0,
+        soft_limit: None,
         leak_detector: LeakDetector::new(DetectorConfig::default()).get_state(),
         collecting: false,
     }
@@ -105,9 +112,12 @@ impl Backend for Fake {
                 programs_attached: vec![],
                 collection_active: calls.collecting,
                 soft_limit: SoftLimitStatus {
+                    metric: SoftLimitMetric::Rss,
                     actions_taken: 0,
                     actions_skipped: 0,
                     pending: vec![],
+                    recycles: vec![],
+                    counts: vec![],
                 },
             },
             workers: vec![worker(42)],
@@ -584,4 +594,69 @@ fn the_token_never_prints() {
     let t = Token::new(Some(TOKEN.into())).unwrap();
     assert!(!format!("{t:?}").contains(TOKEN));
     assert!(Token::new(Some(String::new())).is_none());
+}
+
+/// A worker the soft limit retired shows in /metrics with its signal and
+/// state, and the recycles are counted by server and state.
+#[test]
+fn metrics_render_the_status_with_soft_limit_recycles() {
+    struct One;
+    impl Processes for One {
+        fn start_time(&self, pid: u32) -> Option<u64> {
+            (pid == 42 || pid == 1000).then_some(7)
+        }
+        fn in_flight(&self, _: u32) -> u64 {
+            0
+        }
+        fn children(&self, _: u32) -> Vec<u32> {
+            vec![42]
+        }
+        fn kill(&mut self, _: u32, _: nix::sys::signal::Signal) -> Result<(), String> {
+            Ok(())
+        }
+    }
+    let mut enforcer = Enforcer::new(SoftLimitSettings::default(), 1);
+    let now = std::time::Instant::now();
+    let over = OverLimit {
+        worker_pid: 42,
+        parent_pid: 1000,
+        server: ServerKind::Gunicorn,
+        measure_mb: 500.0,
+        rss_mb: 500.0,
+        soft_limit_mb: 450.0,
+    };
+    enforcer.request(&One, &over, now).unwrap();
+    let done = enforcer.tick(&mut One, now);
+    assert_eq!(done[0].state, RecycleState::Signalled);
+    let mut w = worker(42);
+    w.soft_limit = Some(done[0].clone());
+    let fake = Fake {
+        calls: Mutex::new(Calls::default()),
+    };
+    let mut status = fake.status(None).unwrap();
+    status.workers = vec![w];
+    status.agent.soft_limit.counts = enforcer
+        .counts()
+        .map(|(server, state, count)| status::RecycleCount {
+            server,
+            state,
+            count,
+        })
+        .collect();
+    let text = metrics::render(&status);
+    assert!(
+        text.contains("memtrace_worker_rss_bytes{pid=\"42\""),
+        "{text}"
+    );
+    assert!(
+        text.contains("memtrace_worker_soft_limit_action_timestamp_seconds{pid=\"42\"")
+            && text.contains("server=\"gunicorn\",signal=\"SIGTERM\",state=\"signalled\""),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "memtrace_soft_limit_recycles_total{server=\"gunicorn\",state=\"signalled\"} 1"
+        ),
+        "{text}"
+    );
 }

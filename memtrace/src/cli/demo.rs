@@ -140,6 +140,8 @@ struct Progress {
     /// Workers with at least one leak report.
     detected: Vec<u32>,
     restarts: u64,
+    /// The newest recycle: (worker, signal, server, replacement).
+    recycle: Option<(u32, String, String, Option<u32>)>,
 }
 
 fn progress(state: &State) -> Progress {
@@ -171,6 +173,14 @@ fn progress(state: &State) -> Progress {
             .map(|w| w.pid)
             .collect(),
         restarts: state.enforcer.actions_taken,
+        recycle: state.enforcer.recycles().last().map(|r| {
+            (
+                r.worker_pid,
+                r.signal.clone(),
+                r.server.to_string(),
+                r.replacement_pid,
+            )
+        }),
     }
 }
 
@@ -236,7 +246,6 @@ pub fn run(opts: &DemoOptions) -> Result<(), DemoError> {
     let period = Duration::from_secs_f64(1.0 / f64::from(opts.requests_per_sec.max(1)));
     let mut last_report = Instant::now();
     let mut seen = Progress::default();
-    let mut first_workers: Option<Vec<u32>> = None;
     let mut replaced_at = None;
     let mut sent = 0u64;
     loop {
@@ -259,9 +268,6 @@ pub fn run(opts: &DemoOptions) -> Result<(), DemoError> {
         }
         std::thread::sleep(period);
         let now = agent.with(|s| progress(s));
-        if first_workers.is_none() && now.workers.len() == opts.workers {
-            first_workers = Some(now.workers.iter().map(|w| w.0).collect());
-        }
         for pid in now.detected.iter().filter(|p| !seen.detected.contains(p)) {
             let slope = now
                 .workers
@@ -276,28 +282,26 @@ pub fn run(opts: &DemoOptions) -> Result<(), DemoError> {
                 ),
             );
         }
-        if now.restarts > seen.restarts {
+        if now.restarts > seen.restarts
+            && let Some((worker, signal, server, _)) = &now.recycle
+        {
             say(
                 start,
                 format_args!(
-                    "SOFT_LIMIT_EXCEEDED: a worker crossed {} MB; SIGHUP sent to master {}",
+                    "SOFT_LIMIT_EXCEEDED: worker {worker} crossed {} MB; {signal} sent to that worker alone ({server} preset)",
                     opts.soft_limit_mb,
-                    now.master.unwrap_or(0)
                 ),
             );
         }
-        let originals = first_workers.clone().unwrap_or_default();
         if replaced_at.is_none()
-            && now.restarts > 0
-            && now.workers.len() == opts.workers
-            && now.workers.iter().all(|w| !originals.contains(&w.0))
+            && let Some((worker, _, _, Some(new))) = &now.recycle
         {
             replaced_at = Some(Instant::now());
-            let pids: Vec<u32> = now.workers.iter().map(|w| w.0).collect();
             say(
                 start,
                 format_args!(
-                    "the master replaced its workers: {originals:?} -> {pids:?}; memtrace follows them, with fresh detectors"
+                    "the master {} replaced worker {worker} by {new}; the other workers stay; memtrace follows {new} with a fresh detector",
+                    now.master.unwrap_or(0)
                 ),
             );
         }

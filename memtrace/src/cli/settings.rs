@@ -12,7 +12,9 @@ use crate::{
     agent::{AgentSettings, DEFAULT_TIMED_SLOPE_MB_PER_HOUR},
     judge::{
         detector::DetectorConfig,
-        softlimit::{SoftLimitAction, SoftLimitSettings, SoftLimitTarget, parse_signal},
+        softlimit::{
+            SoftLimitAction, SoftLimitMetric, SoftLimitSettings, SoftLimitTarget, parse_signal,
+        },
     },
     kernel::{
         loader::{LoadOptions, RequestProbes},
@@ -203,7 +205,7 @@ pub struct AgentArgs {
     )]
     pub leak_time_slope_mb_per_hour: Option<f64>,
 
-    /// Ask for a graceful restart when a worker's RSS exceeds this [default: 450].
+    /// Retire a worker gracefully when its memory (--soft-limit-metric) exceeds this [default: 450].
     #[arg(
         long,
         env = "MEMTRACE_SOFT_LIMIT_MB",
@@ -212,7 +214,8 @@ pub struct AgentArgs {
     )]
     pub soft_limit_mb: Option<f64>,
 
-    /// signal, or log (dry run) [default: signal].
+    /// signal, or log (dry run) [default: the server's preset; log for a
+    /// server memtrace does not recognise].
     #[arg(
         long,
         env = "MEMTRACE_SOFT_LIMIT_ACTION",
@@ -221,7 +224,8 @@ pub struct AgentArgs {
     )]
     pub soft_limit_action: Option<SoftLimitAction>,
 
-    /// Who gets the signal: parent (the master) or worker [default: parent].
+    /// Who gets the signal: worker, or parent (the master: on most servers
+    /// that restarts every worker) [default: the server's preset, worker].
     #[arg(
         long,
         env = "MEMTRACE_SOFT_LIMIT_TARGET",
@@ -230,7 +234,9 @@ pub struct AgentArgs {
     )]
     pub soft_limit_target: Option<SoftLimitTarget>,
 
-    /// Signal to send, by name or number [default: HUP].
+    /// Signal to send, by name or number [default: the server's preset:
+    /// gunicorn TERM, uWSGI HUP, PHP-FPM QUIT, Apache USR1, Puma TERM,
+    /// Unicorn QUIT, other prefork servers TERM].
     #[arg(
         long,
         env = "MEMTRACE_SOFT_LIMIT_SIGNAL",
@@ -265,6 +271,36 @@ pub struct AgentArgs {
         help_heading = "Soft limit"
     )]
     pub soft_limit_drain_timeout_secs: Option<f64>,
+
+    /// The memory the limit is on: rss, pss or uss (uss and pss do not count
+    /// pages shared copy-on-write with the master) [default: rss].
+    #[arg(
+        long,
+        env = "MEMTRACE_SOFT_LIMIT_METRIC",
+        value_enum,
+        help_heading = "Soft limit"
+    )]
+    pub soft_limit_metric: Option<SoftLimitMetric>,
+
+    /// Seconds a signalled worker may take to leave [default: the server's
+    /// grace period and a margin, e.g. 35 for gunicorn].
+    #[arg(
+        long,
+        env = "MEMTRACE_SOFT_LIMIT_EXIT_TIMEOUT_SECS",
+        value_name = "SECS",
+        help_heading = "Soft limit"
+    )]
+    pub soft_limit_exit_timeout_secs: Option<f64>,
+
+    /// Signal sent to a worker that has not left after the exit timeout, e.g.
+    /// KILL [default: none; servers escalate on their own].
+    #[arg(
+        long,
+        env = "MEMTRACE_SOFT_LIMIT_ESCALATE_SIGNAL",
+        value_name = "SIGNAL",
+        help_heading = "Soft limit"
+    )]
+    pub soft_limit_escalate_signal: Option<String>,
 
     /// Address of the HTTP API (status, snapshots, metrics), or `off` [default: 127.0.0.1:9464].
     /// Its protected endpoints need MEMTRACE_DEBUG_TOKEN (environment only, so it never shows in `ps`).
@@ -508,7 +544,8 @@ impl AgentArgs {
             leak_slope_threshold, leak_warmup_requests, leak_sample_interval_secs,
             leak_time_slope_mb_per_hour, soft_limit_mb, soft_limit_action, soft_limit_target,
             soft_limit_signal, soft_limit_min_interval_secs, soft_limit_jitter_secs,
-            soft_limit_drain_timeout_secs, fault_sample_period, listen, log_format, log_level, summary_interval_secs, ring_buffer_bytes,
+            soft_limit_drain_timeout_secs, soft_limit_metric, soft_limit_exit_timeout_secs,
+            soft_limit_escalate_signal, fault_sample_period, listen, log_format, log_level, summary_interval_secs, ring_buffer_bytes,
             poll_interval_ms, rss_step_bytes, refresh_interval_ms, rescan_interval_secs,
             no_mount_tracefs,
         );
@@ -645,13 +682,25 @@ impl AgentArgs {
             }
         };
         let soft = defaults.soft_limit.clone();
+        let signal = |setting: &'static str, value: &Option<String>| {
+            value
+                .as_deref()
+                .map(|s| parse_signal(s).map_err(|m| invalid(setting, m)))
+                .transpose()
+        };
         let soft_limit = SoftLimitSettings {
-            action: self.soft_limit_action.unwrap_or(soft.action),
-            target: self.soft_limit_target.unwrap_or(soft.target),
-            signal: match &self.soft_limit_signal {
-                Some(s) => parse_signal(s).map_err(|m| invalid("--soft-limit-signal", m))?,
-                None => soft.signal,
-            },
+            action: self.soft_limit_action,
+            target: self.soft_limit_target,
+            signal: signal("--soft-limit-signal", &self.soft_limit_signal)?,
+            metric: self.soft_limit_metric.unwrap_or(soft.metric),
+            exit_timeout: self
+                .soft_limit_exit_timeout_secs
+                .map(|v| secs("--soft-limit-exit-timeout-secs", Some(v), Duration::ZERO))
+                .transpose()?,
+            escalate_signal: signal(
+                "--soft-limit-escalate-signal",
+                &self.soft_limit_escalate_signal,
+            )?,
             min_interval: secs(
                 "--soft-limit-min-interval-secs",
                 self.soft_limit_min_interval_secs,
@@ -817,22 +866,44 @@ mod tests {
         assert_eq!(d.warmup_samples, crate::agent::DEFAULT_WARMUP_REQUESTS);
         assert_eq!(r.settings.timed_detector.soft_limit_mb, 300.0);
         let s = &r.settings.soft_limit;
-        assert_eq!(s.signal, nix::sys::signal::Signal::SIGTERM);
-        assert_eq!(s.target, SoftLimitTarget::Worker);
-        assert_eq!(s.action, SoftLimitAction::Log);
+        assert_eq!(s.signal, Some(nix::sys::signal::Signal::SIGTERM));
+        assert_eq!(s.target, Some(SoftLimitTarget::Worker));
+        assert_eq!(s.action, Some(SoftLimitAction::Log));
 
         let defaults = parse(&["-n", "x"]).resolve().unwrap().settings;
         assert_eq!(defaults.detector.window_size, 200);
         assert_eq!(defaults.detector.check_interval, 50);
         assert_eq!(defaults.detector.slope_threshold_mb, 0.1);
         assert_eq!(defaults.detector.soft_limit_mb, 450.0);
-        assert_eq!(defaults.soft_limit.signal, nix::sys::signal::Signal::SIGHUP);
+        // Action, target and signal come from each server's preset.
+        let soft = &defaults.soft_limit;
+        assert_eq!((soft.action, soft.target, soft.signal), (None, None, None));
+        assert_eq!(soft.metric, SoftLimitMetric::Rss);
+        assert_eq!((soft.exit_timeout, soft.escalate_signal), (None, None));
+        let r = parse(&[
+            "-n",
+            "x",
+            "--soft-limit-metric",
+            "uss",
+            "--soft-limit-exit-timeout-secs",
+            "20",
+            "--soft-limit-escalate-signal",
+            "KILL",
+        ])
+        .resolve()
+        .unwrap();
+        let s = &r.settings.soft_limit;
+        assert_eq!(s.metric, SoftLimitMetric::Uss);
+        assert_eq!(s.exit_timeout, Some(Duration::from_secs(20)));
+        assert_eq!(s.escalate_signal, Some(nix::sys::signal::Signal::SIGKILL));
 
         for bad in [
             &["-n", "x", "--leak-window-size", "1"][..],
             &["-n", "x", "--leak-check-interval", "500"],
             &["-n", "x", "--soft-limit-mb", "0"],
             &["-n", "x", "--soft-limit-signal", "NOPE"],
+            &["-n", "x", "--soft-limit-escalate-signal", "NOPE"],
+            &["-n", "x", "--soft-limit-exit-timeout-secs", "1e10"],
             &["-n", "x", "--soft-limit-min-interval-secs=-3"],
             &["-n", "x", "--fault-sample-period", "0"],
         ] {

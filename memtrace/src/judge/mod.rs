@@ -1,8 +1,10 @@
 //! Judgement over the model's numbers: the per-worker leak detector
-//! ([`detector`]) and the soft-limit enforcer ([`softlimit`]).
+//! ([`detector`]), the soft-limit enforcer ([`softlimit`]) and the server
+//! presets it acts by ([`servers`]).
 //!
 //! Pure logic: imports nothing else of memtrace. The enforcer reaches
 //! processes only through its [`softlimit::Processes`] trait, so both are
 //! tested without a kernel.
 pub mod detector;
+pub mod servers;
 pub mod softlimit;
