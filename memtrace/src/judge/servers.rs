@@ -9,7 +9,16 @@ use std::{fmt, time::Duration};
 use nix::sys::signal::Signal;
 use serde::Serialize;
 
-use super::softlimit::SoftLimitTarget;
+/// Who receives the signal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SoftLimitTarget {
+    /// The worker's parent (the master), as the plan did: on most servers
+    /// this restarts every worker.
+    Parent,
+    /// The worker itself: retires that worker alone.
+    Worker,
+}
 
 /// A server memtrace knows how to recycle one worker of.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]

@@ -20,7 +20,9 @@ use std::{
 use nix::sys::signal::Signal;
 use serde::Serialize;
 
+// The target is part of a server's preset; it is named here too.
 use super::servers::ServerKind;
+pub use super::servers::SoftLimitTarget;
 
 /// What to do when a worker crosses its soft limit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize, Serialize)]
@@ -30,17 +32,6 @@ pub enum SoftLimitAction {
     Signal,
     /// Only log (dry run).
     Log,
-}
-
-/// Who receives the signal.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SoftLimitTarget {
-    /// The worker's parent (the master), as the plan did: on most servers
-    /// this restarts every worker.
-    Parent,
-    /// The worker itself: retires that worker alone.
-    Worker,
 }
 
 /// Which memory the limit is on.
