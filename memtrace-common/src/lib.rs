@@ -21,6 +21,16 @@ pub const MAX_THREADS: u32 = 65_536;
 pub const MAX_MMS: u32 = 32_768;
 /// Process names the kernel matches at exec time.
 pub const MAX_SELECTOR_COMMS: u32 = 64;
+/// Cgroups (v2 ids) a `--cgroup` or `--container` selector names.
+pub const MAX_SELECTOR_CGROUPS: u32 = 256;
+/// Ancestor levels checked against them (kubepods paths are 4 to 6 deep).
+pub const MAX_CGROUP_LEVELS: u32 = 16;
+/// No cgroup selector: execs anywhere may match.
+pub const CGROUP_FILTER_OFF: u32 = 0;
+/// Names (or other selectors) match only inside the selected cgroups.
+pub const CGROUP_FILTER_RESTRICT: u32 = 1;
+/// No other selector: every exec inside the selected cgroups is watched.
+pub const CGROUP_FILTER_SELECT_ALL: u32 = 2;
 /// Default ring-buffer size in bytes (a power of two, a multiple of the page size).
 pub const DEFAULT_RING_BYTES: u32 = 4 << 20;
 /// Stack traces kept while allocation-site collection is on.
@@ -224,7 +234,10 @@ pub const CTR_MMS_FULL: u32 = 4;
 pub const CTR_STACK_ERRORS: u32 = 5;
 pub const CTR_STACK_SAMPLES: u32 = 6;
 pub const CTR_SITES_FULL: u32 = 7;
-pub const NUM_COUNTERS: u32 = 8;
+/// An exec a selector matched, refused because it ran outside the selected
+/// cgroups: its events never reach the ring buffer.
+pub const CTR_CGROUP_REJECTED: u32 = 8;
+pub const NUM_COUNTERS: u32 = 9;
 
 /// Allocation-site kinds in `STACK_SITES`.
 pub const SITE_FAULT: u32 = 0;
@@ -308,7 +321,9 @@ pub struct Config {
     pub rss_step_bytes: u64,
     /// Take one user stack every this many faults per thread (collection on).
     pub fault_sample_period: u32,
-    pub _pad: u32,
+    /// `CGROUP_FILTER_*`: whether execs must run inside a cgroup of
+    /// `SELECTOR_CGROUPS` (or a descendant) to be watched or reported.
+    pub cgroup_filter: u32,
     pub layout: TracepointLayout,
 }
 

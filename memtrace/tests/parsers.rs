@@ -1660,6 +1660,7 @@ fn selectors() -> impl Strategy<Value = Selectors> {
             exes,
             cmdline: cmdline.and_then(|re| regex::Regex::new(&re).ok()),
             pids,
+            ..Selectors::default()
         })
 }
 
@@ -1717,7 +1718,14 @@ proptest! {
                     .as_deref()
                     .and_then(|e| e.file_name())
                     .is_some_and(|f| f == n.as_str());
-                prop_assert!(comm_match || exe_match);
+                // A process title `NAME: ...` (setproctitle).
+                let title_match = p.cmdline.first().is_some_and(|a| {
+                    a.split_whitespace()
+                        .next()
+                        .and_then(|w| w.strip_suffix(':'))
+                        .is_some_and(|w| w.rsplit('/').next() == Some(n.as_str()))
+                });
+                prop_assert!(comm_match || exe_match || title_match);
             }
             Some(MatchReason::Exe(e)) => {
                 prop_assert!(s.exes.contains(e));
@@ -1726,6 +1734,9 @@ proptest! {
             Some(MatchReason::Cmdline) => {
                 prop_assert!(!p.cmdline.is_empty());
                 prop_assert!(s.cmdline.as_ref().unwrap().is_match(&p.cmdline.join(" ")));
+            }
+            Some(MatchReason::Cgroup(_) | MatchReason::Container(_)) => {
+                prop_assert!(false, "no cgroup or container selector was given: {reason:?}");
             }
         }
         let _ = s.describe();

@@ -5,17 +5,20 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_current_comm, bpf_probe_read_kernel_str_bytes},
+    helpers::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_comm, bpf_probe_read_kernel_str_bytes,
+    },
     macros::tracepoint,
     programs::TracePointContext,
 };
 use memtrace_common::{
-    EVENT_EXEC, EVENT_EXIT, EVENT_FORK, PROC_FLAG_COLLECT, ProcStats, ProcessEvent,
-    REQUEST_ABORTED, RSS_MEMBERS, TASK_COMM_LEN,
+    CGROUP_FILTER_OFF, CGROUP_FILTER_SELECT_ALL, CTR_CGROUP_REJECTED, EVENT_EXEC, EVENT_EXIT,
+    EVENT_FORK, MAX_CGROUP_LEVELS, PROC_FLAG_COLLECT, ProcStats, ProcessEvent, REQUEST_ABORTED,
+    RSS_MEMBERS, TASK_COMM_LEN,
 };
 
 use crate::{
-    maps::{CONFIG, EVENTS, PROCS, SELECTOR_COMMS, THREADS},
+    maps::{CONFIG, EVENTS, PROCS, SELECTOR_CGROUPS, SELECTOR_COMMS, THREADS},
     probes::request::end_request,
     util::{RB_NO_WAKEUP, count, current, field, now_ns, proc_rss, watched},
 };
@@ -145,7 +148,15 @@ fn try_sched_process_exec(ctx: &TracePointContext) -> Result<(), i64> {
             }
             1
         }
-        None if SELECTOR_COMMS.get_ptr(comm).is_some() => {
+        None if SELECTOR_COMMS.get_ptr(comm).is_some()
+            || config.cgroup_filter == CGROUP_FILTER_SELECT_ALL =>
+        {
+            if !in_selected_cgroup(config.cgroup_filter) {
+                if config.cgroup_filter != CGROUP_FILTER_SELECT_ALL {
+                    count(CTR_CGROUP_REJECTED);
+                }
+                return Ok(());
+            }
             if PROCS
                 .insert(cur.tgid, ProcStats::default(), BPF_NOEXIST as u64)
                 .is_err()
@@ -155,7 +166,13 @@ fn try_sched_process_exec(ctx: &TracePointContext) -> Result<(), i64> {
             }
             2
         }
-        None if config.report_all_execs != 0 => 0,
+        None if config.report_all_execs != 0 => {
+            if !in_selected_cgroup(config.cgroup_filter) {
+                count(CTR_CGROUP_REJECTED);
+                return Ok(());
+            }
+            0
+        }
         None => return Ok(()),
     };
     let old_pid: i32 = field(ctx, config.layout.exec_old_pid)?;
@@ -169,6 +186,27 @@ fn try_sched_process_exec(ctx: &TracePointContext) -> Result<(), i64> {
         Extra::Filename(config.layout.exec_filename),
     );
     Ok(())
+}
+
+/// Whether the current task runs inside a selected cgroup or below one: its
+/// cgroup v2 ancestors, root first, looked up in `SELECTOR_CGROUPS`.
+#[inline(always)]
+fn in_selected_cgroup(filter: u32) -> bool {
+    if filter == CGROUP_FILTER_OFF {
+        return true;
+    }
+    for level in 0..MAX_CGROUP_LEVELS {
+        // SAFETY: helper without preconditions; 0 past the task's own level.
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+        if id == 0 {
+            return false;
+        }
+        // SAFETY: a plain lookup; the value is not read.
+        if unsafe { SELECTOR_CGROUPS.get(&id) }.is_some() {
+            return true;
+        }
+    }
+    false
 }
 
 #[tracepoint]

@@ -79,6 +79,11 @@ impl State {
                     info!(pid, name = %view.comm, filename = %filename, "traced process exec'd a program no selector matches; no longer traced");
                 }
             }
+            // Matched by name (or cgroup) in the kernel at exec, but not by
+            // the agent's cgroup or container check (no kernel filter here).
+            (2, None) if self.selectors.restricts_placement() => {
+                self.tracer.unwatch(pid);
+            }
             // Matched by name in the kernel at exec.
             (2, reason) => {
                 let reason = reason.map_or_else(|| "name".to_string(), |r| r.to_string());

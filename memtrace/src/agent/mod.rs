@@ -2,7 +2,8 @@
 //! ([`state`]), what changes that state (kernel `events`, process
 //! `tracking`, `judging`), the loop itself ([`run`], and
 //! [`background`] for a thread of its own), the API's backend over the
-//! state ([`backend`]) and the views it builds ([`views`]).
+//! state ([`backend`]) and the views it builds ([`views`]), and the
+//! kubelet's pod list ([`kubelet`]).
 //!
 //! Imports: every folder below it (`kernel`, `model`, `judge`, `sites`,
 //! `api`). The API never imports the agent: it calls [`backend`] through
@@ -11,6 +12,7 @@ pub mod backend;
 pub mod background;
 mod events;
 mod judging;
+pub mod kubelet;
 pub mod run;
 pub mod settings;
 pub mod state;

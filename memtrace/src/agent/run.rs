@@ -10,6 +10,7 @@ use tracing::{info, warn};
 
 use super::{
     backend::AgentBackend,
+    kubelet::PodWatcher,
     settings::AgentSettings,
     state::{AgentCounters, SharedState, State, lock},
 };
@@ -23,7 +24,7 @@ use crate::{
         tracefs::{Tracefs, TracefsError},
         uprobes::{UprobeTargetError, check_target},
     },
-    model::workers::Registry,
+    model::{cgroups, selectors::Selectors, workers::Registry},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -36,7 +37,9 @@ pub enum AgentError {
     Load(#[from] LoadError),
     #[error("selecting processes by name failed: {0}")]
     Selectors(#[source] aya::maps::MapError),
-    #[error("no process selector given: use --process-name, --exe, --cmdline or --pid")]
+    #[error(
+        "no process selector given: use --process-name, --exe, --cmdline, --pid, --cgroup or --container"
+    )]
     NoSelectors,
     #[error(transparent)]
     Uprobe(#[from] UprobeTargetError),
@@ -54,6 +57,7 @@ pub struct Agent {
     settings: AgentSettings,
     waiting_logged: Option<Instant>,
     api_listener: Option<std::net::TcpListener>,
+    _pods: Option<PodWatcher>,
 }
 
 impl Agent {
@@ -69,6 +73,7 @@ impl Agent {
         let agent_pid = std::process::id();
         let mut load = settings.load.clone();
         load.report_all_execs = settings.selectors.needs_exec_reports();
+        load.cgroup_filter = cgroup_filter(&settings.selectors);
         load.requests = check_request_probes(&load.requests)?;
         let (mut tracer, ring) = Tracer::load(&tracefs, agent_pid, &load)?;
         tracer
@@ -93,6 +98,8 @@ impl Agent {
             leak_sample_interval: settings.leak_sample_interval,
             last_leak_sample: None,
             soft_limit_watch: Vec::new(),
+            selected_cgroups: Default::default(),
+            pods: Arc::new(Mutex::new(None)),
             enforcer: Enforcer::new(settings.soft_limit.clone(), agent_pid),
         };
         let api_listener = match settings.listen {
@@ -104,13 +111,19 @@ impl Agent {
             }
             None => None,
         };
+        let pods = settings
+            .kubelet
+            .clone()
+            .map(|k| PodWatcher::start(k, state.pods.clone()));
         let mut agent = Self {
             state: Arc::new(Mutex::new(state)),
             ring,
             settings,
             waiting_logged: None,
             api_listener,
+            _pods: pods,
         };
+        agent.lock().select_cgroups();
         // Two passes: a process forked between the listing and the watch of
         // its parent shows up in the second.
         agent.rescan();
@@ -287,6 +300,27 @@ impl Agent {
         let programs = self.lock().tracer.attached().len();
         drop(self);
         info!(programs, "programs detached; memtrace stopped");
+    }
+}
+
+/// How the kernel filters execs by cgroup: only where a selector asks for it
+/// and the host has a cgroup v2 hierarchy to name cgroups by id.
+fn cgroup_filter(selectors: &Selectors) -> u32 {
+    use memtrace_common::{CGROUP_FILTER_OFF, CGROUP_FILTER_RESTRICT, CGROUP_FILTER_SELECT_ALL};
+    if !selectors.restricts_placement() {
+        return CGROUP_FILTER_OFF;
+    }
+    if cgroups::v2_mount().is_none() {
+        warn!(
+            "no cgroup v2 hierarchy in /proc/mounts: --cgroup and --container are applied by the agent, \
+             not in the kernel (processes elsewhere that match a name are still seen by the kernel)"
+        );
+        return CGROUP_FILTER_OFF;
+    }
+    if selectors.selects_processes() {
+        CGROUP_FILTER_RESTRICT
+    } else {
+        CGROUP_FILTER_SELECT_ALL
     }
 }
 

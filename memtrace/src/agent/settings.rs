@@ -5,7 +5,7 @@ use crate::{
     api::Token,
     judge::{detector::DetectorConfig, softlimit::SoftLimitSettings},
     kernel::loader::LoadOptions,
-    model::{requests::RequestSettings, selectors::Selectors},
+    model::{kubelet::KubeletSettings, requests::RequestSettings, selectors::Selectors},
 };
 
 /// What the agent needs to start.
@@ -36,6 +36,8 @@ pub struct AgentSettings {
     pub listen: Option<std::net::SocketAddr>,
     /// MEMTRACE_DEBUG_TOKEN; without it the protected endpoints answer 403.
     pub api_token: Option<Token>,
+    /// The node's kubelet, for pod names and namespaces; None: absent.
+    pub kubelet: Option<KubeletSettings>,
 }
 
 impl Default for AgentSettings {
@@ -60,6 +62,7 @@ impl Default for AgentSettings {
             soft_limit: SoftLimitSettings::default(),
             listen: None,
             api_token: None,
+            kubelet: None,
         }
     }
 }

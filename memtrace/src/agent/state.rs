@@ -10,7 +10,9 @@ use std::{
 use crate::{
     judge::{detector::DetectorConfig, softlimit::Enforcer},
     kernel::loader::Tracer,
-    model::{requests::RequestSettings, selectors::Selectors, workers::Registry},
+    model::{
+        kubelet::PodIndex, requests::RequestSettings, selectors::Selectors, workers::Registry,
+    },
 };
 
 pub(super) const MB: f64 = 1024.0 * 1024.0;
@@ -42,6 +44,12 @@ pub struct State {
     /// Workers whose RSS is over the soft limit but whose PSS or USS (the
     /// limit's metric) was not, by (pid, start time).
     pub(super) soft_limit_watch: Vec<(u32, u64)>,
+    /// Cgroup v2 ids given to the kernel's filter, for --cgroup and
+    /// --container (containers are looked up again at each rescan).
+    pub selected_cgroups: std::collections::BTreeSet<u64>,
+    /// The kubelet's pods, refreshed by a thread of the agent (None: no
+    /// kubelet configured, or none reached yet).
+    pub pods: Arc<Mutex<Option<PodIndex>>>,
     pub enforcer: Enforcer,
 }
 

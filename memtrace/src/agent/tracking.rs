@@ -3,11 +3,12 @@
 //! read into it, the dead retired, lost events reported.
 use tracing::{debug, info, warn};
 
-use super::state::State;
+use super::{kubelet::name_pod, state::State};
 use crate::{
     judge::detector::LeakDetector,
     kernel::loader::KernelCounters,
     model::{
+        cgroups,
         procinfo::{self, ProcessView},
         requests::RequestLog,
         rss::RssBreakdown,
@@ -42,17 +43,76 @@ impl State {
         {
             worker.apply_seed(RssBreakdown::from_status(&status));
         }
+        worker.placement = cgroups::placement(pid);
+        if let (Some(p), Some(pods)) = (
+            worker.placement.as_mut(),
+            self.pods.lock().unwrap_or_else(|e| e.into_inner()).as_ref(),
+        ) {
+            name_pod(pods, p);
+        }
         let (reason, origin, name, ppid) = (
             worker.reason.clone(),
             worker.origin,
             worker.name.clone(),
             worker.ppid,
         );
+        let placement = worker.placement.clone().unwrap_or_default();
         self.registry.add(worker);
         self.refresh_one(pid);
         let role = self.registry.role(pid);
         let rss = self.registry.get(pid).map_or(0, |w| w.rss.resident());
-        info!(pid, ppid, role = ?role, name = %name, origin = ?origin, reason = %reason, rss_bytes = rss, "worker attached");
+        info!(
+            pid,
+            ppid,
+            role = ?role,
+            name = %name,
+            origin = ?origin,
+            reason = %reason,
+            rss_bytes = rss,
+            cgroup = %placement.cgroup,
+            container_id = placement.container_id.as_deref(),
+            runtime = placement.runtime.as_deref(),
+            pod_uid = placement.pod_uid.as_deref(),
+            pod = placement.pod_name.as_deref(),
+            namespace = placement.pod_namespace.as_deref(),
+            ns_pid = placement.ns_pid,
+            "worker attached"
+        );
+    }
+
+    /// Gives the kernel's exec filter the cgroups that --cgroup and
+    /// --container name; containers that started since are found here.
+    pub(super) fn select_cgroups(&mut self) {
+        let mut wanted: Vec<(String, Option<u64>)> = self
+            .selectors
+            .cgroups
+            .iter()
+            .map(|c| (c.clone(), cgroups::cgroup_id(c)))
+            .collect();
+        for prefix in &self.selectors.containers {
+            for (path, _) in cgroups::find_container_cgroups(prefix) {
+                let id = cgroups::cgroup_id(&path);
+                wanted.push((path, id));
+            }
+        }
+        for (path, id) in wanted {
+            let Some(id) = id else {
+                debug!(cgroup = %path, "selected cgroup does not exist (yet)");
+                continue;
+            };
+            if self.selected_cgroups.contains(&id) {
+                continue;
+            }
+            match self.tracer.select_cgroup(id) {
+                Ok(()) => {
+                    info!(cgroup = %path, cgroup_id = id, "cgroup selected in the kernel");
+                    self.selected_cgroups.insert(id);
+                }
+                Err(e) => {
+                    warn!(cgroup = %path, error = %e, "cannot select cgroup: kernel map full?")
+                }
+            }
+        }
     }
 
     /// Reads one process's kernel counters into the model.
@@ -97,6 +157,7 @@ impl State {
         }
         let counters = self.tracer.counters();
         self.report_drops(&counters);
+        self.name_pods();
         self.sample_timed_detectors();
         self.check_soft_limit_watch();
         self.enforce();
@@ -116,6 +177,9 @@ impl State {
     /// Finds processes that match a selector, or descend from a traced one,
     /// and are not traced yet. Returns how many were added.
     pub(super) fn rescan(&mut self) -> usize {
+        if self.selectors.restricts_placement() {
+            self.select_cgroups();
+        }
         // A process the kernel already watches has its fork or exec event on
         // the way, unless events were ever dropped.
         let events_complete = self.tracer.counters().ringbuf_drops == 0;

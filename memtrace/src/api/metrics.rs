@@ -10,18 +10,22 @@ use prometheus_client::{
 use super::status::StatusView;
 use crate::model::workers::Role;
 
+/// Every per-worker series: the process, and where it runs (empty when
+/// not in a container or pod), to join with the cluster's own series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct WorkerLabels {
     pid: String,
     name: String,
     role: String,
+    container: String,
+    pod: String,
+    namespace: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TypedLabels {
-    pid: String,
-    name: String,
-    role: String,
+    #[prometheus(flatten)]
+    worker: WorkerLabels,
     r#type: String,
 }
 
@@ -38,9 +42,8 @@ struct RecycleLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct WorkerRecycleLabels {
-    pid: String,
-    name: String,
-    role: String,
+    #[prometheus(flatten)]
+    worker: WorkerLabels,
     server: String,
     signal: String,
     state: String,
@@ -69,6 +72,7 @@ pub const METRIC_NAMES: &[&str] = &[
     "memtrace_soft_limit_recycles_total",
     "memtrace_worker_soft_limit_action_timestamp_seconds",
     "memtrace_ringbuf_drops_total",
+    "memtrace_exec_cgroup_rejected_total",
     "memtrace_events_total",
     "memtrace_workers",
     "memtrace_collection_active",
@@ -182,6 +186,11 @@ pub fn render(status: &StatusView) -> String {
         "Kernel events dropped: ring buffer full",
         Counter
     );
+    let rejected = single!(
+        "memtrace_exec_cgroup_rejected",
+        "Execs a selector matched outside the selected cgroups, refused in the kernel",
+        Counter
+    );
     let events = single!("memtrace_events", "Kernel events received", Counter);
     let workers = single!("memtrace_workers", "Traced live processes", Gauge);
     let collecting = single!(
@@ -191,11 +200,18 @@ pub fn render(status: &StatusView) -> String {
     );
 
     for w in &status.workers {
-        let role = role_name(w.role).to_string();
+        let place = w.placement.clone().unwrap_or_default();
         let labels = WorkerLabels {
             pid: w.pid.to_string(),
             name: w.name.clone(),
-            role: role.clone(),
+            role: role_name(w.role).to_string(),
+            // The kubelet's names when known, else the ids the cgroup gives.
+            container: place
+                .container_name
+                .or_else(|| place.container_id.map(|id| id.chars().take(12).collect()))
+                .unwrap_or_default(),
+            pod: place.pod_name.or(place.pod_uid).unwrap_or_default(),
+            namespace: place.pod_namespace.unwrap_or_default(),
         };
         rss.get_or_create(&labels).set(w.rss_bytes as i64);
         for (ty, v) in [
@@ -205,9 +221,7 @@ pub fn render(status: &StatusView) -> String {
             ("swap", w.rss.swap),
         ] {
             let typed = TypedLabels {
-                pid: labels.pid.clone(),
-                name: labels.name.clone(),
-                role: role.clone(),
+                worker: labels.clone(),
                 r#type: ty.to_string(),
             };
             rss_type.get_or_create(&typed).set(v as i64);
@@ -240,9 +254,7 @@ pub fn render(status: &StatusView) -> String {
         if let Some(r) = &w.soft_limit {
             recycled
                 .get_or_create(&WorkerRecycleLabels {
-                    pid: labels.pid.clone(),
-                    name: labels.name.clone(),
-                    role: role.clone(),
+                    worker: labels.clone(),
                     server: r.server.to_string(),
                     signal: r.signal.clone(),
                     state: r.state.name().to_string(),
@@ -270,6 +282,7 @@ pub fn render(status: &StatusView) -> String {
             .inc_by(n);
     }
     drops.inc_by(agent.kernel.ringbuf_drops);
+    rejected.inc_by(agent.kernel.cgroup_rejected);
     events.inc_by(agent.events_received);
     workers.set(agent.workers_alive as i64);
     collecting.set(i64::from(agent.collection_active));

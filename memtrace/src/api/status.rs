@@ -11,6 +11,7 @@ use crate::{
     },
     kernel::loader::KernelCounters,
     model::{
+        cgroups::Placement,
         rss::RssBreakdown,
         workers::{Origin, Role},
     },
@@ -71,6 +72,8 @@ pub struct WorkerStatus {
     /// What the soft limit did to this worker, if anything: action, signal,
     /// outcome, time to exit, replacement pid.
     pub soft_limit: Option<Recycle>,
+    /// Its cgroup, container, pod and in-namespace pid.
+    pub placement: Option<Placement>,
 }
 
 /// Soft-limit enforcement, as the API shows it.

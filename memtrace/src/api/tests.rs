@@ -87,6 +87,7 @@ fn worker(pid: u32) -> WorkerStatus {
         requests_in_flight: 0,
         leak_detections: 0,
         soft_limit: None,
+        placement: None,
         leak_detector: LeakDetector::new(DetectorConfig::default()).get_state(),
         collecting: false,
     }

@@ -170,55 +170,74 @@ pub fn render_status(body: &Value) -> String {
             "off"
         },
     );
-    let rows: Vec<Vec<String>> = body["workers"]
-        .as_array()
-        .map(|ws| {
-            ws.iter()
-                .map(|w| {
-                    let d = &w["leak_detector"];
-                    vec![
-                        num(&w["pid"]),
-                        num(&w["ppid"]),
-                        w["role"].as_str().unwrap_or("-").into(),
-                        w["name"].as_str().unwrap_or("-").into(),
-                        mb(&w["rss_bytes"]),
-                        mb(&w["rss"]["anon"]),
-                        mb(&w["rss"]["file"]),
-                        mb(&w["pss_bytes"]),
-                        mb(&w["uss_bytes"]),
-                        num(&w["requests_seen"]),
-                        num(&w["requests_in_flight"]),
-                        float(&d["robust_slope"], 3),
-                        human_secs(&d["forecast_seconds_to_limit"]),
-                        if d["soft_limit_fired"] == true {
-                            "yes".into()
-                        } else {
-                            "no".into()
-                        },
-                    ]
+    let workers = body["workers"].as_array().cloned().unwrap_or_default();
+    // Where each worker runs, shown only when some run in a container.
+    let place = |w: &Value| {
+        let p = &w["placement"];
+        match (p["pod_namespace"].as_str(), p["pod_name"].as_str()) {
+            (Some(ns), Some(pod)) => format!("{ns}/{pod}"),
+            _ => p["pod_uid"]
+                .as_str()
+                .map(|u| format!("pod {}", &u[..u.len().min(8)]))
+                .or_else(|| {
+                    p["container_id"]
+                        .as_str()
+                        .map(|c| c[..c.len().min(12)].to_string())
                 })
-                .collect()
+                .unwrap_or_else(|| "-".into()),
+        }
+    };
+    let with_place = workers.iter().any(|w| place(w) != "-");
+    let rows: Vec<Vec<String>> = workers
+        .iter()
+        .map(|w| {
+            let d = &w["leak_detector"];
+            let mut row = vec![
+                num(&w["pid"]),
+                num(&w["ppid"]),
+                w["role"].as_str().unwrap_or("-").into(),
+                w["name"].as_str().unwrap_or("-").into(),
+            ];
+            if with_place {
+                row.push(place(w));
+            }
+            row.extend([
+                mb(&w["rss_bytes"]),
+                mb(&w["rss"]["anon"]),
+                mb(&w["rss"]["file"]),
+                mb(&w["pss_bytes"]),
+                mb(&w["uss_bytes"]),
+                num(&w["requests_seen"]),
+                num(&w["requests_in_flight"]),
+                float(&d["robust_slope"], 3),
+                human_secs(&d["forecast_seconds_to_limit"]),
+                // What the soft limit did, when it acted.
+                match w["soft_limit"]["state"].as_str() {
+                    Some(state) => state.to_string(),
+                    None if d["soft_limit_fired"] == true => "yes".into(),
+                    None => "no".into(),
+                },
+            ]);
+            row
         })
-        .unwrap_or_default();
-    out.push_str(&table(
-        &[
-            "PID",
-            "PPID",
-            "ROLE",
-            "NAME",
-            "RSS_MB",
-            "ANON_MB",
-            "FILE_MB",
-            "PSS_MB",
-            "USS_MB",
-            "REQS",
-            "INFL",
-            "SLOPE_MB/REQ",
-            "TO_LIMIT",
-            "LIMIT_HIT",
-        ],
-        &rows,
-    ));
+        .collect();
+    let mut header = vec!["PID", "PPID", "ROLE", "NAME"];
+    if with_place {
+        header.push("POD/CONTAINER");
+    }
+    header.extend([
+        "RSS_MB",
+        "ANON_MB",
+        "FILE_MB",
+        "PSS_MB",
+        "USS_MB",
+        "REQS",
+        "INFL",
+        "SLOPE_MB/REQ",
+        "TO_LIMIT",
+        "LIMIT_HIT",
+    ]);
+    out.push_str(&table(&header, &rows));
     out
 }
 
@@ -350,6 +369,34 @@ mod tests {
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(lines[0], "A          LONGER");
         assert_eq!(lines[1], "wide-cell  x");
+    }
+
+    #[test]
+    fn status_table_shows_pods_and_recycles_when_there_are_some() {
+        let body = json!({
+            "agent": {"version": "0.1.0", "pid": 1, "uptime_secs": 5.0, "selectors": "name=gunicorn",
+                      "workers_alive": 1, "workers_exited": 0, "events_received": 1,
+                      "kernel": {"ringbuf_drops": 0}, "collection_active": false},
+            "workers": [
+                {"pid": 11, "ppid": 10, "role": "worker", "name": "gunicorn", "rss_bytes": 1048576,
+                 "rss": {"anon": 0, "file": 0}, "requests_seen": 0, "requests_in_flight": 0,
+                 "leak_detector": {"soft_limit_fired": true},
+                 "soft_limit": {"state": "replaced", "signal": "SIGTERM"},
+                 "placement": {"cgroup": "/kubepods.slice/x", "pod_name": "shop-1", "pod_namespace": "prod"}}
+            ]
+        });
+        let out = render_status(&body);
+        assert!(
+            out.lines()
+                .next_back()
+                .is_some_and(|l| l.contains("prod/shop-1") && l.contains("replaced")),
+            "{out}"
+        );
+        assert!(out.contains("POD/CONTAINER"), "{out}");
+        // Without containers, no such column.
+        let mut plain = body.clone();
+        plain["workers"][0]["placement"] = json!({"cgroup": "/user.slice"});
+        assert!(!render_status(&plain).contains("POD/CONTAINER"));
     }
 
     #[test]

@@ -20,7 +20,7 @@ use crate::{
         loader::{LoadOptions, RequestProbes},
         uprobes::ProbeTarget,
     },
-    model::{requests::RequestSettings, selectors::Selectors},
+    model::{cgroups, kubelet::KubeletSettings, requests::RequestSettings, selectors::Selectors},
 };
 
 /// How requests are delimited.
@@ -85,6 +85,31 @@ pub struct AgentArgs {
         help_heading = "Selection"
     )]
     pub pid: Vec<u32>,
+
+    /// Only processes inside this cgroup v2 subtree (a path in the v2
+    /// hierarchy, `/kubepods.slice/...`, or the directory under its mount);
+    /// with no other selector, every process inside it. Filtered in the
+    /// kernel. Repeatable.
+    #[arg(
+        long,
+        env = "MEMTRACE_CGROUP",
+        value_delimiter = ',',
+        value_name = "PATH",
+        help_heading = "Selection"
+    )]
+    pub cgroup: Vec<String>,
+
+    /// Only processes of this container (its id, or a prefix of at least 6
+    /// hex digits); with no other selector, every process in it. Filtered in
+    /// the kernel. Repeatable.
+    #[arg(
+        long,
+        env = "MEMTRACE_CONTAINER",
+        value_delimiter = ',',
+        value_name = "ID",
+        help_heading = "Selection"
+    )]
+    pub container: Vec<String>,
 
     /// Where requests begin and end: none, uprobe (needs --request-fn or
     /// --request-begin/--request-end; implied by them), or accept (accept() to
@@ -381,6 +406,30 @@ pub struct AgentArgs {
     /// Do not mount tracefs when it is missing; fail with instructions instead.
     #[arg(long, env = "MEMTRACE_NO_MOUNT_TRACEFS", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL", help_heading = "Kernel")]
     pub no_mount_tracefs: Option<bool>,
+
+    /// The node's kubelet (e.g. https://NODE_IP:10250), for pod names and
+    /// namespaces from its `/pods` list; unset: pods are named by uid only.
+    #[arg(
+        long,
+        env = "MEMTRACE_KUBELET_URL",
+        value_name = "URL",
+        help_heading = "Containers"
+    )]
+    pub kubelet_url: Option<String>,
+
+    /// File with the bearer token for the kubelet (the pod's service-account
+    /// token; read again at each fetch).
+    #[arg(
+        long,
+        env = "MEMTRACE_KUBELET_TOKEN_FILE",
+        value_name = "FILE",
+        help_heading = "Containers"
+    )]
+    pub kubelet_token_file: Option<PathBuf>,
+
+    /// Accept the kubelet's self-signed serving certificate.
+    #[arg(long, env = "MEMTRACE_KUBELET_INSECURE_TLS", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL", help_heading = "Containers")]
+    pub kubelet_insecure_tls: Option<bool>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -537,7 +586,7 @@ impl AgentArgs {
     /// Fills settings this one leaves unset from `file`.
     pub fn merge_under(&mut self, file: AgentArgs) {
         let cli = self;
-        merge_lists!(cli, file; process_name, exe, pid);
+        merge_lists!(cli, file; process_name, exe, pid, cgroup, container);
         merge_options!(cli, file;
             cmdline, request_mode, request_fn, request_begin, request_end, high_memory_mb,
             spike_mb, request_history, leak_window_size, leak_check_interval,
@@ -547,7 +596,7 @@ impl AgentArgs {
             soft_limit_drain_timeout_secs, soft_limit_metric, soft_limit_exit_timeout_secs,
             soft_limit_escalate_signal, fault_sample_period, listen, log_format, log_level, summary_interval_secs, ring_buffer_bytes,
             poll_interval_ms, rss_step_bytes, refresh_interval_ms, rescan_interval_secs,
-            no_mount_tracefs,
+            no_mount_tracefs, kubelet_url, kubelet_token_file, kubelet_insecure_tls,
         );
     }
 
@@ -570,11 +619,45 @@ impl AgentArgs {
         if self.pid.contains(&0) {
             return Err(invalid("--pid", "0 is not a process id"));
         }
+        for path in &self.cgroup {
+            if !path.starts_with('/') {
+                return Err(invalid(
+                    "--cgroup",
+                    format!(
+                        "`{path}` is not a cgroup path: give it from the hierarchy's root, e.g. /kubepods.slice"
+                    ),
+                ));
+            }
+        }
+        for id in &self.container {
+            let id = id.strip_prefix("containerd://").unwrap_or(id);
+            if id.len() < 6 || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(invalid(
+                    "--container",
+                    format!("`{id}` is not a container id (6 to 64 hex digits)"),
+                ));
+            }
+        }
+        let mount = cgroups::v2_mount();
         let selectors = Selectors {
             names: self.process_name,
             exes: self.exe,
             cmdline,
             pids: self.pid,
+            cgroups: self
+                .cgroup
+                .iter()
+                .map(|c| cgroups::normalize_selector(c, mount))
+                .collect(),
+            containers: self
+                .container
+                .iter()
+                .map(|c| {
+                    c.strip_prefix("containerd://")
+                        .unwrap_or(c)
+                        .to_ascii_lowercase()
+                })
+                .collect(),
         }
         .canonicalize();
 
@@ -608,6 +691,7 @@ impl AgentArgs {
             rss_step_bytes,
             // Derived from the selectors when the agent starts.
             report_all_execs: false,
+            cgroup_filter: memtrace_common::CGROUP_FILTER_OFF,
             fault_sample_period: match self.fault_sample_period.unwrap_or(4) {
                 0 => return Err(invalid("--fault-sample-period", "must be at least 1")),
                 n => n,
@@ -721,6 +805,24 @@ impl AgentArgs {
             selectors,
             load,
             mount_tracefs: !self.no_mount_tracefs.unwrap_or(false),
+            kubelet: match self.kubelet_url {
+                Some(url) if url.starts_with("http://") || url.starts_with("https://") => {
+                    Some(KubeletSettings {
+                        url,
+                        token_file: self.kubelet_token_file,
+                        insecure_tls: self.kubelet_insecure_tls.unwrap_or(false),
+                    })
+                }
+                Some(url) => {
+                    return Err(invalid(
+                        "--kubelet-url",
+                        format!(
+                            "`{url}` is not an http:// or https:// URL (e.g. https://NODE_IP:10250)"
+                        ),
+                    ));
+                }
+                None => None,
+            },
             poll_interval: Duration::from_millis(poll_ms),
             refresh_interval: Duration::from_millis(refresh_ms),
             rescan_interval: Duration::from_secs(rescan_secs),

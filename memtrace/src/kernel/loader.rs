@@ -125,6 +125,9 @@ pub struct LoadOptions {
     pub report_all_execs: bool,
     pub fault_sample_period: u32,
     pub requests: RequestProbes,
+    /// `memtrace_common::CGROUP_FILTER_*`: execs count only inside the
+    /// cgroups given to [`Tracer::select_cgroup`].
+    pub cgroup_filter: u32,
 }
 
 impl Default for LoadOptions {
@@ -135,6 +138,7 @@ impl Default for LoadOptions {
             report_all_execs: false,
             fault_sample_period: 4,
             requests: RequestProbes::None,
+            cgroup_filter: memtrace_common::CGROUP_FILTER_OFF,
         }
     }
 }
@@ -150,6 +154,9 @@ pub struct KernelCounters {
     pub stack_errors: u64,
     pub stack_samples: u64,
     pub sites_map_full: u64,
+    /// Execs a selector matched outside the selected cgroups, dropped in the
+    /// kernel.
+    pub cgroup_rejected: u64,
 }
 
 /// The loaded programs and the maps the agent reads and writes.
@@ -158,6 +165,7 @@ pub struct Tracer {
     procs: HashMap<MapData, u32, ProcStats>,
     mm_rss: HashMap<MapData, u32, MmRss>,
     comms: HashMap<MapData, [u8; TASK_COMM_LEN], u32>,
+    cgroups: HashMap<MapData, u64, u32>,
     counters: PerCpuArray<MapData, u64>,
     sites: HashMap<MapData, SiteKey, SiteCount>,
     stacks: StackTraceMap<MapData>,
@@ -196,7 +204,7 @@ impl Tracer {
             report_all_execs: u32::from(options.report_all_execs),
             rss_step_bytes: options.rss_step_bytes,
             fault_sample_period: options.fault_sample_period.max(1),
-            _pad: 0,
+            cgroup_filter: options.cgroup_filter,
             layout,
         };
         let mut ebpf = EbpfLoader::new()
@@ -222,6 +230,7 @@ impl Tracer {
         let procs = take_map(&mut ebpf, "PROCS")?;
         let mm_rss = take_map(&mut ebpf, "MM_RSS")?;
         let comms = take_map(&mut ebpf, "SELECTOR_COMMS")?;
+        let cgroups = take_map(&mut ebpf, "SELECTOR_CGROUPS")?;
         let counters = take_map(&mut ebpf, "COUNTERS")?;
         let sites = take_map(&mut ebpf, "STACK_SITES")?;
         let stacks = take_map(&mut ebpf, "STACKS")?;
@@ -233,6 +242,7 @@ impl Tracer {
             procs,
             mm_rss,
             comms,
+            cgroups,
             counters,
             sites,
             stacks,
@@ -382,6 +392,11 @@ impl Tracer {
         Ok(())
     }
 
+    /// Lets execs inside this cgroup (a v2 id) or below it be selected.
+    pub fn select_cgroup(&mut self, id: u64) -> Result<(), MapError> {
+        self.cgroups.insert(id, 1, 0)
+    }
+
     pub fn counters(&self) -> KernelCounters {
         let mut sums = [0u64; NUM_COUNTERS as usize];
         for (i, sum) in sums.iter_mut().enumerate() {
@@ -398,6 +413,7 @@ impl Tracer {
             stack_errors: sums[memtrace_common::CTR_STACK_ERRORS as usize],
             stack_samples: sums[memtrace_common::CTR_STACK_SAMPLES as usize],
             sites_map_full: sums[memtrace_common::CTR_SITES_FULL as usize],
+            cgroup_rejected: sums[memtrace_common::CTR_CGROUP_REJECTED as usize],
         }
     }
 

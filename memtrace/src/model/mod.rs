@@ -1,10 +1,13 @@
 //! What memtrace knows of each traced process: /proc readers
-//! ([`procinfo`]), resident memory by type ([`rss`]), the worker registry
-//! ([`workers`]), per-request records ([`requests`]) and the selectors that
-//! choose processes ([`selectors`]).
+//! ([`procinfo`]), its cgroup, container and pod ([`cgroups`]), resident
+//! memory by type ([`rss`]), the worker registry ([`workers`]), per-request
+//! records ([`requests`]) and the selectors that choose processes
+//! ([`selectors`]).
 //!
 //! Imports: `judge::detector` (each worker owns its leak detector); nothing
 //! from the kernel loader, the API or the agent.
+pub mod cgroups;
+pub mod kubelet;
 pub mod procinfo;
 pub mod requests;
 pub mod rss;

@@ -4,7 +4,10 @@ use std::path::{Path, PathBuf};
 
 use regex::Regex;
 
-use super::procinfo::ProcessView;
+use super::{
+    cgroups::{self, Placement},
+    procinfo::ProcessView,
+};
 
 #[derive(Clone, Debug, Default)]
 pub struct Selectors {
@@ -18,6 +21,12 @@ pub struct Selectors {
     pub cmdline: Option<Regex>,
     /// Process ids.
     pub pids: Vec<u32>,
+    /// Cgroup v2 subtrees (`/kubepods.slice/...`): only processes inside
+    /// one are selected; alone, every process inside is.
+    pub cgroups: Vec<String>,
+    /// Container ids, or prefixes of them: as `cgroups`, for the container's
+    /// cgroup.
+    pub containers: Vec<String>,
 }
 
 /// Why a process was selected, for the logs.
@@ -27,6 +36,8 @@ pub enum MatchReason {
     Exe(PathBuf),
     Cmdline,
     Pid,
+    Cgroup(String),
+    Container(String),
 }
 
 impl std::fmt::Display for MatchReason {
@@ -36,6 +47,8 @@ impl std::fmt::Display for MatchReason {
             Self::Exe(p) => write!(f, "exe {}", p.display()),
             Self::Cmdline => write!(f, "cmdline"),
             Self::Pid => write!(f, "pid"),
+            Self::Cgroup(c) => write!(f, "cgroup {c}"),
+            Self::Container(c) => write!(f, "container {c}"),
         }
     }
 }
@@ -62,10 +75,37 @@ fn title_name(cmdline: &[String]) -> Option<&str> {
 
 impl Selectors {
     pub fn is_empty(&self) -> bool {
-        self.names.is_empty()
+        !self.selects_processes() && !self.restricts_placement()
+    }
+
+    /// Whether a name, executable, command line or pid selector is given.
+    pub fn selects_processes(&self) -> bool {
+        !(self.names.is_empty()
             && self.exes.is_empty()
             && self.cmdline.is_none()
-            && self.pids.is_empty()
+            && self.pids.is_empty())
+    }
+
+    /// Whether selection is limited to some cgroups or containers.
+    pub fn restricts_placement(&self) -> bool {
+        !(self.cgroups.is_empty() && self.containers.is_empty())
+    }
+
+    /// Whether a process placed there is inside a selected cgroup or
+    /// container, and which.
+    pub fn placement_matches(&self, p: &Placement) -> Option<MatchReason> {
+        if let Some(c) = self
+            .cgroups
+            .iter()
+            .find(|c| cgroups::in_subtree(&p.cgroup, c))
+        {
+            return Some(MatchReason::Cgroup(c.clone()));
+        }
+        let id = p.container_id.as_deref()?;
+        self.containers
+            .iter()
+            .find(|c| id.starts_with(c.as_str()))
+            .map(|c| MatchReason::Container(c.clone()))
     }
 
     /// Whether the kernel alone can recognise new matches at exec (names).
@@ -85,7 +125,21 @@ impl Selectors {
         self
     }
 
+    /// Whether a process is selected: by a process selector, inside a
+    /// selected cgroup or container when those are given (read from /proc).
     pub fn matches(&self, p: &ProcessView) -> Option<MatchReason> {
+        if !self.restricts_placement() {
+            return self.matches_process(p);
+        }
+        let inside = cgroups::placement(p.pid).and_then(|pl| self.placement_matches(&pl))?;
+        if self.selects_processes() {
+            self.matches_process(p)
+        } else {
+            Some(inside)
+        }
+    }
+
+    fn matches_process(&self, p: &ProcessView) -> Option<MatchReason> {
         if self.pids.contains(&p.pid) {
             return Some(MatchReason::Pid);
         }
@@ -126,7 +180,22 @@ impl Selectors {
             parts.push(format!("cmdline=/{}/", re.as_str()));
         }
         parts.extend(self.pids.iter().map(|p| format!("pid={p}")));
-        parts.join(", ")
+        let mut text = parts.join(", ");
+        let inside: Vec<String> = self
+            .cgroups
+            .iter()
+            .map(|c| format!("cgroup={c}"))
+            .chain(self.containers.iter().map(|c| format!("container={c}")))
+            .collect();
+        if !inside.is_empty() {
+            let inside = inside.join(" or ");
+            text = if text.is_empty() {
+                inside
+            } else {
+                format!("{text} inside {inside}")
+            };
+        }
+        text
     }
 }
 
@@ -152,6 +221,7 @@ mod tests {
             exes: vec!["/usr/sbin/php-fpm8.2".into()],
             cmdline: Some(Regex::new(r"uwsgi .*--ini").unwrap()),
             pids: vec![42],
+            ..Default::default()
         };
         let g = view(
             10,
@@ -243,5 +313,37 @@ mod tests {
         assert_eq!(s.matches(&shebang), None);
         let other = view(5, "bash", "/usr/bin/bash", &["gunicorn-like: x"]);
         assert_eq!(s.matches(&other), None);
+    }
+
+    #[test]
+    fn cgroups_and_containers_restrict_or_select() {
+        let id = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+        let inside = cgroups::parse_path(&format!(
+            "/kubepods.slice/kubepods-podx.slice/cri-containerd-{id}.scope"
+        ));
+        let outside = cgroups::parse_path("/system.slice/nginx.service");
+        let s = Selectors {
+            names: vec!["gunicorn".into()],
+            cgroups: vec!["/kubepods.slice".into()],
+            ..Default::default()
+        };
+        assert!(s.selects_processes() && s.restricts_placement() && !s.is_empty());
+        assert_eq!(
+            s.placement_matches(&inside),
+            Some(MatchReason::Cgroup("/kubepods.slice".into()))
+        );
+        assert_eq!(s.placement_matches(&outside), None);
+        assert_eq!(s.describe(), "name=gunicorn inside cgroup=/kubepods.slice");
+        let c = Selectors {
+            containers: vec![id[..8].into()],
+            ..Default::default()
+        };
+        assert!(!c.selects_processes() && !c.is_empty());
+        assert_eq!(
+            c.placement_matches(&inside),
+            Some(MatchReason::Container(id[..8].into()))
+        );
+        assert_eq!(c.placement_matches(&outside), None);
+        assert_eq!(c.describe(), format!("container={}", &id[..8]));
     }
 }

@@ -8,7 +8,7 @@ use std::{
 use memtrace_common::{MmRss, ProcStats, RSS_MEMBERS};
 use serde::Serialize;
 
-use super::{procinfo::ProcessView, requests::RequestLog, rss::RssBreakdown};
+use super::{cgroups::Placement, procinfo::ProcessView, requests::RequestLog, rss::RssBreakdown};
 use crate::judge::detector::{DetectorConfig, LeakDetector};
 
 /// How memtrace found a process. It decides what an RSS member the kernel
@@ -67,6 +67,8 @@ pub struct Worker {
     pub detector: LeakDetector,
     /// LEAK_TREND_DETECTED reports so far.
     pub leak_detections: u64,
+    /// Its cgroup, container and pod, read when it was attached.
+    pub placement: Option<Placement>,
 }
 
 impl Worker {
@@ -89,6 +91,7 @@ impl Worker {
             requests: RequestLog::default(),
             detector: LeakDetector::new(DetectorConfig::default()),
             leak_detections: 0,
+            placement: None,
         }
     }
 
