@@ -24,6 +24,14 @@ const PACKAGES: &[(&str, &str)] = &[
         "python3-setproctitle",
     ),
     ("wrk", "wrk"),
+    // The soft-limit and socket-mode tests run real uWSGI, PHP-FPM and nginx.
+    ("uwsgi", "uwsgi"),
+    (
+        "/usr/lib/uwsgi/plugins/python311_plugin.so",
+        "uwsgi-plugin-python3",
+    ),
+    ("php-fpm8.2", "php-fpm"),
+    ("nginx", "nginx"),
     ("tmux", "tmux"),
     ("hyperfine", "hyperfine"),
     ("bpftool", "bpftool"),
@@ -87,8 +95,34 @@ pub fn setup(options: &SetupOptions) -> Result<()> {
     step("rust-src for nightly", ensure_rust_src)?;
     step("bpf-linker", ensure_bpf_linker)?;
     step("Debian packages", || ensure_packages(options.apt))?;
+    step("uvicorn virtualenv", ensure_uvicorn)?;
     eprintln!("setup complete in {:.1}s", t.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// Where the socket-mode tests find uvicorn (from PyPI).
+pub fn uvicorn_venv() -> PathBuf {
+    crate::workspace_root().join("target/uvicorn-venv")
+}
+
+/// A virtualenv with uvicorn from PyPI, for the socket-mode tests.
+fn ensure_uvicorn() -> Result<bool> {
+    let venv = uvicorn_venv();
+    if venv.join("bin/uvicorn").is_file() {
+        return Ok(false);
+    }
+    let python = ["python3", "/usr/bin/python3"]
+        .into_iter()
+        .find(|p| run_ok(Command::new(p).args(["-m", "venv", "--help"])))
+        .context("no python3 with the venv module: install python3-venv")?;
+    output(Command::new(python).args(["-m", "venv"]).arg(&venv))?;
+    output(
+        Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "uvicorn==0.54.0"])
+            .env("PIP_DISABLE_PIP_VERSION_CHECK", "1"),
+    )
+    .context("pip could not install uvicorn from PyPI")?;
+    Ok(true)
 }
 
 /// Whether the pieces the eBPF build needs are in place (no network, fast).
