@@ -249,18 +249,7 @@ fn gunicorn_gthread_retires_the_worker_over_the_limit_alone() {
 #[test]
 fn uwsgi_retires_the_worker_over_the_limit_alone() {
     let port = free_port();
-    let proc = Proc::spawn(
-        Command::new("uwsgi")
-            .args(["--plugin", "python3", "--master", "--processes", "3"])
-            .arg("--http-socket")
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--chdir")
-            .arg(Fixtures::source(""))
-            .args(["--wsgi-file", "wsgi_app.py", "--callable", "app"])
-            .args(["--worker-reload-mercy", "10", "--die-on-term", "--need-app"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()),
-    );
+    let proc = uwsgi(port, &["--processes", "3", "--http-socket"], 0);
     let server = Server {
         master: proc.pid(),
         _procs: vec![proc],
@@ -271,82 +260,17 @@ fn uwsgi_retires_the_worker_over_the_limit_alone() {
     one_worker_is_recycled(&["uwsgi"], server, ServerKind::Uwsgi, "SIGHUP");
 }
 
-/// PHP-FPM (a static pool of 3) behind nginx; `?leak=N` mallocs N bytes
-/// through FFI and never frees them, so that worker alone grows.
-fn php_fpm_server(dir: &std::path::Path) -> Server {
-    let (port, fpm_port) = (free_port(), free_port());
-    std::fs::create_dir_all(dir.join("run")).unwrap();
-    std::fs::write(
-        dir.join("index.php"),
-        r#"<?php
-$n = intval($_GET['leak'] ?? 0);
-if ($n > 0) {
-    $libc = FFI::cdef("void *malloc(size_t n); void *memset(void *p, int c, size_t n);", "libc.so.6");
-    $libc->memset($libc->malloc($n), 1, $n);
-}
-header('Content-Type: text/plain');
-printf("pid=%d\n", getmypid());
-"#,
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join("php-fpm.conf"),
-        format!(
-            "[global]\nerror_log = run/php-fpm.log\ndaemonize = no\n\n[www]\n\
-             listen = 127.0.0.1:{fpm_port}\npm = static\npm.max_children = 3\n\
-             php_admin_value[ffi.enable] = 1\n"
-        ),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join("nginx.conf"),
-        format!(
-            "worker_processes 1;\npid run/nginx.pid;\nerror_log run/nginx-error.log;\n\
-             events {{ worker_connections 256; }}\nhttp {{\n access_log off;\n\
-             client_body_temp_path run/body;\n fastcgi_temp_path run/fastcgi;\n\
-             proxy_temp_path run/proxy;\n uwsgi_temp_path run/uwsgi;\n scgi_temp_path run/scgi;\n\
-             server {{\n  listen 127.0.0.1:{port};\n  location / {{\n\
-             include /etc/nginx/fastcgi_params;\n\
-             fastcgi_param SCRIPT_FILENAME {}/index.php;\n\
-             fastcgi_pass 127.0.0.1:{fpm_port};\n  }}\n }}\n}}\n",
-            dir.display()
-        ),
-    )
-    .unwrap();
-    let fpm = Proc::spawn(
-        Command::new("php-fpm8.2")
-            .args(["--nodaemonize", "--allow-to-run-as-root", "--fpm-config"])
-            .arg(dir.join("php-fpm.conf"))
-            .arg("--prefix")
-            .arg(dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()),
-    );
-    assert!(
-        wait_port(fpm_port, Duration::from_secs(20)),
-        "php-fpm listens"
-    );
-    let nginx = Proc::spawn(
-        Command::new("nginx")
-            .arg("-p")
-            .arg(format!("{}/", dir.display()))
-            .args(["-c", "nginx.conf", "-g", "daemon off;"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()),
-    );
-    Server {
-        master: fpm.pid(),
-        _procs: vec![nginx, fpm],
-        port,
-        workers: 3,
-        leak_path: format!("/?leak={LEAK}"),
-    }
-}
-
 #[test]
 fn php_fpm_retires_the_worker_over_the_limit_alone() {
     let dir = tempfile::tempdir().unwrap();
-    let server = php_fpm_server(dir.path());
+    let fpm = PhpFpm::start(dir.path(), 3, false);
+    let server = Server {
+        master: fpm.master(),
+        port: fpm.port,
+        _procs: fpm.procs,
+        workers: 3,
+        leak_path: format!("/?leak={LEAK}"),
+    };
     one_worker_is_recycled(&["php-fpm8.2"], server, ServerKind::PhpFpm, "SIGQUIT");
 }
 

@@ -571,3 +571,125 @@ pub fn gunicorn(port: u16, workers: usize, leak_bytes: u64) -> Proc {
             .stderr(std::process::Stdio::null()),
     )
 }
+
+/// uWSGI with its Python plugin serving `tests/fixtures/wsgi_app.py` on
+/// 127.0.0.1:`port`, with a master; `args` choose workers, threads and the
+/// socket option (`--http-socket`, or `--http11-socket` for keep-alive),
+/// which must come last (the address follows it).
+pub fn uwsgi(port: u16, args: &[&str], leak_bytes: u64) -> Proc {
+    Proc::spawn(
+        Command::new("uwsgi")
+            .args([
+                "--plugin",
+                "python3",
+                "--master",
+                "--need-app",
+                "--die-on-term",
+            ])
+            .args(["--worker-reload-mercy", "10"])
+            .arg("--chdir")
+            .arg(Fixtures::source(""))
+            .args(["--wsgi-file", "wsgi_app.py", "--callable", "app"])
+            .args(args)
+            .arg(format!("127.0.0.1:{port}"))
+            .env("LEAK_BYTES", leak_bytes.to_string())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null()),
+    )
+}
+
+/// PHP-FPM (a static pool) behind nginx, in `dir`. The script answers with
+/// its pid; `?leak=N` mallocs N bytes through FFI and never frees them, so
+/// that worker alone grows. `keep_conn`: nginx keeps its FastCGI
+/// connections to PHP-FPM open across requests.
+pub struct PhpFpm {
+    /// nginx, then php-fpm (its master).
+    pub procs: Vec<Proc>,
+    /// Where nginx listens.
+    pub port: u16,
+}
+
+impl PhpFpm {
+    pub fn start(dir: &Path, workers: usize, keep_conn: bool) -> Self {
+        let (port, fpm_port) = (free_port(), free_port());
+        std::fs::create_dir_all(dir.join("run")).unwrap();
+        std::fs::write(
+            dir.join("index.php"),
+            r#"<?php
+$n = intval($_GET['leak'] ?? 0);
+if ($n > 0) {
+    $libc = FFI::cdef("void *malloc(size_t n); void *memset(void *p, int c, size_t n);", "libc.so.6");
+    $libc->memset($libc->malloc($n), 1, $n);
+}
+$body = sprintf("pid=%d\n", getmypid());
+header('Content-Type: text/plain');
+header('Content-Length: ' . strlen($body));
+echo $body;
+"#,
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("php-fpm.conf"),
+            format!(
+                "[global]\nerror_log = run/php-fpm.log\ndaemonize = no\n\n[www]\n\
+                 listen = 127.0.0.1:{fpm_port}\npm = static\npm.max_children = {workers}\n\
+                 php_admin_value[ffi.enable] = 1\n"
+            ),
+        )
+        .unwrap();
+        let (upstream, keep) = if keep_conn {
+            (
+                format!("upstream fpm {{ server 127.0.0.1:{fpm_port}; keepalive 8; }}\n"),
+                "fastcgi_keep_conn on;\n  fastcgi_pass fpm;".to_string(),
+            )
+        } else {
+            (String::new(), format!("fastcgi_pass 127.0.0.1:{fpm_port};"))
+        };
+        std::fs::write(
+            dir.join("nginx.conf"),
+            format!(
+                "worker_processes 1;\npid run/nginx.pid;\nerror_log run/nginx-error.log;\n\
+                 events {{ worker_connections 256; }}\nhttp {{\n access_log off;\n\
+                 client_body_temp_path run/body;\n fastcgi_temp_path run/fastcgi;\n\
+                 proxy_temp_path run/proxy;\n uwsgi_temp_path run/uwsgi;\n scgi_temp_path run/scgi;\n\
+                 {upstream}\
+                 server {{\n  listen 127.0.0.1:{port};\n  location / {{\n\
+                 include /etc/nginx/fastcgi_params;\n\
+                 fastcgi_param SCRIPT_FILENAME {}/index.php;\n  {keep}\n  }}\n }}\n}}\n",
+                dir.display()
+            ),
+        )
+        .unwrap();
+        let fpm = Proc::spawn(
+            Command::new("php-fpm8.2")
+                .args(["--nodaemonize", "--allow-to-run-as-root", "--fpm-config"])
+                .arg(dir.join("php-fpm.conf"))
+                .arg("--prefix")
+                .arg(dir)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null()),
+        );
+        assert!(
+            wait_port(fpm_port, Duration::from_secs(20)),
+            "php-fpm listens"
+        );
+        let nginx = Proc::spawn(
+            Command::new("nginx")
+                .arg("-p")
+                .arg(format!("{}/", dir.display()))
+                .args(["-c", "nginx.conf", "-g", "daemon off;"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null()),
+        );
+        assert!(wait_port(port, Duration::from_secs(20)), "nginx listens");
+        Self {
+            procs: vec![nginx, fpm],
+            port,
+        }
+    }
+
+    /// The php-fpm master's pid.
+    pub fn master(&self) -> u32 {
+        self.procs[1].pid()
+    }
+}
