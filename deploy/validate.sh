@@ -178,7 +178,7 @@ SETTINGS = [
     ("pid", "MEMTRACE_PID", "pids", None),
     ("cgroup", "MEMTRACE_CGROUP", "paths", None),
     ("container", "MEMTRACE_CONTAINER", "names", None),
-    ("request-mode", "MEMTRACE_REQUEST_MODE", "enum:none|uprobe|accept", "none"),
+    ("request-mode", "MEMTRACE_REQUEST_MODE", "enum:none|uprobe|accept|socket", "none"),
     ("request-fn", "MEMTRACE_REQUEST_FN", "probe", None),
     ("request-begin", "MEMTRACE_REQUEST_BEGIN", "probe", None),
     ("request-end", "MEMTRACE_REQUEST_END", "probe", None),

@@ -152,6 +152,38 @@ pub struct ThreadState {
     pub alloc_old_ptr: u64,
 }
 
+/// Socket mode: a server connection of a watched process, keyed by its
+/// `struct sock` address in `CONNS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ConnState {
+    pub tgid: u32,
+    /// The thread that read the request in flight.
+    pub tid: u32,
+    /// `CONN_*`.
+    pub phase: u32,
+    /// `CONN_INTERLEAVED`.
+    pub flags: u32,
+    /// `MmRss::known` of the process's mm when the request began.
+    pub known: u32,
+    pub _pad: u32,
+    /// The process's RSS and the reading thread's counters at the start.
+    pub req: RequestStart,
+}
+
+/// No request in flight: the next read begins one.
+pub const CONN_IDLE: u32 = 0;
+/// Reading a request.
+pub const CONN_READ: u32 = 1;
+/// Writing its response: the next read (or the close) ends it.
+pub const CONN_WRITE: u32 = 2;
+/// Not a server connection (the process connected, or wrote first).
+pub const CONN_IGNORE: u32 = 3;
+/// Other requests were read on the same thread while this one was.
+pub const CONN_INTERLEAVED: u32 = 1;
+/// Connections tracked at once (an LRU: the longest idle are forgotten).
+pub const MAX_CONNS: u32 = 16384;
+
 /// Ring-buffer event kinds (the first u32 of every event).
 pub const EVENT_FORK: u32 = 1;
 pub const EVENT_EXEC: u32 = 2;
@@ -195,8 +227,13 @@ pub struct RssEvent {
 
 /// `RequestEvent::status`.
 pub const REQUEST_OK: u32 = 0;
-/// The thread exited while the request was in flight.
+/// The thread exited while the request was in flight (or, in socket mode,
+/// the connection closed before a response).
 pub const REQUEST_ABORTED: u32 = 1;
+/// Socket mode: ended, but its thread read other requests meanwhile (an
+/// async server): the memory deltas are the process's over the request's
+/// time, shared with the requests that overlapped it.
+pub const REQUEST_INTERLEAVED: u32 = 2;
 
 /// One request, summarised in the kernel when it ends.
 #[repr(C)]
@@ -237,7 +274,9 @@ pub const CTR_SITES_FULL: u32 = 7;
 /// An exec a selector matched, refused because it ran outside the selected
 /// cgroups: its events never reach the ring buffer.
 pub const CTR_CGROUP_REJECTED: u32 = 8;
-pub const NUM_COUNTERS: u32 = 9;
+/// Socket mode: a connection that did not fit in `CONNS`.
+pub const CTR_CONNS_FULL: u32 = 9;
+pub const NUM_COUNTERS: u32 = 10;
 
 /// Allocation-site kinds in `STACK_SITES`.
 pub const SITE_FAULT: u32 = 0;
@@ -307,7 +346,21 @@ pub struct TracepointLayout {
     pub mremap_new_len: u32,
     pub sys_exit_ret: u32,
     pub close_fd: u32,
+    /// sock:sock_recv_length and sock:sock_send_length (one layout); the
+    /// kernel may lack them (`LAYOUT_ABSENT`), only socket mode needs them.
+    pub sock_sk: u32,
+    pub sock_family: u32,
+    pub sock_ret: u32,
+    pub sock_flags: u32,
+    /// sock:inet_sock_set_state.
+    pub state_skaddr: u32,
+    pub state_newstate: u32,
+    pub state_family: u32,
+    pub _pad: u32,
 }
+
+/// A field offset of an event this kernel does not have.
+pub const LAYOUT_ABSENT: u32 = u32::MAX;
 
 /// Settings the agent writes into the programs' read-only data at load time.
 #[repr(C)]
@@ -336,6 +389,7 @@ mod user {
     unsafe impl aya::Pod for ProcStats {}
     unsafe impl aya::Pod for MmRss {}
     unsafe impl aya::Pod for ThreadState {}
+    unsafe impl aya::Pod for ConnState {}
     unsafe impl aya::Pod for SiteKey {}
     unsafe impl aya::Pod for SiteCount {}
     unsafe impl aya::Pod for AllocKey {}
@@ -356,5 +410,6 @@ const _: () = {
     assert!(core::mem::size_of::<ProcessEvent>() == 24 + 16 + 256 + 96 + 32);
     assert!(core::mem::size_of::<RssEvent>() == 24 + 32);
     assert!(core::mem::size_of::<RequestEvent>() == 24 + 24 + 64 + 40);
-    assert!(core::mem::size_of::<Config>() == 24 + 18 * 4);
+    assert!(core::mem::size_of::<Config>() == 24 + 26 * 4);
+    assert!(core::mem::size_of::<ConnState>() == 6 * 4 + 88);
 };

@@ -6,9 +6,9 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf, StackTrace},
 };
 use memtrace_common::{
-    AllocInfo, AllocKey, Config, DEFAULT_RING_BYTES, MAX_ALLOCS, MAX_MMS, MAX_PROCS,
-    MAX_SELECTOR_CGROUPS, MAX_SELECTOR_COMMS, MAX_STACK_SITES, MAX_STACKS, MAX_THREADS, MmRss,
-    NUM_COUNTERS, ProcStats, SiteCount, SiteKey, TASK_COMM_LEN, ThreadState,
+    AllocInfo, AllocKey, Config, ConnState, DEFAULT_RING_BYTES, MAX_ALLOCS, MAX_CONNS, MAX_MMS,
+    MAX_PROCS, MAX_SELECTOR_CGROUPS, MAX_SELECTOR_COMMS, MAX_STACK_SITES, MAX_STACKS, MAX_THREADS,
+    MmRss, NUM_COUNTERS, ProcStats, SiteCount, SiteKey, TASK_COMM_LEN, ThreadState,
 };
 
 /// Watched processes by tgid; presence means watched.
@@ -28,6 +28,11 @@ pub static MM_RSS: LruHashMap<u32, MmRss> = LruHashMap::with_max_entries(MAX_MMS
 #[map]
 pub static SELECTOR_COMMS: HashMap<[u8; TASK_COMM_LEN], u32> =
     HashMap::with_max_entries(MAX_SELECTOR_COMMS, 0);
+
+/// Socket mode: server connections of watched processes, by `struct sock`
+/// address. An LRU: a connection whose close was never seen ages out.
+#[map]
+pub static CONNS: LruHashMap<u64, ConnState> = LruHashMap::with_max_entries(MAX_CONNS, 0);
 
 /// Cgroup v2 ids a cgroup or container selector names (the value is unused):
 /// a process inside one of them, or below, may be selected.

@@ -127,6 +127,8 @@ enum Mode {
     /// Agent on, no request boundaries: faults, RSS, mmap/brk, lifecycle.
     Steady,
     Accept,
+    /// Socket request mode: socket tracepoints, no syscall tracepoint.
+    Socket,
     Uprobe,
     /// Uprobe mode plus allocation-site collection (after `snapshot`).
     Collect,
@@ -140,6 +142,7 @@ impl Mode {
             Mode::Off => "memtrace off",
             Mode::Steady => "on, no request boundaries",
             Mode::Accept => "on, accept mode",
+            Mode::Socket => "on, socket mode",
             Mode::Uprobe => "on, uprobe on handle_request",
             Mode::Collect => "on, uprobe + snapshot collection",
             Mode::AcceptCollect => "on, accept + snapshot collection",
@@ -178,6 +181,9 @@ impl Agent {
         match mode {
             Mode::Accept | Mode::AcceptCollect => {
                 cmd.args(["--request-mode", "accept"]);
+            }
+            Mode::Socket => {
+                cmd.args(["--request-mode", "socket"]);
             }
             Mode::Uprobe | Mode::Collect => {
                 cmd.args(["--request-fn", &handler]);
@@ -622,6 +628,7 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
         Mode::Off,
         Mode::Steady,
         Mode::Accept,
+        Mode::Socket,
         Mode::Uprobe,
         Mode::Collect,
     ];
@@ -657,7 +664,13 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
         threads: 1,
         conns: 4,
     };
-    let gmodes = [Mode::Off, Mode::Steady, Mode::Accept, Mode::AcceptCollect];
+    let gmodes = [
+        Mode::Off,
+        Mode::Steady,
+        Mode::Accept,
+        Mode::Socket,
+        Mode::AcceptCollect,
+    ];
     let gunicorn_results = throughput(&paths, &gunicorn_target, &gmodes, opts)?;
     let _ = writeln!(md, "\n## 2. Throughput, gunicorn\n");
     let _ = writeln!(
@@ -816,12 +829,14 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
     };
     let _ = writeln!(
         md,
-        "- Steady-state throughput ratio ≥ 0.98 at ≥ 10k req/s: fixture {:.3} (no request boundaries), {:.3} (accept), {:.3} (uprobe); gunicorn {:.3} / {:.3}.",
+        "- Steady-state throughput ratio ≥ 0.98 at ≥ 10k req/s: fixture {:.3} (no request boundaries), {:.3} (accept), {:.3} (socket), {:.3} (uprobe); gunicorn {:.3} / {:.3} / {:.3}.",
         ratio(&fixture_results, Mode::Steady),
         ratio(&fixture_results, Mode::Accept),
+        ratio(&fixture_results, Mode::Socket),
         ratio(&fixture_results, Mode::Uprobe),
         ratio(&gunicorn_results, Mode::Steady),
-        ratio(&gunicorn_results, Mode::Accept)
+        ratio(&gunicorn_results, Mode::Accept),
+        ratio(&gunicorn_results, Mode::Socket)
     );
     let _ = writeln!(
         md,

@@ -5,4 +5,5 @@ mod mmap;
 mod request;
 mod rss;
 mod sched;
+mod socket;
 mod stacks;

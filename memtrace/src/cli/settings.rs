@@ -33,6 +33,9 @@ pub enum RequestMode {
     Uprobe,
     /// accept() to close() of the connection (prefork/sync servers).
     Accept,
+    /// A read then a write on one TCP connection: keep-alive, threaded and
+    /// async servers, no handler symbol and no syscall tracepoint.
+    Socket,
 }
 
 /// Agent settings. All are optional here so that a flag, the environment and
@@ -543,6 +546,7 @@ fn request_probes(
                 .to_lowercase(),
         )),
         (Some(RequestMode::Accept), None) => Ok(RequestProbes::Accept),
+        (Some(RequestMode::Socket), None) => Ok(RequestProbes::Socket),
         (None | Some(RequestMode::None), None) => Ok(RequestProbes::None),
     }
 }

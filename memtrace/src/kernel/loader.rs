@@ -49,6 +49,13 @@ const ACCEPT_PROGRAMS: &[(&str, &str, &str)] = &[
     ("close_enter", "syscalls", "sys_enter_shutdown"),
 ];
 
+/// Socket-mode request boundaries: no syscall tracepoint among them.
+const SOCKET_PROGRAMS: &[(&str, &str, &str)] = &[
+    ("sock_recv", "sock", "sock_recv_length"),
+    ("sock_send", "sock", "sock_send_length"),
+    ("sock_state", "sock", "inet_sock_set_state"),
+];
+
 /// Allocation-site collection, attached only while it is on.
 pub const COLLECTION_PROGRAMS: &[(&str, &str, &str)] = &[
     ("page_fault_stacks", "exceptions", "page_fault_user"),
@@ -99,6 +106,10 @@ pub enum LoadError {
     },
     #[error("--ring-buffer-bytes must be a power of two of at least 4096, not {0}")]
     RingSize(u32),
+    #[error(
+        "socket request mode needs the tracepoints sock:sock_recv_length, sock:sock_send_length and sock:inet_sock_set_state (Linux 6.3 or later), which this kernel lacks or lays out otherwise: use --request-mode accept"
+    )]
+    NoSocketEvents,
 }
 
 /// Where requests begin and end, if memtrace should see them.
@@ -115,6 +126,9 @@ pub enum RequestProbes {
     },
     /// A request runs from accept() to close() of the connection.
     Accept,
+    /// A request is a read then a write on one TCP connection (keep-alive,
+    /// threaded and async servers alike), from socket tracepoints.
+    Socket,
 }
 
 /// Load-time settings.
@@ -154,6 +168,8 @@ pub struct KernelCounters {
     pub stack_errors: u64,
     pub stack_samples: u64,
     pub sites_map_full: u64,
+    /// Socket mode: connections that did not fit in the kernel's map.
+    pub conns_map_full: u64,
     /// Execs a selector matched outside the selected cgroups, dropped in the
     /// kernel.
     pub cgroup_rejected: u64,
@@ -260,6 +276,24 @@ impl Tracer {
             RequestProbes::None => {}
             RequestProbes::Accept => {
                 for &(program, category, name) in ACCEPT_PROGRAMS {
+                    tracer.attach_tracepoint(program, category, name)?;
+                }
+            }
+            RequestProbes::Socket => {
+                let l = &tracer.layout;
+                let offsets = [
+                    l.sock_sk,
+                    l.sock_family,
+                    l.sock_ret,
+                    l.sock_flags,
+                    l.state_skaddr,
+                    l.state_newstate,
+                    l.state_family,
+                ];
+                if offsets.contains(&memtrace_common::LAYOUT_ABSENT) {
+                    return Err(LoadError::NoSocketEvents);
+                }
+                for &(program, category, name) in SOCKET_PROGRAMS {
                     tracer.attach_tracepoint(program, category, name)?;
                 }
             }
@@ -414,6 +448,7 @@ impl Tracer {
             stack_samples: sums[memtrace_common::CTR_STACK_SAMPLES as usize],
             sites_map_full: sums[memtrace_common::CTR_SITES_FULL as usize],
             cgroup_rejected: sums[memtrace_common::CTR_CGROUP_REJECTED as usize],
+            conns_map_full: sums[memtrace_common::CTR_CONNS_FULL as usize],
         }
     }
 

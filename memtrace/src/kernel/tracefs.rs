@@ -205,6 +205,7 @@ impl Tracefs {
             mremap_new_len: mremap.get("new_len", 8)?,
             sys_exit_ret: mmap_exit.get("ret", 8)?,
             close_fd: close.get("fd", 8)?,
+            ..self.socket_layout()
         };
         // Every sys_exit_* record has the same layout; the programs read `ret`
         // at one offset for mmap, munmap, mremap, brk and accept.
@@ -233,6 +234,54 @@ impl Tracefs {
             });
         }
         Ok(layout)
+    }
+}
+
+impl Tracefs {
+    /// Offsets of the socket events (socket request mode), or
+    /// `LAYOUT_ABSENT` where this kernel lacks them or lays them out
+    /// otherwise (then socket mode is refused, naming the event).
+    fn socket_layout(&self) -> TracepointLayout {
+        let absent = memtrace_common::LAYOUT_ABSENT;
+        let io = || -> Result<[u32; 4], TracefsError> {
+            let recv = Lookup::new(self, "sock", "sock_recv_length")?;
+            let send = Lookup::new(self, "sock", "sock_send_length")?;
+            let fields = [
+                recv.get("sk", 8)?,
+                recv.get("family", 2)?,
+                recv.get("ret", 4)?,
+                recv.get("flags", 4)?,
+            ];
+            // One program layout serves both events.
+            let same = fields
+                == [
+                    send.get("sk", 8)?,
+                    send.get("family", 2)?,
+                    send.get("ret", 4)?,
+                    send.get("flags", 4)?,
+                ];
+            Ok(if same { fields } else { [absent; 4] })
+        };
+        let state = || -> Result<[u32; 3], TracefsError> {
+            let s = Lookup::new(self, "sock", "inet_sock_set_state")?;
+            Ok([
+                s.get("skaddr", 8)?,
+                s.get("newstate", 4)?,
+                s.get("family", 2)?,
+            ])
+        };
+        let [sock_sk, sock_family, sock_ret, sock_flags] = io().unwrap_or([absent; 4]);
+        let [state_skaddr, state_newstate, state_family] = state().unwrap_or([absent; 3]);
+        TracepointLayout {
+            sock_sk,
+            sock_family,
+            sock_ret,
+            sock_flags,
+            state_skaddr,
+            state_newstate,
+            state_family,
+            ..TracepointLayout::default()
+        }
     }
 }
 

@@ -6,7 +6,8 @@ use std::{
 };
 
 use memtrace_common::{
-    MM_ANONPAGES, MM_FILEPAGES, MM_SHMEMPAGES, REQUEST_ABORTED, RSS_MEMBERS, RequestEvent,
+    MM_ANONPAGES, MM_FILEPAGES, MM_SHMEMPAGES, REQUEST_ABORTED, REQUEST_INTERLEAVED, RSS_MEMBERS,
+    RequestEvent,
 };
 use serde::Serialize;
 
@@ -86,6 +87,9 @@ pub struct RequestRecord {
     pub brk_shrink_bytes: u64,
     /// The thread exited mid-request.
     pub aborted: bool,
+    /// Socket mode: other requests were read on its thread meanwhile (an
+    /// async server), so its memory deltas are shared with them.
+    pub interleaved: bool,
     pub level: RequestLevel,
 }
 
@@ -156,6 +160,7 @@ impl RequestRecord {
             brk_grow_bytes: ev.brk_grow_bytes,
             brk_shrink_bytes: ev.brk_shrink_bytes,
             aborted: ev.status == REQUEST_ABORTED,
+            interleaved: ev.status == REQUEST_INTERLEAVED,
             level: RequestLevel::classify(delta_bytes, settings),
         }
     }
@@ -177,6 +182,7 @@ impl RequestRecord {
                     munmap_bytes = self.munmap_bytes,
                     brk_grow_bytes = self.brk_grow_bytes,
                     aborted = self.aborted,
+                    interleaved = self.interleaved,
                     $msg
                 )
             };

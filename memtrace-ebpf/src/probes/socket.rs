@@ -1,0 +1,299 @@
+//! Socket request mode: a request is a read phase followed by a write phase
+//! on one connection (the kernel's `struct sock`), seen through
+//! sock:sock_recv_length and sock:sock_send_length, which fire in the
+//! worker's own context for recv(2), read(2) and friends on sockets. No
+//! syscall tracepoint is attached, so the rest of the node keeps its fast
+//! syscall path. A request ends at the next read on its connection
+//! (keep-alive), at the connection's close (sock:inet_sock_set_state), or
+//! when the thread that read it reads another connection (threaded servers
+//! hand connections between threads). A thread that reads a second request
+//! while its first is still being read is interleaving (async servers): both
+//! are counted, their memory deltas marked as shared.
+use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
+use memtrace_common::{
+    CONN_IDLE, CONN_IGNORE, CONN_INTERLEAVED, CONN_READ, CONN_WRITE, ConnState, EVENT_REQUEST,
+    REQUEST_ABORTED, REQUEST_INTERLEAVED, REQUEST_OK, RequestEvent, RequestStart,
+};
+
+use crate::{
+    maps::{CONFIG, CONNS, EVENTS, THREADS},
+    util::{
+        Current, RB_NO_WAKEUP, atomic_add, count, current, field, now_ns, proc_rss, thread_state,
+        watched,
+    },
+};
+
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+const MSG_PEEK: i32 = 2;
+const TCP_SYN_SENT: i32 = 2;
+const TCP_FIN_WAIT1: i32 = 4;
+const TCP_CLOSE: i32 = 7;
+const TCP_CLOSE_WAIT: i32 = 8;
+const TCP_LAST_ACK: i32 = 9;
+
+/// (sock address, bytes, flags) of a TCP read or write, or None.
+#[inline(always)]
+fn tcp_io(ctx: &TracePointContext) -> Result<Option<(u64, i32, i32)>, i64> {
+    let layout = CONFIG.load().layout;
+    let ret: i32 = field(ctx, layout.sock_ret)?;
+    if ret <= 0 {
+        return Ok(None);
+    }
+    let family: u16 = field(ctx, layout.sock_family)?;
+    if family != AF_INET && family != AF_INET6 {
+        return Ok(None);
+    }
+    let sk: u64 = field(ctx, layout.sock_sk)?;
+    let flags: i32 = field(ctx, layout.sock_flags)?;
+    Ok(Some((sk, ret, flags)))
+}
+
+#[tracepoint]
+pub fn sock_recv(ctx: TracePointContext) -> u32 {
+    let _ = try_sock_recv(&ctx);
+    0
+}
+
+fn try_sock_recv(ctx: &TracePointContext) -> Result<(), i64> {
+    let cur = current();
+    if watched(cur.tgid).is_none() {
+        return Ok(());
+    }
+    let Some((sk, _, flags)) = tcp_io(ctx)? else {
+        return Ok(());
+    };
+    if flags & MSG_PEEK != 0 {
+        return Ok(());
+    }
+    // SAFETY: pointer from a map lookup.
+    let phase = CONNS
+        .get_ptr(&sk)
+        .map_or(CONN_IDLE, |c| unsafe { (*c).phase });
+    match phase {
+        CONN_IGNORE | CONN_READ => return Ok(()),
+        // The client's next request on a kept-alive connection.
+        CONN_WRITE => end_conn(sk, REQUEST_OK),
+        _ => {}
+    }
+    begin_conn(sk, &cur);
+    Ok(())
+}
+
+#[tracepoint]
+pub fn sock_send(ctx: TracePointContext) -> u32 {
+    let _ = try_sock_send(&ctx);
+    0
+}
+
+fn try_sock_send(ctx: &TracePointContext) -> Result<(), i64> {
+    let cur = current();
+    if watched(cur.tgid).is_none() {
+        return Ok(());
+    }
+    let Some((sk, _, _)) = tcp_io(ctx)? else {
+        return Ok(());
+    };
+    match CONNS.get_ptr_mut(&sk) {
+        // SAFETY: pointer from a map lookup.
+        Some(c) => unsafe {
+            if (*c).phase == CONN_READ {
+                (*c).phase = CONN_WRITE;
+            }
+        },
+        // Writing first: the process is a client here (a database, an
+        // upstream), or the connection predates memtrace.
+        None => {
+            let ignore = ConnState {
+                tgid: cur.tgid,
+                phase: CONN_IGNORE,
+                ..ConnState::default()
+            };
+            let _ = CONNS.insert(&sk, &ignore, 0);
+        }
+    }
+    Ok(())
+}
+
+/// sock:inet_sock_set_state: connect() marks a client connection; the close
+/// (from either side) ends the request in flight.
+#[tracepoint]
+pub fn sock_state(ctx: TracePointContext) -> u32 {
+    let _ = try_sock_state(&ctx);
+    0
+}
+
+fn try_sock_state(ctx: &TracePointContext) -> Result<(), i64> {
+    let layout = CONFIG.load().layout;
+    let family: u16 = field(ctx, layout.state_family)?;
+    if family != AF_INET && family != AF_INET6 {
+        return Ok(());
+    }
+    let newstate: i32 = field(ctx, layout.state_newstate)?;
+    let sk: u64 = field(ctx, layout.state_skaddr)?;
+    match newstate {
+        TCP_SYN_SENT => {
+            // In connect(), in the caller's context.
+            let cur = current();
+            if watched(cur.tgid).is_some() {
+                let ignore = ConnState {
+                    tgid: cur.tgid,
+                    phase: CONN_IGNORE,
+                    ..ConnState::default()
+                };
+                let _ = CONNS.insert(&sk, &ignore, 0);
+            }
+        }
+        // The client closed after the response: done. (Before it, the
+        // request may still be answered.)
+        TCP_CLOSE_WAIT => {
+            // SAFETY: pointer from a map lookup.
+            if CONNS
+                .get_ptr(&sk)
+                .is_some_and(|c| unsafe { (*c).phase } == CONN_WRITE)
+            {
+                end_conn(sk, REQUEST_OK);
+            }
+        }
+        TCP_FIN_WAIT1 | TCP_LAST_ACK | TCP_CLOSE => {
+            if CONNS.get_ptr(&sk).is_some() {
+                end_conn(sk, REQUEST_OK);
+                let _ = CONNS.remove(&sk);
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Begins a request on `sk`, read by the current thread. The thread's
+/// previous request on another connection ends here if it was answered (the
+/// thread moved on), or is marked interleaved if it was still being read.
+#[inline(always)]
+fn begin_conn(sk: u64, cur: &Current) -> Option<()> {
+    let stats = watched(cur.tgid)?;
+    let thread = thread_state(cur.tid, cur.tgid)?;
+    // SAFETY: pointers from map lookups; only this thread writes its state.
+    unsafe {
+        let t = &mut *thread;
+        let mut flags = 0;
+        let prev = t.req_fd as u64;
+        if prev != 0
+            && prev != sk
+            && let Some(p) = CONNS.get_ptr_mut(&prev)
+        {
+            match (*p).phase {
+                CONN_WRITE => end_conn(prev, REQUEST_OK),
+                CONN_READ => {
+                    (*p).flags |= CONN_INTERLEAVED;
+                    flags = CONN_INTERLEAVED;
+                }
+                _ => {}
+            }
+        }
+        let (rss, known) = proc_rss(stats);
+        let seq = (*stats).requests_started;
+        let conn = ConnState {
+            tgid: cur.tgid,
+            tid: cur.tid,
+            phase: CONN_READ,
+            flags,
+            known,
+            _pad: 0,
+            req: RequestStart {
+                start_ns: now_ns(),
+                seq,
+                rss,
+                faults: t.faults,
+                mmap_bytes: t.mmap_bytes,
+                munmap_bytes: t.munmap_bytes,
+                brk_grow_bytes: t.brk_grow_bytes,
+                brk_shrink_bytes: t.brk_shrink_bytes,
+            },
+        };
+        if CONNS.insert(&sk, &conn, 0).is_err() {
+            count(memtrace_common::CTR_CONNS_FULL);
+            return None;
+        }
+        atomic_add(&raw mut (*stats).requests_started, 1);
+        t.req_fd = sk as i64;
+    }
+    Some(())
+}
+
+/// Ends the request in flight on `sk`, if any, and sends its summary. It may
+/// run in any context (a close seen in softirq): everything comes from maps.
+#[inline(always)]
+fn end_conn(sk: u64, status: u32) {
+    let Some(c) = CONNS.get_ptr_mut(&sk) else {
+        return;
+    };
+    // SAFETY: pointers from map lookups.
+    unsafe {
+        let c = &mut *c;
+        let phase = c.phase;
+        if phase != CONN_READ && phase != CONN_WRITE {
+            return;
+        }
+        c.phase = CONN_IDLE;
+        let interleaved = c.flags & CONN_INTERLEAVED != 0;
+        c.flags = 0;
+        let Some(stats) = watched(c.tgid) else {
+            return;
+        };
+        // Closed before any response: not a served request.
+        let status = match (phase, status) {
+            (CONN_READ, _) => REQUEST_ABORTED,
+            (_, REQUEST_OK) if interleaved => REQUEST_INTERLEAVED,
+            (_, s) => s,
+        };
+        let counter = if status == REQUEST_ABORTED {
+            &raw mut (*stats).requests_aborted
+        } else {
+            &raw mut (*stats).requests_ended
+        };
+        atomic_add(counter, 1);
+        // The reading thread's counters, when it served this request alone.
+        let start = &c.req;
+        let mut deltas = [0u64; 5];
+        if let Some(t) = THREADS.get_ptr_mut(c.tid) {
+            if (*t).req_fd as u64 == sk {
+                (*t).req_fd = 0;
+            }
+            if !interleaved {
+                deltas = [
+                    (*t).faults - start.faults,
+                    (*t).mmap_bytes - start.mmap_bytes,
+                    (*t).munmap_bytes - start.munmap_bytes,
+                    (*t).brk_grow_bytes - start.brk_grow_bytes,
+                    (*t).brk_shrink_bytes - start.brk_shrink_bytes,
+                ];
+            }
+        }
+        let Some(mut entry) = EVENTS.reserve::<RequestEvent>(0) else {
+            count(memtrace_common::CTR_RINGBUF_DROPS);
+            return;
+        };
+        let (rss_after, known_after) = proc_rss(stats);
+        entry.write(RequestEvent {
+            kind: EVENT_REQUEST,
+            tgid: c.tgid,
+            tid: c.tid,
+            status,
+            known_before: c.known,
+            known_after,
+            seq: start.seq,
+            start_ns: start.start_ns,
+            end_ns: now_ns(),
+            rss_before: start.rss,
+            rss_after,
+            faults: deltas[0],
+            mmap_bytes: deltas[1],
+            munmap_bytes: deltas[2],
+            brk_grow_bytes: deltas[3],
+            brk_shrink_bytes: deltas[4],
+        });
+        entry.submit(RB_NO_WAKEUP);
+        count(memtrace_common::CTR_EVENTS);
+    }
+}
