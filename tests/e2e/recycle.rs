@@ -88,16 +88,6 @@ struct Server {
     leak_path: String,
 }
 
-fn pid_in(body: &str) -> u32 {
-    let at = body.find("pid=").expect("the reply names its pid") + 4;
-    body[at..]
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect::<String>()
-        .parse()
-        .expect("a pid")
-}
-
 /// Starts `server` traced by `names`, pushes one worker over the limit
 /// while load runs, and checks that it alone was retired with `signal`.
 fn one_worker_is_recycled(names: &[&str], server: Server, kind: ServerKind, signal: &str) {

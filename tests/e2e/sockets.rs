@@ -260,16 +260,6 @@ fn uvicorn_async_workers_count_every_request() {
     });
 }
 
-fn pid_in(body: &str) -> u32 {
-    let at = body.find("pid=").expect("the reply names its pid") + 4;
-    body[at..]
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect::<String>()
-        .parse()
-        .expect("a pid")
-}
-
 #[test]
 fn uwsgi_with_threads_and_keep_alive_counts_every_request_and_its_leak() {
     let _serial = serial();

@@ -693,3 +693,14 @@ echo $body;
         self.procs[1].pid()
     }
 }
+
+/// The pid a fixture's reply names (`pid=1234`).
+pub fn pid_in(body: &str) -> u32 {
+    let at = body.find("pid=").expect("the reply names its pid") + 4;
+    body[at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect::<String>()
+        .parse()
+        .expect("a pid")
+}

@@ -7,7 +7,9 @@ use aya_ebpf::{
     macros::{tracepoint, uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext, TracePointContext},
 };
-use memtrace_common::{EVENT_REQUEST, REQUEST_OK, RequestEvent, RequestStart};
+use memtrace_common::{
+    EVENT_REQUEST, ProcStats, REQUEST_OK, RequestEvent, RequestStart, ThreadState,
+};
 
 use crate::{
     maps::{CONFIG, EVENTS, THREADS},
@@ -77,34 +79,70 @@ pub fn end_request(tgid: u32, tid: u32, status: u32, unwind: bool) -> Option<()>
         };
         atomic_add(counter, 1);
 
-        let Some(mut entry) = EVENTS.reserve::<RequestEvent>(0) else {
-            count(memtrace_common::CTR_RINGBUF_DROPS);
-            return None;
-        };
-        let (rss_after, known_after) = proc_rss(stats);
-        let start = &t.req;
-        entry.write(RequestEvent {
-            kind: EVENT_REQUEST,
+        emit_request(
+            stats,
             tgid,
             tid,
             status,
-            known_before: t.req_known,
-            known_after,
-            seq: start.seq,
-            start_ns: start.start_ns,
-            end_ns: now_ns(),
-            rss_before: start.rss,
-            rss_after,
-            faults: t.faults - start.faults,
-            mmap_bytes: t.mmap_bytes - start.mmap_bytes,
-            munmap_bytes: t.munmap_bytes - start.munmap_bytes,
-            brk_grow_bytes: t.brk_grow_bytes - start.brk_grow_bytes,
-            brk_shrink_bytes: t.brk_shrink_bytes - start.brk_shrink_bytes,
-        });
-        entry.submit(RB_NO_WAKEUP);
-        count(memtrace_common::CTR_EVENTS);
+            t.req_known,
+            &t.req,
+            thread_deltas(t, &t.req),
+        );
     }
     Some(())
+}
+
+/// What a thread's counters (faults, mmap, munmap, brk grow, brk shrink)
+/// grew by since a request started.
+#[inline(always)]
+pub fn thread_deltas(t: &ThreadState, start: &RequestStart) -> [u64; 5] {
+    [
+        t.faults - start.faults,
+        t.mmap_bytes - start.mmap_bytes,
+        t.munmap_bytes - start.munmap_bytes,
+        t.brk_grow_bytes - start.brk_grow_bytes,
+        t.brk_shrink_bytes - start.brk_shrink_bytes,
+    ]
+}
+
+/// Sends a request's summary: its start, the process's RSS now, and the
+/// deltas of the serving thread's counters (faults, mmap, munmap, brk grow,
+/// brk shrink).
+#[inline(always)]
+pub fn emit_request(
+    stats: *mut ProcStats,
+    tgid: u32,
+    tid: u32,
+    status: u32,
+    known_before: u32,
+    start: &RequestStart,
+    deltas: [u64; 5],
+) {
+    let Some(mut entry) = EVENTS.reserve::<RequestEvent>(0) else {
+        count(memtrace_common::CTR_RINGBUF_DROPS);
+        return;
+    };
+    let (rss_after, known_after) = proc_rss(stats);
+    entry.write(RequestEvent {
+        kind: EVENT_REQUEST,
+        tgid,
+        tid,
+        status,
+        known_before,
+        known_after,
+        seq: start.seq,
+        start_ns: start.start_ns,
+        end_ns: now_ns(),
+        rss_before: start.rss,
+        rss_after,
+        faults: deltas[0],
+        mmap_bytes: deltas[1],
+        munmap_bytes: deltas[2],
+        brk_grow_bytes: deltas[3],
+        brk_shrink_bytes: deltas[4],
+    });
+    entry.submit(RB_NO_WAKEUP);
+    count(memtrace_common::CTR_EVENTS);
 }
 
 #[uprobe]

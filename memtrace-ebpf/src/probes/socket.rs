@@ -11,16 +11,14 @@
 //! are counted, their memory deltas marked as shared.
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
 use memtrace_common::{
-    CONN_IDLE, CONN_IGNORE, CONN_INTERLEAVED, CONN_READ, CONN_WRITE, ConnState, EVENT_REQUEST,
-    REQUEST_ABORTED, REQUEST_INTERLEAVED, REQUEST_OK, RequestEvent, RequestStart,
+    CONN_IDLE, CONN_IGNORE, CONN_INTERLEAVED, CONN_READ, CONN_WRITE, ConnState, REQUEST_ABORTED,
+    REQUEST_INTERLEAVED, REQUEST_OK, RequestStart,
 };
 
+use super::request::{emit_request, thread_deltas};
 use crate::{
-    maps::{CONFIG, CONNS, EVENTS, THREADS},
-    util::{
-        Current, RB_NO_WAKEUP, atomic_add, count, current, field, now_ns, proc_rss, thread_state,
-        watched,
-    },
+    maps::{CONFIG, CONNS, THREADS},
+    util::{Current, atomic_add, count, current, field, now_ns, proc_rss, thread_state, watched},
 };
 
 const AF_INET: u16 = 2;
@@ -261,39 +259,9 @@ fn end_conn(sk: u64, status: u32) {
                 (*t).req_fd = 0;
             }
             if !interleaved {
-                deltas = [
-                    (*t).faults - start.faults,
-                    (*t).mmap_bytes - start.mmap_bytes,
-                    (*t).munmap_bytes - start.munmap_bytes,
-                    (*t).brk_grow_bytes - start.brk_grow_bytes,
-                    (*t).brk_shrink_bytes - start.brk_shrink_bytes,
-                ];
+                deltas = thread_deltas(&*t, start);
             }
         }
-        let Some(mut entry) = EVENTS.reserve::<RequestEvent>(0) else {
-            count(memtrace_common::CTR_RINGBUF_DROPS);
-            return;
-        };
-        let (rss_after, known_after) = proc_rss(stats);
-        entry.write(RequestEvent {
-            kind: EVENT_REQUEST,
-            tgid: c.tgid,
-            tid: c.tid,
-            status,
-            known_before: c.known,
-            known_after,
-            seq: start.seq,
-            start_ns: start.start_ns,
-            end_ns: now_ns(),
-            rss_before: start.rss,
-            rss_after,
-            faults: deltas[0],
-            mmap_bytes: deltas[1],
-            munmap_bytes: deltas[2],
-            brk_grow_bytes: deltas[3],
-            brk_shrink_bytes: deltas[4],
-        });
-        entry.submit(RB_NO_WAKEUP);
-        count(memtrace_common::CTR_EVENTS);
+        emit_request(stats, c.tgid, c.tid, status, c.known, start, deltas);
     }
 }
