@@ -97,7 +97,18 @@ impl State {
 
     /// Workers whose RSS is over the soft limit but whose PSS or USS was
     /// not: measured again, and queued once they are over too.
+    /// At most once per `--leak-sample-interval-secs`: each check walks the
+    /// watched workers' page tables (smaps_rollup) under the state's lock.
     pub(super) fn check_soft_limit_watch(&mut self) {
+        let now = Instant::now();
+        if self.soft_limit_watch.is_empty()
+            || self
+                .last_watch_check
+                .is_some_and(|t| now.duration_since(t) < self.leak_sample_interval)
+        {
+            return;
+        }
+        self.last_watch_check = Some(now);
         let metric = self.enforcer.settings().metric;
         let watched = std::mem::take(&mut self.soft_limit_watch);
         for (pid, start_time) in watched {

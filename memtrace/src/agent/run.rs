@@ -98,6 +98,7 @@ impl Agent {
             leak_sample_interval: settings.leak_sample_interval,
             last_leak_sample: None,
             soft_limit_watch: Vec::new(),
+            last_watch_check: None,
             selected_cgroups: Default::default(),
             pods: Arc::new(Mutex::new(None)),
             enforcer: Enforcer::new(settings.soft_limit.clone(), agent_pid),

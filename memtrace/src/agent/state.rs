@@ -44,6 +44,7 @@ pub struct State {
     /// Workers whose RSS is over the soft limit but whose PSS or USS (the
     /// limit's metric) was not, by (pid, start time).
     pub(super) soft_limit_watch: Vec<(u32, u64)>,
+    pub(super) last_watch_check: Option<Instant>,
     /// Cgroup v2 ids given to the kernel's filter, for --cgroup and
     /// --container (containers are looked up again at each rescan).
     pub selected_cgroups: std::collections::BTreeSet<u64>,
