@@ -9,7 +9,7 @@ use crate::{
     judge::{
         detector::Detection,
         servers::{self, ServerKind, ServerProcess},
-        softlimit::{OverLimit, Processes, SoftLimitMetric, SoftLimitTarget, log_recycle},
+        softlimit::{OverLimit, Processes, SoftLimitMetric, log_recycle},
     },
     kernel::loader::Tracer,
     model::{procinfo, workers::Registry},
@@ -160,10 +160,7 @@ impl State {
                 measure_mb,
                 soft_limit_mb,
                 action = ?plan.action,
-                target_pid = match plan.target {
-                    SoftLimitTarget::Parent => ppid,
-                    SoftLimitTarget::Worker => pid,
-                },
+                target_pid = plan.target_pid(pid, ppid),
                 signal = plan.signal.as_str(),
                 log_only_because = plan.log_only_because.as_deref(),
                 "SOFT_LIMIT_EXCEEDED: graceful restart queued"

@@ -98,13 +98,18 @@ pub fn agent_status(state: &State) -> AgentStatus {
             actions_taken: state.enforcer.actions_taken,
             actions_skipped: state.enforcer.actions_skipped,
             pending: state.enforcer.pending().cloned().collect(),
-            recycles: {
-                let all: Vec<_> = state.enforcer.recycles().collect();
-                all[all.len().saturating_sub(RECENT_RECYCLES)..]
-                    .iter()
-                    .map(|r| (*r).clone())
-                    .collect()
-            },
+            recycles: state
+                .enforcer
+                .recycles()
+                .skip(
+                    state
+                        .enforcer
+                        .recycles()
+                        .count()
+                        .saturating_sub(RECENT_RECYCLES),
+                )
+                .cloned()
+                .collect(),
             counts: state
                 .enforcer
                 .counts()

@@ -20,7 +20,12 @@ use crate::{
         loader::{LoadOptions, RequestProbes},
         uprobes::ProbeTarget,
     },
-    model::{cgroups, kubelet::KubeletSettings, requests::RequestSettings, selectors::Selectors},
+    model::{
+        cgroups,
+        kubelet::{self, KubeletSettings},
+        requests::RequestSettings,
+        selectors::Selectors,
+    },
 };
 
 /// How requests are delimited.
@@ -634,7 +639,7 @@ impl AgentArgs {
             }
         }
         for id in &self.container {
-            let id = id.strip_prefix("containerd://").unwrap_or(id);
+            let id = kubelet::bare_container_id(id);
             if id.len() < 6 || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err(invalid(
                     "--container",
@@ -656,11 +661,7 @@ impl AgentArgs {
             containers: self
                 .container
                 .iter()
-                .map(|c| {
-                    c.strip_prefix("containerd://")
-                        .unwrap_or(c)
-                        .to_ascii_lowercase()
-                })
+                .map(|c| kubelet::bare_container_id(c).to_ascii_lowercase())
                 .collect(),
         }
         .canonicalize();
@@ -810,20 +811,14 @@ impl AgentArgs {
             load,
             mount_tracefs: !self.no_mount_tracefs.unwrap_or(false),
             kubelet: match self.kubelet_url {
-                Some(url) if url.starts_with("http://") || url.starts_with("https://") => {
+                Some(url) => {
+                    kubelet::check_url(&url)
+                        .map_err(|e| invalid("--kubelet-url", e.to_string()))?;
                     Some(KubeletSettings {
                         url,
                         token_file: self.kubelet_token_file,
                         insecure_tls: self.kubelet_insecure_tls.unwrap_or(false),
                     })
-                }
-                Some(url) => {
-                    return Err(invalid(
-                        "--kubelet-url",
-                        format!(
-                            "`{url}` is not an http:// or https:// URL (e.g. https://NODE_IP:10250)"
-                        ),
-                    ));
                 }
                 None => None,
             },
@@ -891,6 +886,20 @@ mod tests {
         assert!(e.to_string().contains("--exe"), "{e}");
         let file: Result<AgentArgs, _> = toml::from_str("no-such-setting = 1");
         assert!(file.is_err());
+        // The kubelet client's own URL check, at parse time.
+        for bad in ["ftp://node:10250", "https://", "10.0.0.7:10250"] {
+            let e = parse(&["-n", "x", "--kubelet-url", bad])
+                .resolve()
+                .unwrap_err();
+            assert!(e.to_string().starts_with("--kubelet-url"), "{e}");
+        }
+        let ok = parse(&["-n", "x", "--kubelet-url", "HTTPS://node:10250"]).resolve();
+        assert!(ok.is_ok_and(|r| r.settings.kubelet.is_some()));
+        // Container ids may carry their runtime's prefix.
+        let r = parse(&["--container", "cri-o://0123456789AB"])
+            .resolve()
+            .unwrap();
+        assert_eq!(r.settings.selectors.containers, ["0123456789ab"]);
     }
 
     #[test]

@@ -200,21 +200,27 @@ impl PodIndex {
     }
 }
 
-/// Fetches and indexes the kubelet's pod list: `GET {url}/pods`, with the
-/// token file's token as a bearer token (never in an error or a log). Blocks
-/// up to [`FETCH_TIMEOUT`]; each call opens a new connection.
-pub fn fetch(settings: &KubeletSettings) -> Result<PodIndex, KubeletError> {
-    let base = settings.url.trim_end_matches('/');
+/// Whether `url` can name a kubelet: http:// or https:// and a host.
+pub fn check_url(url: &str) -> Result<(), KubeletError> {
+    let base = url.trim_end_matches('/');
     let scheme_ok = ["http://", "https://"].iter().any(|s| {
         base.get(..s.len())
             .is_some_and(|p| p.eq_ignore_ascii_case(s))
             && base.len() > s.len()
     });
-    if !scheme_ok {
-        return Err(KubeletError::BadUrl {
-            url: settings.url.clone(),
-        });
+    if scheme_ok {
+        Ok(())
+    } else {
+        Err(KubeletError::BadUrl { url: url.into() })
     }
+}
+
+/// Fetches and indexes the kubelet's pod list: `GET {url}/pods`, with the
+/// token file's token as a bearer token (never in an error or a log). Blocks
+/// up to [`FETCH_TIMEOUT`]; each call opens a new connection.
+pub fn fetch(settings: &KubeletSettings) -> Result<PodIndex, KubeletError> {
+    check_url(&settings.url)?;
+    let base = settings.url.trim_end_matches('/');
     let token = settings.token_file.as_deref().map(read_token).transpose()?;
     let tls = ureq::tls::TlsConfig::builder()
         .disable_verification(settings.insecure_tls)
@@ -317,7 +323,7 @@ fn normalise_uid(uid: &str) -> String {
 }
 
 /// `containerd://abc`, `cri-o://abc`, `docker://abc` → `abc`.
-fn bare_container_id(id: &str) -> &str {
+pub fn bare_container_id(id: &str) -> &str {
     let id = id.trim();
     id.split_once("://").map_or(id, |(_, bare)| bare)
 }
