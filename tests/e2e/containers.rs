@@ -269,6 +269,13 @@ fn cgroup_and_container_selectors_pick_one_pod_and_label_it() {
         assert_eq!(pl.pod_uid.as_deref(), Some(UID_B));
         assert_eq!(pl.qos.as_deref(), Some("besteffort"));
         assert_eq!(pl.pod_name, None, "no kubelet configured");
+        // The container's cgroup went to the kernel's filter, by its id.
+        let ino_b = std::fs::metadata(&dir_b).unwrap().ino();
+        assert!(
+            s.selected_cgroups.contains(&ino_b),
+            "{:?}",
+            s.selected_cgroups
+        );
         // Everything inside the container is selected (no name given): the
         // `unshare` that started it too.
         assert!(members(&dir_b).iter().all(|p| s.registry.get(*p).is_some()));

@@ -90,10 +90,11 @@ impl State {
             .map(|c| (c.clone(), cgroups::cgroup_id(c)))
             .collect();
         for prefix in &self.selectors.containers {
-            for (path, _) in cgroups::find_container_cgroups(prefix) {
-                let id = cgroups::cgroup_id(&path);
-                wanted.push((path, id));
-            }
+            wanted.extend(
+                cgroups::find_container_cgroups(prefix)
+                    .into_iter()
+                    .map(|(path, id)| (path, Some(id))),
+            );
         }
         for (path, id) in wanted {
             let Some(id) = id else {

@@ -9,7 +9,7 @@
 //! `name=systemd` (or else the `memory`/`pids`) hierarchy stands in for it,
 //! without an id.
 use std::{
-    os::unix::fs::MetadataExt as _,
+    os::unix::fs::{DirEntryExt as _, MetadataExt as _},
     path::{Path, PathBuf},
     sync::OnceLock,
 };
@@ -241,8 +241,8 @@ pub fn normalize_selector(arg: &str, mount: Option<&Path>) -> String {
 }
 
 /// Directories of the v2 hierarchy whose name holds a container id, for a
-/// `--container` prefix: (v2 path, full id).
-pub fn find_container_cgroups(id_prefix: &str) -> Vec<(String, String)> {
+/// `--container` prefix: (v2 path, cgroup id).
+pub fn find_container_cgroups(id_prefix: &str) -> Vec<(String, u64)> {
     let Some(root) = v2_mount() else {
         return Vec::new();
     };
@@ -271,7 +271,8 @@ pub fn find_container_cgroups(id_prefix: &str) -> Vec<(String, String)> {
                     .and_then(|n| n.to_str())
                     .is_some_and(|n| n.contains(&id))
             {
-                found.push((rel, id));
+                // The cgroup id is the directory's inode, no stat needed.
+                found.push((rel, e.ino()));
                 continue;
             }
             stack.push(path);
