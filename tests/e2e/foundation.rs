@@ -181,7 +181,18 @@ fn agent_started_after_the_server_finds_every_worker() {
 #[test]
 fn mmap_munmap_mremap_and_brk_totals_equal_the_fixtures_own() {
     let _serial = serial();
-    let agent = AgentHarness::start(test_settings(&["mapper"]));
+    let mut settings = test_settings(&["mapper"]);
+    settings.load.mmap_counters = true;
+    settings.requests.mmap_counters = true;
+    let agent = AgentHarness::start(settings);
+    assert!(
+        agent.with(|s| s
+            .tracer
+            .attached()
+            .iter()
+            .any(|a| a == "mmap_exit@syscalls:sys_exit_mmap")),
+        "--mmap-counters attaches the syscall tracepoints"
+    );
     let mut mapper = Proc::spawn(
         Command::new(fixtures().bin("mapper"))
             .stdin(Stdio::piped())
@@ -330,7 +341,8 @@ fn stopping_the_agent_detaches_everything() {
         .collect();
     assert!(ours.len() >= 12, "programs loaded: {ours:?}");
     assert!(
-        during.links.len() >= before.links.len() + 12,
+        // Five steady-state tracepoints: faults, rss_stat, newtask, exec, exit.
+        during.links.len() >= before.links.len() + 5,
         "links: {:?}",
         during.links
     );
@@ -368,7 +380,7 @@ fn the_binary_exits_cleanly_on_sigterm_and_leaves_nothing() {
     assert!(attached, "agent logged that it attached");
     let held = bpf_fds(agent.pid());
     assert!(
-        held.programs.len() >= 12 && held.links.len() >= 12,
+        held.programs.len() >= 12 && held.links.len() >= 5,
         "{held:?}"
     );
     let status = agent
@@ -427,4 +439,71 @@ fn exe_and_cmdline_selectors_find_servers_as_they_start() {
             assert_eq!(s.registry.role(master), Role::Master);
         });
     }
+}
+
+/// The steady state attaches no syscall tracepoint (each one puts every task
+/// of the node on the syscall slow path); address-space growth shows as
+/// VmData, read from /proc, equal to the fixture's own.
+#[test]
+fn steady_state_has_no_syscall_tracepoint_and_reports_vm_data() {
+    let _serial = serial();
+    let mut settings = test_settings(&["mapper"]);
+    settings.load.requests = memtrace::kernel::loader::RequestProbes::Socket;
+    let agent = AgentHarness::start(settings);
+    let syscall_programs = |agent: &AgentHarness| -> Vec<String> {
+        agent.with(|s| {
+            s.tracer
+                .attached()
+                .iter()
+                .filter(|a| a.contains("@syscalls:"))
+                .cloned()
+                .collect()
+        })
+    };
+    assert_eq!(syscall_programs(&agent), Vec::<String>::new());
+
+    let mut mapper = Proc::spawn(
+        Command::new(fixtures().bin("mapper"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped()),
+    );
+    let pid = mapper.pid();
+    let mut stdin = mapper.child.stdin.take().unwrap();
+    let mut lines = BufReader::new(mapper.child.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "ready");
+    assert!(agent.wait(Duration::from_secs(5), |s| s.registry.contains(pid)));
+    writeln!(stdin).unwrap();
+    assert!(lines.next().unwrap().unwrap().starts_with("done "));
+
+    // The fixture is idle now: VmData from the agent equals /proc's.
+    let truth = || {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix("VmData:"))?
+            .trim()
+            .trim_end_matches(" kB")
+            .parse::<u64>()
+            .ok()
+            .map(|kb| kb * 1024)
+    };
+    let mut last = (None, None);
+    let equal = wait_for(Duration::from_secs(5), || {
+        let ours = agent.with(|s| s.registry.get(pid).and_then(|w| w.vm_data));
+        last = (ours, truth());
+        ours.is_some() && ours == last.1
+    });
+    assert!(equal, "VmData: agent {:?}, /proc {:?}", last.0, last.1);
+    // Without --mmap-counters the counters are absent, not zero.
+    let view = agent.with(|s| {
+        let w = s.registry.get(pid).expect("traced");
+        memtrace::agent::views::worker_status(s, w, false)
+    });
+    assert_eq!(view.mmap_bytes, None);
+    assert_eq!(view.brk_grow_bytes, None);
+    assert_eq!(view.data_bytes, last.1);
+    writeln!(stdin).unwrap();
+    assert!(mapper.child.wait().unwrap().success());
+    assert_eq!(syscall_programs(&agent), Vec::<String>::new());
+    assert_no_drops(&agent);
 }

@@ -14,8 +14,10 @@ use crate::{
         Backend, BackendError, StopView, metrics,
         status::{StatusView, WorkerStatus},
     },
-    kernel::loader::COLLECTION_PROGRAMS,
-    model::{procinfo::MappingUsage, requests::RequestRecord},
+    model::{
+        procinfo::{self, MappingUsage},
+        requests::RequestRecord,
+    },
     sites::snapshot::{
         self, DiffView, RawSite, SiteKind, Snapshot, SnapshotView, SymbolizerService,
     },
@@ -152,6 +154,11 @@ impl Backend for AgentBackend {
         let pids = {
             let mut state = self.lock();
             let pids = Self::select(&state, pid)?;
+            let breaks: Vec<(u32, u64)> = pids
+                .iter()
+                .filter_map(|&p| Some((p, procinfo::heap_end(p)?)))
+                .collect();
+            state.tracer.seed_breaks(&breaks);
             if let Err(e) = state.tracer.start_collection(&pids) {
                 tracing::error!(error = %e, "allocation-site collection could not start");
                 return Err(BackendError::Unavailable(
@@ -206,8 +213,7 @@ impl Backend for AgentBackend {
 
     fn stop(&self) -> Result<StopView, BackendError> {
         let mut state = self.lock();
-        let was = state.tracer.collecting();
-        state.tracer.stop_collection();
+        let detached = state.tracer.stop_collection();
         *self.lock_baseline() = None;
         for pid in state.registry.pids() {
             self.symbolizer.forget(pid);
@@ -216,7 +222,7 @@ impl Backend for AgentBackend {
         Ok(StopView {
             status: "collection stopped",
             collection_active: false,
-            programs_detached: if was { COLLECTION_PROGRAMS.len() } else { 0 },
+            programs_detached: detached,
         })
     }
 

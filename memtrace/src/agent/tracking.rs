@@ -129,10 +129,11 @@ impl State {
         if let Some(mm) = mm {
             w.apply_mm(&mm);
         }
-        if w.needs_seed()
-            && let Some(status) = procinfo::status_memory(pid)
-        {
-            w.apply_seed(RssBreakdown::from_status(&status));
+        if let Some(status) = procinfo::status_memory(pid) {
+            w.vm_data = Some(status.vm_data);
+            if w.needs_seed() {
+                w.apply_seed(RssBreakdown::from_status(&status));
+            }
         }
         true
     }

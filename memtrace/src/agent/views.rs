@@ -32,6 +32,7 @@ pub fn worker_status(state: &State, w: &Worker, with_proc: bool) -> WorkerStatus
     } else {
         w.stats
     };
+    let counted = |v: u64| state.tracer.mmap_counters().then_some(v);
     WorkerStatus {
         pid: w.pid,
         ppid: w.ppid,
@@ -62,12 +63,13 @@ pub fn worker_status(state: &State, w: &Worker, with_proc: bool) -> WorkerStatus
             .flatten(),
         threads: status.map(|s| s.threads),
         faults: stats.faults,
-        mmap_bytes: stats.mmap_bytes,
-        munmap_bytes: stats.munmap_bytes,
-        mremap_grow_bytes: stats.mremap_grow_bytes,
-        mremap_shrink_bytes: stats.mremap_shrink_bytes,
-        brk_grow_bytes: stats.brk_grow_bytes,
-        brk_shrink_bytes: stats.brk_shrink_bytes,
+        data_bytes: status.map(|s| s.vm_data).or(w.vm_data),
+        mmap_bytes: counted(stats.mmap_bytes),
+        munmap_bytes: counted(stats.munmap_bytes),
+        mremap_grow_bytes: counted(stats.mremap_grow_bytes),
+        mremap_shrink_bytes: counted(stats.mremap_shrink_bytes),
+        brk_grow_bytes: counted(stats.brk_grow_bytes),
+        brk_shrink_bytes: counted(stats.brk_shrink_bytes),
         requests_seen: w.requests.seen,
         requests_aborted: w.requests.aborted,
         requests_in_flight: if live { stats.requests_in_flight() } else { 0 },

@@ -64,6 +64,7 @@ pub const METRIC_NAMES: &[&str] = &[
     "memtrace_worker_requests_total",
     "memtrace_worker_requests_in_flight",
     "memtrace_worker_page_faults_total",
+    "memtrace_worker_data_bytes",
     "memtrace_worker_mmap_bytes_total",
     "memtrace_worker_brk_grow_bytes_total",
     "memtrace_worker_leak_detections_total",
@@ -139,9 +140,14 @@ pub fn render(status: &StatusView) -> String {
         Gauge
     );
     let faults = family!("memtrace_worker_page_faults", "User page faults", Counter);
+    let data = family!(
+        "memtrace_worker_data_bytes",
+        "VmData: private writable mappings (heap, anonymous mmaps, stacks)",
+        Gauge
+    );
     let mmap = family!(
         "memtrace_worker_mmap_bytes",
-        "Bytes mapped by mmap(2)",
+        "Bytes mapped by mmap(2) (with --mmap-counters)",
         Counter
     );
     let brk = family!(
@@ -245,8 +251,15 @@ pub fn render(status: &StatusView) -> String {
             .get_or_create(&labels)
             .set(w.requests_in_flight as i64);
         faults.get_or_create(&labels).inc_by(w.faults);
-        mmap.get_or_create(&labels).inc_by(w.mmap_bytes);
-        brk.get_or_create(&labels).inc_by(w.brk_grow_bytes);
+        if let Some(v) = w.data_bytes {
+            data.get_or_create(&labels).set(v as i64);
+        }
+        if let Some(v) = w.mmap_bytes {
+            mmap.get_or_create(&labels).inc_by(v);
+        }
+        if let Some(v) = w.brk_grow_bytes {
+            brk.get_or_create(&labels).inc_by(v);
+        }
         detections.get_or_create(&labels).inc_by(w.leak_detections);
         fired
             .get_or_create(&labels)

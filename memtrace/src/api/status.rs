@@ -55,12 +55,16 @@ pub struct WorkerStatus {
     pub fds: Option<usize>,
     pub threads: Option<u64>,
     pub faults: u64,
-    pub mmap_bytes: u64,
-    pub munmap_bytes: u64,
-    pub mremap_grow_bytes: u64,
-    pub mremap_shrink_bytes: u64,
-    pub brk_grow_bytes: u64,
-    pub brk_shrink_bytes: u64,
+    /// VmData (/proc, at the last refresh): private writable mappings.
+    pub data_bytes: Option<u64>,
+    /// mmap/munmap/mremap/brk bytes: null unless the agent runs with
+    /// `--mmap-counters`.
+    pub mmap_bytes: Option<u64>,
+    pub munmap_bytes: Option<u64>,
+    pub mremap_grow_bytes: Option<u64>,
+    pub mremap_shrink_bytes: Option<u64>,
+    pub brk_grow_bytes: Option<u64>,
+    pub brk_shrink_bytes: Option<u64>,
     pub requests_seen: u64,
     pub requests_aborted: u64,
     pub requests_in_flight: u64,

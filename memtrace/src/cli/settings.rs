@@ -411,6 +411,14 @@ pub struct AgentArgs {
     )]
     pub fault_sample_period: Option<u32>,
 
+    /// Count mmap/munmap/mremap/brk bytes per worker and per request, exactly,
+    /// from syscall tracepoints. Off by default: while any syscall tracepoint
+    /// is attached, every syscall of every process on the node takes the
+    /// kernel's slow path (+14% or more per syscall); RSS by type, page faults
+    /// and VmData are counted either way.
+    #[arg(long, env = "MEMTRACE_MMAP_COUNTERS", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL", help_heading = "Kernel")]
+    pub mmap_counters: Option<bool>,
+
     /// Do not mount tracefs when it is missing; fail with instructions instead.
     #[arg(long, env = "MEMTRACE_NO_MOUNT_TRACEFS", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL", help_heading = "Kernel")]
     pub no_mount_tracefs: Option<bool>,
@@ -603,7 +611,7 @@ impl AgentArgs {
             leak_time_slope_mb_per_hour, soft_limit_mb, soft_limit_action, soft_limit_target,
             soft_limit_signal, soft_limit_min_interval_secs, soft_limit_jitter_secs,
             soft_limit_drain_timeout_secs, soft_limit_metric, soft_limit_exit_timeout_secs,
-            soft_limit_escalate_signal, fault_sample_period, listen, log_format, log_level, summary_interval_secs, ring_buffer_bytes,
+            soft_limit_escalate_signal, fault_sample_period, mmap_counters, listen, log_format, log_level, summary_interval_secs, ring_buffer_bytes,
             poll_interval_ms, rss_step_bytes, refresh_interval_ms, rescan_interval_secs,
             no_mount_tracefs, kubelet_url, kubelet_token_file, kubelet_insecure_tls,
         );
@@ -701,6 +709,7 @@ impl AgentArgs {
                 0 => return Err(invalid("--fault-sample-period", "must be at least 1")),
                 n => n,
             },
+            mmap_counters: self.mmap_counters.unwrap_or(false),
             requests: request_probes(
                 self.request_mode,
                 self.request_fn.as_deref(),
@@ -723,6 +732,7 @@ impl AgentArgs {
                 0 => return Err(invalid("--request-history", "must be at least 1")),
                 n => n,
             },
+            mmap_counters: load.mmap_counters,
         };
         let defaults = AgentSettings::default();
         let detector = DetectorConfig {

@@ -23,20 +23,27 @@ use super::{
 /// The programs, built by build.rs from memtrace-ebpf.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/memtrace"));
 
-/// Always-on programs: (program, tracepoint category, tracepoint name).
+/// Always-on programs: (program, tracepoint category, tracepoint name). No
+/// syscall tracepoint among them: attaching one puts every task of the node
+/// on the kernel's syscall slow path.
 const STEADY_PROGRAMS: &[(&str, &str, &str)] = &[
     ("page_fault_user", "exceptions", "page_fault_user"),
     ("rss_stat", "kmem", "rss_stat"),
     ("task_newtask", "task", "task_newtask"),
     ("sched_process_exec", "sched", "sched_process_exec"),
     ("sched_process_exit", "sched", "sched_process_exit"),
+];
+
+/// Exact mmap/munmap/mremap/brk byte counters (`--mmap-counters`): syscall
+/// tracepoints, so every syscall of every task on the node pays for them.
+const MMAP_COUNTER_PROGRAMS: &[(&str, &str, &str)] = &[
     ("mmap_enter", "syscalls", "sys_enter_mmap"),
     ("mmap_exit", "syscalls", "sys_exit_mmap"),
     ("munmap_enter", "syscalls", "sys_enter_munmap"),
     ("munmap_exit", "syscalls", "sys_exit_munmap"),
     ("mremap_enter", "syscalls", "sys_enter_mremap"),
     ("mremap_exit", "syscalls", "sys_exit_mremap"),
-    ("brk_exit", "syscalls", "sys_exit_brk"),
+    BRK_BREAK_PROGRAM,
 ];
 
 /// Accept-mode request boundaries.
@@ -62,6 +69,10 @@ pub const COLLECTION_PROGRAMS: &[(&str, &str, &str)] = &[
     ("mmap_stacks", "syscalls", "sys_enter_mmap"),
     ("brk_stacks", "syscalls", "sys_enter_brk"),
 ];
+
+/// Follows each process's program break; attached with the collection
+/// programs when the mmap counters (which include it) are off.
+const BRK_BREAK_PROGRAM: (&str, &str, &str) = ("brk_exit", "syscalls", "sys_exit_brk");
 
 const UPROBE_PROGRAMS: &[&str] = &["request_begin", "request_end_ret", "request_end"];
 
@@ -142,6 +153,9 @@ pub struct LoadOptions {
     /// `memtrace_common::CGROUP_FILTER_*`: execs count only inside the
     /// cgroups given to [`Tracer::select_cgroup`].
     pub cgroup_filter: u32,
+    /// Count mmap/munmap/mremap/brk bytes from syscall tracepoints for the
+    /// agent's whole life (off: those counters stay zero).
+    pub mmap_counters: bool,
 }
 
 impl Default for LoadOptions {
@@ -153,6 +167,7 @@ impl Default for LoadOptions {
             fault_sample_period: 4,
             requests: RequestProbes::None,
             cgroup_filter: memtrace_common::CGROUP_FILTER_OFF,
+            mmap_counters: false,
         }
     }
 }
@@ -190,6 +205,7 @@ pub struct Tracer {
     alloc_links: std::collections::HashMap<u32, Vec<(&'static str, UProbeLinkId)>>,
     allocs: HashMap<MapData, AllocKey, AllocInfo>,
     uprobe_links: Vec<(&'static str, UProbeLinkId)>,
+    mmap_counters: bool,
     pub layout: TracepointLayout,
 }
 
@@ -267,10 +283,16 @@ impl Tracer {
             alloc_links: std::collections::HashMap::new(),
             allocs,
             uprobe_links: Vec::new(),
+            mmap_counters: options.mmap_counters,
             layout,
         };
         for &(program, category, name) in STEADY_PROGRAMS {
             tracer.attach_tracepoint(program, category, name)?;
+        }
+        if options.mmap_counters {
+            for &(program, category, name) in MMAP_COUNTER_PROGRAMS {
+                tracer.attach_tracepoint(program, category, name)?;
+            }
         }
         match &options.requests {
             RequestProbes::None => {}
@@ -462,6 +484,27 @@ impl Tracer {
         self.alloc_links.keys().copied().collect()
     }
 
+    /// Program breaks read from /proc, for brk sites: without the mmap
+    /// counters nothing followed the break before collection started, so
+    /// the values seeded at watch time are stale. Ignored while anything
+    /// follows it already.
+    pub fn seed_breaks(&mut self, breaks: &[(u32, u64)]) {
+        if self.mmap_counters || self.collecting() {
+            return;
+        }
+        for &(tgid, brk) in breaks {
+            if let Ok(mut stats) = self.procs.get(&tgid, 0) {
+                stats.last_brk = brk;
+                let _ = self.procs.insert(tgid, stats, 2 /* BPF_EXIST */);
+            }
+        }
+    }
+
+    /// Whether mmap/munmap/mremap/brk bytes are counted (`--mmap-counters`).
+    pub fn mmap_counters(&self) -> bool {
+        self.mmap_counters
+    }
+
     /// Turns allocation-site collection on for these processes, attaching the
     /// stack programs if they are not attached yet.
     pub fn start_collection(&mut self, tgids: &[u32]) -> Result<(), LoadError> {
@@ -477,6 +520,12 @@ impl Tracer {
         }
         if self.collection_links.is_empty() {
             for &(program, category, name) in COLLECTION_PROGRAMS {
+                let link = self.attach_tracepoint(program, category, name)?;
+                self.collection_links.push((program, link));
+            }
+            // brk sites are growth over the last break brk_exit saw.
+            if !self.mmap_counters {
+                let (program, category, name) = BRK_BREAK_PROGRAM;
                 let link = self.attach_tracepoint(program, category, name)?;
                 self.collection_links.push((program, link));
             }
@@ -526,8 +575,11 @@ impl Tracer {
     }
 
     /// Detaches the stack programs, clears the flags and forgets the sites.
-    pub fn stop_collection(&mut self) {
-        for (program, link) in std::mem::take(&mut self.collection_links) {
+    /// Returns how many tracepoint programs it detached.
+    pub fn stop_collection(&mut self) -> usize {
+        let links = std::mem::take(&mut self.collection_links);
+        let detached = links.len();
+        for (program, link) in links {
             if let Err(e) = self.tracepoint(program).detach(link) {
                 tracing::warn!(program, error = %e, "detaching a collection program failed");
             }
@@ -547,6 +599,7 @@ impl Tracer {
             }
         }
         self.clear_sites();
+        detached
     }
 
     /// Every (site, count) collected so far.

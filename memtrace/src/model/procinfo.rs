@@ -73,6 +73,8 @@ pub struct StatusMemory {
     pub rss_shmem: u64,
     pub swap: u64,
     pub threads: u64,
+    /// VmData: private writable mappings (heap, anonymous mmaps, stacks).
+    pub vm_data: u64,
 }
 
 pub fn status_memory(pid: u32) -> Option<StatusMemory> {
@@ -83,6 +85,7 @@ pub fn status_memory(pid: u32) -> Option<StatusMemory> {
         rss_shmem: status.rssshmem.unwrap_or(0) * 1024,
         swap: status.vmswap.unwrap_or(0) * 1024,
         threads: status.threads,
+        vm_data: status.vmdata.unwrap_or(0) * 1024,
     })
 }
 

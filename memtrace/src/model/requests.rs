@@ -24,6 +24,9 @@ pub struct RequestSettings {
     pub spike_bytes: u64,
     /// Requests kept per worker.
     pub history: usize,
+    /// The kernel counts mmap/munmap/brk bytes (`--mmap-counters`); without,
+    /// a record's mmap and brk fields are absent, not zero.
+    pub mmap_counters: bool,
 }
 
 impl Default for RequestSettings {
@@ -32,6 +35,7 @@ impl Default for RequestSettings {
             high_memory_bytes: 5 * 1024 * 1024,
             spike_bytes: 10 * 1024 * 1024,
             history: 1000,
+            mmap_counters: false,
         }
     }
 }
@@ -81,10 +85,12 @@ pub struct RequestRecord {
     pub shmem_delta_bytes: i64,
     /// Page faults this thread took during the request.
     pub faults: u64,
-    pub mmap_bytes: u64,
-    pub munmap_bytes: u64,
-    pub brk_grow_bytes: u64,
-    pub brk_shrink_bytes: u64,
+    /// mmap/munmap/brk bytes of the thread during the request: only with
+    /// `--mmap-counters`.
+    pub mmap_bytes: Option<u64>,
+    pub munmap_bytes: Option<u64>,
+    pub brk_grow_bytes: Option<u64>,
+    pub brk_shrink_bytes: Option<u64>,
     /// The thread exited mid-request.
     pub aborted: bool,
     /// Socket mode: other requests were read on its thread meanwhile (an
@@ -138,6 +144,7 @@ impl RequestRecord {
         let delta = |m: usize| after[m] - before[m];
         let delta_bytes = delta(MM_FILEPAGES) + delta(MM_ANONPAGES) + delta(MM_SHMEMPAGES);
         let started = monotonic_to_wall(ev.start_ns);
+        let counted = |v: u64| settings.mmap_counters.then_some(v);
         Self {
             request_id: format!("{}-{seq}", ev.tgid),
             seq,
@@ -155,10 +162,10 @@ impl RequestRecord {
             file_delta_bytes: delta(MM_FILEPAGES),
             shmem_delta_bytes: delta(MM_SHMEMPAGES),
             faults: ev.faults,
-            mmap_bytes: ev.mmap_bytes,
-            munmap_bytes: ev.munmap_bytes,
-            brk_grow_bytes: ev.brk_grow_bytes,
-            brk_shrink_bytes: ev.brk_shrink_bytes,
+            mmap_bytes: counted(ev.mmap_bytes),
+            munmap_bytes: counted(ev.munmap_bytes),
+            brk_grow_bytes: counted(ev.brk_grow_bytes),
+            brk_shrink_bytes: counted(ev.brk_shrink_bytes),
             aborted: ev.status == REQUEST_ABORTED,
             interleaved: ev.status == REQUEST_INTERLEAVED,
             level: RequestLevel::classify(delta_bytes, settings),

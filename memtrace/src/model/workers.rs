@@ -69,6 +69,9 @@ pub struct Worker {
     pub leak_detections: u64,
     /// Its cgroup, container and pod, read when it was attached.
     pub placement: Option<Placement>,
+    /// VmData from /proc at the last refresh: the net of what mmap, munmap,
+    /// mremap and brk did to private writable memory.
+    pub vm_data: Option<u64>,
 }
 
 impl Worker {
@@ -92,6 +95,7 @@ impl Worker {
             detector: LeakDetector::new(DetectorConfig::default()),
             leak_detections: 0,
             placement: None,
+            vm_data: None,
         }
     }
 
