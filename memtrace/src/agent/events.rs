@@ -11,13 +11,13 @@ use crate::{
     kernel::events::{KernelEvent, c_str},
     model::{
         procinfo::{self, ProcessView},
-        requests::RequestRecord,
+        requests::{RequestRecord, WallClock},
         workers::{Origin, Worker},
     },
 };
 
 impl State {
-    pub(super) fn handle(&mut self, ev: KernelEvent) {
+    pub(super) fn handle(&mut self, ev: KernelEvent, clock: &WallClock) {
         match ev {
             KernelEvent::Fork(ev) => self.on_fork(&ev),
             KernelEvent::Exec(ev) => self.on_exec(&ev),
@@ -27,7 +27,7 @@ impl State {
                     w.apply_kernel_rss(ev.bytes, ev.known);
                 }
             }
-            KernelEvent::Request(ev) => self.on_request(&ev),
+            KernelEvent::Request(ev) => self.on_request(&ev, clock),
         }
     }
 
@@ -131,12 +131,12 @@ impl State {
         );
     }
 
-    fn on_request(&mut self, ev: &memtrace_common::RequestEvent) {
+    fn on_request(&mut self, ev: &memtrace_common::RequestEvent, clock: &WallClock) {
         let settings = self.request_settings;
         let Some(w) = self.registry.get_mut(ev.tgid) else {
             return;
         };
-        let record = RequestRecord::from_event(ev, w.requests.next_seq(), &w.rss, &settings);
+        let record = RequestRecord::from_event(ev, w.requests.next_seq(), &w.rss, &settings, clock);
         w.apply_kernel_rss(ev.rss_after, ev.known_after);
         record.log();
         let rss_mb = record.rss_after_bytes as f64 / MB;

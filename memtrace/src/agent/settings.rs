@@ -51,7 +51,9 @@ impl Default for AgentSettings {
             rescan_interval: Duration::from_secs(5),
             summary_interval: Duration::from_secs(30),
             requests: RequestSettings::default(),
-            detector: DetectorConfig::default().with_warmup_samples(DEFAULT_WARMUP_REQUESTS),
+            detector: DetectorConfig::default()
+                .with_warmup_samples(DEFAULT_WARMUP_REQUESTS)
+                .with_min_check_gap_secs(MIN_CHECK_GAP_SECS),
             timed_detector: DetectorConfig {
                 slope_threshold_mb: DEFAULT_TIMED_SLOPE_MB_PER_HOUR / 3600.0,
                 window_size: 60,
@@ -70,6 +72,10 @@ impl Default for AgentSettings {
 /// Requests a new worker serves before its trend is judged (imports,
 /// caches filling): the plan judged from the first request.
 pub const DEFAULT_WARMUP_REQUESTS: usize = 20;
+/// At most four trend checks per second per worker: at 10k requests/s a
+/// check every 50 requests would cost a third of a core and judge windows
+/// 20 ms long.
+pub const MIN_CHECK_GAP_SECS: f64 = 0.25;
 /// Growth that counts as a leak for a worker fed by time rather than
 /// requests: 60 MB per hour.
 pub const DEFAULT_TIMED_SLOPE_MB_PER_HOUR: f64 = 60.0;

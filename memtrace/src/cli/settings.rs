@@ -751,6 +751,7 @@ impl AgentArgs {
             warmup_samples: self
                 .leak_warmup_requests
                 .unwrap_or(defaults.detector.warmup_samples),
+            min_check_gap_secs: defaults.detector.min_check_gap_secs,
         };
         detector
             .validate()

@@ -4,12 +4,13 @@ use memtrace_common::{
     RssEvent,
 };
 
-/// A decoded kernel event.
+/// A decoded kernel event. Process events (over 400 bytes, and rare) are
+/// boxed so that the per-request path moves a small value.
 #[derive(Clone, Debug)]
 pub enum KernelEvent {
-    Fork(ProcessEvent),
-    Exec(ProcessEvent),
-    Exit(ProcessEvent),
+    Fork(Box<ProcessEvent>),
+    Exec(Box<ProcessEvent>),
+    Exit(Box<ProcessEvent>),
     Rss(RssEvent),
     Request(RequestEvent),
 }
@@ -34,9 +35,9 @@ fn read<T: Copy>(bytes: &[u8]) -> Result<T, DecodeError> {
 pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
     let kind: u32 = read(bytes)?;
     Ok(match kind {
-        EVENT_FORK => KernelEvent::Fork(read(bytes)?),
-        EVENT_EXEC => KernelEvent::Exec(read(bytes)?),
-        EVENT_EXIT => KernelEvent::Exit(read(bytes)?),
+        EVENT_FORK => KernelEvent::Fork(Box::new(read(bytes)?)),
+        EVENT_EXEC => KernelEvent::Exec(Box::new(read(bytes)?)),
+        EVENT_EXIT => KernelEvent::Exit(Box::new(read(bytes)?)),
         EVENT_RSS => KernelEvent::Rss(read(bytes)?),
         EVENT_REQUEST => KernelEvent::Request(read(bytes)?),
         other => return Err(DecodeError::UnknownKind(other)),

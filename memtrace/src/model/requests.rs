@@ -65,7 +65,7 @@ impl RequestLevel {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct RequestRecord {
     /// `PID-SEQ`: unique per agent run, for correlating log lines.
-    pub request_id: String,
+    pub request_id: RequestId,
     /// 1-based number of the request in its worker, in the order they ended.
     pub seq: u64,
     /// The kernel's start-order number (0-based).
@@ -99,15 +99,50 @@ pub struct RequestRecord {
     pub level: RequestLevel,
 }
 
-/// Converts CLOCK_MONOTONIC nanoseconds (bpf_ktime_get_ns) to wall time.
-pub fn monotonic_to_wall(ns: u64) -> SystemTime {
-    let now_wall = SystemTime::now();
-    let now_mono = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map(|t| Duration::from(t).as_nanos() as u64)
-        .unwrap_or(ns);
-    now_wall
-        .checked_sub(Duration::from_nanos(now_mono.saturating_sub(ns)))
-        .unwrap_or(now_wall)
+/// `PID-SEQ`, written out only when shown: a request costs no allocation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RequestId {
+    pub pid: u32,
+    pub seq: u64,
+}
+
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.pid, self.seq)
+    }
+}
+
+impl Serialize for RequestId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// Converts CLOCK_MONOTONIC nanoseconds (bpf_ktime_get_ns) to wall time,
+/// with both clocks read once (per batch of events, not per event).
+#[derive(Clone, Copy, Debug)]
+pub struct WallClock {
+    wall: SystemTime,
+    mono_ns: u64,
+}
+
+impl WallClock {
+    pub fn now() -> Self {
+        let wall = SystemTime::now();
+        let mono_ns = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+            .map_or(0, |t| Duration::from(t).as_nanos() as u64);
+        Self { wall, mono_ns }
+    }
+
+    pub fn wall(&self, mono_ns: u64) -> SystemTime {
+        if mono_ns <= self.mono_ns {
+            self.wall
+                .checked_sub(Duration::from_nanos(self.mono_ns - mono_ns))
+                .unwrap_or(self.wall)
+        } else {
+            self.wall + Duration::from_nanos(mono_ns - self.mono_ns)
+        }
+    }
 }
 
 impl RequestRecord {
@@ -118,6 +153,7 @@ impl RequestRecord {
         seq: u64,
         current: &RssBreakdown,
         settings: &RequestSettings,
+        clock: &WallClock,
     ) -> Self {
         let fallback = |m: usize| -> i64 {
             let bytes = match m {
@@ -143,10 +179,10 @@ impl RequestRecord {
         };
         let delta = |m: usize| after[m] - before[m];
         let delta_bytes = delta(MM_FILEPAGES) + delta(MM_ANONPAGES) + delta(MM_SHMEMPAGES);
-        let started = monotonic_to_wall(ev.start_ns);
+        let started = clock.wall(ev.start_ns);
         let counted = |v: u64| settings.mmap_counters.then_some(v);
         Self {
-            request_id: format!("{}-{seq}", ev.tgid),
+            request_id: RequestId { pid: ev.tgid, seq },
             seq,
             kernel_seq: ev.seq,
             pid: ev.tgid,
@@ -291,13 +327,19 @@ mod tests {
         };
         // file (bit 0) and anon (bit 1) known at both ends, shmem never.
         let ev = event([4096, 8192, 0, 0], [4096, 73728, 0, 0], 0b11, 0b11);
-        let r = RequestRecord::from_event(&ev, 1, &current, &RequestSettings::default());
+        let r = RequestRecord::from_event(
+            &ev,
+            1,
+            &current,
+            &RequestSettings::default(),
+            &WallClock::now(),
+        );
         assert_eq!(r.delta_bytes, 65536);
         assert_eq!(r.anon_delta_bytes, 65536);
         assert_eq!(r.shmem_delta_bytes, 0);
         assert_eq!(r.rss_before_bytes, 4096 + 8192 + 50);
         assert_eq!(r.duration_ms, 2.5);
-        assert_eq!(r.request_id, "9-1");
+        assert_eq!(r.request_id.to_string(), "9-1");
         assert_eq!(r.level, RequestLevel::Normal);
     }
 
@@ -309,6 +351,7 @@ mod tests {
             1,
             &RssBreakdown::default(),
             &RequestSettings::default(),
+            &WallClock::now(),
         );
         assert_eq!(r.file_delta_bytes, 0);
         assert_eq!(r.anon_delta_bytes, 808);
@@ -346,6 +389,7 @@ mod tests {
                 log.next_seq(),
                 &RssBreakdown::default(),
                 &RequestSettings::default(),
+                &WallClock::now(),
             );
             log.push(r);
         }
