@@ -1061,6 +1061,19 @@ mod tests {
     }
 
     #[test]
+    fn mmap_counters_are_off_unless_asked_for() {
+        let load = |args: &[&str]| parse(args).resolve().unwrap().settings.load.mmap_counters;
+        assert!(!load(&["-n", "x"]));
+        assert!(load(&["-n", "x", "--mmap-counters"]));
+        assert!(!load(&["-n", "x", "--mmap-counters", "false"]));
+        let s = parse(&["-n", "x", "--mmap-counters"]).resolve().unwrap();
+        assert!(
+            s.settings.requests.mmap_counters,
+            "request records carry them too"
+        );
+    }
+
+    #[test]
     fn long_bad_values_give_short_errors() {
         let huge = "x".repeat(10_000);
         let e = parse(&["-n", "x", "--soft-limit-signal", &huge])
