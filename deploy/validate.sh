@@ -320,6 +320,7 @@ METRICS = {
     "memtrace_worker_requests_total": {"pid", "name", "role"},
     "memtrace_worker_requests_in_flight": {"pid", "name", "role"},
     "memtrace_worker_page_faults_total": {"pid", "name", "role"},
+    "memtrace_worker_data_bytes": {"pid", "name", "role"},
     "memtrace_worker_mmap_bytes_total": {"pid", "name", "role"},
     "memtrace_worker_brk_grow_bytes_total": {"pid", "name", "role"},
     "memtrace_worker_leak_detections_total": {"pid", "name", "role"},
