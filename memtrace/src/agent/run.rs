@@ -102,6 +102,7 @@ impl Agent {
             selected_cgroups: Default::default(),
             pods: Arc::new(Mutex::new(None)),
             enforcer: Enforcer::new(settings.soft_limit.clone(), agent_pid),
+            python_builds: Default::default(),
         };
         let api_listener = match settings.listen {
             Some(addr) => {
@@ -243,6 +244,7 @@ impl Agent {
         let mut state = lock(&self.state);
         let counters = state.tracer.counters();
         state.report_drops(&counters);
+        let counted = |v: u64| state.tracer.mmap_counters().then_some(v);
         for w in state.registry.alive() {
             info!(
                 pid = w.pid,
@@ -255,10 +257,10 @@ impl Agent {
                 shmem_bytes = w.rss.shmem,
                 swap_bytes = w.rss.swap,
                 faults = w.stats.faults,
-                mmap_bytes = w.stats.mmap_bytes,
-                munmap_bytes = w.stats.munmap_bytes,
-                brk_grow_bytes = w.stats.brk_grow_bytes,
-                brk_shrink_bytes = w.stats.brk_shrink_bytes,
+                mmap_bytes = counted(w.stats.mmap_bytes),
+                munmap_bytes = counted(w.stats.munmap_bytes),
+                brk_grow_bytes = counted(w.stats.brk_grow_bytes),
+                brk_shrink_bytes = counted(w.stats.brk_shrink_bytes),
                 requests = w.stats.requests_ended,
                 requests_in_flight = w.stats.requests_in_flight(),
                 "worker summary"

@@ -11,7 +11,8 @@ use crate::{
     judge::{detector::DetectorConfig, softlimit::Enforcer},
     kernel::loader::Tracer,
     model::{
-        kubelet::PodIndex, requests::RequestSettings, selectors::Selectors, workers::Registry,
+        kubelet::PodIndex, python::PythonBuilds, requests::RequestSettings, selectors::Selectors,
+        workers::Registry,
     },
 };
 
@@ -52,6 +53,8 @@ pub struct State {
     /// kubelet configured, or none reached yet).
     pub pods: Arc<Mutex<Option<PodIndex>>>,
     pub enforcer: Enforcer,
+    /// CPython builds inspected so far, by file.
+    pub python_builds: PythonBuilds,
 }
 
 pub type SharedState = Arc<Mutex<State>>;

@@ -10,6 +10,7 @@ use crate::{
     model::{
         cgroups,
         procinfo::{self, ProcessView},
+        python::PythonRuntime,
         requests::RequestLog,
         rss::RssBreakdown,
         workers::{Origin, Worker},
@@ -129,6 +130,15 @@ impl State {
         if let Some(mm) = mm {
             w.apply_mm(&mm);
         }
+        if w.python.is_none() && w.python_looks < PYTHON_LOOKS {
+            w.python_looks += 1;
+            w.python = self
+                .python_builds
+                .of_process(pid, w.python_looks == PYTHON_LOOKS);
+            if let Some(py) = &w.python {
+                log_python(pid, py);
+            }
+        }
         if let Some(status) = procinfo::status_memory(pid) {
             w.vm_data = Some(status.vm_data);
             if w.needs_seed() {
@@ -237,5 +247,28 @@ impl State {
         }
         self.attach(Worker::new(view, Origin::Scan, reason));
         true
+    }
+}
+
+/// Refreshes at which a new worker is looked at for an interpreter (its
+/// dynamic loader maps libpython just after exec).
+const PYTHON_LOOKS: u8 = 5;
+
+/// One line per worker: which interpreter, and whether its frames can be read.
+fn log_python(pid: u32, py: &PythonRuntime) {
+    match &py.unsupported_reason {
+        None => info!(
+            pid,
+            python = %py.version,
+            binary = %py.binary.display(),
+            "CPython worker"
+        ),
+        Some(reason) => warn!(
+            pid,
+            python = %py.version,
+            binary = %py.binary.display(),
+            reason = %reason,
+            "CPython worker memtrace cannot read Python frames of: native sites only"
+        ),
     }
 }

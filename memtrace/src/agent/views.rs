@@ -78,6 +78,7 @@ pub fn worker_status(state: &State, w: &Worker, with_proc: bool) -> WorkerStatus
         collecting: stats.flags & memtrace_common::PROC_FLAG_COLLECT != 0,
         soft_limit: state.enforcer.recycle_of(w.pid, w.start_time).cloned(),
         placement: w.placement.clone(),
+        python: w.python.clone(),
     }
 }
 

@@ -12,6 +12,7 @@ use crate::{
     kernel::loader::KernelCounters,
     model::{
         cgroups::Placement,
+        python::PythonRuntime,
         rss::RssBreakdown,
         workers::{Origin, Role},
     },
@@ -78,6 +79,9 @@ pub struct WorkerStatus {
     pub soft_limit: Option<Recycle>,
     /// Its cgroup, container, pod and in-namespace pid.
     pub placement: Option<Placement>,
+    /// The CPython interpreter it runs: version, binary, whether memtrace
+    /// can read its frames (and why not).
+    pub python: Option<PythonRuntime>,
 }
 
 /// Soft-limit enforcement, as the API shows it.

@@ -89,6 +89,7 @@ fn worker(pid: u32) -> WorkerStatus {
         leak_detections: 0,
         soft_limit: None,
         placement: None,
+        python: None,
         leak_detector: LeakDetector::new(DetectorConfig::default()).get_state(),
         collecting: false,
     }

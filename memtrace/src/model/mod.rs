@@ -1,14 +1,15 @@
 //! What memtrace knows of each traced process: /proc readers
 //! ([`procinfo`]), its cgroup, container and pod ([`cgroups`]), resident
 //! memory by type ([`rss`]), the worker registry ([`workers`]), per-request
-//! records ([`requests`]) and the selectors that choose processes
-//! ([`selectors`]).
+//! records ([`requests`]), the selectors that choose processes
+//! ([`selectors`]), and the CPython interpreter a process runs ([`python`]).
 //!
 //! Imports: `judge::detector` (each worker owns its leak detector); nothing
 //! from the kernel loader, the API or the agent.
 pub mod cgroups;
 pub mod kubelet;
 pub mod procinfo;
+pub mod python;
 pub mod requests;
 pub mod rss;
 pub mod selectors;

@@ -8,7 +8,10 @@ use std::{
 use memtrace_common::{MmRss, ProcStats, RSS_MEMBERS};
 use serde::Serialize;
 
-use super::{cgroups::Placement, procinfo::ProcessView, requests::RequestLog, rss::RssBreakdown};
+use super::{
+    cgroups::Placement, procinfo::ProcessView, python::PythonRuntime, requests::RequestLog,
+    rss::RssBreakdown,
+};
 use crate::judge::detector::{DetectorConfig, LeakDetector};
 
 /// How memtrace found a process. It decides what an RSS member the kernel
@@ -72,6 +75,11 @@ pub struct Worker {
     /// VmData from /proc at the last refresh: the net of what mmap, munmap,
     /// mremap and brk did to private writable memory.
     pub vm_data: Option<u64>,
+    /// The CPython interpreter it runs, once found.
+    pub python: Option<PythonRuntime>,
+    /// Looks for an interpreter so far (libpython is mapped after exec, so
+    /// a fresh process is looked at again for its first refreshes).
+    pub python_looks: u8,
 }
 
 impl Worker {
@@ -96,6 +104,8 @@ impl Worker {
             leak_detections: 0,
             placement: None,
             vm_data: None,
+            python: None,
+            python_looks: 0,
         }
     }
 
