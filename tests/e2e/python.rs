@@ -161,3 +161,84 @@ fn an_unsupported_interpreter_is_named_once_and_the_worker_still_traced() {
     assert_eq!(agent.count_logs(about_python), 1);
     assert!(agent.count_logs(|l| l["message"] == "worker attached" && l["pid"] == pid) == 1);
 }
+
+/// Makes reference cycles and collects them, then prints what the `gc`
+/// module says and sleeps: the ground truth for memtrace's reading of the
+/// interpreter's GC state from outside.
+const GC_SCRIPT: &str = r#"
+import gc, json, sys, time
+class Node:
+    pass
+for round in range(5):
+    nodes = [Node() for _ in range(1000)]
+    for a, b in zip(nodes, nodes[1:] + nodes[:1]):
+        a.next = b
+    del nodes, a, b
+    gc.collect(round % 3)
+truth = json.dumps({
+    "thresholds": gc.get_threshold(),
+    "counts": gc.get_count(),
+    "stats": gc.get_stats(),
+    "enabled": gc.isenabled(),
+})
+sys.stdout.write(truth + "\n")
+sys.stdout.flush()
+time.sleep(120)
+"#;
+
+fn gc_truth(python: &std::path::Path) -> (Proc, serde_json::Value) {
+    let mut p = Proc::spawn(
+        Command::new(python)
+            .args(["-c", GC_SCRIPT])
+            .stdout(Stdio::piped()),
+    );
+    let out = p.child.stdout.take().unwrap();
+    let line = BufReader::new(out).lines().next().unwrap().unwrap();
+    (p, serde_json::from_str(&line).unwrap())
+}
+
+#[test]
+fn gc_statistics_equal_what_the_gc_module_says() {
+    let _serial = serial();
+    let agent = AgentHarness::start(test_settings(&["python3.11", "python3.12", "python3.13"]));
+    for python in [
+        PathBuf::from("/usr/bin/python3.11"),
+        pyenv_python("3.12"),
+        pyenv_python("3.13"),
+    ] {
+        let (p, truth) = gc_truth(&python);
+        let pid = p.pid();
+        let col = |key: &str| -> Vec<i64> {
+            truth["stats"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|g| g[key].as_i64().unwrap())
+                .collect()
+        };
+        // Read at each refresh: wait for one made after the script's
+        // collections (the script is idle from then on).
+        let mut gc = None;
+        agent.wait(Duration::from_secs(10), |s| {
+            gc = s.registry.get(pid).and_then(|w| w.python_gc);
+            gc.is_some_and(|g| g.collections.to_vec() == col("collections"))
+        });
+        let gc = gc.unwrap_or_else(|| panic!("no GC statistics for {}", python.display()));
+        let what = python.display();
+        assert_eq!(gc.collections.to_vec(), col("collections"), "{what}");
+        assert_eq!(gc.collected.to_vec(), col("collected"), "{what}");
+        assert_eq!(gc.uncollectable.to_vec(), col("uncollectable"), "{what}");
+        // Every round collected its 1000-node cycle (and each its __dict__).
+        assert!(gc.collected.iter().sum::<i64>() >= 5000, "{what}: {gc:?}");
+        let thresholds: Vec<i32> = serde_json::from_value(truth["thresholds"].clone()).unwrap();
+        assert_eq!(gc.thresholds.to_vec(), thresholds, "{what}");
+        let counts: Vec<i32> = serde_json::from_value(truth["counts"].clone()).unwrap();
+        // Writing the line allocated a few objects after gc.get_count().
+        assert_eq!(gc.counts[1..], counts[1..], "{what}");
+        assert!(
+            (gc.counts[0] - counts[0]).abs() <= 50,
+            "{what}: {gc:?} vs {counts:?}"
+        );
+        assert_eq!(gc.enabled, truth["enabled"].as_bool().unwrap(), "{what}");
+    }
+}

@@ -10,10 +10,10 @@ use crate::{
     model::{
         cgroups,
         procinfo::{self, ProcessView},
-        python::PythonRuntime,
+        python::{self, PythonRuntime},
         requests::RequestLog,
         rss::RssBreakdown,
-        workers::{Origin, Worker},
+        workers::{Origin, PYTHON_GC_MISSES, Worker},
     },
 };
 
@@ -137,6 +137,19 @@ impl State {
                 .of_process(pid, w.python_looks == PYTHON_LOOKS);
             if let Some(py) = &w.python {
                 log_python(pid, py);
+                w.python_runtime = python::runtime_address(pid, py);
+            }
+        }
+        if let (Some(py), Some(runtime)) = (&w.python, w.python_runtime)
+            && py.supported
+            && w.python_gc_misses < PYTHON_GC_MISSES
+        {
+            w.python_gc = self.python_builds.gc_stats(pid, py, runtime);
+            if w.python_gc.is_none() {
+                w.python_gc_misses += 1;
+                if w.python_gc_misses == PYTHON_GC_MISSES {
+                    warn!(pid, python = %py.version, "the garbage collector's state was not found in _PyRuntime: no GC statistics for this worker");
+                }
             }
         }
         if let Some(status) = procinfo::status_memory(pid) {

@@ -79,6 +79,7 @@ pub fn worker_status(state: &State, w: &Worker, with_proc: bool) -> WorkerStatus
         soft_limit: state.enforcer.recycle_of(w.pid, w.start_time).cloned(),
         placement: w.placement.clone(),
         python: w.python.clone(),
+        python_gc: w.python_gc,
     }
 }
 

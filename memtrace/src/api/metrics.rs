@@ -30,6 +30,13 @@ struct TypedLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GenerationLabels {
+    #[prometheus(flatten)]
+    worker: WorkerLabels,
+    generation: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabels {
     outcome: String,
 }
@@ -65,6 +72,10 @@ pub const METRIC_NAMES: &[&str] = &[
     "memtrace_worker_requests_in_flight",
     "memtrace_worker_page_faults_total",
     "memtrace_worker_data_bytes",
+    "memtrace_worker_python_gc_objects",
+    "memtrace_worker_python_gc_collections_total",
+    "memtrace_worker_python_gc_collected_total",
+    "memtrace_worker_python_gc_uncollectable_total",
     "memtrace_worker_mmap_bytes_total",
     "memtrace_worker_brk_grow_bytes_total",
     "memtrace_worker_leak_detections_total",
@@ -144,6 +155,26 @@ pub fn render(status: &StatusView) -> String {
         "memtrace_worker_data_bytes",
         "VmData: private writable mappings (heap, anonymous mmaps, stacks)",
         Gauge
+    );
+    let gc_objects: Family<GenerationLabels, Gauge> = family!(
+        "memtrace_worker_python_gc_objects",
+        "CPython GC count per generation (gc.get_count())",
+        Gauge
+    );
+    let gc_collections: Family<GenerationLabels, Counter> = family!(
+        "memtrace_worker_python_gc_collections",
+        "CPython GC collections per generation",
+        Counter
+    );
+    let gc_collected: Family<GenerationLabels, Counter> = family!(
+        "memtrace_worker_python_gc_collected",
+        "Objects the CPython GC collected, per generation",
+        Counter
+    );
+    let gc_uncollectable: Family<GenerationLabels, Counter> = family!(
+        "memtrace_worker_python_gc_uncollectable",
+        "Objects the CPython GC found uncollectable, per generation",
+        Counter
     );
     let mmap = family!(
         "memtrace_worker_mmap_bytes",
@@ -251,6 +282,27 @@ pub fn render(status: &StatusView) -> String {
             .get_or_create(&labels)
             .set(w.requests_in_flight as i64);
         faults.get_or_create(&labels).inc_by(w.faults);
+        if let Some(gc) = &w.python_gc {
+            for g in 0..3 {
+                let gen_labels = GenerationLabels {
+                    worker: labels.clone(),
+                    generation: g.to_string(),
+                };
+                let n = |v: i64| u64::try_from(v).unwrap_or(0);
+                gc_objects
+                    .get_or_create(&gen_labels)
+                    .set(i64::from(gc.counts[g]));
+                gc_collections
+                    .get_or_create(&gen_labels)
+                    .inc_by(n(gc.collections[g]));
+                gc_collected
+                    .get_or_create(&gen_labels)
+                    .inc_by(n(gc.collected[g]));
+                gc_uncollectable
+                    .get_or_create(&gen_labels)
+                    .inc_by(n(gc.uncollectable[g]));
+            }
+        }
         if let Some(v) = w.data_bytes {
             data.get_or_create(&labels).set(v as i64);
         }

@@ -12,7 +12,7 @@ use crate::{
     kernel::loader::KernelCounters,
     model::{
         cgroups::Placement,
-        python::PythonRuntime,
+        python::{GcStats, PythonRuntime},
         rss::RssBreakdown,
         workers::{Origin, Role},
     },
@@ -82,6 +82,9 @@ pub struct WorkerStatus {
     /// The CPython interpreter it runs: version, binary, whether memtrace
     /// can read its frames (and why not).
     pub python: Option<PythonRuntime>,
+    /// Its interpreter's garbage collector (the plan's `gc_counts` and
+    /// `gc_uncollectable`, and more), read at the last refresh.
+    pub python_gc: Option<GcStats>,
 }
 
 /// Soft-limit enforcement, as the API shows it.

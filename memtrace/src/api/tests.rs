@@ -90,6 +90,7 @@ fn worker(pid: u32) -> WorkerStatus {
         soft_limit: None,
         placement: None,
         python: None,
+        python_gc: None,
         leak_detector: LeakDetector::new(DetectorConfig::default()).get_state(),
         collecting: false,
     }

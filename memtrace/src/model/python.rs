@@ -13,7 +13,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
+use object::{Object as _, ObjectSection as _, ObjectSegment as _, ObjectSymbol as _};
 use serde::Serialize;
 
 /// The oldest and newest minor versions whose frames memtrace reads.
@@ -30,6 +30,12 @@ pub struct PythonRuntime {
     pub binary: PathBuf,
     /// Link-time address of `_PyRuntime` in that ELF.
     pub runtime_symbol: Option<u64>,
+    /// Size of `_PyRuntime` (the main interpreter is inside it).
+    #[serde(skip)]
+    pub runtime_size: u64,
+    /// Lowest `PT_LOAD` address, for the load bias.
+    #[serde(skip)]
+    pub first_load: u64,
     /// 3.13+: `_PyRuntime` starts with `_Py_DebugOffsets` (cookie seen).
     pub debug_offsets: bool,
     /// Whether memtrace can read this interpreter's frames.
@@ -136,6 +142,12 @@ pub fn inspect(shown: &Path, open: &Path) -> Result<PythonRuntime, PythonError> 
         (None, None) => "3.?".to_string(),
     };
     let runtime = symbol_bytes(&file, "_PyRuntime", 8);
+    let runtime_size = file
+        .dynamic_symbols()
+        .chain(file.symbols())
+        .find(|s| s.name() == Ok("_PyRuntime") && s.is_definition())
+        .map_or(0, |s| s.size());
+    let first_load = file.segments().map(|s| s.address()).min().unwrap_or(0);
     let debug_offsets = runtime.is_some_and(|(_, b)| b == b"xdebugpy");
     let (lo, hi) = SUPPORTED;
     let reason = match (minor, version_hex, runtime) {
@@ -158,16 +170,126 @@ pub fn inspect(shown: &Path, open: &Path) -> Result<PythonRuntime, PythonError> 
         version_hex,
         binary: shown.to_path_buf(),
         runtime_symbol: runtime.map(|(addr, _)| addr),
+        runtime_size,
+        first_load,
         debug_offsets,
         supported: reason.is_none(),
         unsupported_reason: reason,
     })
 }
 
-/// Interpreter builds already inspected, by (device, inode) of the file.
+/// Where `_PyRuntime` is in a process: the load bias of the interpreter ELF
+/// (from the mapping of its first page) plus the symbol's address.
+pub fn runtime_address(pid: u32, py: &PythonRuntime) -> Option<u64> {
+    let symbol = py.runtime_symbol?;
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+    let start = maps.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let range = f.next()?;
+        let offset = f.nth(1)?;
+        let path = f.nth(2)?;
+        (Path::new(path) == py.binary && u64::from_str_radix(offset, 16).ok()? == 0)
+            .then(|| u64::from_str_radix(range.split('-').next()?, 16).ok())
+            .flatten()
+    })?;
+    let bias = start.checked_sub(py.first_load & !0xfff)?;
+    bias.checked_add(symbol)
+}
+
+/// The main interpreter's garbage collector, as `gc.get_threshold()`,
+/// `gc.get_count()` and `gc.get_stats()` give it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct GcStats {
+    pub enabled: bool,
+    pub thresholds: [i32; 3],
+    /// Per generation: allocations minus deallocations since the last
+    /// collection (generation 0), or collections of the younger one.
+    pub counts: [i32; 3],
+    pub collections: [i64; 3],
+    pub collected: [i64; 3],
+    pub uncollectable: [i64; 3],
+}
+
+/// `struct gc_generation` (a list head, threshold, count): 24 bytes, and
+/// the layout of `struct _gc_runtime_state` around it, the same in 3.11,
+/// 3.12 and 3.13 (default builds): `enabled` 12 bytes before the first
+/// generation, the three generations, `generation0`, the permanent
+/// generation, then `generation_stats[3]` of (collections, collected,
+/// uncollectable).
+const GEN_SIZE: usize = 24;
+const ENABLED_BEFORE_GEN0: usize = 12;
+const STATS_AFTER_GEN0: usize = 3 * GEN_SIZE + 8 + GEN_SIZE;
+const GC_SPAN: usize = STATS_AFTER_GEN0 + 3 * 24;
+
+fn i32_at(b: &[u8], at: usize) -> Option<i32> {
+    Some(i32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+fn i64_at(b: &[u8], at: usize) -> Option<i64> {
+    Some(i64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?))
+}
+
+/// Decodes the GC state whose first generation is at `gen0` in `b`.
+pub fn gc_stats_at(b: &[u8], gen0: usize) -> Option<GcStats> {
+    let enabled = i32_at(b, gen0.checked_sub(ENABLED_BEFORE_GEN0)?)?;
+    let mut out = GcStats {
+        enabled: enabled == 1,
+        ..GcStats::default()
+    };
+    for g in 0..3 {
+        out.thresholds[g] = i32_at(b, gen0 + g * GEN_SIZE + 16)?;
+        out.counts[g] = i32_at(b, gen0 + g * GEN_SIZE + 20)?;
+        let stats = gen0 + STATS_AFTER_GEN0 + g * 24;
+        out.collections[g] = i64_at(b, stats)?;
+        out.collected[g] = i64_at(b, stats + 8)?;
+        out.uncollectable[g] = i64_at(b, stats + 16)?;
+    }
+    Some(out)
+}
+
+/// Finds the GC state in the bytes of `_PyRuntime` (the main interpreter
+/// is embedded in it) by its shape: three generations whose list heads are
+/// pointers, with the default thresholds of this version (700 or 2000, 10,
+/// 10), `enabled` 0 or 1, and sane counters. Searched once per build, in
+/// the first process seen (before an application can change thresholds).
+pub fn find_gc(runtime: &[u8], minor: u32) -> Option<usize> {
+    let young = if minor >= 13 { 2000 } else { 700 };
+    // The generations are 8-aligned (they start with pointers).
+    let first = ENABLED_BEFORE_GEN0.next_multiple_of(8);
+    (first..runtime.len().saturating_sub(GC_SPAN))
+        .step_by(8)
+        .find(|&gen0| {
+            let Some(gc) = gc_stats_at(runtime, gen0) else {
+                return false;
+            };
+            let heads_are_pointers = (0..3).all(|g| {
+                i64_at(runtime, gen0 + g * GEN_SIZE).is_some_and(|p| p > 0x1000 && p % 8 == 0)
+            });
+            gc.thresholds == [young, 10, 10]
+                && heads_are_pointers
+                && i32_at(runtime, gen0 - ENABLED_BEFORE_GEN0).is_some_and(|e| e == 0 || e == 1)
+                && gc.counts.iter().all(|&c| c >= 0)
+                && (0..3).all(|g| {
+                    gc.collections[g] >= 0 && gc.collected[g] >= 0 && gc.uncollectable[g] >= 0
+                })
+        })
+}
+
+/// Reads `len` bytes of a process's memory.
+pub fn read_memory(pid: u32, addr: u64, len: usize) -> Option<Vec<u8>> {
+    use std::os::unix::fs::FileExt as _;
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).ok()?;
+    let mut buf = vec![0u8; len];
+    mem.read_exact_at(&mut buf, addr).ok()?;
+    Some(buf)
+}
+
+/// Interpreter builds already inspected, by (device, inode) of the file,
+/// and where their GC state is inside `_PyRuntime`.
 #[derive(Debug, Default)]
 pub struct PythonBuilds {
     seen: HashMap<(u64, u64), Option<PythonRuntime>>,
+    gc_offsets: HashMap<(PathBuf, Option<u32>), usize>,
 }
 
 impl PythonBuilds {
@@ -199,6 +321,30 @@ impl PythonBuilds {
             .is_some_and(|n| n.starts_with("libpython"));
         let holds_interpreter = runtime.version_hex.is_some() || runtime.runtime_symbol.is_some();
         (is_library || holds_interpreter || last_look).then_some(runtime)
+    }
+
+    /// The main interpreter's GC state in `pid`, at `runtime` (the address
+    /// of its `_PyRuntime`). The GC's place is found once per build, in a
+    /// process whose interpreter is initialised (just after exec it is not:
+    /// then this is `None`, and the caller asks again later).
+    pub fn gc_stats(&mut self, pid: u32, py: &PythonRuntime, runtime: u64) -> Option<GcStats> {
+        if !py.supported {
+            return None;
+        }
+        let minor = py.version_hex.map(|h| (h >> 16) & 0xff)?;
+        let key = (py.binary.clone(), py.version_hex);
+        let offset = match self.gc_offsets.get(&key) {
+            Some(&known) => known,
+            None => {
+                let size = usize::try_from(py.runtime_size).ok()?.min(1 << 20);
+                let found = read_memory(pid, runtime, size).and_then(|b| find_gc(&b, minor))?;
+                self.gc_offsets.insert(key, found);
+                found
+            }
+        };
+        let start = offset - ENABLED_BEFORE_GEN0;
+        let bytes = read_memory(pid, runtime + start as u64, GC_SPAN + ENABLED_BEFORE_GEN0)?;
+        gc_stats_at(&bytes, ENABLED_BEFORE_GEN0)
     }
 }
 
@@ -245,5 +391,34 @@ mod tests {
                 Err(PythonError::NotElf { .. })
             ));
         }
+    }
+
+    #[test]
+    fn reads_the_gc_of_a_child_python() {
+        let python = Path::new("/usr/bin/python3.11");
+        if !python.exists() {
+            return;
+        }
+        let mut child = std::process::Command::new(python)
+            .args(["-c", "import gc, time; gc.collect(); gc.collect(); print('ready', flush=True); time.sleep(30)"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        let pid = child.id();
+        let mut builds = PythonBuilds::default();
+        let py = builds.of_process(pid, true).expect("python found");
+        let runtime = runtime_address(pid, &py);
+        let gc = runtime.and_then(|r| builds.gc_stats(pid, &py, r));
+        let _ = child.kill();
+        let _ = child.wait();
+        let gc = gc.unwrap_or_else(|| panic!("{py:?} at {runtime:x?}"));
+        assert_eq!(gc.thresholds, [700, 10, 10]);
+        assert_eq!(gc.collections[2], 2, "{gc:?}");
     }
 }

@@ -9,7 +9,10 @@ use memtrace_common::{MmRss, ProcStats, RSS_MEMBERS};
 use serde::Serialize;
 
 use super::{
-    cgroups::Placement, procinfo::ProcessView, python::PythonRuntime, requests::RequestLog,
+    cgroups::Placement,
+    procinfo::ProcessView,
+    python::{GcStats, PythonRuntime},
+    requests::RequestLog,
     rss::RssBreakdown,
 };
 use crate::judge::detector::{DetectorConfig, LeakDetector};
@@ -40,6 +43,10 @@ pub enum Role {
     /// Neither: a single-process server.
     Process,
 }
+
+/// Refreshes without a readable GC state before a Python worker's GC is no
+/// longer looked for.
+pub const PYTHON_GC_MISSES: u8 = 10;
 
 /// One traced process.
 #[derive(Clone, Debug)]
@@ -77,6 +84,13 @@ pub struct Worker {
     pub vm_data: Option<u64>,
     /// The CPython interpreter it runs, once found.
     pub python: Option<PythonRuntime>,
+    /// Where its `_PyRuntime` is, once its interpreter is found.
+    pub python_runtime: Option<u64>,
+    /// Its interpreter's GC, read at the last refresh.
+    pub python_gc: Option<GcStats>,
+    /// Refreshes at which its GC state could not be read (given up at
+    /// [`PYTHON_GC_MISSES`], with one log line).
+    pub python_gc_misses: u8,
     /// Looks for an interpreter so far (libpython is mapped after exec, so
     /// a fresh process is looked at again for its first refreshes).
     pub python_looks: u8,
@@ -105,6 +119,9 @@ impl Worker {
             placement: None,
             vm_data: None,
             python: None,
+            python_runtime: None,
+            python_gc: None,
+            python_gc_misses: 0,
             python_looks: 0,
         }
     }
