@@ -142,6 +142,9 @@ pub struct LoadOptions {
     /// `memtrace_common::CGROUP_FILTER_*`: execs count only inside the
     /// cgroups given to [`Tracer::select_cgroup`].
     pub cgroup_filter: u32,
+    /// Socket mode: keep each HTTP/1.x request's method and path (the
+    /// first bytes of the request line; `--no-http-paths` turns it off).
+    pub http_paths: bool,
 }
 
 impl Default for LoadOptions {
@@ -153,6 +156,7 @@ impl Default for LoadOptions {
             fault_sample_period: 4,
             requests: RequestProbes::None,
             cgroup_filter: memtrace_common::CGROUP_FILTER_OFF,
+            http_paths: true,
         }
     }
 }
@@ -222,6 +226,8 @@ impl Tracer {
             fault_sample_period: options.fault_sample_period.max(1),
             cgroup_filter: options.cgroup_filter,
             layout,
+            http_paths: u32::from(options.http_paths),
+            _pad: 0,
         };
         let mut ebpf = EbpfLoader::new()
             .override_global("CONFIG", &config, true)

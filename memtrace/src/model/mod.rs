@@ -1,7 +1,7 @@
 //! What memtrace knows of each traced process: /proc readers
 //! ([`procinfo`]), its cgroup, container and pod ([`cgroups`]), resident
 //! memory by type ([`rss`]), the worker registry ([`workers`]), per-request
-//! records ([`requests`]) and the selectors that choose processes
+//! records ([`requests`]), their routes ([`routes`]) and the selectors that choose processes
 //! ([`selectors`]).
 //!
 //! Imports: `judge::detector` (each worker owns its leak detector); nothing
@@ -10,6 +10,7 @@ pub mod cgroups;
 pub mod kubelet;
 pub mod procinfo;
 pub mod requests;
+pub mod routes;
 pub mod rss;
 pub mod selectors;
 pub mod workers;

@@ -11,7 +11,10 @@ use memtrace_common::{
 };
 use serde::Serialize;
 
-use super::rss::RssBreakdown;
+use super::{
+    routes::{DEFAULT_MAX_ROUTES, HttpLine, RouteTable},
+    rss::RssBreakdown,
+};
 
 const MB: f64 = 1024.0 * 1024.0;
 
@@ -24,6 +27,8 @@ pub struct RequestSettings {
     pub spike_bytes: u64,
     /// Requests kept per worker.
     pub history: usize,
+    /// Routes kept per worker (the rest count as "other").
+    pub max_routes: usize,
 }
 
 impl Default for RequestSettings {
@@ -32,6 +37,7 @@ impl Default for RequestSettings {
             high_memory_bytes: 5 * 1024 * 1024,
             spike_bytes: 10 * 1024 * 1024,
             history: 1000,
+            max_routes: DEFAULT_MAX_ROUTES,
         }
     }
 }
@@ -68,6 +74,13 @@ pub struct RequestRecord {
     pub kernel_seq: u64,
     pub pid: u32,
     pub tid: u32,
+    /// Socket mode, HTTP/1.x: the method and path (no query string).
+    pub method: Option<String>,
+    pub path: Option<String>,
+    /// The path was cut at the kernel's cap or its end never came.
+    pub path_truncated: bool,
+    /// The path with ids collapsed: "GET /orders/:id".
+    pub route: Option<String>,
     /// Milliseconds since the Unix epoch.
     pub started_unix_ms: f64,
     pub duration_ms: f64,
@@ -138,12 +151,17 @@ impl RequestRecord {
         let delta = |m: usize| after[m] - before[m];
         let delta_bytes = delta(MM_FILEPAGES) + delta(MM_ANONPAGES) + delta(MM_SHMEMPAGES);
         let started = monotonic_to_wall(ev.start_ns);
+        let line = HttpLine::from_kernel(&ev.line);
         Self {
             request_id: format!("{}-{seq}", ev.tgid),
             seq,
             kernel_seq: ev.seq,
             pid: ev.tgid,
             tid: ev.tid,
+            route: line.as_ref().map(HttpLine::route),
+            path_truncated: line.as_ref().is_some_and(|l| l.truncated),
+            method: line.as_ref().map(|l| l.method.clone()),
+            path: line.map(|l| l.path),
             started_unix_ms: started
                 .duration_since(UNIX_EPOCH)
                 .map_or(0.0, |d| d.as_secs_f64() * 1000.0),
@@ -171,6 +189,9 @@ impl RequestRecord {
             ($level:ident, $msg:literal) => {
                 tracing::$level!(
                     request_id = %self.request_id,
+                    method = self.method.as_deref(),
+                    path = self.path.as_deref(),
+                    route = self.route.as_deref(),
                     pid = self.pid,
                     tid = self.tid,
                     duration_ms = self.duration_ms,
@@ -200,6 +221,8 @@ impl RequestRecord {
 pub struct RequestLog {
     records: VecDeque<RequestRecord>,
     capacity: usize,
+    /// Requests and memory per route.
+    pub routes: RouteTable,
     /// Requests ended (normally or aborted) since the worker was found.
     pub seen: u64,
     pub aborted: u64,
@@ -207,9 +230,14 @@ pub struct RequestLog {
 
 impl RequestLog {
     pub fn new(capacity: usize) -> Self {
+        Self::with_routes(capacity, DEFAULT_MAX_ROUTES)
+    }
+
+    pub fn with_routes(capacity: usize, max_routes: usize) -> Self {
         Self {
             records: VecDeque::with_capacity(capacity.min(1024)),
             capacity: capacity.max(1),
+            routes: RouteTable::new(max_routes),
             seen: 0,
             aborted: 0,
         }
@@ -224,6 +252,12 @@ impl RequestLog {
         self.seen += 1;
         if record.aborted {
             self.aborted += 1;
+        } else {
+            self.routes.record(
+                record.route.as_deref(),
+                record.delta_bytes,
+                record.interleaved,
+            );
         }
         if self.records.len() == self.capacity {
             self.records.pop_front();
