@@ -8,7 +8,7 @@ use std::collections::{HashMap, VecDeque};
 use memtrace_common::{LINE_DONE, LINE_PATH, LINE_TRUNCATED, RequestLine};
 use serde::Serialize;
 
-use crate::judge::routes::{KeptPerRequest, kept_per_request};
+use crate::judge::routes::{KeptPerRequest, carrier, kept_per_request};
 
 /// Where requests of routes beyond the cap are counted.
 pub const OTHER_ROUTE: &str = "other";
@@ -257,6 +257,16 @@ impl RouteTable {
             .iter()
             .map(|(k, v)| (k.as_str(), v))
             .chain((self.other.requests > 0).then_some((OTHER_ROUTE, &self.other)))
+    }
+
+    /// The route carrying most of the worker's growth (bytes kept per
+    /// request times its requests), with its bytes kept per request.
+    pub fn carrier(&self) -> Option<(String, KeptPerRequest)> {
+        let kept: Vec<(&str, KeptPerRequest, u64)> = self
+            .iter()
+            .filter_map(|(name, s)| Some((name, s.kept_per_request()?, s.requests)))
+            .collect();
+        carrier(kept).map(|(name, k)| (name.to_string(), k))
     }
 
     pub fn view(&self) -> RoutesView {
