@@ -752,6 +752,7 @@ impl AgentArgs {
                 n if n > 10_000 => return Err(invalid("--max-routes", "at most 10000")),
                 n => n,
             },
+            metrics_routes: self.metrics_routes.unwrap_or(false),
         };
         let defaults = AgentSettings::default();
         let detector = DetectorConfig {

@@ -29,6 +29,8 @@ pub struct RequestSettings {
     pub history: usize,
     /// Routes kept per worker (the rest count as "other").
     pub max_routes: usize,
+    /// Per-route series on /metrics.
+    pub metrics_routes: bool,
 }
 
 impl Default for RequestSettings {
@@ -38,6 +40,7 @@ impl Default for RequestSettings {
             spike_bytes: 10 * 1024 * 1024,
             history: 1000,
             max_routes: DEFAULT_MAX_ROUTES,
+            metrics_routes: false,
         }
     }
 }

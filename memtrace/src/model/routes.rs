@@ -160,6 +160,13 @@ impl RouteStats {
     }
 }
 
+/// The route carrying a worker's growth, as the leak alarm names it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct LeakRoute {
+    pub route: String,
+    pub kept_per_request: KeptPerRequest,
+}
+
 /// One route of one worker, as the API shows it.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct RouteView {
@@ -261,6 +268,13 @@ impl RouteTable {
 
     /// The route carrying most of the worker's growth (bytes kept per
     /// request times its requests), with its bytes kept per request.
+    pub fn leak_route(&self) -> Option<LeakRoute> {
+        self.carrier().map(|(route, kept_per_request)| LeakRoute {
+            route,
+            kept_per_request,
+        })
+    }
+
     pub fn carrier(&self) -> Option<(String, KeptPerRequest)> {
         let kept: Vec<(&str, KeptPerRequest, u64)> = self
             .iter()
