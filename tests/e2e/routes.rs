@@ -181,7 +181,13 @@ fn assert_carrier(agent: &AgentHarness, pid: u32) {
 #[test]
 fn gunicorn_sync_names_the_leaking_route() {
     let _serial = serial();
-    let agent = AgentHarness::start(settings(&["gunicorn"]));
+    let mut s = settings(&["gunicorn"]);
+    // The worker grows LEAK / 5 per request: a trend these windows judge.
+    s.detector.window_size = 60;
+    s.detector.check_interval = 20;
+    s.detector.warmup_samples = 10;
+    s.detector.slope_threshold_mb = 0.001;
+    let agent = AgentHarness::start(s);
     let port = free_port();
     let server = gunicorn(port, 1, 0);
     assert!(wait_port(port, Duration::from_secs(20)), "gunicorn listens");
@@ -191,6 +197,16 @@ fn gunicorn_sync_names_the_leaking_route() {
     wait_counted(&agent, worker, 300);
     assert_routes("gunicorn sync", &routes_of(&agent, worker), &sent);
     assert_carrier(&agent, worker);
+    // The leak alarm (and the worker's status) names the route.
+    let leak_route = agent.with(|s| {
+        let w = s.registry.find(worker).unwrap();
+        assert!(w.leak_detections > 0, "LEAK_TREND_DETECTED");
+        memtrace::agent::views::worker_status(s, w, false).leak_route
+    });
+    let leak_route = leak_route.expect("a leak route");
+    assert_eq!(leak_route.route, "GET /leak/:id");
+    let kept = leak_route.kept_per_request.bytes;
+    assert!((kept - LEAK as f64).abs() <= 0.15 * LEAK as f64, "{kept}");
     // The query string never reaches user space.
     agent.with(|s| {
         let w = s.registry.find(worker).unwrap();
@@ -381,4 +397,30 @@ fn split_pipelined_and_garbage_requests() {
             .all(|p| !p.contains("secret") && !p.contains("BREW")),
         "{paths:?}"
     );
+}
+
+/// `--no-http-paths`: requests still counted, no method, no path, no route.
+#[test]
+fn no_http_paths_keeps_no_path() {
+    let _serial = serial();
+    let mut s = settings(&["gunicorn"]);
+    s.load.http_paths = false;
+    let agent = AgentHarness::start(s);
+    let port = free_port();
+    let server = gthread(port);
+    assert!(wait_port(port, Duration::from_secs(20)), "gunicorn listens");
+    let worker = wait_children(server.pid(), 1)[0];
+    mixed_traffic(port, 4, true);
+    wait_counted(&agent, worker, 20);
+    let view = routes_of(&agent, worker);
+    assert!(view.routes.is_empty(), "{view:?}");
+    assert_eq!(view.requests_without_path, 20);
+    agent.with(|s| {
+        let w = s.registry.find(worker).unwrap();
+        assert!(
+            w.requests
+                .recent(100)
+                .all(|r| r.method.is_none() && r.path.is_none() && r.route.is_none())
+        );
+    });
 }
