@@ -7,7 +7,7 @@
 //! string, headers, body) is zeroed before the slot can leave the kernel.
 use aya_ebpf::{
     bindings::pt_regs,
-    helpers::{bpf_get_current_task_btf, bpf_probe_read_kernel, bpf_task_pt_regs, generated},
+    helpers::{bpf_get_current_task_btf, bpf_task_pt_regs, generated},
 };
 use memtrace_common::{
     LINE_CAP, LINE_DONE, LINE_METHOD, LINE_NONE, LINE_NOT_HTTP, LINE_PATH, LINE_TRUNCATED,
@@ -57,10 +57,13 @@ fn user_buffer() -> Option<(u64, u64)> {
     // SAFETY: the helpers check their pointers; reads of user memory that
     // fault return an error.
     unsafe {
+        // A BTF pointer: plain loads, which the verifier checks against the
+        // kernel's `struct pt_regs` and turns into fault-safe reads (no
+        // helper call per field).
         let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as *const pt_regs;
-        let nr = bpf_probe_read_kernel(&raw const (*regs).orig_rax).ok()?;
-        let arg1 = bpf_probe_read_kernel(&raw const (*regs).rsi).ok()?;
-        let arg2 = bpf_probe_read_kernel(&raw const (*regs).rdx).ok()?;
+        let nr = core::ptr::read_volatile(&raw const (*regs).orig_rax);
+        let arg1 = core::ptr::read_volatile(&raw const (*regs).rsi);
+        let arg2 = core::ptr::read_volatile(&raw const (*regs).rdx);
         match nr {
             SYS_READ | SYS_RECVFROM => Some((arg1, arg2)),
             SYS_READV => iov0(arg1),
