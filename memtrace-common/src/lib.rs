@@ -169,6 +169,48 @@ pub struct ConnState {
     pub _pad: u32,
     /// The process's RSS and the reading thread's counters at the start.
     pub req: RequestStart,
+    /// Method and path of the request in flight (`--no-http-paths`: empty).
+    pub line: RequestLine,
+}
+
+/// Bytes of a request line kept: method, one space, path (no query).
+pub const LINE_CAP: usize = 128;
+
+/// `RequestLine::state`: nothing captured (another request mode, capture
+/// off, or a read the kernel could not locate: io_uring, recvmmsg).
+pub const LINE_NONE: u32 = 0;
+/// Reading the method token; the bytes so far are kept (a split line).
+pub const LINE_METHOD: u32 = 1;
+/// Reading the path; the bytes so far are kept (a split line).
+pub const LINE_PATH: u32 = 2;
+/// `bytes[..len]` is "METHOD /path", complete.
+pub const LINE_DONE: u32 = 3;
+/// The path went past `LINE_CAP`: `bytes` holds its first part.
+pub const LINE_TRUNCATED: u32 = 4;
+/// The first bytes were not an HTTP/1.x request line (TLS, HTTP/2,
+/// FastCGI, any other protocol): nothing kept.
+pub const LINE_NOT_HTTP: u32 = 5;
+
+/// The request line of an HTTP/1.x request, as far as the kernel kept it.
+/// Only `bytes[..len]` is ever non-zero: the query string, headers and body
+/// are never copied out of the kernel's scratch space.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct RequestLine {
+    /// `LINE_*`.
+    pub state: u32,
+    pub len: u32,
+    pub bytes: [u8; LINE_CAP],
+}
+
+impl Default for RequestLine {
+    fn default() -> Self {
+        Self {
+            state: LINE_NONE,
+            len: 0,
+            bytes: [0; LINE_CAP],
+        }
+    }
 }
 
 /// No request in flight: the next read begins one.
@@ -260,6 +302,8 @@ pub struct RequestEvent {
     pub munmap_bytes: u64,
     pub brk_grow_bytes: u64,
     pub brk_shrink_bytes: u64,
+    /// Socket mode: the request's method and path.
+    pub line: RequestLine,
 }
 
 /// Indices into the `COUNTERS` per-CPU array.
@@ -378,6 +422,9 @@ pub struct Config {
     /// `SELECTOR_CGROUPS` (or a descendant) to be watched or reported.
     pub cgroup_filter: u32,
     pub layout: TracepointLayout,
+    /// 1: socket mode keeps each HTTP/1.x request's method and path.
+    pub http_paths: u32,
+    pub _pad: u32,
 }
 
 #[cfg(feature = "user")]
@@ -390,6 +437,7 @@ mod user {
     unsafe impl aya::Pod for MmRss {}
     unsafe impl aya::Pod for ThreadState {}
     unsafe impl aya::Pod for ConnState {}
+    unsafe impl aya::Pod for RequestLine {}
     unsafe impl aya::Pod for SiteKey {}
     unsafe impl aya::Pod for SiteCount {}
     unsafe impl aya::Pod for AllocKey {}
@@ -409,7 +457,10 @@ const _: () = {
     assert!(core::mem::size_of::<AllocInfo>() == 16);
     assert!(core::mem::size_of::<ProcessEvent>() == 24 + 16 + 256 + 96 + 32);
     assert!(core::mem::size_of::<RssEvent>() == 24 + 32);
-    assert!(core::mem::size_of::<RequestEvent>() == 24 + 24 + 64 + 40);
-    assert!(core::mem::size_of::<Config>() == 24 + 26 * 4);
-    assert!(core::mem::size_of::<ConnState>() == 6 * 4 + 88);
+    assert!(core::mem::size_of::<RequestLine>() == 8 + LINE_CAP);
+    assert!(core::mem::size_of::<RequestEvent>() == 24 + 24 + 64 + 40 + 8 + LINE_CAP);
+    assert!(core::mem::size_of::<Config>() == 24 + 26 * 4 + 8);
+    assert!(core::mem::size_of::<ConnState>() == 6 * 4 + 88 + 8 + LINE_CAP);
+    // The line's bytes are zeroed and read as u64 words.
+    assert!(core::mem::offset_of!(ConnState, line) % 8 == 0);
 };

@@ -6,9 +6,9 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf, StackTrace},
 };
 use memtrace_common::{
-    AllocInfo, AllocKey, Config, ConnState, DEFAULT_RING_BYTES, MAX_ALLOCS, MAX_CONNS, MAX_MMS,
-    MAX_PROCS, MAX_SELECTOR_CGROUPS, MAX_SELECTOR_COMMS, MAX_STACK_SITES, MAX_STACKS, MAX_THREADS,
-    MmRss, NUM_COUNTERS, ProcStats, SiteCount, SiteKey, TASK_COMM_LEN, ThreadState,
+    AllocInfo, AllocKey, Config, ConnState, DEFAULT_RING_BYTES, LINE_CAP, MAX_ALLOCS, MAX_CONNS,
+    MAX_MMS, MAX_PROCS, MAX_SELECTOR_CGROUPS, MAX_SELECTOR_COMMS, MAX_STACK_SITES, MAX_STACKS,
+    MAX_THREADS, MmRss, NUM_COUNTERS, ProcStats, SiteCount, SiteKey, TASK_COMM_LEN, ThreadState,
 };
 
 /// Watched processes by tgid; presence means watched.
@@ -33,6 +33,15 @@ pub static SELECTOR_COMMS: HashMap<[u8; TASK_COMM_LEN], u32> =
 /// address. An LRU: a connection whose close was never seen ages out.
 #[map]
 pub static CONNS: LruHashMap<u64, ConnState> = LruHashMap::with_max_entries(MAX_CONNS, 0);
+
+/// Socket mode: a connection's state built here before it goes into
+/// `CONNS` (with its request line it is too large for the BPF stack).
+#[map]
+pub static CONN_SCRATCH: PerCpuArray<ConnState> = PerCpuArray::with_max_entries(1, 0);
+
+/// Socket mode: a request line split across reads, put together.
+#[map]
+pub static LINE_SCRATCH: PerCpuArray<[u8; 2 * LINE_CAP]> = PerCpuArray::with_max_entries(1, 0);
 
 /// Cgroup v2 ids a cgroup or container selector names (the value is unused):
 /// a process inside one of them, or below, may be selected.

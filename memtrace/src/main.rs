@@ -41,6 +41,11 @@ fn main() -> ExitCode {
             |c| c.get(&format!("/v1/workers/{pid}/requests?limit={limit}")),
             client::render_requests,
         ),
+        Command::Routes { client, pid } => run_client(
+            &client,
+            |c| c.get(&format!("/v1/workers/{pid}/routes")),
+            client::render_routes,
+        ),
         Command::Top { client, interval } => {
             let c = Client::new(&client.url, std::env::var(DEBUG_TOKEN_ENV).ok());
             match top::run(c, interval) {

@@ -30,6 +30,8 @@ pub struct BenchOptions {
     pub seconds: u64,
     /// Minutes of the soak run (0: none).
     pub soak_minutes: u64,
+    /// Only the path-capture comparison (`paths_bench`).
+    pub paths_only: bool,
 }
 
 /// A child process (and its process group), killed on drop.
@@ -127,8 +129,11 @@ enum Mode {
     /// Agent on, no request boundaries: faults, RSS, mmap/brk, lifecycle.
     Steady,
     Accept,
-    /// Socket request mode: socket tracepoints, no syscall tracepoint.
+    /// Socket request mode: socket tracepoints, no syscall tracepoint;
+    /// HTTP method and path captured (the default).
     Socket,
+    /// Socket mode with `--no-http-paths`: no request bytes read.
+    SocketNoPaths,
     Uprobe,
     /// Uprobe mode plus allocation-site collection (after `snapshot`).
     Collect,
@@ -142,7 +147,8 @@ impl Mode {
             Mode::Off => "memtrace off",
             Mode::Steady => "on, no request boundaries",
             Mode::Accept => "on, accept mode",
-            Mode::Socket => "on, socket mode",
+            Mode::Socket => "on, socket mode (HTTP paths captured)",
+            Mode::SocketNoPaths => "on, socket mode, --no-http-paths",
             Mode::Uprobe => "on, uprobe on handle_request",
             Mode::Collect => "on, uprobe + snapshot collection",
             Mode::AcceptCollect => "on, accept + snapshot collection",
@@ -184,6 +190,9 @@ impl Agent {
             }
             Mode::Socket => {
                 cmd.args(["--request-mode", "socket"]);
+            }
+            Mode::SocketNoPaths => {
+                cmd.args(["--request-mode", "socket", "--no-http-paths"]);
             }
             Mode::Uprobe | Mode::Collect => {
                 cmd.args(["--request-fn", &handler]);
@@ -371,6 +380,7 @@ fn throughput_table(out: &mut String, results: &[(Mode, f64, Vec<f64>)]) {
 fn program_costs(
     paths: &Paths,
     t: &Target,
+    mode: Mode,
     opts: &BenchOptions,
 ) -> Result<Vec<(String, u64, f64)>> {
     let stats = Path::new("/proc/sys/kernel/bpf_stats_enabled");
@@ -380,9 +390,11 @@ fn program_costs(
         let port = free_port()?;
         let _server = (t.start)(port)?;
         wait_until(Duration::from_secs(30), || listening(port));
-        let agent = Agent::start(paths, t.process_name, Mode::Collect, &[])?.expect("on");
+        let agent = Agent::start(paths, t.process_name, mode, &[])?.expect("on");
         thread::sleep(Duration::from_secs(1));
-        agent.snapshot()?;
+        if mode == Mode::Collect {
+            agent.snapshot()?;
+        }
         wrk(
             &format!("http://127.0.0.1:{port}/"),
             opts.seconds,
@@ -583,6 +595,9 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
         memtrace: root.join("target/release/memtrace"),
         fixtures,
     };
+    if opts.paths_only {
+        return paths_bench(&paths, opts);
+    }
     let started = Instant::now();
     let mut md = String::new();
     let _ = writeln!(md, "# memtrace benchmarks\n");
@@ -629,6 +644,7 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
         Mode::Steady,
         Mode::Accept,
         Mode::Socket,
+        Mode::SocketNoPaths,
         Mode::Uprobe,
         Mode::Collect,
     ];
@@ -669,6 +685,7 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
         Mode::Steady,
         Mode::Accept,
         Mode::Socket,
+        Mode::SocketNoPaths,
         Mode::AcceptCollect,
     ];
     let gunicorn_results = throughput(&paths, &gunicorn_target, &gmodes, opts)?;
@@ -750,7 +767,7 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
 
     // 3. Kernel-side cost per program.
     eprintln!("per-program cost:");
-    let costs = program_costs(&paths, &fixture, opts)?;
+    let costs = program_costs(&paths, &fixture, Mode::Collect, opts)?;
     let _ = writeln!(md, "\n## 3. Kernel-side cost per program\n");
     let _ = writeln!(
         md,
@@ -763,6 +780,10 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
     for (name, runs, ns) in &costs {
         let _ = writeln!(md, "| {name} | {runs} | {ns:.0} |");
     }
+
+    // 3b. What path capture adds to the socket programs.
+    eprintln!("socket programs with and without path capture:");
+    socket_program_table(&mut md, &paths, &fixture, opts)?;
 
     // 4. Highest rate without drops.
     eprintln!("zero-drop rate:");
@@ -908,6 +929,12 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
         "- Agent CPU per request summary ≤ 0.5 µs at 100k events/s: {:.2} µs at 100k/s, {:.2} µs at 400k/s asked.",
         per_event(100_000),
         per_event(400_000)
+    );
+    let _ = writeln!(
+        md,
+        "- HTTP path capture (socket mode with paths / with --no-http-paths): fixture {:.3}, gunicorn {:.3}.",
+        ratio(&fixture_results, Mode::Socket) / ratio(&fixture_results, Mode::SocketNoPaths),
+        ratio(&gunicorn_results, Mode::Socket) / ratio(&gunicorn_results, Mode::SocketNoPaths)
     );
     let _ = writeln!(
         md,
@@ -1076,4 +1103,92 @@ fn soak(paths: &Paths, minutes: u64) -> Result<Vec<(f64, f64, u64)>> {
         samples.push((min, requests, rss));
     }
     Ok(samples)
+}
+
+/// Mean ns per run of the socket programs, socket mode with path capture
+/// and without, interleaved rounds, medians: what capture adds per request.
+fn socket_program_table(
+    md: &mut String,
+    paths: &Paths,
+    fixture: &Target,
+    opts: &BenchOptions,
+) -> Result<()> {
+    const PROGRAMS: [&str; 3] = ["sock_recv", "sock_send", "sock_state"];
+    let modes = [Mode::Socket, Mode::SocketNoPaths];
+    // ns per run by mode, program.
+    let mut ns = vec![vec![Vec::new(); PROGRAMS.len()]; modes.len()];
+    for _ in 0..opts.rounds {
+        for (m, &mode) in modes.iter().enumerate() {
+            let costs = program_costs(paths, fixture, mode, opts)?;
+            for (p, name) in PROGRAMS.iter().enumerate() {
+                if let Some((_, _, v)) = costs.iter().find(|c| c.0 == *name) {
+                    ns[m][p].push(*v);
+                }
+            }
+        }
+    }
+    let _ = writeln!(
+        md,
+        "\n## 3b. Socket programs with and without HTTP path capture\n"
+    );
+    let _ = writeln!(
+        md,
+        "Kernel BPF statistics as in 3, `leaky_server` under wrk (keep-alive, `GET / HTTP/1.1`), socket mode; {} interleaved rounds, \
+         medians. With capture, the first read of each request also reads the buffer address from the task's saved syscall \
+         registers and copies and scans up to 128 bytes of the request line.\n",
+        opts.rounds
+    );
+    let _ = writeln!(
+        md,
+        "| program | paths captured, ns per run | --no-http-paths, ns per run | difference |"
+    );
+    let _ = writeln!(md, "|---|---:|---:|---:|");
+    for (p, name) in PROGRAMS.iter().enumerate() {
+        let on = median(&mut ns[0][p].clone());
+        let off = median(&mut ns[1][p].clone());
+        let _ = writeln!(md, "| {name} | {on:.0} | {off:.0} | {:+.0} |", on - off);
+    }
+    Ok(())
+}
+
+/// `cargo xtask bench --paths-only`: the cost of HTTP path capture alone
+/// (fixture throughput and per-program cost), in a few minutes.
+fn paths_bench(paths: &Paths, opts: &BenchOptions) -> Result<()> {
+    let fx = paths.fixtures.clone();
+    let leaky = move |port: u16| -> Result<Proc> {
+        let dir = std::env::temp_dir().join(format!("memtrace-bench-{port}"));
+        std::fs::create_dir_all(&dir)?;
+        Proc::spawn(
+            pinned(SERVER_CPU, fx.join("leaky_server"))
+                .args([port.to_string(), FIXTURE_WORKERS.to_string()])
+                .arg(&dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        )
+    };
+    let fixture = Target {
+        name: "leaky_server",
+        process_name: "leaky_server",
+        start: &leaky,
+        threads: 1,
+        conns: FIXTURE_WORKERS,
+    };
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "# HTTP path capture only ({} rounds of {} s; commit {})\n",
+        opts.rounds,
+        opts.seconds,
+        git_commit()
+    );
+    let results = throughput(
+        paths,
+        &fixture,
+        &[Mode::Off, Mode::Socket, Mode::SocketNoPaths],
+        opts,
+    )?;
+    throughput_table(&mut md, &results);
+    socket_program_table(&mut md, paths, &fixture, opts)?;
+    print!("{md}");
+    Ok(())
 }

@@ -53,6 +53,10 @@ enum Cmd {
         /// Minutes of the soak run (0 skips it).
         #[arg(long, default_value_t = 0)]
         soak_minutes: u64,
+        /// Only the cost of HTTP path capture: socket mode with and without
+        /// it (fixture throughput and per-program cost), a few minutes.
+        #[arg(long)]
+        paths_only: bool,
     },
     /// Build in release mode and run memtrace with these arguments.
     Run {
@@ -109,12 +113,14 @@ fn main() -> Result<()> {
             rounds,
             seconds,
             soak_minutes,
+            paths_only,
         } => {
             ensure_setup()?;
             bench::bench(&bench::BenchOptions {
                 rounds,
                 seconds,
                 soak_minutes,
+                paths_only,
             })
         }
         Cmd::Run { args } => {

@@ -1,6 +1,7 @@
 //! One module per hook family.
 mod alloc;
 mod faults;
+mod http;
 mod mmap;
 mod request;
 mod rss;

@@ -8,7 +8,8 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext, TracePointContext},
 };
 use memtrace_common::{
-    EVENT_REQUEST, ProcStats, REQUEST_OK, RequestEvent, RequestStart, ThreadState,
+    EVENT_REQUEST, LINE_CAP, LINE_NONE, ProcStats, REQUEST_OK, RequestEvent, RequestLine,
+    RequestStart, ThreadState,
 };
 
 use crate::{
@@ -87,6 +88,7 @@ pub fn end_request(tgid: u32, tid: u32, status: u32, unwind: bool) -> Option<()>
             t.req_known,
             &t.req,
             thread_deltas(t, &t.req),
+            None,
         );
     }
     Some(())
@@ -117,30 +119,44 @@ pub fn emit_request(
     known_before: u32,
     start: &RequestStart,
     deltas: [u64; 5],
+    line: Option<&RequestLine>,
 ) {
     let Some(mut entry) = EVENTS.reserve::<RequestEvent>(0) else {
         count(memtrace_common::CTR_RINGBUF_DROPS);
         return;
     };
     let (rss_after, known_after) = proc_rss(stats);
-    entry.write(RequestEvent {
-        kind: EVENT_REQUEST,
-        tgid,
-        tid,
-        status,
-        known_before,
-        known_after,
-        seq: start.seq,
-        start_ns: start.start_ns,
-        end_ns: now_ns(),
-        rss_before: start.rss,
-        rss_after,
-        faults: deltas[0],
-        mmap_bytes: deltas[1],
-        munmap_bytes: deltas[2],
-        brk_grow_bytes: deltas[3],
-        brk_shrink_bytes: deltas[4],
-    });
+    let ev = entry.as_mut_ptr();
+    // Field by field, straight into the ring buffer: the event with its
+    // request line is too large to build on the BPF stack first.
+    // SAFETY: `ev` points to a reserved RequestEvent; every field is written
+    // before the submit.
+    unsafe {
+        (*ev).kind = EVENT_REQUEST;
+        (*ev).tgid = tgid;
+        (*ev).tid = tid;
+        (*ev).status = status;
+        (*ev).known_before = known_before;
+        (*ev).known_after = known_after;
+        (*ev).seq = start.seq;
+        (*ev).start_ns = start.start_ns;
+        (*ev).end_ns = now_ns();
+        (*ev).rss_before = start.rss;
+        (*ev).rss_after = rss_after;
+        (*ev).faults = deltas[0];
+        (*ev).mmap_bytes = deltas[1];
+        (*ev).munmap_bytes = deltas[2];
+        (*ev).brk_grow_bytes = deltas[3];
+        (*ev).brk_shrink_bytes = deltas[4];
+        match line {
+            Some(line) => (*ev).line = *line,
+            None => {
+                (*ev).line.state = LINE_NONE;
+                (*ev).line.len = 0;
+                (*ev).line.bytes = [0; LINE_CAP];
+            }
+        }
+    }
     entry.submit(RB_NO_WAKEUP);
     count(memtrace_common::CTR_EVENTS);
 }

@@ -11,13 +11,16 @@
 //! are counted, their memory deltas marked as shared.
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
 use memtrace_common::{
-    CONN_IDLE, CONN_IGNORE, CONN_INTERLEAVED, CONN_READ, CONN_WRITE, ConnState, REQUEST_ABORTED,
-    REQUEST_INTERLEAVED, REQUEST_OK, RequestStart,
+    CONN_IDLE, CONN_IGNORE, CONN_INTERLEAVED, CONN_READ, CONN_WRITE, LINE_METHOD, LINE_NONE,
+    LINE_PATH, REQUEST_ABORTED, REQUEST_INTERLEAVED, REQUEST_OK, RequestStart,
 };
 
-use super::request::{emit_request, thread_deltas};
+use super::{
+    http::{begin_line, continue_line},
+    request::{emit_request, thread_deltas},
+};
 use crate::{
-    maps::{CONFIG, CONNS, THREADS},
+    maps::{CONFIG, CONN_SCRATCH, CONNS, THREADS},
     util::{Current, atomic_add, count, current, field, now_ns, proc_rss, thread_state, watched},
 };
 
@@ -58,23 +61,35 @@ fn try_sock_recv(ctx: &TracePointContext) -> Result<(), i64> {
     if watched(cur.tgid).is_none() {
         return Ok(());
     }
-    let Some((sk, _, flags)) = tcp_io(ctx)? else {
+    let Some((sk, ret, flags)) = tcp_io(ctx)? else {
         return Ok(());
     };
     if flags & MSG_PEEK != 0 {
         return Ok(());
     }
+    let conn = CONNS.get_ptr_mut(&sk);
     // SAFETY: pointer from a map lookup.
-    let phase = CONNS
-        .get_ptr(&sk)
-        .map_or(CONN_IDLE, |c| unsafe { (*c).phase });
+    let phase = conn.map_or(CONN_IDLE, |c| unsafe { (*c).phase });
     match phase {
-        CONN_IGNORE | CONN_READ => return Ok(()),
+        CONN_IGNORE => return Ok(()),
+        CONN_READ => {
+            // More of the request: the rest of a request line split
+            // across reads, if its start was HTTP.
+            if let Some(c) = conn {
+                // SAFETY: pointer from a map lookup; this thread reads the
+                // connection.
+                let line = unsafe { &mut (*c).line };
+                if line.state == LINE_METHOD || line.state == LINE_PATH {
+                    continue_line(line, ret);
+                }
+            }
+            return Ok(());
+        }
         // The client's next request on a kept-alive connection.
         CONN_WRITE => end_conn(sk, REQUEST_OK),
         _ => {}
     }
-    begin_conn(sk, &cur);
+    begin_conn(sk, &cur, ret);
     Ok(())
 }
 
@@ -101,14 +116,7 @@ fn try_sock_send(ctx: &TracePointContext) -> Result<(), i64> {
         },
         // Writing first: the process is a client here (a database, an
         // upstream), or the connection predates memtrace.
-        None => {
-            let ignore = ConnState {
-                tgid: cur.tgid,
-                phase: CONN_IGNORE,
-                ..ConnState::default()
-            };
-            let _ = CONNS.insert(&sk, &ignore, 0);
-        }
+        None => ignore_conn(sk, cur.tgid),
     }
     Ok(())
 }
@@ -134,12 +142,7 @@ fn try_sock_state(ctx: &TracePointContext) -> Result<(), i64> {
             // In connect(), in the caller's context.
             let cur = current();
             if watched(cur.tgid).is_some() {
-                let ignore = ConnState {
-                    tgid: cur.tgid,
-                    phase: CONN_IGNORE,
-                    ..ConnState::default()
-                };
-                let _ = CONNS.insert(&sk, &ignore, 0);
+                ignore_conn(sk, cur.tgid);
             }
         }
         // The client closed after the response: done. (Before it, the
@@ -164,14 +167,37 @@ fn try_sock_state(ctx: &TracePointContext) -> Result<(), i64> {
     Ok(())
 }
 
-/// Begins a request on `sk`, read by the current thread. The thread's
-/// previous request on another connection ends here if it was answered (the
-/// thread moved on), or is marked interleaved if it was still being read.
+/// Marks `sk` as not a server connection of `tgid`.
 #[inline(always)]
-fn begin_conn(sk: u64, cur: &Current) -> Option<()> {
+fn ignore_conn(sk: u64, tgid: u32) {
+    let Some(conn) = CONN_SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's scratch slot; nothing else runs on it meanwhile.
+    unsafe {
+        let c = &mut *conn;
+        c.tgid = tgid;
+        c.tid = 0;
+        c.phase = CONN_IGNORE;
+        c.flags = 0;
+        c.known = 0;
+        c.line.state = LINE_NONE;
+        c.line.len = 0;
+        let _ = CONNS.insert(&sk, c, 0);
+    }
+}
+
+/// Begins a request on `sk`, read by the current thread (`ret` bytes so
+/// far). The thread's previous request on another connection ends here if
+/// it was answered (the thread moved on), or is marked interleaved if it was
+/// still being read.
+#[inline(always)]
+fn begin_conn(sk: u64, cur: &Current, ret: i32) -> Option<()> {
     let stats = watched(cur.tgid)?;
     let thread = thread_state(cur.tid, cur.tgid)?;
-    // SAFETY: pointers from map lookups; only this thread writes its state.
+    let conn = CONN_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: pointers from map lookups; only this thread writes its state,
+    // and only this CPU its scratch slot.
     unsafe {
         let t = &mut *thread;
         let mut flags = 0;
@@ -191,25 +217,29 @@ fn begin_conn(sk: u64, cur: &Current) -> Option<()> {
         }
         let (rss, known) = proc_rss(stats);
         let seq = (*stats).requests_started;
-        let conn = ConnState {
-            tgid: cur.tgid,
-            tid: cur.tid,
-            phase: CONN_READ,
-            flags,
-            known,
-            _pad: 0,
-            req: RequestStart {
-                start_ns: now_ns(),
-                seq,
-                rss,
-                faults: t.faults,
-                mmap_bytes: t.mmap_bytes,
-                munmap_bytes: t.munmap_bytes,
-                brk_grow_bytes: t.brk_grow_bytes,
-                brk_shrink_bytes: t.brk_shrink_bytes,
-            },
+        let c = &mut *conn;
+        c.tgid = cur.tgid;
+        c.tid = cur.tid;
+        c.phase = CONN_READ;
+        c.flags = flags;
+        c.known = known;
+        c.req = RequestStart {
+            start_ns: now_ns(),
+            seq,
+            rss,
+            faults: t.faults,
+            mmap_bytes: t.mmap_bytes,
+            munmap_bytes: t.munmap_bytes,
+            brk_grow_bytes: t.brk_grow_bytes,
+            brk_shrink_bytes: t.brk_shrink_bytes,
         };
-        if CONNS.insert(&sk, &conn, 0).is_err() {
+        if CONFIG.load().http_paths != 0 {
+            begin_line(&mut c.line, ret);
+        } else {
+            c.line.state = LINE_NONE;
+            c.line.len = 0;
+        }
+        if CONNS.insert(&sk, c, 0).is_err() {
             count(memtrace_common::CTR_CONNS_FULL);
             return None;
         }
@@ -262,6 +292,15 @@ fn end_conn(sk: u64, status: u32) {
                 deltas = thread_deltas(&*t, start);
             }
         }
-        emit_request(stats, c.tgid, c.tid, status, c.known, start, deltas);
+        emit_request(
+            stats,
+            c.tgid,
+            c.tid,
+            status,
+            c.known,
+            start,
+            deltas,
+            Some(&c.line),
+        );
     }
 }

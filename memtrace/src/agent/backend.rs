@@ -17,6 +17,7 @@ use crate::{
     model::{
         procinfo::{self, MappingUsage},
         requests::RequestRecord,
+        routes::RoutesView,
     },
     sites::snapshot::{
         self, DiffView, RawSite, SiteKind, Snapshot, SnapshotView, SymbolizerService,
@@ -150,6 +151,15 @@ impl Backend for AgentBackend {
         Ok(w.requests.recent(limit).cloned().collect())
     }
 
+    fn routes(&self, pid: u32) -> Result<RoutesView, BackendError> {
+        let state = self.lock();
+        let w = state
+            .registry
+            .find(pid)
+            .ok_or(BackendError::UnknownPid(pid))?;
+        Ok(w.requests.routes.view())
+    }
+
     fn snapshot(&self, pid: Option<u32>, limit: usize) -> Result<SnapshotView, BackendError> {
         let pids = {
             let mut state = self.lock();
@@ -228,8 +238,16 @@ impl Backend for AgentBackend {
 
     fn metrics(&self) -> String {
         // Every live worker, with what /proc adds: never an unknown pid.
-        self.status(None)
-            .map(|view| metrics::render(&view))
-            .unwrap_or_default()
+        let Ok(mut view) = self.status(None) else {
+            return String::new();
+        };
+        let state = self.lock();
+        if state.request_settings.metrics_routes {
+            for w in &mut view.workers {
+                w.route_views = state.registry.find(w.pid).map(|x| x.requests.routes.view());
+            }
+        }
+        drop(state);
+        metrics::render(&view)
     }
 }

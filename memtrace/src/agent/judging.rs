@@ -33,6 +33,8 @@ impl State {
             } => {
                 w.leak_detections += 1;
                 let state = w.detector.get_state();
+                // Socket mode with HTTP paths: which endpoint carries it.
+                let route = w.requests.routes.leak_route();
                 // The detector reports at every check while the trend lasts;
                 // the first report of a worker's life is the news.
                 macro_rules! report {
@@ -50,6 +52,9 @@ impl State {
                             forecast_requests_to_limit = state.forecast_requests_to_limit,
                             forecast_seconds_to_limit = state.forecast_seconds_to_limit,
                             detections = w.leak_detections,
+                            route = route.as_ref().map(|r| r.route.as_str()),
+                            route_kept_bytes_per_request =
+                                route.as_ref().map(|r| r.kept_per_request.bytes),
                             "LEAK_TREND_DETECTED"
                         )
                     };

@@ -21,7 +21,10 @@ impl State {
     /// Adds a process to the model and logs it.
     pub(super) fn attach(&mut self, mut worker: Worker) {
         let pid = worker.pid;
-        worker.requests = RequestLog::new(self.request_settings.history);
+        worker.requests = RequestLog::with_routes(
+            self.request_settings.history,
+            self.request_settings.max_routes,
+        );
         // A new worker (or a new program image) is judged from scratch.
         worker.detector = LeakDetector::new(if self.requests_traced {
             self.detector_config.clone()

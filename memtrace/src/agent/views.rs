@@ -75,6 +75,13 @@ pub fn worker_status(state: &State, w: &Worker, with_proc: bool) -> WorkerStatus
         requests_in_flight: if live { stats.requests_in_flight() } else { 0 },
         leak_detections: w.leak_detections,
         leak_detector: w.detector.get_state(),
+        routes: w.requests.routes.len(),
+        routes_overflowed_requests: w.requests.routes.overflowed,
+        // Slopes of every route: only worth computing once there is a leak.
+        leak_route: (w.leak_detections > 0)
+            .then(|| w.requests.routes.leak_route())
+            .flatten(),
+        route_views: None,
         collecting: stats.flags & memtrace_common::PROC_FLAG_COLLECT != 0,
         soft_limit: state.enforcer.recycle_of(w.pid, w.start_time).cloned(),
         placement: w.placement.clone(),

@@ -5,7 +5,7 @@ use super::{
     status::{StatusView, WorkerStatus},
 };
 use crate::{
-    model::requests::RequestRecord,
+    model::{requests::RequestRecord, routes::RoutesView},
     sites::snapshot::{DiffView, SnapshotView},
 };
 
@@ -46,6 +46,8 @@ pub trait Backend: Send + Sync + 'static {
     fn workers(&self) -> Vec<WorkerStatus>;
     fn worker(&self, pid: u32) -> Result<WorkerStatus, BackendError>;
     fn requests(&self, pid: u32, limit: usize) -> Result<Vec<RequestRecord>, BackendError>;
+    /// Requests and memory per route of one worker.
+    fn routes(&self, pid: u32) -> Result<RoutesView, BackendError>;
     /// Turns allocation-site collection on (for `pid`, or every worker) and
     /// keeps the current state as the baseline.
     fn snapshot(&self, pid: Option<u32>, limit: usize) -> Result<SnapshotView, BackendError>;

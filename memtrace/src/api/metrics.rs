@@ -37,6 +37,13 @@ struct GenerationLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    #[prometheus(flatten)]
+    worker: WorkerLabels,
+    route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabels {
     outcome: String,
 }
@@ -80,6 +87,11 @@ pub const METRIC_NAMES: &[&str] = &[
     "memtrace_worker_brk_grow_bytes_total",
     "memtrace_worker_leak_detections_total",
     "memtrace_worker_soft_limit_fired",
+    "memtrace_worker_routes_overflowed_requests_total",
+    "memtrace_route_requests_total",
+    "memtrace_route_kept_bytes_per_request",
+    "memtrace_route_rss_delta_mean_bytes",
+    "memtrace_route_grew_ratio",
     "memtrace_soft_limit_actions_total",
     "memtrace_soft_limit_recycles_total",
     "memtrace_worker_soft_limit_action_timestamp_seconds",
@@ -195,6 +207,32 @@ pub fn render(status: &StatusView) -> String {
         "memtrace_worker_soft_limit_fired",
         "1 once the worker crossed its soft limit",
         Gauge
+    );
+    let overflowed = family!(
+        "memtrace_worker_routes_overflowed_requests",
+        "Requests counted under the route \"other\" because the worker had --max-routes routes",
+        Counter
+    );
+    // Per route (--metrics-routes): up to --max-routes series per worker.
+    let route_requests: Family<RouteLabels, Counter> = family!(
+        "memtrace_route_requests",
+        "Requests per route (method and path, ids collapsed)",
+        Counter
+    );
+    let route_kept: Family<RouteLabels, GaugeF> = family!(
+        "memtrace_route_kept_bytes_per_request",
+        "Bytes of RSS a route keeps per request (Theil-Sen slope of its cumulative growth over its last 200 requests)",
+        GaugeF
+    );
+    let route_mean: Family<RouteLabels, GaugeF> = family!(
+        "memtrace_route_rss_delta_mean_bytes",
+        "Mean RSS change over a route's requests",
+        GaugeF
+    );
+    let route_grew: Family<RouteLabels, GaugeF> = family!(
+        "memtrace_route_grew_ratio",
+        "Share of a route's requests whose RSS grew",
+        GaugeF
     );
     let actions: Family<OutcomeLabels, Counter> = family!(
         "memtrace_soft_limit_actions",
@@ -313,6 +351,21 @@ pub fn render(status: &StatusView) -> String {
             brk.get_or_create(&labels).inc_by(v);
         }
         detections.get_or_create(&labels).inc_by(w.leak_detections);
+        overflowed
+            .get_or_create(&labels)
+            .inc_by(w.routes_overflowed_requests);
+        for r in w.route_views.iter().flat_map(|v| &v.routes) {
+            let labels = RouteLabels {
+                worker: labels.clone(),
+                route: r.route.clone(),
+            };
+            route_requests.get_or_create(&labels).inc_by(r.requests);
+            if let Some(k) = r.kept_per_request {
+                route_kept.get_or_create(&labels).set(k.bytes);
+            }
+            route_mean.get_or_create(&labels).set(r.mean_delta_bytes);
+            route_grew.get_or_create(&labels).set(r.grew_share);
+        }
         fired
             .get_or_create(&labels)
             .set(i64::from(d.soft_limit_fired));

@@ -1,5 +1,6 @@
 //! The JSON REST API: `/v1/workers`, `/v1/workers/{pid}`,
-//! `/v1/workers/{pid}/requests?limit=N`, behind the debug token.
+//! `/v1/workers/{pid}/requests?limit=N`, `/v1/workers/{pid}/routes`, behind
+//! the debug token.
 use axum::{
     Json,
     extract::{Path, RawQuery, State},
@@ -66,4 +67,16 @@ pub(super) async fn requests(
     let limit = q.limit;
     let requests = state.call(move |b| b.requests(pid, limit)).await??;
     Ok(Json(json!({ "pid": pid, "requests": requests })))
+}
+
+pub(super) async fn routes(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(pid): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    authorized(&state, &headers, raw, query::parse_token_only)?;
+    let pid = parse_pid(&pid)?;
+    let routes = state.call(move |b| b.routes(pid)).await??;
+    Ok(Json(json!({ "pid": pid, "routes": routes })))
 }

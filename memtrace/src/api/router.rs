@@ -22,6 +22,7 @@ pub fn app(state: ApiState) -> Router {
         .route("/v1/workers", get(rest::workers))
         .route("/v1/workers/{pid}", get(rest::worker))
         .route("/v1/workers/{pid}/requests", get(rest::requests))
+        .route("/v1/workers/{pid}/routes", get(rest::routes))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)

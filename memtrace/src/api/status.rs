@@ -13,6 +13,7 @@ use crate::{
     model::{
         cgroups::Placement,
         python::{GcStats, PythonRuntime},
+        routes::{LeakRoute, RoutesView},
         rss::RssBreakdown,
         workers::{Origin, Role},
     },
@@ -72,6 +73,16 @@ pub struct WorkerStatus {
     pub leak_detections: u64,
     /// The plan's `leak_detector` state, with memtrace's additions.
     pub leak_detector: DetectorState,
+    /// Socket mode, HTTP/1.x: routes counted, and requests counted under
+    /// "other" because the worker had --max-routes routes already.
+    pub routes: usize,
+    pub routes_overflowed_requests: u64,
+    /// Once a leak trend was detected: the route that carries it, with the
+    /// bytes it keeps per request.
+    pub leak_route: Option<LeakRoute>,
+    /// Every route's figures: only for /metrics with --metrics-routes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub route_views: Option<RoutesView>,
     /// Allocation-site collection is on for this worker.
     pub collecting: bool,
     /// What the soft limit did to this worker, if anything: action, signal,

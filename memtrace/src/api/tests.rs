@@ -26,6 +26,7 @@ use crate::{
     kernel::loader::KernelCounters,
     model::{
         requests::RequestRecord,
+        routes::{RouteTable, RoutesView},
         rss::RssBreakdown,
         workers::{Origin, Role},
     },
@@ -92,6 +93,10 @@ fn worker(pid: u32) -> WorkerStatus {
         python: None,
         python_gc: None,
         leak_detector: LeakDetector::new(DetectorConfig::default()).get_state(),
+        routes: 0,
+        routes_overflowed_requests: 0,
+        leak_route: None,
+        route_views: None,
         collecting: false,
     }
 }
@@ -144,6 +149,16 @@ impl Backend for Fake {
         self.calls.lock().unwrap().last_limit = Some(limit);
         if pid == 42 {
             Ok(vec![])
+        } else {
+            Err(BackendError::UnknownPid(pid))
+        }
+    }
+
+    fn routes(&self, pid: u32) -> Result<RoutesView, BackendError> {
+        if pid == 42 {
+            let mut table = RouteTable::new(10);
+            table.record(Some("GET /quote"), 4096, false);
+            Ok(table.view())
         } else {
             Err(BackendError::UnknownPid(pid))
         }
@@ -521,6 +536,19 @@ async fn rest_endpoints() {
             .0,
         StatusCode::BAD_REQUEST
     );
+    let (status, body) = h.get(&with_token("/v1/workers/42/routes")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["routes"]["routes"][0]["route"], "GET /quote");
+    assert_eq!(body["routes"]["routes"][0]["requests"], 1);
+    assert_eq!(body["routes"]["overflowed_requests"], 0);
+    assert_eq!(
+        h.get(&with_token("/v1/workers/999/routes")).await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        h.get("/v1/workers/42/routes").await.0,
+        StatusCode::FORBIDDEN
+    );
 }
 
 #[tokio::test]
@@ -540,6 +568,7 @@ async fn health_metrics_and_openapi_need_no_token() {
         "/v1/workers",
         "/v1/workers/{pid}",
         "/v1/workers/{pid}/requests",
+        "/v1/workers/{pid}/routes",
         "/healthz",
         "/metrics",
     ] {
@@ -583,7 +612,12 @@ async fn odd_inputs_never_give_a_server_error() {
         "action=status%20",
     ];
     for q in queries {
-        for path in ["/debug/memory/", "/v1/workers", "/v1/workers/42/requests"] {
+        for path in [
+            "/debug/memory/",
+            "/v1/workers",
+            "/v1/workers/42/requests",
+            "/v1/workers/42/routes",
+        ] {
             let (status, body) = h.get(&with_token(&format!("{path}?{q}"))).await;
             assert!(status.as_u16() < 500, "{path}?{q} gave {status}");
             if !status.is_success() {

@@ -65,6 +65,13 @@ pub enum Command {
         #[arg(long, default_value_t = 20)]
         limit: usize,
     },
+    /// A worker's routes (method and path, ids collapsed; socket mode,
+    /// HTTP/1.x): requests, RSS change, bytes kept per request.
+    Routes {
+        #[command(flatten)]
+        client: ClientArgs,
+        pid: u32,
+    },
     /// Live view of the workers (q quits, s changes the sort, arrows select).
     Top {
         #[command(flatten)]

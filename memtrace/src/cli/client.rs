@@ -238,6 +238,63 @@ pub fn render_status(body: &Value) -> String {
         "LIMIT_HIT",
     ]);
     out.push_str(&table(&header, &rows));
+    // The endpoint that carries a detected leak (socket mode, HTTP).
+    for w in &workers {
+        let r = &w["leak_route"];
+        if let Some(route) = r["route"].as_str() {
+            out.push_str(&format!(
+                "\nworker {} leaks in {route}: {} kept per request\n",
+                num(&w["pid"]),
+                kib(&r["kept_per_request"]["bytes"]),
+            ));
+        }
+    }
+    out
+}
+
+/// Bytes as KiB with a sign, for per-request figures.
+fn kib(v: &Value) -> String {
+    v.as_f64()
+        .map_or_else(|| "-".into(), |b| format!("{:+.1} KiB", b / 1024.0))
+}
+
+/// `memtrace routes PID`
+pub fn render_routes(body: &Value) -> String {
+    let routes = &body["routes"];
+    let rows: Vec<Vec<String>> = routes["routes"]
+        .as_array()
+        .map(|v| {
+            v.iter()
+                .map(|r| {
+                    vec![
+                        r["route"].as_str().unwrap_or("?").into(),
+                        num(&r["requests"]),
+                        kib(&r["kept_per_request"]["bytes"]),
+                        kib(&r["mean_delta_bytes"]),
+                        kib(&r["median_delta_bytes"]),
+                        format!("{:.0}%", r["grew_share"].as_f64().unwrap_or(0.0) * 100.0),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut out = table(
+        &["ROUTE", "REQS", "KEPT/REQ", "MEAN", "MEDIAN", "GREW"],
+        &rows,
+    );
+    let overflowed = routes["overflowed_requests"].as_u64().unwrap_or(0);
+    if overflowed > 0 {
+        out.push_str(&format!(
+            "\n{overflowed} requests counted under \"other\": the worker has {} routes (--max-routes)\n",
+            num(&routes["max_routes"])
+        ));
+    }
+    let without = routes["requests_without_path"].as_u64().unwrap_or(0);
+    if without > 0 {
+        out.push_str(&format!(
+            "{without} requests without an HTTP/1.x path (other protocols, TLS, --no-http-paths, or not socket mode)\n"
+        ));
+    }
     out
 }
 
@@ -334,6 +391,7 @@ pub fn render_requests(body: &Value) -> String {
                 .map(|r| {
                     vec![
                         r["request_id"].as_str().unwrap_or("?").into(),
+                        r["route"].as_str().unwrap_or("-").into(),
                         float(&r["duration_ms"], 2),
                         mb(&r["rss_after_bytes"]),
                         format!(
@@ -351,7 +409,7 @@ pub fn render_requests(body: &Value) -> String {
         .unwrap_or_default();
     table(
         &[
-            "REQUEST", "MS", "RSS_MB", "DELTA_MB", "FAULTS", "MMAP_MB", "BRK_MB", "LEVEL",
+            "REQUEST", "ROUTE", "MS", "RSS_MB", "DELTA_MB", "FAULTS", "MMAP_MB", "BRK_MB", "LEVEL",
         ],
         &rows,
     )
@@ -446,5 +504,31 @@ mod tests {
         assert_eq!(human_secs(&json!(720.0)), "12m");
         assert_eq!(human_secs(&json!(12600.0)), "3.5h");
         assert_eq!(human_secs(&Value::Null), "-");
+    }
+}
+
+#[cfg(test)]
+mod route_tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn routes_table_names_routes_and_overflow() {
+        let body = json!({"pid": 7, "routes": {
+        "max_routes": 2,
+        "overflowed_requests": 5,
+        "requests_without_path": 0,
+        "routes": [
+            {"route": "GET /quote", "requests": 100, "kept_per_request": {"bytes": 31744.0},
+             "mean_delta_bytes": 32000.0, "median_delta_bytes": 32768.0, "grew_share": 0.97},
+            {"route": "other", "requests": 5, "kept_per_request": null,
+             "mean_delta_bytes": 0.0, "median_delta_bytes": 0.0, "grew_share": 0.0}
+        ]}});
+        let out = render_routes(&body);
+        assert!(out.contains("GET /quote"), "{out}");
+        assert!(out.contains("+31.0 KiB"), "{out}");
+        assert!(out.contains("97%"), "{out}");
+        assert!(out.contains("5 requests counted under \"other\""), "{out}");
     }
 }

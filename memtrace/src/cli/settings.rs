@@ -24,6 +24,7 @@ use crate::{
         cgroups,
         kubelet::{self, KubeletSettings},
         requests::RequestSettings,
+        routes::DEFAULT_MAX_ROUTES,
         selectors::Selectors,
     },
 };
@@ -156,6 +157,27 @@ pub struct AgentArgs {
         help_heading = "Requests"
     )]
     pub request_end: Option<String>,
+
+    /// Socket mode: do not read HTTP request lines (no method, no path, no
+    /// routes); for sites whose paths carry secrets. No byte of any request
+    /// is read then.
+    #[arg(long, env = "MEMTRACE_NO_HTTP_PATHS", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL", help_heading = "Requests")]
+    pub no_http_paths: Option<bool>,
+
+    /// Routes (method and path with ids collapsed) kept per worker; the
+    /// rest are counted under "other" [default: 100].
+    #[arg(
+        long,
+        env = "MEMTRACE_MAX_ROUTES",
+        value_name = "N",
+        help_heading = "Requests"
+    )]
+    pub max_routes: Option<usize>,
+
+    /// Per-route series on /metrics (a label per route and worker: up to
+    /// --max-routes times the workers' series).
+    #[arg(long, env = "MEMTRACE_METRICS_ROUTES", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL", help_heading = "Requests")]
+    pub metrics_routes: Option<bool>,
 
     /// Log a request at INFO (HIGH_MEMORY_USAGE) when its RSS grew more than this [default: 5].
     #[arg(
@@ -605,7 +627,8 @@ impl AgentArgs {
         let cli = self;
         merge_lists!(cli, file; process_name, exe, pid, cgroup, container);
         merge_options!(cli, file;
-            cmdline, request_mode, request_fn, request_begin, request_end, high_memory_mb,
+            cmdline, request_mode, request_fn, request_begin, request_end, no_http_paths,
+            max_routes, metrics_routes, high_memory_mb,
             spike_mb, request_history, leak_window_size, leak_check_interval,
             leak_slope_threshold, leak_warmup_requests, leak_sample_interval_secs,
             leak_time_slope_mb_per_hour, soft_limit_mb, soft_limit_action, soft_limit_target,
@@ -716,6 +739,7 @@ impl AgentArgs {
                 self.request_begin.as_deref(),
                 self.request_end.as_deref(),
             )?,
+            http_paths: !self.no_http_paths.unwrap_or(false),
         };
         let mb =
             |setting: &'static str, v: Option<f64>, default: f64| -> Result<u64, ConfigError> {
@@ -733,6 +757,12 @@ impl AgentArgs {
                 n => n,
             },
             mmap_counters: load.mmap_counters,
+            max_routes: match self.max_routes.unwrap_or(DEFAULT_MAX_ROUTES) {
+                0 => return Err(invalid("--max-routes", "must be at least 1")),
+                n if n > 10_000 => return Err(invalid("--max-routes", "at most 10000")),
+                n => n,
+            },
+            metrics_routes: self.metrics_routes.unwrap_or(false),
         };
         let defaults = AgentSettings::default();
         let detector = DetectorConfig {

@@ -190,6 +190,10 @@ pub struct Model {
     detail: bool,
     /// The last requests fetched for the detail pane, with their pid.
     requests: Option<(u32, Result<Value, String>)>,
+    /// The detail pane shows the worker's routes instead of its requests.
+    show_routes: bool,
+    /// The last routes fetched for the detail pane, with their pid.
+    routes: Option<(u32, Result<Value, String>)>,
 }
 
 /// What a key asks `run` to do besides redrawing.
@@ -217,6 +221,8 @@ impl Model {
             selected: None,
             detail: false,
             requests: None,
+            show_routes: false,
+            routes: None,
         }
     }
 
@@ -316,6 +322,18 @@ impl Model {
         self.requests = Some((pid, result));
     }
 
+    /// Like `apply_requests`, for the routes view.
+    pub fn apply_routes(&mut self, pid: u32, result: Result<Value, String>) {
+        if result.is_err() && matches!(&self.routes, Some((p, Ok(_))) if *p == pid) {
+            return;
+        }
+        self.routes = Some((pid, result));
+    }
+
+    pub fn showing_routes(&self) -> bool {
+        self.show_routes
+    }
+
     /// How long the refresh under way has waited, when that is news.
     pub fn set_waiting(&mut self, secs: Option<f64>) {
         self.waiting_secs = secs;
@@ -367,6 +385,7 @@ impl Model {
                 self.sort_workers();
             }
             KeyCode::Char('r') => return Action::Refresh,
+            KeyCode::Char('o') => self.show_routes = !self.show_routes,
             KeyCode::Up | KeyCode::Char('k') => self.move_selection(-1),
             KeyCode::Down | KeyCode::Char('j') => self.move_selection(1),
             KeyCode::Home => self.move_selection(isize::MIN),
@@ -760,8 +779,9 @@ fn detector_lines(w: &WorkerRow) -> Vec<Line<'static>> {
 }
 
 /// The detail pane's request columns (LEVEL takes the rest).
-const REQUEST_COLUMNS: [(&str, u16); 6] = [
+const REQUEST_COLUMNS: [(&str, u16); 7] = [
     ("REQUEST", 15),
+    ("ROUTE", 18),
     ("MS", 8),
     ("RSS MB", 7),
     ("DELTA MB", 8),
@@ -789,8 +809,8 @@ fn requests_view(frame: &mut Frame, area: Rect, model: &Model, pid: u32) {
     };
     let widths: Vec<u16> = REQUEST_COLUMNS.iter().map(|(_, w)| *w).collect();
     let inner_width = block.inner(area).width;
-    // FAULTS, MS, then RSS MB make way on a narrow terminal.
-    let columns = fit_columns(&widths, &[4, 1, 2], inner_width);
+    // FAULTS, MS, ROUTE, then RSS MB make way on a narrow terminal.
+    let columns = fit_columns(&widths, &[5, 2, 1, 3], inner_width);
     let last = REQUEST_COLUMNS.len() - 1;
     let level_width = inner_width.saturating_sub(
         columns
@@ -819,6 +839,7 @@ fn requests_view(frame: &mut Frame, area: Rect, model: &Model, pid: u32) {
             };
             vec![
                 Cell::from(r["request_id"].as_str().unwrap_or("?").to_string()),
+                Cell::from(r["route"].as_str().unwrap_or("-").to_string()),
                 Cell::from(opt(r["duration_ms"].as_f64(), 2)),
                 Cell::from(mb(r["rss_after_bytes"].as_u64())),
                 Cell::from(format!(
@@ -893,7 +914,90 @@ fn detail_pane(frame: &mut Frame, area: Rect, model: &Model) {
         Paragraph::new(detector_lines(w)).block(Block::new().title(" leak detector ")),
         left,
     );
-    requests_view(frame, right, model, w.pid);
+    if model.show_routes {
+        routes_view(frame, right, model, w.pid);
+    } else {
+        requests_view(frame, right, model, w.pid);
+    }
+}
+
+/// The detail pane's routes: busiest first, bytes kept per request.
+fn routes_view(frame: &mut Frame, area: Rect, model: &Model, pid: u32) {
+    let block = Block::new().borders(Borders::LEFT).title(" routes ");
+    let body = match &model.routes {
+        Some((p, Ok(body))) if *p == pid => &body["routes"],
+        Some((p, Err(e))) if *p == pid => {
+            let text = Paragraph::new(e.clone())
+                .style(Style::new().fg(Color::Red))
+                .wrap(ratatui::widgets::Wrap { trim: true });
+            frame.render_widget(text.block(block), area);
+            return;
+        }
+        _ => {
+            frame.render_widget(Paragraph::new("loading...").block(block), area);
+            return;
+        }
+    };
+    let kib = |v: &Value| {
+        v.as_f64()
+            .map_or_else(|| "-".to_string(), |b| format!("{:+.1}", b / 1024.0))
+    };
+    let rows: Vec<Row> = body["routes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            let kept = r["kept_per_request"]["bytes"].as_f64().unwrap_or(0.0);
+            // A route keeping a page or more per request stands out.
+            let style = if kept >= 4096.0 {
+                Style::new().fg(Color::Yellow)
+            } else {
+                Style::new()
+            };
+            Row::new(vec![
+                Cell::from(r["route"].as_str().unwrap_or("?").to_string()),
+                Cell::from(count(&r["requests"])),
+                Cell::from(kib(&r["kept_per_request"]["bytes"])),
+                Cell::from(kib(&r["median_delta_bytes"])),
+                Cell::from(format!(
+                    "{:.0}%",
+                    r["grew_share"].as_f64().unwrap_or(0.0) * 100.0
+                )),
+            ])
+            .style(style)
+        })
+        .collect();
+    if rows.is_empty() {
+        let text = match body["requests_without_path"].as_u64() {
+            Some(n) if n > 0 => {
+                format!("no route: {n} requests without an HTTP/1.x path (socket mode names them)")
+            }
+            _ => "no route recorded yet (socket mode, HTTP/1.x)".to_string(),
+        };
+        frame.render_widget(Paragraph::new(text).block(block), area);
+        return;
+    }
+    let overflowed = body["overflowed_requests"].as_u64().unwrap_or(0);
+    let block = if overflowed > 0 {
+        block.title(format!(
+            " routes ({overflowed} requests over --max-routes) "
+        ))
+    } else {
+        block
+    };
+    let table = Table::new(
+        rows,
+        [
+            Constraint::Min(16),
+            Constraint::Length(7),
+            Constraint::Length(10),
+            Constraint::Length(10),
+            Constraint::Length(5),
+        ],
+    )
+    .header(Row::new(["ROUTE", "REQS", "KEPT KiB", "MEDIAN KiB", "GREW"]).bold())
+    .block(block);
+    frame.render_widget(table, area);
 }
 
 fn footer(model: &Model) -> Line<'static> {
@@ -910,6 +1014,12 @@ fn footer(model: &Model) -> Line<'static> {
             " close details  "
         } else {
             " details  "
+        }),
+        key("o"),
+        Span::raw(if model.show_routes {
+            " requests  "
+        } else {
+            " routes  "
         }),
         key("r"),
         Span::raw(" refresh"),
@@ -964,6 +1074,10 @@ enum Fetched {
         pid: u32,
         result: Result<Value, String>,
     },
+    Routes {
+        pid: u32,
+        result: Result<Value, String>,
+    },
 }
 
 fn unix_now() -> f64 {
@@ -995,6 +1109,12 @@ fn fetch_loop(client: &Client, jobs: &Receiver<Job>, results: &Sender<Fetched>) 
                 ))
                 .map_err(|e| e.to_string());
             if results.send(Fetched::Requests { pid, result }).is_err() {
+                return;
+            }
+            let result = client
+                .get(&format!("/v1/workers/{pid}/routes"))
+                .map_err(|e| e.to_string());
+            if results.send(Fetched::Routes { pid, result }).is_err() {
                 return;
             }
         }
@@ -1057,6 +1177,10 @@ pub fn run(client: Client, interval_secs: f64) -> Result<(), TopError> {
                 }
                 Ok(Fetched::Requests { pid, result }) => {
                     model.apply_requests(pid, result);
+                    dirty = true;
+                }
+                Ok(Fetched::Routes { pid, result }) => {
+                    model.apply_routes(pid, result);
                     dirty = true;
                 }
                 Err(TryRecvError::Empty) => break,
@@ -1281,6 +1405,37 @@ mod tests {
             "▁▁▁"
         );
         assert_eq!(sparkline_text(&[]), "");
+    }
+
+    #[test]
+    fn o_shows_the_routes_of_the_selected_worker() {
+        let mut m = model_with(vec![worker(10, 30, 10, Some(1.0), false)]);
+        assert_eq!(press(&mut m, KeyCode::Enter), Action::Requests(10));
+        m.apply_routes(
+            10,
+            Ok(json!({"pid": 10, "routes": {
+            "max_routes": 100, "overflowed_requests": 3, "requests_without_path": 0,
+            "routes": [
+                {"route": "GET /quote", "requests": 120, "kept_per_request": {"bytes": 31744.0},
+                 "median_delta_bytes": 32768.0, "grew_share": 0.98},
+                {"route": "GET /health", "requests": 400, "kept_per_request": {"bytes": 0.0},
+                 "median_delta_bytes": 0.0, "grew_share": 0.01}
+            ]}})),
+        );
+        assert!(!text(&draw(&m, 180, 30)).contains("GET /quote"));
+        assert_eq!(press(&mut m, KeyCode::Char('o')), Action::None);
+        assert!(m.showing_routes());
+        let screen = text(&draw(&m, 180, 30));
+        for needle in [
+            "GET /quote",
+            "+31.0",
+            "98%",
+            "GET /health",
+            "3 requests over --max-routes",
+            "o requests",
+        ] {
+            assert!(screen.contains(needle), "{needle:?} missing in\n{screen}");
+        }
     }
 
     #[test]

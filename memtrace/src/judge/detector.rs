@@ -732,7 +732,7 @@ fn least_squares_slope(window: &VecDeque<Sample>) -> f64 {
 /// x (variance corrected for ties in both), and reads the ((N − C)/2)-th and
 /// ((N + C)/2 + 1)-th of the N ordered pairwise slopes, rounded outwards.
 /// `None` when no pair has distinct x.
-fn theil_sen(xs: &[f64], ys: &[f64]) -> Option<RobustSlope> {
+pub(super) fn theil_sen(xs: &[f64], ys: &[f64]) -> Option<RobustSlope> {
     let n = xs.len().min(ys.len());
     let mut slopes = Vec::with_capacity(n * n.saturating_sub(1) / 2);
     for i in 0..n {

@@ -156,6 +156,9 @@ pub struct LoadOptions {
     /// Count mmap/munmap/mremap/brk bytes from syscall tracepoints for the
     /// agent's whole life (off: those counters stay zero).
     pub mmap_counters: bool,
+    /// Socket mode: keep each HTTP/1.x request's method and path (the
+    /// first bytes of the request line; `--no-http-paths` turns it off).
+    pub http_paths: bool,
 }
 
 impl Default for LoadOptions {
@@ -168,6 +171,7 @@ impl Default for LoadOptions {
             requests: RequestProbes::None,
             cgroup_filter: memtrace_common::CGROUP_FILTER_OFF,
             mmap_counters: false,
+            http_paths: true,
         }
     }
 }
@@ -238,6 +242,8 @@ impl Tracer {
             fault_sample_period: options.fault_sample_period.max(1),
             cgroup_filter: options.cgroup_filter,
             layout,
+            http_paths: u32::from(options.http_paths),
+            _pad: 0,
         };
         let mut ebpf = EbpfLoader::new()
             .override_global("CONFIG", &config, true)

@@ -1,8 +1,9 @@
 //! What memtrace knows of each traced process: /proc readers
 //! ([`procinfo`]), its cgroup, container and pod ([`cgroups`]), resident
 //! memory by type ([`rss`]), the worker registry ([`workers`]), per-request
-//! records ([`requests`]), the selectors that choose processes
-//! ([`selectors`]), and the CPython interpreter a process runs ([`python`]).
+//! records ([`requests`]), their routes ([`routes`]), the selectors that
+//! choose processes ([`selectors`]), and the CPython interpreter a process
+//! runs ([`python`]).
 //!
 //! Imports: `judge::detector` (each worker owns its leak detector); nothing
 //! from the kernel loader, the API or the agent.
@@ -11,6 +12,7 @@ pub mod kubelet;
 pub mod procinfo;
 pub mod python;
 pub mod requests;
+pub mod routes;
 pub mod rss;
 pub mod selectors;
 pub mod workers;

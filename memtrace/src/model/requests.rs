@@ -11,7 +11,10 @@ use memtrace_common::{
 };
 use serde::Serialize;
 
-use super::rss::RssBreakdown;
+use super::{
+    routes::{DEFAULT_MAX_ROUTES, HttpLine, RouteTable},
+    rss::RssBreakdown,
+};
 
 const MB: f64 = 1024.0 * 1024.0;
 
@@ -27,6 +30,10 @@ pub struct RequestSettings {
     /// The kernel counts mmap/munmap/brk bytes (`--mmap-counters`); without,
     /// a record's mmap and brk fields are absent, not zero.
     pub mmap_counters: bool,
+    /// Routes kept per worker (the rest count as "other").
+    pub max_routes: usize,
+    /// Per-route series on /metrics.
+    pub metrics_routes: bool,
 }
 
 impl Default for RequestSettings {
@@ -36,6 +43,8 @@ impl Default for RequestSettings {
             spike_bytes: 10 * 1024 * 1024,
             history: 1000,
             mmap_counters: false,
+            max_routes: DEFAULT_MAX_ROUTES,
+            metrics_routes: false,
         }
     }
 }
@@ -72,6 +81,13 @@ pub struct RequestRecord {
     pub kernel_seq: u64,
     pub pid: u32,
     pub tid: u32,
+    /// Socket mode, HTTP/1.x: the method and path (no query string).
+    pub method: Option<String>,
+    pub path: Option<String>,
+    /// The path was cut at the kernel's cap or its end never came.
+    pub path_truncated: bool,
+    /// The path with ids collapsed: "GET /orders/:id".
+    pub route: Option<String>,
     /// Milliseconds since the Unix epoch.
     pub started_unix_ms: f64,
     pub duration_ms: f64,
@@ -181,12 +197,17 @@ impl RequestRecord {
         let delta_bytes = delta(MM_FILEPAGES) + delta(MM_ANONPAGES) + delta(MM_SHMEMPAGES);
         let started = clock.wall(ev.start_ns);
         let counted = |v: u64| settings.mmap_counters.then_some(v);
+        let line = HttpLine::from_kernel(&ev.line);
         Self {
             request_id: RequestId { pid: ev.tgid, seq },
             seq,
             kernel_seq: ev.seq,
             pid: ev.tgid,
             tid: ev.tid,
+            route: line.as_ref().map(HttpLine::route),
+            path_truncated: line.as_ref().is_some_and(|l| l.truncated),
+            method: line.as_ref().map(|l| l.method.clone()),
+            path: line.map(|l| l.path),
             started_unix_ms: started
                 .duration_since(UNIX_EPOCH)
                 .map_or(0.0, |d| d.as_secs_f64() * 1000.0),
@@ -214,6 +235,9 @@ impl RequestRecord {
             ($level:ident, $msg:literal) => {
                 tracing::$level!(
                     request_id = %self.request_id,
+                    method = self.method.as_deref(),
+                    path = self.path.as_deref(),
+                    route = self.route.as_deref(),
                     pid = self.pid,
                     tid = self.tid,
                     duration_ms = self.duration_ms,
@@ -243,6 +267,8 @@ impl RequestRecord {
 pub struct RequestLog {
     records: VecDeque<RequestRecord>,
     capacity: usize,
+    /// Requests and memory per route.
+    pub routes: RouteTable,
     /// Requests ended (normally or aborted) since the worker was found.
     pub seen: u64,
     pub aborted: u64,
@@ -250,9 +276,14 @@ pub struct RequestLog {
 
 impl RequestLog {
     pub fn new(capacity: usize) -> Self {
+        Self::with_routes(capacity, DEFAULT_MAX_ROUTES)
+    }
+
+    pub fn with_routes(capacity: usize, max_routes: usize) -> Self {
         Self {
             records: VecDeque::with_capacity(capacity.min(1024)),
             capacity: capacity.max(1),
+            routes: RouteTable::new(max_routes),
             seen: 0,
             aborted: 0,
         }
@@ -267,6 +298,12 @@ impl RequestLog {
         self.seen += 1;
         if record.aborted {
             self.aborted += 1;
+        } else {
+            self.routes.record(
+                record.route.as_deref(),
+                record.delta_bytes,
+                record.interleaved,
+            );
         }
         if self.records.len() == self.capacity {
             self.records.pop_front();
