@@ -6,6 +6,9 @@ use memtrace_common::{
 
 /// A decoded kernel event. Process events (over 400 bytes, and rare) are
 /// boxed so that the per-request path moves a small value.
+// A request summary stays unboxed: it is the per-request path, and must
+// not allocate.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub enum KernelEvent {
     Fork(Box<ProcessEvent>),
