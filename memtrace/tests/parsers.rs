@@ -255,6 +255,7 @@ fn debug_query() -> impl Strategy<Value = (String, DebugQuery)> {
                 limit: limit.map_or(DEFAULT_LIMIT, |(n, _)| n.min(MAX_LIMIT as u64) as usize),
                 pid: pid.map(|(p, _)| p),
                 token: token.map(|(t, _)| t),
+                format: None,
             };
             (Just(segments).prop_shuffle(), Just(expected), Just(seps))
         })

@@ -48,6 +48,52 @@ impl Client {
         &self.base
     }
 
+    /// GETs a path and returns the body as bytes (profiles); API errors
+    /// (JSON bodies) become ClientError.
+    pub fn get_bytes(&self, path_and_query: &str) -> Result<Vec<u8>, ClientError> {
+        let url = format!("{}{}", self.base, path_and_query);
+        let mut req = self.agent.get(&url);
+        if let Some(t) = &self.token {
+            req = req.header("X-Debug-Token", t);
+        }
+        let mut resp = req.call().map_err(|e| ClientError::Unreachable {
+            url: self.base.clone(),
+            message: e.to_string(),
+        })?;
+        let status = resp.status().as_u16();
+        let body = resp
+            .body_mut()
+            .with_config()
+            .limit(1 << 30)
+            .read_to_vec()
+            .map_err(|e| ClientError::BadAnswer(e.to_string()))?;
+        if status == 403 {
+            return Err(ClientError::Forbidden);
+        }
+        if status >= 400 {
+            let message = serde_json::from_slice::<Value>(&body)
+                .ok()
+                .and_then(|v| v["error"].as_str().map(str::to_string))
+                .unwrap_or_else(|| String::from_utf8_lossy(&body).chars().take(200).collect());
+            return Err(ClientError::Api { status, message });
+        }
+        Ok(body)
+    }
+
+    /// `snapshot` or `diff` rendered by the agent (`pprof`, `folded`, `svg`).
+    pub fn debug_profile(
+        &self,
+        action: &str,
+        pid: Option<u32>,
+        format: &str,
+    ) -> Result<Vec<u8>, ClientError> {
+        let mut q = format!("/debug/memory/?action={action}&format={format}");
+        if let Some(p) = pid {
+            q.push_str(&format!("&pid={p}"));
+        }
+        self.get_bytes(&q)
+    }
+
     /// GETs a path and returns the JSON body; API errors become ClientError.
     pub fn get(&self, path_and_query: &str) -> Result<Value, ClientError> {
         let url = format!("{}{}", self.base, path_and_query);

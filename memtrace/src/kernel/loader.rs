@@ -131,6 +131,41 @@ pub enum RequestProbes {
     Socket,
 }
 
+/// Which allocation sites a snapshot collects, cheapest first.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CollectTier {
+    /// Page faults (sampled) and mmap/brk calls: tracepoints only, no uprobe.
+    /// Sees any growth, allocator arenas included, not which block leaks.
+    Growth,
+    /// Growth plus the C library's allocator (malloc, calloc, realloc,
+    /// free), sampled by bytes: which call stacks hold live heap blocks.
+    #[default]
+    Heap,
+}
+
+impl CollectTier {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Growth => "growth",
+            Self::Heap => "heap",
+        }
+    }
+}
+
+impl std::str::FromStr for CollectTier {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "growth" => Ok(Self::Growth),
+            "heap" => Ok(Self::Heap),
+            other => Err(format!(
+                "`{other}` is not a collection tier: use growth or heap"
+            )),
+        }
+    }
+}
+
 /// Load-time settings.
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
@@ -142,6 +177,14 @@ pub struct LoadOptions {
     /// `memtrace_common::CGROUP_FILTER_*`: execs count only inside the
     /// cgroups given to [`Tracer::select_cgroup`].
     pub cgroup_filter: u32,
+    /// What a snapshot collects.
+    pub collect: CollectTier,
+    /// Mean bytes between sampled heap allocations (0 or 1: every one).
+    pub heap_sample_bytes: u64,
+    /// Sampled heap blocks tracked per worker at most (0: the map's size).
+    pub max_live_allocs: u32,
+    /// Sampled heap blocks tracked over all workers (the map's size).
+    pub live_allocs_map_size: u32,
 }
 
 impl Default for LoadOptions {
@@ -153,9 +196,17 @@ impl Default for LoadOptions {
             fault_sample_period: 4,
             requests: RequestProbes::None,
             cgroup_filter: memtrace_common::CGROUP_FILTER_OFF,
+            collect: CollectTier::default(),
+            heap_sample_bytes: memtrace_common::DEFAULT_HEAP_SAMPLE_BYTES,
+            max_live_allocs: DEFAULT_MAX_LIVE_ALLOCS,
+            live_allocs_map_size: memtrace_common::MAX_ALLOCS,
         }
     }
 }
+
+/// Sampled live heap blocks tracked per worker by default: at the default
+/// sampling interval, 32 GiB of live heap in blocks under 512 KiB.
+pub const DEFAULT_MAX_LIVE_ALLOCS: u32 = 65_536;
 
 /// Kernel-side counters summed over CPUs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -173,6 +224,10 @@ pub struct KernelCounters {
     /// Execs a selector matched outside the selected cgroups, dropped in the
     /// kernel.
     pub cgroup_rejected: u64,
+    /// Heap allocations sampled while the heap tier was on.
+    pub heap_samples: u64,
+    /// Sampled heap blocks not tracked: a worker's cap or the map was full.
+    pub live_allocs_dropped: u64,
 }
 
 /// The loaded programs and the maps the agent reads and writes.
@@ -190,6 +245,8 @@ pub struct Tracer {
     alloc_links: std::collections::HashMap<u32, Vec<(&'static str, UProbeLinkId)>>,
     allocs: HashMap<MapData, AllocKey, AllocInfo>,
     uprobe_links: Vec<(&'static str, UProbeLinkId)>,
+    collect: CollectTier,
+    heap_sample_bytes: u64,
     pub layout: TracepointLayout,
 }
 
@@ -221,11 +278,15 @@ impl Tracer {
             rss_step_bytes: options.rss_step_bytes,
             fault_sample_period: options.fault_sample_period.max(1),
             cgroup_filter: options.cgroup_filter,
+            heap_sample_bytes: options.heap_sample_bytes,
+            max_live_allocs: options.max_live_allocs,
+            _pad: 0,
             layout,
         };
         let mut ebpf = EbpfLoader::new()
             .override_global("CONFIG", &config, true)
             .map_max_entries("EVENTS", ring)
+            .map_max_entries("ALLOCS", options.live_allocs_map_size.max(1))
             .load(EBPF_OBJECT)
             .map_err(|e| LoadError::Load(Box::new(e)))?;
 
@@ -267,6 +328,8 @@ impl Tracer {
             alloc_links: std::collections::HashMap::new(),
             allocs,
             uprobe_links: Vec::new(),
+            collect: options.collect,
+            heap_sample_bytes: options.heap_sample_bytes,
             layout,
         };
         for &(program, category, name) in STEADY_PROGRAMS {
@@ -449,7 +512,19 @@ impl Tracer {
             sites_map_full: sums[memtrace_common::CTR_SITES_FULL as usize],
             cgroup_rejected: sums[memtrace_common::CTR_CGROUP_REJECTED as usize],
             conns_map_full: sums[memtrace_common::CTR_CONNS_FULL as usize],
+            heap_samples: sums[memtrace_common::CTR_HEAP_SAMPLES as usize],
+            live_allocs_dropped: sums[memtrace_common::CTR_ALLOCS_DROPPED as usize],
         }
+    }
+
+    /// What a snapshot collects.
+    pub fn collect_tier(&self) -> CollectTier {
+        self.collect
+    }
+
+    /// Mean bytes between sampled heap allocations (0 or 1: every one).
+    pub fn heap_sample_bytes(&self) -> u64 {
+        self.heap_sample_bytes
     }
 
     /// Whether the allocation-site programs are attached.
@@ -490,7 +565,7 @@ impl Tracer {
     /// Attaches the malloc/free probes to one process's C library. Without
     /// one (static binaries) only page-fault and mmap/brk sites are seen.
     pub fn attach_alloc_probes(&mut self, tgid: u32) {
-        if self.alloc_links.contains_key(&tgid) {
+        if self.collect != CollectTier::Heap || self.alloc_links.contains_key(&tgid) {
             return;
         }
         let Some(pid) = std::num::NonZeroU32::new(tgid) else {
