@@ -7,7 +7,7 @@ use aya::{
     programs::{
         ProgramError, TracePoint, UProbe,
         trace_point::TracePointLinkId,
-        uprobe::{UProbeLinkId, UProbeScope},
+        uprobe::{UProbeAttachLocation, UProbeLinkId, UProbeScope},
     },
 };
 use memtrace_common::{
@@ -17,7 +17,7 @@ use memtrace_common::{
 
 use super::{
     tracefs::{Tracefs, TracefsError},
-    uprobes::{ProbeTarget, libc_path},
+    uprobes::{ProbeTarget, entry_offsets, libc_path},
 };
 
 /// The programs, built by build.rs from memtrace-ebpf.
@@ -579,11 +579,17 @@ impl Tracer {
             return;
         };
         let mut links = Vec::new();
-        for &(program, symbol) in ALLOC_PROBES {
-            match self
-                .uprobe(program)
-                .attach(symbol, &libc, UProbeScope::OneProcess(pid))
-            {
+        let symbols: Vec<&str> = ALLOC_PROBES.iter().map(|&(_, s)| s).collect();
+        let offsets = entry_offsets(&libc, &symbols);
+        for (&(program, symbol), &offset) in ALLOC_PROBES.iter().zip(&offsets) {
+            // Return probes go on the entry itself; entry probes where the
+            // kernel can emulate the instruction.
+            let offset = if program == "alloc_exit" { 0 } else { offset };
+            match self.uprobe(program).attach(
+                UProbeAttachLocation::SymbolOffset(symbol, offset),
+                &libc,
+                UProbeScope::OneProcess(pid),
+            ) {
                 Ok(link) => links.push((program, link)),
                 Err(e) => {
                     tracing::warn!(pid = tgid, symbol, error = %e, "cannot probe the C library's allocator");
