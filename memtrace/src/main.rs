@@ -154,14 +154,18 @@ fn run_sites(
     if output.output.is_none() && format == "pprof" && std::io::stdout().is_terminal() {
         return usage_error("a pprof profile is binary: write it to a file with -o FILE");
     }
-    // A file that cannot be written fails before the agent moves its baseline.
-    if let Some(path) = &output.output
-        && let Err(e) = std::fs::OpenOptions::new()
+    // A file that cannot be written fails before the agent moves its
+    // baseline; one created for the check goes again if the call fails.
+    let mut created = false;
+    if let Some(path) = &output.output {
+        created = !path.exists();
+        if let Err(e) = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)
-    {
-        return usage_error(format_args!("cannot write {}: {e}", path.display()));
+        {
+            return usage_error(format_args!("cannot write {}: {e}", path.display()));
+        }
     }
     let c = Client::new(&args.url, std::env::var(DEBUG_TOKEN_ENV).ok());
     match c.debug_profile(action, pid, format) {
@@ -172,7 +176,12 @@ fn run_sites(
                 Err(e) => fail(format_args!("cannot write to standard output: {e}")),
             },
         },
-        Err(e) => fail(e),
+        Err(e) => {
+            if let Some(path) = output.output.as_ref().filter(|_| created) {
+                let _ = std::fs::remove_file(path);
+            }
+            fail(e)
+        }
     }
 }
 
