@@ -376,6 +376,29 @@ fn a_full_live_block_map_is_counted_and_the_agent_keeps_working() {
     let (code, diff) = get(addr, "/debug/memory/?action=diff");
     assert_eq!(code, 200, "{diff}");
     assert!(agent.wait(Duration::from_secs(5), |s| s.registry.contains(worker)));
+    // A worker that dies gives its blocks back: its replacement is tracked.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(worker as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let mut next = None;
+    assert!(wait_for(Duration::from_secs(10), || {
+        next = children_of(server.master)
+            .into_iter()
+            .find(|&p| p != worker);
+        next.is_some()
+    }));
+    let next = next.unwrap();
+    assert!(agent.wait(Duration::from_secs(10), |s| s.registry.contains(next)));
+    std::thread::sleep(Duration::from_millis(300));
+    drive(server.port, "/leak/4096", 4, 1);
+    let (_, status) = get(addr, &format!("/debug/memory/?action=status&pid={next}"));
+    let w = &status["workers"][0];
+    assert!(
+        w["heap_live_blocks"].as_u64().unwrap() >= 4,
+        "the replacement's blocks are tracked: {w:#}"
+    );
 
     // The per-worker cap: 4 blocks per worker, the map has room.
     drop(agent);
@@ -386,7 +409,7 @@ fn a_full_live_block_map_is_counted_and_the_agent_keeps_working() {
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(get(addr, "/debug/memory/?action=snapshot").0, 200);
     drive(server.port, "/leak/4096", 30, 1);
-    let (_, status) = get(addr, &format!("/debug/memory/?action=status&pid={worker}"));
+    let (_, status) = get(addr, &format!("/debug/memory/?action=status&pid={next}"));
     let w = &status["workers"][0];
     assert_eq!(w["heap_live_blocks"], 4, "{w:#}");
     assert!(w["heap_samples_dropped"].as_u64().unwrap() >= 26, "{w:#}");

@@ -601,8 +601,33 @@ impl Tracer {
 
     /// Detaches one process's malloc/free probes (it exited).
     pub fn detach_alloc_probes(&mut self, tgid: u32) {
-        for (program, link) in self.alloc_links.remove(&tgid).unwrap_or_default() {
+        if self.detach_alloc_links(tgid) {
+            self.forget_allocs(tgid);
+        }
+    }
+
+    /// Whether the process had probes to detach.
+    fn detach_alloc_links(&mut self, tgid: u32) -> bool {
+        let Some(links) = self.alloc_links.remove(&tgid) else {
+            return false;
+        };
+        for (program, link) in links {
             let _ = self.uprobe(program).detach(link);
+        }
+        true
+    }
+
+    /// Forgets the live heap blocks of a process that exited, so that
+    /// respawning workers do not fill the map with the dead ones'.
+    fn forget_allocs(&mut self, tgid: u32) {
+        let dead: Vec<AllocKey> = self
+            .allocs
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.tgid == tgid)
+            .collect();
+        for key in dead {
+            let _ = self.allocs.remove(&key);
         }
     }
 
@@ -617,7 +642,8 @@ impl Tracer {
         }
         let probed: Vec<u32> = self.alloc_links.keys().copied().collect();
         for tgid in probed {
-            self.detach_alloc_probes(tgid);
+            // The blocks all go below.
+            self.detach_alloc_links(tgid);
         }
         for tgid in self.watched_tgids() {
             if let Ok(mut stats) = self.procs.get(&tgid, 0)
