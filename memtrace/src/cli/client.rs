@@ -197,6 +197,29 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
+/// "off", or the tier on, with its sampling and what did not fit.
+fn collection_state(agent: &Value) -> String {
+    if agent["collection_active"] != true {
+        return "off".into();
+    }
+    let tier = agent["collect_tier"].as_str().unwrap_or("?");
+    if tier != "heap" {
+        return format!("on ({tier} tier)");
+    }
+    let sampling = match agent["heap_sample_bytes"].as_u64() {
+        Some(0 | 1) => "every allocation".to_string(),
+        Some(b) if b % 1024 == 0 => format!("1 per {} KiB", b / 1024),
+        Some(b) => format!("1 per {b} bytes"),
+        None => "?".into(),
+    };
+    let dropped = agent["kernel"]["live_allocs_dropped"].as_u64().unwrap_or(0);
+    if dropped > 0 {
+        format!("on (heap tier, {sampling}; {dropped} sampled blocks dropped: live-block cap full)")
+    } else {
+        format!("on (heap tier, {sampling})")
+    }
+}
+
 /// `memtrace status`
 pub fn render_status(body: &Value) -> String {
     let agent = &body["agent"];
@@ -210,11 +233,7 @@ pub fn render_status(body: &Value) -> String {
         num(&agent["workers_exited"]),
         num(&agent["events_received"]),
         num(&agent["kernel"]["ringbuf_drops"]),
-        if agent["collection_active"] == true {
-            "on"
-        } else {
-            "off"
-        },
+        collection_state(agent),
     );
     let workers = body["workers"].as_array().cloned().unwrap_or_default();
     // Where each worker runs, shown only when some run in a container.
@@ -469,6 +488,29 @@ mod tests {
         ] {
             assert!(row.contains(cell), "{cell} missing in {row}");
         }
+    }
+
+    #[test]
+    fn status_names_the_collection_tier_and_dropped_samples() {
+        let agent = |v: Value| json!({"agent": v, "workers": []});
+        let line = |v: Value| render_status(&agent(v)).lines().next().unwrap().to_string();
+        assert!(line(json!({"collection_active": false})).ends_with("collection off"));
+        assert!(
+            line(json!({"collection_active": true, "collect_tier": "growth"}))
+                .ends_with("collection on (growth tier)")
+        );
+        let heap = line(json!({"collection_active": true, "collect_tier": "heap",
+            "heap_sample_bytes": 524288, "kernel": {"live_allocs_dropped": 0}}));
+        assert!(
+            heap.ends_with("collection on (heap tier, 1 per 512 KiB)"),
+            "{heap}"
+        );
+        let full = line(json!({"collection_active": true, "collect_tier": "heap",
+            "heap_sample_bytes": 1, "kernel": {"live_allocs_dropped": 7}}));
+        assert!(
+            full.contains("every allocation; 7 sampled blocks dropped"),
+            "{full}"
+        );
     }
 
     #[test]
