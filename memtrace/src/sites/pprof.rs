@@ -282,6 +282,7 @@ impl<'a> ProfileData<'a> {
             b.mapping(m);
         }
         let (pid_key, worker_key) = (b.string("pid"), b.string("worker"));
+        let (bytes_key, bytes_unit) = (b.string("bytes"), b.string("bytes"));
         for (pid, frames, values) in &self.samples {
             let location_id = frames.iter().map(|f| b.location(f)).collect();
             let mut label = vec![Label {
@@ -293,6 +294,15 @@ impl<'a> ProfileData<'a> {
                 label.push(Label {
                     key: worker_key,
                     str: b.string(name),
+                    ..Label::default()
+                });
+            }
+            // Go's heap profiles label each sample with its block size.
+            if self.source == ProfileSource::Heap && values[0] > 0 && values[1] > 0 {
+                label.push(Label {
+                    key: bytes_key,
+                    num: values[1] / values[0],
+                    num_unit: bytes_unit,
                     ..Label::default()
                 });
             }
@@ -527,6 +537,7 @@ mod tests {
         assert_eq!(label(first, "pid"), Some((7, String::new())));
         assert_eq!(label(first, "worker").unwrap().1, "leaky_server");
         assert_eq!(label(&p.sample[1], "worker"), None);
+        assert_eq!(label(first, "bytes").map(|l| l.0), Some(1024));
         // Two stacks share their locations and functions.
         assert_eq!(p.location.len(), 2);
         assert_eq!(p.function.len(), 2);
