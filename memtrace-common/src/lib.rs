@@ -37,8 +37,11 @@ pub const DEFAULT_RING_BYTES: u32 = 4 << 20;
 pub const MAX_STACKS: u32 = 16_384;
 /// (process, stack, kind) aggregation slots while collection is on.
 pub const MAX_STACK_SITES: u32 = 65_536;
-/// Live heap allocations tracked while collection is on (malloc probes).
+/// Live heap allocations tracked while collection is on (malloc probes), over
+/// all workers; `Config::max_live_allocs` caps each worker's share.
 pub const MAX_ALLOCS: u32 = 262_144;
+/// Default mean bytes between sampled heap allocations (Go's and jemalloc's).
+pub const DEFAULT_HEAP_SAMPLE_BYTES: u64 = 512 * 1024;
 /// Frames per user stack (the kernel's PERF_MAX_STACK_DEPTH).
 pub const STACK_DEPTH: usize = 127;
 
@@ -72,6 +75,10 @@ pub struct ProcStats {
     pub requests_started: u64,
     pub requests_ended: u64,
     pub requests_aborted: u64,
+    /// Sampled heap blocks tracked now in `ALLOCS` (wraps: read as i64).
+    pub live_allocs: u64,
+    /// Sampled heap allocations not tracked: the worker's cap or the map was full.
+    pub allocs_dropped: u64,
     /// Hash of the process's mm, learnt from `curr=1` rss_stat events; 0 = unknown.
     pub mm_id: u32,
     /// `PROC_FLAG_*`.
@@ -148,8 +155,10 @@ pub struct ThreadState {
     pub req: RequestStart,
     /// malloc/calloc/realloc: the size asked for, saved at entry for the return probe.
     pub alloc_size: u64,
-    /// realloc: the block being resized.
+    /// realloc: the block being resized, when it is tracked.
     pub alloc_old_ptr: u64,
+    /// Heap bytes left before the next sampled allocation; 0: not drawn yet.
+    pub heap_countdown: u64,
 }
 
 /// Socket mode: a server connection of a watched process, keyed by its
@@ -320,7 +329,11 @@ pub const CTR_SITES_FULL: u32 = 7;
 pub const CTR_CGROUP_REJECTED: u32 = 8;
 /// Socket mode: a connection that did not fit in `CONNS`.
 pub const CTR_CONNS_FULL: u32 = 9;
-pub const NUM_COUNTERS: u32 = 10;
+/// A sampled heap allocation not tracked (worker cap or `ALLOCS` full).
+pub const CTR_ALLOCS_DROPPED: u32 = 10;
+/// Heap allocations sampled (tracked or not).
+pub const CTR_HEAP_SAMPLES: u32 = 11;
+pub const NUM_COUNTERS: u32 = 12;
 
 /// Allocation-site kinds in `STACK_SITES`.
 pub const SITE_FAULT: u32 = 0;
@@ -360,10 +373,15 @@ pub struct SiteKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SiteCount {
-    /// Bytes attributed to the site (sampled faults are weighted by the period).
+    /// Bytes attributed to the site (sampled faults are weighted by the
+    /// period; heap sites hold the sizes of the sampled blocks still live,
+    /// unscaled).
     pub bytes: u64,
-    /// Samples taken at the site.
+    /// Samples taken at the site (heap: sampled blocks still live).
     pub samples: u64,
+    /// Heap sites: sizes and number of every sampled block, freed or not.
+    pub alloc_bytes: u64,
+    pub alloc_samples: u64,
 }
 
 /// Byte offsets of the tracepoint fields the programs read. The agent fills
@@ -421,11 +439,78 @@ pub struct Config {
     /// `CGROUP_FILTER_*`: whether execs must run inside a cgroup of
     /// `SELECTOR_CGROUPS` (or a descendant) to be watched or reported.
     pub cgroup_filter: u32,
-    pub layout: TracepointLayout,
+    /// Mean bytes between sampled heap allocations; 0 or 1: every one.
+    pub heap_sample_bytes: u64,
+    /// Sampled heap blocks tracked per worker at most; 0: only the map's size.
+    pub max_live_allocs: u32,
     /// 1: socket mode keeps each HTTP/1.x request's method and path.
     pub http_paths: u32,
-    pub _pad: u32,
+    pub layout: TracepointLayout,
 }
+
+/// log2(1 + i/32) in units of 2^-16, i = 0..=32: the fractional part of a
+/// logarithm by linear interpolation (error below 2e-4), as Go's `fastlog2`.
+const LOG2_FRAC_Q16: [u32; 33] = [
+    0, 2909, 5732, 8473, 11136, 13727, 16248, 18704, 21098, 23433, 25711, 27936, 30109, 32234,
+    34312, 36346, 38336, 40286, 42196, 44068, 45904, 47705, 49472, 51207, 52911, 54584, 56229,
+    57845, 59434, 60997, 62534, 64047, 65536,
+];
+
+/// ln 2 in units of 2^-16.
+const LN2_Q16: u64 = 45426;
+
+/// -ln(u) in units of 2^-16 for u = (r + 1) / 2^32, uniform in (0, 1] when
+/// `r` is: an exponential variate of mean 1 in integers only (no floating
+/// point or division in eBPF).
+#[inline(always)]
+pub fn neg_ln_q16(r: u32) -> u64 {
+    let x = r as u64 + 1;
+    // e = floor(log2 x), by halving search (no count-leading-zeros in BPF).
+    let mut e = 0u64;
+    let mut v = x;
+    if v >= 1 << 32 {
+        v >>= 32;
+        e += 32;
+    }
+    if v >= 1 << 16 {
+        v >>= 16;
+        e += 16;
+    }
+    if v >= 1 << 8 {
+        v >>= 8;
+        e += 8;
+    }
+    if v >= 1 << 4 {
+        v >>= 4;
+        e += 4;
+    }
+    if v >= 1 << 2 {
+        v >>= 2;
+        e += 2;
+    }
+    if v >= 1 << 1 {
+        e += 1;
+    }
+    // The mantissa's fraction in units of 2^-32: x / 2^e - 1.
+    let frac = (x << (32 - e)) - (1 << 32);
+    let i = ((frac >> 27) & 31) as usize;
+    let rest = frac & ((1 << 27) - 1);
+    let lo = LOG2_FRAC_Q16[i] as u64;
+    let hi = LOG2_FRAC_Q16[i + 1] as u64;
+    let log2_x = (e << 16) + lo + (((hi - lo) * rest) >> 27);
+    // -log2(u) = 32 - log2(x); -ln(u) = -log2(u) * ln 2.
+    (((32 << 16) - log2_x) * LN2_Q16) >> 16
+}
+
+/// Heap bytes until the next sampled allocation: exponential with mean
+/// `mean_bytes`, at least 1. `r` is a uniform random u32.
+#[inline(always)]
+pub fn heap_sample_interval(r: u32, mean_bytes: u64) -> u64 {
+    ((neg_ln_q16(r) * mean_bytes) >> 16) + 1
+}
+
+/// Largest `Config::heap_sample_bytes` (products stay within 64 bits).
+pub const MAX_HEAP_SAMPLE_BYTES: u64 = 1 << 40;
 
 #[cfg(feature = "user")]
 mod user {
@@ -449,17 +534,18 @@ mod user {
 /// Compile-time checks that the shared layouts have no hidden padding: the
 /// sizes below are the sums of the fields.
 const _: () = {
-    assert!(core::mem::size_of::<ProcStats>() == 11 * 8 + 8);
+    assert!(core::mem::size_of::<ProcStats>() == 13 * 8 + 8);
     assert!(core::mem::size_of::<MmRss>() == 4 * 8 + 8 + 8);
     assert!(core::mem::size_of::<RequestStart>() == 2 * 8 + 4 * 8 + 5 * 8);
-    assert!(core::mem::size_of::<ThreadState>() == 8 + 5 * 8 + 3 * 8 + 8 + 88 + 16);
+    assert!(core::mem::size_of::<ThreadState>() == 8 + 5 * 8 + 3 * 8 + 8 + 88 + 24);
     assert!(core::mem::size_of::<AllocKey>() == 16);
     assert!(core::mem::size_of::<AllocInfo>() == 16);
-    assert!(core::mem::size_of::<ProcessEvent>() == 24 + 16 + 256 + 96 + 32);
+    assert!(core::mem::size_of::<ProcessEvent>() == 24 + 16 + 256 + 112 + 32);
     assert!(core::mem::size_of::<RssEvent>() == 24 + 32);
     assert!(core::mem::size_of::<RequestLine>() == 8 + LINE_CAP);
     assert!(core::mem::size_of::<RequestEvent>() == 24 + 24 + 64 + 40 + 8 + LINE_CAP);
-    assert!(core::mem::size_of::<Config>() == 24 + 26 * 4 + 8);
+    assert!(core::mem::size_of::<Config>() == 24 + 16 + 26 * 4);
+    assert!(core::mem::size_of::<SiteCount>() == 32);
     assert!(core::mem::size_of::<ConnState>() == 6 * 4 + 88 + 8 + LINE_CAP);
     // The line's bytes are zeroed and read as u64 words.
     assert!(core::mem::offset_of!(ConnState, line) % 8 == 0);

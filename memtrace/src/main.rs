@@ -4,7 +4,7 @@ use clap::{CommandFactory as _, Parser as _};
 use memtrace::{
     agent::Agent,
     cli::{
-        args::{Cli, ClientArgs, Command},
+        args::{Cli, ClientArgs, Command, OutputArgs, OutputFormat},
         client::{self, Client},
         demo, demo_server, logging,
         settings::{AgentArgs, DEBUG_TOKEN_ENV},
@@ -21,16 +21,25 @@ fn main() -> ExitCode {
             |c| c.debug("status", pid, None),
             client::render_status,
         ),
-        Command::Snapshot { client, pid, limit } => run_client(
+        Command::Snapshot {
+            client,
+            pid,
+            limit,
+            output,
+        } => run_sites(
             &client,
-            |c| c.debug("snapshot", pid, Some(limit)),
+            &output,
+            "snapshot",
+            pid,
+            limit,
             client::render_snapshot,
         ),
-        Command::Diff { client, pid, limit } => run_client(
-            &client,
-            |c| c.debug("diff", pid, Some(limit)),
-            client::render_diff,
-        ),
+        Command::Diff {
+            client,
+            pid,
+            limit,
+            output,
+        } => run_sites(&client, &output, "diff", pid, limit, client::render_diff),
         Command::Stop { client } => run_client(
             &client,
             |c| c.debug("stop", None, None),
@@ -114,6 +123,80 @@ fn run_client(
             ExitCode::SUCCESS
         }
         Err(e) => fail(e),
+    }
+}
+
+/// `snapshot` and `diff`: tables, JSON, or a profile the agent renders,
+/// to standard output or a file.
+fn run_sites(
+    args: &ClientArgs,
+    output: &OutputArgs,
+    action: &str,
+    pid: Option<u32>,
+    limit: usize,
+    render: impl FnOnce(&serde_json::Value) -> String,
+) -> ExitCode {
+    use std::io::{IsTerminal as _, Write as _};
+    let Some(format) = output.format.api_name() else {
+        let mut args = args.clone();
+        args.json |= output.format == OutputFormat::Json;
+        let Some(path) = &output.output else {
+            return run_client(&args, |c| c.debug(action, pid, Some(limit)), render);
+        };
+        let c = Client::new(&args.url, std::env::var(DEBUG_TOKEN_ENV).ok());
+        return match c.debug(action, pid, Some(limit)) {
+            Ok(body) => {
+                let text = if args.json {
+                    serde_json::to_string_pretty(&body).unwrap_or_default() + "\n"
+                } else {
+                    render(&body)
+                };
+                write_output(path, text.as_bytes())
+            }
+            Err(e) => fail(e),
+        };
+    };
+    if output.output.is_none() && format == "pprof" && std::io::stdout().is_terminal() {
+        return usage_error("a pprof profile is binary: write it to a file with -o FILE");
+    }
+    // A file that cannot be written fails before the agent moves its
+    // baseline; one created for the check goes again if the call fails.
+    let mut created = false;
+    if let Some(path) = &output.output {
+        created = !path.exists();
+        if let Err(e) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            return usage_error(format_args!("cannot write {}: {e}", path.display()));
+        }
+    }
+    let c = Client::new(&args.url, std::env::var(DEBUG_TOKEN_ENV).ok());
+    match c.debug_profile(action, pid, format) {
+        Ok(body) => match &output.output {
+            Some(path) => write_output(path, &body),
+            None => match std::io::stdout().write_all(&body) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(format_args!("cannot write to standard output: {e}")),
+            },
+        },
+        Err(e) => {
+            if let Some(path) = output.output.as_ref().filter(|_| created) {
+                let _ = std::fs::remove_file(path);
+            }
+            fail(e)
+        }
+    }
+}
+
+fn write_output(path: &std::path::Path, body: &[u8]) -> ExitCode {
+    match std::fs::write(path, body) {
+        Ok(()) => {
+            eprintln!("memtrace: wrote {} ({} bytes)", path.display(), body.len());
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(format_args!("cannot write {}: {e}", path.display())),
     }
 }
 

@@ -24,7 +24,8 @@ use clap::Parser as _;
 use memtrace::{
     api::query::{
         Action, DEFAULT_LIMIT, DebugQuery, ListQuery, MAX_LIMIT, MAX_QUERY_LEN, QueryError,
-        lenient_token, parse_debug, parse_limit, parse_list, parse_pid, parse_token_only,
+        lenient_token, parse_debug, parse_limit, parse_list, parse_pid, parse_pprof,
+        parse_token_only,
     },
     cli::{
         args::{Cli, Command},
@@ -87,16 +88,18 @@ enum QueryParser {
     Debug,
     List,
     TokenOnly,
+    Pprof,
 }
 
 impl QueryParser {
-    const ALL: [Self; 3] = [Self::Debug, Self::List, Self::TokenOnly];
+    const ALL: [Self; 4] = [Self::Debug, Self::List, Self::TokenOnly, Self::Pprof];
 
     fn valid(self) -> &'static [&'static str] {
         match self {
-            Self::Debug => &["action", "limit", "pid", "token"],
+            Self::Debug => &["action", "limit", "pid", "token", "format"],
             Self::List => &["limit", "token"],
             Self::TokenOnly => &["token"],
+            Self::Pprof => &["pid", "token"],
         }
     }
 
@@ -105,6 +108,7 @@ impl QueryParser {
             Self::Debug => parse_debug(raw).map(drop),
             Self::List => parse_list(raw).map(drop),
             Self::TokenOnly => parse_token_only(raw).map(drop),
+            Self::Pprof => parse_pprof(raw).map(drop),
         }
     }
 }
@@ -255,6 +259,7 @@ fn debug_query() -> impl Strategy<Value = (String, DebugQuery)> {
                 limit: limit.map_or(DEFAULT_LIMIT, |(n, _)| n.min(MAX_LIMIT as u64) as usize),
                 pid: pid.map(|(p, _)| p),
                 token: token.map(|(t, _)| t),
+                format: None,
             };
             (Just(segments).prop_shuffle(), Just(expected), Just(seps))
         })

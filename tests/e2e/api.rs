@@ -40,6 +40,8 @@ fn snapshot_requests_diff_finds_the_leaking_function() {
     });
     settings.listen = Some("127.0.0.1:0".parse().unwrap());
     settings.api_token = memtrace::api::Token::new(Some(TOKEN.into()));
+    // Every allocation, so the leak's bytes are exact (sampling has its own test).
+    settings.load.heap_sample_bytes = 1;
     let agent_core = memtrace::agent::Agent::start(settings).expect("agent starts");
     let addr = agent_core.api_addr().expect("API bound");
     let agent = AgentHarness::from_agent(agent_core);

@@ -139,6 +139,15 @@ enum Mode {
     Collect,
     /// Accept mode plus collection.
     AcceptCollect,
+    /// No request boundaries, collection on in the growth tier (page
+    /// faults and mmap/brk: tracepoints only).
+    Growth,
+    /// No request boundaries, collection on in the heap tier at the
+    /// default sampling interval (512 KiB).
+    Heap,
+    /// The heap tier sampling every allocation (what collection cost
+    /// before sampling).
+    HeapEvery,
 }
 
 impl Mode {
@@ -152,7 +161,18 @@ impl Mode {
             Mode::Uprobe => "on, uprobe on handle_request",
             Mode::Collect => "on, uprobe + snapshot collection",
             Mode::AcceptCollect => "on, accept + snapshot collection",
+            Mode::Growth => "on, collecting: growth tier",
+            Mode::Heap => "on, collecting: heap tier, 512 KiB sampling",
+            Mode::HeapEvery => "on, collecting: heap tier, every allocation",
         }
+    }
+
+    /// Whether the mode takes a snapshot (collection on) before the load.
+    fn collects(self) -> bool {
+        matches!(
+            self,
+            Mode::Collect | Mode::AcceptCollect | Mode::Growth | Mode::Heap | Mode::HeapEvery
+        )
     }
 }
 
@@ -196,6 +216,15 @@ impl Agent {
             }
             Mode::Uprobe | Mode::Collect => {
                 cmd.args(["--request-fn", &handler]);
+            }
+            Mode::Growth => {
+                cmd.args(["--collect", "growth"]);
+            }
+            Mode::Heap => {
+                cmd.args(["--collect", "heap"]);
+            }
+            Mode::HeapEvery => {
+                cmd.args(["--collect", "heap", "--heap-sample-bytes", "1"]);
             }
             Mode::Off | Mode::Steady => {}
         }
@@ -324,7 +353,7 @@ fn throughput(
             if let Some(a) = &agent {
                 // Let the agent find every worker before the load.
                 thread::sleep(Duration::from_secs(1));
-                if matches!(mode, Mode::Collect | Mode::AcceptCollect) {
+                if mode.collects() {
                     a.snapshot()?;
                 }
             }
@@ -647,6 +676,9 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
         Mode::SocketNoPaths,
         Mode::Uprobe,
         Mode::Collect,
+        Mode::Growth,
+        Mode::Heap,
+        Mode::HeapEvery,
     ];
     let fixture_results = throughput(&paths, &fixture, &modes, opts)?;
     let _ = writeln!(md, "## 1. Throughput, fixture server\n");
@@ -687,6 +719,9 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
         Mode::Socket,
         Mode::SocketNoPaths,
         Mode::AcceptCollect,
+        Mode::Growth,
+        Mode::Heap,
+        Mode::HeapEvery,
     ];
     let gunicorn_results = throughput(&paths, &gunicorn_target, &gmodes, opts)?;
     let _ = writeln!(md, "\n## 2. Throughput, gunicorn\n");
@@ -763,6 +798,31 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
         ("on, socket mode + --mmap-counters", untraced[2]),
     ] {
         let _ = writeln!(md, "| {label} | {ns:.1} | {:.3} |", untraced[0] / ns);
+    }
+
+    // 2c. The heap tier's probes, per malloc/free.
+    eprintln!("heap probe cost:");
+    let heap_costs = heap_probe_costs(&paths, opts.rounds)?;
+    let _ = writeln!(md, "\n## 2c. Heap-tier probe cost per malloc/free\n");
+    let _ = writeln!(
+        md,
+        "`tests/fixtures/micro malloc`: ns per `malloc(64)` + `free` pair, collection on for the process, interleaved rounds, medians. \
+         The heap tier traps on every call (a uprobe on malloc's entry, a return probe, a uprobe on free) whatever it samples; \
+         the difference between the sampled and the growth tier is what the traps and the entry-side decision cost.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| configuration | ns per malloc + free | added to off |"
+    );
+    let _ = writeln!(md, "|---|---:|---:|");
+    let heap_off = heap_costs.first().map_or(0.0, |c| c.1);
+    for (mode, ns) in &heap_costs {
+        let _ = writeln!(
+            md,
+            "| {} | {ns:.1} | {:+.1} ns |",
+            mode.label(),
+            ns - heap_off
+        );
     }
 
     // 3. Kernel-side cost per program.
@@ -977,7 +1037,7 @@ fn micro_once(
         if traced && !wait_until(Duration::from_secs(10), || a.worker(pid).is_some()) {
             bail!("the agent did not find the micro fixture");
         }
-        if mode == Mode::Collect {
+        if mode.collects() {
             a.snapshot()?;
         }
     }
@@ -988,6 +1048,26 @@ fn micro_once(
     out.trim()
         .parse()
         .with_context(|| format!("micro printed {out:?}"))
+}
+
+/// ns per malloc + free, median, for each collection tier.
+fn heap_probe_costs(paths: &Paths, rounds: usize) -> Result<Vec<(Mode, f64)>> {
+    let modes = [Mode::Off, Mode::Growth, Mode::Heap, Mode::HeapEvery];
+    let mut v: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
+    for _ in 0..rounds {
+        for (i, &mode) in modes.iter().enumerate() {
+            v[i].push(micro_once(paths, "malloc", "2000000", mode, true, &[])?);
+        }
+    }
+    Ok(modes
+        .iter()
+        .zip(v)
+        .map(|(&m, mut runs)| {
+            let ns = median(&mut runs);
+            eprintln!("  malloc + free, {}: {ns:.1} ns", m.label());
+            (m, ns)
+        })
+        .collect())
 }
 
 /// (operation, off, on, on + collection) medians in ns.

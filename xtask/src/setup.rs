@@ -35,6 +35,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("tmux", "tmux"),
     ("hyperfine", "hyperfine"),
     ("bpftool", "bpftool"),
+    // `go tool pprof` reads the pprof profiles in the profile tests.
+    ("go", "golang-go"),
 ];
 
 pub struct SetupOptions {

@@ -1,41 +1,91 @@
-//! Heap allocations while allocation-site collection is on: uprobes on the
-//! C library's malloc, calloc, realloc and free, attached to the selected
-//! processes only. Each live block remembers its size and the stack that
-//! allocated it, so a site's bytes are what it allocated and has not freed:
-//! what is leaking, as tracemalloc reports it. The stack is taken at the
-//! return, where it starts in the caller of malloc.
+//! Heap allocations while the heap tier of allocation-site collection is on:
+//! uprobes on the C library's malloc, calloc, realloc and free, attached to
+//! the selected processes only (so none of them checks which process runs).
+//!
+//! Sampled by bytes, as Go, tcmalloc and jemalloc do: each thread counts down
+//! an exponential number of bytes (mean `Config::heap_sample_bytes`) and the
+//! allocation that crosses zero is sampled, so one of size S is sampled with
+//! probability 1 - exp(-S/R); the agent scales by the inverse. The decision
+//! is taken at entry, before any stack walk; the return probe (still trapped
+//! on every call: the kernel installs it at entry) returns at once for the
+//! rest. A sampled live block remembers its size and stack, so a site's
+//! bytes are what it allocated and has not freed.
 use aya_ebpf::{
+    helpers::bpf_get_prandom_u32,
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
 };
-use memtrace_common::{AllocInfo, AllocKey, SITE_MALLOC};
-
-use crate::{
-    maps::ALLOCS,
-    probes::stacks::{add_to_site, collecting, user_stack},
-    util::{count, current, thread_state},
+use memtrace_common::{
+    AllocInfo, AllocKey, CTR_ALLOCS_DROPPED, CTR_HEAP_SAMPLES, ThreadState, heap_sample_interval,
 };
 
-/// Saves what the return probe needs.
+use crate::{
+    maps::{ALLOCS, CONFIG, PROCS, THREADS},
+    probes::stacks::{add_heap_site, user_stack},
+    util::{atomic_add, count, current, thread_state},
+};
+
+/// Whether this thread's next `size` heap bytes cross a sample point.
 #[inline(always)]
-fn save(size: u64, old_ptr: u64) {
-    let cur = current();
-    if collecting(cur.tgid).is_none() {
-        return;
+fn sampled(t: *mut ThreadState, size: u64) -> bool {
+    if size == 0 {
+        return false;
     }
-    if let Some(t) = thread_state(cur.tid, cur.tgid) {
-        // SAFETY: pointer from a map lookup; only this thread writes it.
-        unsafe {
-            (*t).alloc_size = size;
-            (*t).alloc_old_ptr = old_ptr;
+    let rate = CONFIG.load().heap_sample_bytes;
+    if rate <= 1 {
+        return true;
+    }
+    // SAFETY: pointer from a map lookup; only this thread writes it.
+    unsafe {
+        let mut left = (*t).heap_countdown;
+        if left == 0 {
+            left = heap_sample_interval(bpf_get_prandom_u32(), rate);
         }
+        if left > size {
+            (*t).heap_countdown = left - size;
+            return false;
+        }
+        // The exponential is memoryless: a fresh draw from here on is as
+        // good as the remainder past this block.
+        (*t).heap_countdown = heap_sample_interval(bpf_get_prandom_u32(), rate);
+    }
+    true
+}
+
+/// Decides at entry; saves what the return probe needs, nothing when it has
+/// nothing to do.
+#[inline(always)]
+fn enter(size: u64, old_ptr: u64) {
+    let cur = current();
+    let Some(t) = thread_state(cur.tid, cur.tgid) else {
+        return;
+    };
+    let size = if sampled(t, size) { size } else { 0 };
+    // realloc moves or frees the old block: the return forgets it, if tracked.
+    let old = if old_ptr != 0
+        && ALLOCS
+            .get_ptr(AllocKey {
+                tgid: cur.tgid,
+                _pad: 0,
+                ptr: old_ptr,
+            })
+            .is_some()
+    {
+        old_ptr
+    } else {
+        0
+    };
+    // SAFETY: pointer from a map lookup; only this thread writes it.
+    unsafe {
+        (*t).alloc_size = size;
+        (*t).alloc_old_ptr = old;
     }
 }
 
 #[uprobe]
 pub fn malloc_enter(ctx: ProbeContext) -> u32 {
     if let Some(size) = ctx.arg::<u64>(0) {
-        save(size, 0);
+        enter(size, 0);
     }
     0
 }
@@ -46,7 +96,7 @@ pub fn calloc_enter(ctx: ProbeContext) -> u32 {
         // No 128-bit multiply on BPF: bound both factors instead. calloc
         // fails anyway for products past the address space.
         if n < (1 << 32) && size < (1 << 32) {
-            save(n * size, 0);
+            enter(n * size, 0);
         }
     }
     0
@@ -55,12 +105,13 @@ pub fn calloc_enter(ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn realloc_enter(ctx: ProbeContext) -> u32 {
     if let (Some(ptr), Some(size)) = (ctx.arg::<u64>(0), ctx.arg::<u64>(1)) {
-        save(size, ptr);
+        enter(size, ptr);
     }
     0
 }
 
-/// Forgets a block and takes its bytes off its site.
+/// Forgets a tracked block and takes its bytes off its site. Untracked
+/// (unsampled) blocks cost this one lookup.
 #[inline(always)]
 fn release(tgid: u32, ptr: u64) {
     if ptr == 0 {
@@ -71,13 +122,20 @@ fn release(tgid: u32, ptr: u64) {
     let Some(info) = ALLOCS.get_ptr(key).map(|p| unsafe { *p }) else {
         return;
     };
-    let _ = ALLOCS.remove(key);
-    add_to_site(
+    if ALLOCS.remove(key).is_err() {
+        // Another thread freed it first (a double free): counted once.
+        return;
+    }
+    if let Some(stats) = PROCS.get_ptr_mut(tgid) {
+        // SAFETY: pointer from a map lookup; other CPUs add concurrently.
+        unsafe { atomic_add(&raw mut (*stats).live_allocs, u64::MAX) };
+    }
+    add_heap_site(
         tgid,
         info.stack_id,
-        SITE_MALLOC,
         info.size.wrapping_neg(),
         u64::MAX,
+        false,
     );
 }
 
@@ -85,19 +143,20 @@ fn release(tgid: u32, ptr: u64) {
 #[uretprobe]
 pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
     let cur = current();
-    if collecting(cur.tgid).is_none() {
-        return 0;
-    }
-    let Some(t) = thread_state(cur.tid, cur.tgid) else {
+    let Some(t) = thread_of(cur.tid) else {
         return 0;
     };
     // SAFETY: pointer from a map lookup; only this thread writes it.
-    let (size, old) = unsafe {
-        let saved = ((*t).alloc_size, (*t).alloc_old_ptr);
+    let (size, old) = unsafe { ((*t).alloc_size, (*t).alloc_old_ptr) };
+    if size == 0 && old == 0 {
+        // Not sampled, nothing tracked: the common case.
+        return 0;
+    }
+    // SAFETY: as above.
+    unsafe {
         (*t).alloc_size = 0;
         (*t).alloc_old_ptr = 0;
-        saved
-    };
+    }
     let ptr: u64 = ctx.ret();
     if ptr == 0 {
         // Failed: a failed realloc leaves the old block in place.
@@ -105,6 +164,16 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
     }
     release(cur.tgid, old);
     if size == 0 {
+        return 0;
+    }
+    count(CTR_HEAP_SAMPLES);
+    let Some(stats) = PROCS.get_ptr_mut(cur.tgid) else {
+        return 0;
+    };
+    let cap = CONFIG.load().max_live_allocs as i64;
+    // SAFETY: pointer from a map lookup.
+    if cap > 0 && unsafe { (*stats).live_allocs } as i64 >= cap {
+        drop_sample(stats);
         return 0;
     }
     let Some(stack_id) = user_stack(&ctx) else {
@@ -121,21 +190,33 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
         _pad: 0,
     };
     if ALLOCS.insert(key, info, 0).is_err() {
-        count(memtrace_common::CTR_SITES_FULL);
+        drop_sample(stats);
         return 0;
     }
-    add_to_site(cur.tgid, stack_id, SITE_MALLOC, size, 1);
+    // SAFETY: pointer from a map lookup; other CPUs add concurrently.
+    unsafe { atomic_add(&raw mut (*stats).live_allocs, 1) };
+    add_heap_site(cur.tgid, stack_id, size, 1, true);
     0
+}
+
+/// A sampled block that could not be tracked: counted per worker and in all.
+#[inline(always)]
+fn drop_sample(stats: *mut memtrace_common::ProcStats) {
+    count(CTR_ALLOCS_DROPPED);
+    // SAFETY: pointer from a map lookup; other CPUs add concurrently.
+    unsafe { atomic_add(&raw mut (*stats).allocs_dropped, 1) };
+}
+
+/// The thread's state if it has one (the entry probe created it).
+#[inline(always)]
+fn thread_of(tid: u32) -> Option<*mut ThreadState> {
+    THREADS.get_ptr_mut(tid)
 }
 
 #[uprobe]
 pub fn free_enter(ctx: ProbeContext) -> u32 {
-    let cur = current();
-    if collecting(cur.tgid).is_none() {
-        return 0;
-    }
     if let Some(ptr) = ctx.arg::<u64>(0) {
-        release(cur.tgid, ptr);
+        release(current().tgid, ptr);
     }
     0
 }

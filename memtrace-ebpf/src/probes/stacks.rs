@@ -7,7 +7,9 @@ use aya_ebpf::{
     macros::tracepoint,
     programs::{TracePointContext, tracing::StackIdContext},
 };
-use memtrace_common::{PROC_FLAG_COLLECT, SITE_BRK, SITE_FAULT, SITE_MMAP, SiteCount, SiteKey};
+use memtrace_common::{
+    PROC_FLAG_COLLECT, SITE_BRK, SITE_FAULT, SITE_MALLOC, SITE_MMAP, SiteCount, SiteKey,
+};
 
 use crate::{
     maps::{CONFIG, STACK_SITES, STACKS},
@@ -63,7 +65,45 @@ pub fn add_to_site(tgid: u32, stack_id: u32, kind: u32, bytes: u64, samples: u64
         }
         return;
     }
-    let fresh = SiteCount { bytes, samples };
+    let fresh = SiteCount {
+        bytes,
+        samples,
+        ..SiteCount::default()
+    };
+    if STACK_SITES.insert(key, fresh, 0).is_err() {
+        count(memtrace_common::CTR_SITES_FULL);
+    }
+}
+
+/// Adds a sampled heap block to its site (`allocated`) or takes a freed one
+/// off (wrapping): live bytes and blocks move both ways, allocated ones only up.
+#[inline(always)]
+pub fn add_heap_site(tgid: u32, stack_id: u32, bytes: u64, samples: u64, allocated: bool) {
+    let key = SiteKey {
+        tgid,
+        stack_id,
+        kind: SITE_MALLOC,
+        _pad: 0,
+    };
+    if let Some(site) = STACK_SITES.get_ptr_mut(key) {
+        // SAFETY: pointer from a map lookup; other CPUs may add concurrently.
+        unsafe {
+            atomic_add(&raw mut (*site).bytes, bytes);
+            atomic_add(&raw mut (*site).samples, samples);
+            if allocated {
+                atomic_add(&raw mut (*site).alloc_bytes, bytes);
+                atomic_add(&raw mut (*site).alloc_samples, samples);
+            }
+        }
+        return;
+    }
+    let (alloc_bytes, alloc_samples) = if allocated { (bytes, samples) } else { (0, 0) };
+    let fresh = SiteCount {
+        bytes,
+        samples,
+        alloc_bytes,
+        alloc_samples,
+    };
     if STACK_SITES.insert(key, fresh, 0).is_err() {
         count(memtrace_common::CTR_SITES_FULL);
     }

@@ -14,15 +14,22 @@ use crate::{
         Backend, BackendError, StopView, metrics,
         status::{StatusView, WorkerStatus},
     },
+    kernel::loader::CollectTier,
     model::{
-        procinfo::{self, MappingUsage},
+        procinfo::{self, CodeMapping, MappingUsage},
         requests::RequestRecord,
         routes::RoutesView,
     },
-    sites::snapshot::{
-        self, DiffView, RawSite, SiteKind, Snapshot, SnapshotView, SymbolizerService,
+    sites::{
+        pprof::ProfileSource,
+        render::{self, ProfileFormat, ProfileMeta, RenderError, Rendered},
+        snapshot::{
+            self, DiffView, RawSite, SiteKind, Snapshot, SnapshotView, SymbolizerService,
+            scale_heap_sample,
+        },
     },
 };
+use memtrace_common::SiteCount;
 
 /// What a snapshot keeps for the next diff: everything, unfiltered, so a
 /// diff can select its own workers.
@@ -65,11 +72,130 @@ impl AgentBackend {
         }
     }
 
+    /// Turns collection on for these workers (no-op for those already on).
+    fn start(state: &mut State, pids: &[u32]) -> Result<(), BackendError> {
+        let breaks: Vec<(u32, u64)> = pids
+            .iter()
+            .filter_map(|&p| Some((p, procinfo::heap_end(p)?)))
+            .collect();
+        state.tracer.seed_breaks(&breaks);
+        state.tracer.start_collection(pids).map_err(|e| {
+            tracing::error!(error = %e, "allocation-site collection could not start");
+            BackendError::Unavailable(
+                "allocation-site collection could not start; see the agent's log".into(),
+            )
+        })
+    }
+
+    /// Collection on, the current state captured and kept as the baseline.
+    fn take_snapshot(&self, pid: Option<u32>) -> Result<Taken, BackendError> {
+        let pids = {
+            let mut state = self.lock();
+            let pids = Self::select(&state, pid)?;
+            Self::start(&mut state, &pids)?;
+            pids
+        };
+        let (raw, mappings) = self.capture(&pids);
+        let taken_unix = now_unix();
+        *self.lock_baseline() = Some(Baseline {
+            raw: raw.clone(),
+            mappings: mappings.clone(),
+            taken_unix,
+        });
+        tracing::info!(
+            workers = pids.len(),
+            sites = raw.len(),
+            "allocation-site snapshot taken"
+        );
+        Ok(Taken {
+            pids,
+            raw,
+            mappings,
+        })
+    }
+
+    /// The baseline (for the selected workers) and the current state, which
+    /// becomes the baseline.
+    fn take_diff(&self, pid: Option<u32>) -> Result<Diffed, BackendError> {
+        let pids = {
+            let state = self.lock();
+            if self.lock_baseline().is_none() || !state.tracer.collecting() {
+                return Err(BackendError::NoBaseline);
+            }
+            Self::select(&state, pid)?
+        };
+        let (after, mappings) = self.capture(&pids);
+        let mut baseline = self.lock_baseline();
+        let before = baseline.as_ref().ok_or(BackendError::NoBaseline)?;
+        let before_mappings = before
+            .mappings
+            .iter()
+            .filter(|(p, _)| pids.contains(p))
+            .map(|(p, m)| (*p, m.clone()))
+            .collect();
+        let d = Diffed {
+            before: before
+                .raw
+                .iter()
+                .filter(|s| pids.contains(&s.pid))
+                .cloned()
+                .collect(),
+            before_mappings,
+            since_unix: before.taken_unix,
+            pids,
+            after: after.clone(),
+            mappings: mappings.clone(),
+        };
+        *baseline = Some(Baseline {
+            raw: after,
+            mappings,
+            taken_unix: now_unix(),
+        });
+        Ok(d)
+    }
+
+    /// Heap blocks in the heap tier, page faults in the growth tier.
+    fn profile_source(&self) -> ProfileSource {
+        match self.lock().tracer.collect_tier() {
+            CollectTier::Heap => ProfileSource::Heap,
+            CollectTier::Growth => ProfileSource::Faults,
+        }
+    }
+
+    /// Worker names, code mappings and the sampling period for a profile.
+    fn profile_meta(&self, pids: &[u32], since_unix: Option<f64>) -> ProfileMeta {
+        let (names, period) = {
+            let state = self.lock();
+            let names = pids
+                .iter()
+                .filter_map(|&p| state.registry.find(p).map(|w| (p, w.name.clone())))
+                .collect();
+            (names, state.tracer.heap_sample_bytes())
+        };
+        let mut mappings = Vec::new();
+        for &pid in pids {
+            for m in procinfo::code_mappings(pid) {
+                if !mappings.iter().any(|k: &CodeMapping| k.path == m.path) {
+                    mappings.push(m);
+                }
+            }
+        }
+        let now = now_unix();
+        ProfileMeta {
+            names,
+            mappings,
+            period,
+            time_nanos: (now * 1e9) as i64,
+            duration_nanos: since_unix.map_or(0, |s| ((now - s).max(0.0) * 1e9) as i64),
+        }
+    }
+
     /// Reads the kernel's sites and stacks under the lock, then symbolizes
     /// and reads /proc without it.
     fn capture(&self, pids: &[u32]) -> (Vec<RawSite>, BTreeMap<u32, Vec<MappingUsage>>) {
-        let kernel: Vec<(u32, SiteKind, u64, u64, Vec<u64>)> = {
+        let kernel: Vec<(u32, RawSite, Vec<u64>)> = {
             let state = self.lock();
+            let rate = state.tracer.heap_sample_bytes();
             state
                 .tracer
                 .sites()
@@ -78,29 +204,87 @@ impl AgentBackend {
                 .filter_map(|(key, count)| {
                     let kind = SiteKind::from_kernel(key.kind)?;
                     let ips = state.tracer.stack(key.stack_id)?;
-                    // Heap sites go down on free: their counters wrap.
-                    let (bytes, samples) = match kind {
-                        SiteKind::Malloc => (
-                            (count.bytes as i64).max(0) as u64,
-                            (count.samples as i64).max(0) as u64,
-                        ),
-                        _ => (count.bytes, count.samples),
-                    };
-                    (bytes > 0).then_some((key.tgid, kind, bytes, samples, ips))
+                    let site = kernel_site(key.tgid, kind, &count, rate);
+                    (site.bytes > 0 || site.alloc_bytes > 0).then_some((key.tgid, site, ips))
                 })
                 .collect()
         };
         let raw = kernel
             .into_iter()
-            .map(|(pid, kind, bytes, samples, ips)| RawSite {
-                pid,
-                kind,
-                bytes,
-                samples,
+            .map(|(pid, site, ips)| RawSite {
                 frames: self.symbolizer.stack(pid, &ips),
+                ..site
             })
             .collect();
         (raw, snapshot::read_mappings(pids))
+    }
+}
+
+/// What a snapshot captured.
+struct Taken {
+    pids: Vec<u32>,
+    raw: Vec<RawSite>,
+    mappings: BTreeMap<u32, Vec<MappingUsage>>,
+}
+
+/// What a diff compares.
+struct Diffed {
+    pids: Vec<u32>,
+    before: Vec<RawSite>,
+    before_mappings: BTreeMap<u32, Vec<MappingUsage>>,
+    since_unix: f64,
+    after: Vec<RawSite>,
+    mappings: BTreeMap<u32, Vec<MappingUsage>>,
+}
+
+fn now_unix() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+fn render_failed(e: RenderError) -> BackendError {
+    tracing::error!(error = %e, "rendering a profile failed");
+    BackendError::Unavailable("the profile could not be rendered; see the agent's log".into())
+}
+
+/// A kernel site's values: heap sites scaled from their samples (their live
+/// counters go down on free and wrap), the others as counted.
+fn kernel_site(pid: u32, kind: SiteKind, count: &SiteCount, rate: u64) -> RawSite {
+    match kind {
+        SiteKind::Malloc => {
+            let live_samples = (count.samples as i64).max(0) as u64;
+            let live_bytes = (count.bytes as i64).max(0) as u64;
+            let (objects, bytes) = scale_heap_sample(live_samples, live_bytes, rate);
+            let (alloc_objects, alloc_bytes) =
+                scale_heap_sample(count.alloc_samples, count.alloc_bytes, rate);
+            RawSite {
+                pid,
+                kind,
+                bytes,
+                objects,
+                samples: live_samples,
+                alloc_bytes,
+                alloc_objects,
+                frames: Vec::new(),
+            }
+        }
+        SiteKind::Fault => RawSite {
+            pid,
+            kind,
+            bytes: count.bytes,
+            objects: count.bytes / 4096,
+            samples: count.samples,
+            ..RawSite::default()
+        },
+        SiteKind::Mmap | SiteKind::Brk => RawSite {
+            pid,
+            kind,
+            bytes: count.bytes,
+            objects: count.samples,
+            samples: count.samples,
+            ..RawSite::default()
+        },
     }
 }
 
@@ -161,64 +345,51 @@ impl Backend for AgentBackend {
     }
 
     fn snapshot(&self, pid: Option<u32>, limit: usize) -> Result<SnapshotView, BackendError> {
-        let pids = {
-            let mut state = self.lock();
-            let pids = Self::select(&state, pid)?;
-            let breaks: Vec<(u32, u64)> = pids
-                .iter()
-                .filter_map(|&p| Some((p, procinfo::heap_end(p)?)))
-                .collect();
-            state.tracer.seed_breaks(&breaks);
-            if let Err(e) = state.tracer.start_collection(&pids) {
-                tracing::error!(error = %e, "allocation-site collection could not start");
-                return Err(BackendError::Unavailable(
-                    "allocation-site collection could not start; see the agent's log".into(),
-                ));
-            }
-            pids
-        };
-        let (raw, mappings) = self.capture(&pids);
-        let snap = Snapshot::build(pids, raw.clone(), mappings.clone());
-        *self.lock_baseline() = Some(Baseline {
-            raw,
-            mappings,
-            taken_unix: snap.taken_unix,
-        });
-        tracing::info!(
-            workers = snap.pids.len(),
-            sites = snap.sites.len(),
-            "allocation-site snapshot taken"
-        );
-        Ok(snap.view(limit))
+        let taken = self.take_snapshot(pid)?;
+        Ok(Snapshot::build(taken.pids, taken.raw, taken.mappings).view(limit))
     }
 
     fn diff(&self, pid: Option<u32>, limit: usize) -> Result<DiffView, BackendError> {
+        let d = self.take_diff(pid)?;
+        let mut old = Snapshot::build(d.pids.clone(), d.before, d.before_mappings);
+        old.taken_unix = d.since_unix;
+        let new = Snapshot::build(d.pids, d.after, d.mappings);
+        Ok(snapshot::diff(&old, &new, limit))
+    }
+
+    fn snapshot_profile(
+        &self,
+        pid: Option<u32>,
+        format: ProfileFormat,
+    ) -> Result<Rendered, BackendError> {
+        let taken = self.take_snapshot(pid)?;
+        let meta = self.profile_meta(&taken.pids, None);
+        render::snapshot(format, self.profile_source(), &taken.raw, &meta).map_err(render_failed)
+    }
+
+    fn diff_profile(
+        &self,
+        pid: Option<u32>,
+        format: ProfileFormat,
+    ) -> Result<Rendered, BackendError> {
+        let d = self.take_diff(pid)?;
+        let meta = self.profile_meta(&d.pids, Some(d.since_unix));
+        render::diff(format, self.profile_source(), &d.before, &d.after, &meta)
+            .map_err(render_failed)
+    }
+
+    fn heap_profile(&self, pid: Option<u32>) -> Result<Rendered, BackendError> {
         let pids = {
-            let state = self.lock();
-            if self.lock_baseline().is_none() || !state.tracer.collecting() {
-                return Err(BackendError::NoBaseline);
-            }
-            Self::select(&state, pid)?
+            let mut state = self.lock();
+            let pids = Self::select(&state, pid)?;
+            // Off: on from now. On: workers that appeared since are added.
+            Self::start(&mut state, &pids)?;
+            pids
         };
-        let (raw, mappings) = self.capture(&pids);
-        let mut baseline = self.lock_baseline();
-        let before = baseline.as_ref().ok_or(BackendError::NoBaseline)?;
-        let before_maps = before
-            .mappings
-            .iter()
-            .filter(|(p, _)| pids.contains(p))
-            .map(|(p, m)| (*p, m.clone()))
-            .collect();
-        let mut old = Snapshot::build(pids.clone(), before.raw.clone(), before_maps);
-        old.taken_unix = before.taken_unix;
-        let new = Snapshot::build(pids, raw.clone(), mappings.clone());
-        let view = snapshot::diff(&old, &new, limit);
-        *baseline = Some(Baseline {
-            raw,
-            mappings,
-            taken_unix: new.taken_unix,
-        });
-        Ok(view)
+        let (raw, _) = self.capture(&pids);
+        let meta = self.profile_meta(&pids, None);
+        render::snapshot(ProfileFormat::Pprof, self.profile_source(), &raw, &meta)
+            .map_err(render_failed)
     }
 
     fn stop(&self) -> Result<StopView, BackendError> {

@@ -70,6 +70,8 @@ pub fn worker_status(state: &State, w: &Worker, with_proc: bool) -> WorkerStatus
         mremap_shrink_bytes: counted(stats.mremap_shrink_bytes),
         brk_grow_bytes: counted(stats.brk_grow_bytes),
         brk_shrink_bytes: counted(stats.brk_shrink_bytes),
+        heap_live_blocks: (stats.live_allocs as i64).max(0) as u64,
+        heap_samples_dropped: stats.allocs_dropped,
         requests_seen: w.requests.seen,
         requests_aborted: w.requests.aborted,
         requests_in_flight: if live { stats.requests_in_flight() } else { 0 },
@@ -104,6 +106,8 @@ pub fn agent_status(state: &State) -> AgentStatus {
         kernel: state.tracer.counters(),
         programs_attached: state.tracer.attached().to_vec(),
         collection_active: state.tracer.collecting(),
+        collect_tier: state.tracer.collect_tier().name(),
+        heap_sample_bytes: state.tracer.heap_sample_bytes(),
         soft_limit: SoftLimitStatus {
             metric: state.enforcer.settings().metric,
             actions_taken: state.enforcer.actions_taken,

@@ -6,7 +6,10 @@ use super::{
 };
 use crate::{
     model::{requests::RequestRecord, routes::RoutesView},
-    sites::snapshot::{DiffView, SnapshotView},
+    sites::{
+        render::{ProfileFormat, Rendered},
+        snapshot::{DiffView, SnapshotView},
+    },
 };
 
 /// Failures of backend operations a client can cause or must know about.
@@ -53,6 +56,21 @@ pub trait Backend: Send + Sync + 'static {
     fn snapshot(&self, pid: Option<u32>, limit: usize) -> Result<SnapshotView, BackendError>;
     /// Growth since the baseline, which becomes the current state.
     fn diff(&self, pid: Option<u32>, limit: usize) -> Result<DiffView, BackendError>;
+    /// As `snapshot`, rendered in another format.
+    fn snapshot_profile(
+        &self,
+        pid: Option<u32>,
+        format: ProfileFormat,
+    ) -> Result<Rendered, BackendError>;
+    /// As `diff`, rendered in another format.
+    fn diff_profile(
+        &self,
+        pid: Option<u32>,
+        format: ProfileFormat,
+    ) -> Result<Rendered, BackendError>;
+    /// `GET /debug/pprof/heap`: the sites collected so far as a pprof
+    /// profile; starts collection when it is off, leaves the baseline alone.
+    fn heap_profile(&self, pid: Option<u32>) -> Result<Rendered, BackendError>;
     /// Turns collection off (programs detached) and drops the baseline.
     fn stop(&self) -> Result<StopView, BackendError>;
     /// Prometheus text exposition.

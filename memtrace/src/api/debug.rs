@@ -1,11 +1,15 @@
 //! `GET /debug/memory/?action=status|snapshot|diff|stop`, the plan's
-//! endpoint, served from the kernel's counters.
+//! endpoint, served from the kernel's counters (snapshot and diff also as
+//! `&format=pprof|folded|svg`), and `GET /debug/pprof/heap`, the path Go's
+//! and Pyroscope's scrapers read. Both need the debug token.
 use axum::{
     Json,
     extract::{RawQuery, State},
-    http::HeaderMap,
+    http::{HeaderMap, header},
     response::{IntoResponse, Response},
 };
+
+use crate::sites::render::Rendered;
 
 use super::{
     auth::ApiState,
@@ -25,6 +29,17 @@ pub(super) async fn debug_memory(
     state.authorize(&headers, query::lenient_token(&raw).as_deref())?;
     let q = query::parse_debug(&raw)?;
     let (pid, limit) = (q.pid, q.limit);
+    if let Some(format) = q.format {
+        let rendered = match q.action {
+            Action::Diff => state.call(move |b| b.diff_profile(pid, format)).await??,
+            _ => {
+                state
+                    .call(move |b| b.snapshot_profile(pid, format))
+                    .await??
+            }
+        };
+        return Ok(profile_response(rendered));
+    }
     let body = match q.action {
         Action::Status => {
             let status = state.call(move |b| b.status(pid)).await??;
@@ -44,4 +59,24 @@ pub(super) async fn debug_memory(
         }
     };
     Ok(body)
+}
+
+pub(super) async fn pprof_heap(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let raw = raw.unwrap_or_default();
+    if raw.len() > MAX_QUERY_LEN {
+        return Err(QueryError::TooLong(raw.len()).into());
+    }
+    state.authorize(&headers, query::lenient_token(&raw).as_deref())?;
+    let q = query::parse_pprof(&raw)?;
+    let pid = q.pid;
+    let rendered = state.call(move |b| b.heap_profile(pid)).await??;
+    Ok(profile_response(rendered))
+}
+
+fn profile_response(r: Rendered) -> Response {
+    ([(header::CONTENT_TYPE, r.content_type)], r.body).into_response()
 }

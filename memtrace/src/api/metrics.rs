@@ -96,6 +96,9 @@ pub const METRIC_NAMES: &[&str] = &[
     "memtrace_soft_limit_recycles_total",
     "memtrace_worker_soft_limit_action_timestamp_seconds",
     "memtrace_ringbuf_drops_total",
+    "memtrace_worker_heap_samples_dropped_total",
+    "memtrace_heap_samples_total",
+    "memtrace_heap_samples_dropped_total",
     "memtrace_exec_cgroup_rejected_total",
     "memtrace_events_total",
     "memtrace_workers",
@@ -188,6 +191,11 @@ pub fn render(status: &StatusView) -> String {
         "Objects the CPython GC found uncollectable, per generation",
         Counter
     );
+    let heap_dropped = family!(
+        "memtrace_worker_heap_samples_dropped",
+        "Sampled heap allocations not tracked: the worker's live-block cap or the kernel map was full",
+        Counter
+    );
     let mmap = family!(
         "memtrace_worker_mmap_bytes",
         "Bytes mapped by mmap(2) (with --mmap-counters)",
@@ -267,6 +275,16 @@ pub fn render(status: &StatusView) -> String {
         Counter
     );
     let events = single!("memtrace_events", "Kernel events received", Counter);
+    let heap_samples = single!(
+        "memtrace_heap_samples",
+        "Heap allocations sampled while the heap tier collected",
+        Counter
+    );
+    let heap_samples_dropped = single!(
+        "memtrace_heap_samples_dropped",
+        "Sampled heap allocations not tracked (a worker's cap or the kernel map full), all workers",
+        Counter
+    );
     let workers = single!("memtrace_workers", "Traced live processes", Gauge);
     let collecting = single!(
         "memtrace_collection_active",
@@ -320,6 +338,9 @@ pub fn render(status: &StatusView) -> String {
             .get_or_create(&labels)
             .set(w.requests_in_flight as i64);
         faults.get_or_create(&labels).inc_by(w.faults);
+        heap_dropped
+            .get_or_create(&labels)
+            .inc_by(w.heap_samples_dropped);
         if let Some(gc) = &w.python_gc {
             for g in 0..3 {
                 let gen_labels = GenerationLabels {
@@ -401,6 +422,8 @@ pub fn render(status: &StatusView) -> String {
     }
     drops.inc_by(agent.kernel.ringbuf_drops);
     rejected.inc_by(agent.kernel.cgroup_rejected);
+    heap_samples.inc_by(agent.kernel.heap_samples);
+    heap_samples_dropped.inc_by(agent.kernel.live_allocs_dropped);
     events.inc_by(agent.events_received);
     workers.set(agent.workers_alive as i64);
     collecting.set(i64::from(agent.collection_active));

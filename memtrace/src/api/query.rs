@@ -4,6 +4,8 @@
 //! on `limit=abc`).
 use std::fmt;
 
+use crate::sites::render::ProfileFormat;
+
 /// Longer query strings are refused (414) before they are parsed.
 pub const MAX_QUERY_LEN: usize = 4096;
 /// Rows returned when no limit is given.
@@ -22,6 +24,8 @@ pub enum QueryError {
     BadLimit(String),
     BadPid(String),
     UnknownAction(String),
+    BadFormat(String),
+    FormatNotFor(&'static str),
 }
 
 impl fmt::Display for QueryError {
@@ -44,6 +48,15 @@ impl fmt::Display for QueryError {
                 write!(f, "limit must be a positive integer, not `{}`", truncate(v))
             }
             Self::BadPid(v) => write!(f, "pid must be a process id, not `{}`", truncate(v)),
+            Self::BadFormat(v) => write!(
+                f,
+                "unknown format `{}`; valid: {}",
+                truncate(v),
+                ProfileFormat::NAMES.join(", ")
+            ),
+            Self::FormatNotFor(action) => {
+                write!(f, "format applies to snapshot and diff, not to {action}")
+            }
             Self::UnknownAction(a) => write!(
                 f,
                 "unknown action `{}`; valid actions: {}",
@@ -150,15 +163,44 @@ pub struct DebugQuery {
     pub limit: usize,
     pub pid: Option<u32>,
     pub token: Option<String>,
+    /// snapshot and diff: another format than JSON.
+    pub format: Option<ProfileFormat>,
 }
 
 pub fn parse_debug(raw: &str) -> Result<DebugQuery, QueryError> {
-    const VALID: &[&str] = &["action", "limit", "pid", "token"];
+    const VALID: &[&str] = &["action", "limit", "pid", "token", "format"];
     let p = pairs(raw, VALID)?;
+    // The plan's default.
+    let action = get(&p, "action").map_or(Ok(Action::Status), Action::parse)?;
+    let format = get(&p, "format")
+        .map(|f| ProfileFormat::parse(f).map_err(|_| QueryError::BadFormat(f.to_string())))
+        .transpose()?
+        .flatten();
+    match (action, format) {
+        (Action::Status, Some(_)) => return Err(QueryError::FormatNotFor("status")),
+        (Action::Stop, Some(_)) => return Err(QueryError::FormatNotFor("stop")),
+        _ => {}
+    }
     Ok(DebugQuery {
-        // The plan's default.
-        action: get(&p, "action").map_or(Ok(Action::Status), Action::parse)?,
+        action,
         limit: parse_limit(get(&p, "limit"))?,
+        pid: get(&p, "pid").map(parse_pid).transpose()?,
+        token: get(&p, "token").map(str::to_string),
+        format,
+    })
+}
+
+/// `/debug/pprof/heap?pid=...&token=...`
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PprofQuery {
+    pub pid: Option<u32>,
+    pub token: Option<String>,
+}
+
+pub fn parse_pprof(raw: &str) -> Result<PprofQuery, QueryError> {
+    const VALID: &[&str] = &["pid", "token"];
+    let p = pairs(raw, VALID)?;
+    Ok(PprofQuery {
         pid: get(&p, "pid").map(parse_pid).transpose()?,
         token: get(&p, "token").map(str::to_string),
     })
@@ -216,14 +258,15 @@ mod tests {
 
     #[test]
     fn parses_everything() {
-        let q = parse_debug("action=diff&limit=5&pid=42&token=s%20t").unwrap();
+        let q = parse_debug("action=diff&limit=5&pid=42&token=s%20t&format=pprof").unwrap();
         assert_eq!(
             q,
             DebugQuery {
                 action: Action::Diff,
                 limit: 5,
                 pid: Some(42),
-                token: Some("s t".into())
+                token: Some("s t".into()),
+                format: Some(ProfileFormat::Pprof),
             }
         );
     }

@@ -19,6 +19,7 @@ pub fn app(state: ApiState) -> Router {
         .route("/openapi.json", get(openapi))
         .route("/debug/memory/", get(debug::debug_memory))
         .route("/debug/memory", get(debug::debug_memory))
+        .route("/debug/pprof/heap", get(debug::pprof_heap))
         .route("/v1/workers", get(rest::workers))
         .route("/v1/workers/{pid}", get(rest::worker))
         .route("/v1/workers/{pid}/requests", get(rest::requests))

@@ -67,6 +67,11 @@ pub struct WorkerStatus {
     pub mremap_shrink_bytes: Option<u64>,
     pub brk_grow_bytes: Option<u64>,
     pub brk_shrink_bytes: Option<u64>,
+    /// Heap tier: sampled live heap blocks tracked for this worker now.
+    pub heap_live_blocks: u64,
+    /// Heap tier: sampled allocations not tracked because the worker's
+    /// cap (`--heap-max-live`) or the kernel map was full.
+    pub heap_samples_dropped: u64,
     pub requests_seen: u64,
     pub requests_aborted: u64,
     pub requests_in_flight: u64,
@@ -132,6 +137,10 @@ pub struct AgentStatus {
     pub kernel: KernelCounters,
     pub programs_attached: Vec<String>,
     pub collection_active: bool,
+    /// What a snapshot collects: `growth` or `heap`.
+    pub collect_tier: &'static str,
+    /// Heap tier: mean bytes between sampled allocations.
+    pub heap_sample_bytes: u64,
     pub soft_limit: SoftLimitStatus,
 }
 

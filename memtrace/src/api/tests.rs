@@ -30,6 +30,7 @@ use crate::{
         rss::RssBreakdown,
         workers::{Origin, Role},
     },
+    sites::render::{ProfileFormat, Rendered},
     sites::snapshot::{DiffView, SnapshotView},
 };
 
@@ -84,6 +85,8 @@ fn worker(pid: u32) -> WorkerStatus {
         mremap_shrink_bytes: Some(0),
         brk_grow_bytes: Some(0),
         brk_shrink_bytes: Some(0),
+        heap_live_blocks: 0,
+        heap_samples_dropped: 0,
         requests_seen: 0,
         requests_aborted: 0,
         requests_in_flight: 0,
@@ -120,6 +123,8 @@ impl Backend for Fake {
                 kernel: KernelCounters::default(),
                 programs_attached: vec![],
                 collection_active: calls.collecting,
+                collect_tier: "heap",
+                heap_sample_bytes: 524_288,
                 soft_limit: SoftLimitStatus {
                     metric: SoftLimitMetric::Rss,
                     actions_taken: 0,
@@ -200,6 +205,41 @@ impl Backend for Fake {
         })
     }
 
+    fn snapshot_profile(
+        &self,
+        pid: Option<u32>,
+        format: ProfileFormat,
+    ) -> Result<Rendered, BackendError> {
+        self.snapshot(pid, 1)?;
+        Ok(Rendered {
+            content_type: format.content_type(),
+            body: format!("snapshot {format:?}").into_bytes(),
+        })
+    }
+
+    fn diff_profile(
+        &self,
+        pid: Option<u32>,
+        format: ProfileFormat,
+    ) -> Result<Rendered, BackendError> {
+        self.diff(pid, 1)?;
+        Ok(Rendered {
+            content_type: format.content_type(),
+            body: format!("diff {format:?}").into_bytes(),
+        })
+    }
+
+    fn heap_profile(&self, pid: Option<u32>) -> Result<Rendered, BackendError> {
+        if let Some(p) = pid.filter(|&p| p != 42) {
+            return Err(BackendError::UnknownPid(p));
+        }
+        self.calls.lock().unwrap().collecting = true;
+        Ok(Rendered {
+            content_type: ProfileFormat::Pprof.content_type(),
+            body: b"heap pprof".to_vec(),
+        })
+    }
+
     fn stop(&self) -> Result<StopView, BackendError> {
         let mut calls = self.calls.lock().unwrap();
         calls.collecting = false;
@@ -265,6 +305,70 @@ fn with_token(path_and_query: &str) -> String {
 }
 
 // ── The plan's endpoint tests ──────────────────────────────────────
+
+#[tokio::test]
+async fn pprof_heap_follows_the_token_rules() {
+    let h = harness(Some(TOKEN));
+    assert_eq!(h.get("/debug/pprof/heap").await.0, StatusCode::FORBIDDEN);
+    assert_eq!(
+        h.get("/debug/pprof/heap?token=wrong").await.0,
+        StatusCode::FORBIDDEN
+    );
+    let (status, body) = h
+        .get_with("/debug/pprof/heap", &[("x-debug-token", TOKEN)])
+        .await;
+    assert_eq!((status, body), (StatusCode::OK, Value::from("heap pprof")));
+    assert!(h.fake.calls.lock().unwrap().collecting);
+    assert_eq!(
+        h.get(&with_token("/debug/pprof/heap?pid=7")).await.0,
+        StatusCode::NOT_FOUND
+    );
+    let (status, body) = h.get(&with_token("/debug/pprof/heap?seconds=x")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    for configured in [Some(""), None] {
+        let off = harness(configured);
+        assert_eq!(
+            off.get("/debug/pprof/heap?token=x").await.0,
+            StatusCode::FORBIDDEN
+        );
+    }
+}
+
+#[tokio::test]
+async fn snapshot_and_diff_render_other_formats() {
+    let h = harness(Some(TOKEN));
+    let (status, body) = h
+        .get(&with_token("/debug/memory/?action=snapshot&format=svg"))
+        .await;
+    assert_eq!(
+        (status, body),
+        (StatusCode::OK, Value::from("snapshot Svg"))
+    );
+    let (status, body) = h
+        .get(&with_token("/debug/memory/?action=diff&format=folded"))
+        .await;
+    assert_eq!((status, body), (StatusCode::OK, Value::from("diff Folded")));
+    let (status, body) = h
+        .get(&with_token("/debug/memory/?action=snapshot&format=json"))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["pids"][0], 42);
+    let (status, body) = h
+        .get(&with_token("/debug/memory/?action=snapshot&format=png"))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("pprof, folded, svg"),
+        "{body}"
+    );
+    let (status, _) = h
+        .get(&with_token("/debug/memory/?action=status&format=pprof"))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}
 
 #[tokio::test]
 async fn missing_token_returns_403() {

@@ -42,6 +42,8 @@ pub enum Command {
         /// Rows per list.
         #[arg(long, default_value_t = 10)]
         limit: usize,
+        #[command(flatten)]
+        output: OutputArgs,
     },
     /// Growth since the last snapshot or diff, by allocating stack and by mapping.
     Diff {
@@ -51,6 +53,8 @@ pub enum Command {
         pid: Option<u32>,
         #[arg(long, default_value_t = 10)]
         limit: usize,
+        #[command(flatten)]
+        output: OutputArgs,
     },
     /// Stop collecting allocation sites (back to the steady-state cost).
     Stop {
@@ -115,6 +119,46 @@ pub struct ClientArgs {
     /// Print the agent's JSON instead of tables.
     #[arg(long)]
     pub json: bool,
+}
+
+/// What `snapshot` and `diff` print.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    /// Tables for people.
+    #[default]
+    Table,
+    /// The agent's JSON (as --json).
+    Json,
+    /// Gzipped pprof profile.proto (`go tool pprof`, Pyroscope, Parca);
+    /// a diff is a profile of growth, usable as `-diff_base`.
+    Pprof,
+    /// Folded stacks (`root;...;leaf bytes`; a diff: `stack before after`).
+    Folded,
+    /// A flame graph SVG (a diff: a differential flame graph).
+    Svg,
+}
+
+impl OutputFormat {
+    /// The API's `format` parameter, for the formats the agent renders.
+    pub fn api_name(self) -> Option<&'static str> {
+        match self {
+            Self::Table | Self::Json => None,
+            Self::Pprof => Some("pprof"),
+            Self::Folded => Some("folded"),
+            Self::Svg => Some("svg"),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Args)]
+pub struct OutputArgs {
+    /// Output format [default: table].
+    #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+    pub format: OutputFormat,
+    /// Write to this file instead of standard output (pprof needs one when
+    /// standard output is a terminal).
+    #[arg(short = 'o', long, value_name = "FILE")]
+    pub output: Option<std::path::PathBuf>,
 }
 
 #[derive(Clone, Debug, Args)]

@@ -48,6 +48,52 @@ impl Client {
         &self.base
     }
 
+    /// GETs a path and returns the body as bytes (profiles); API errors
+    /// (JSON bodies) become ClientError.
+    pub fn get_bytes(&self, path_and_query: &str) -> Result<Vec<u8>, ClientError> {
+        let url = format!("{}{}", self.base, path_and_query);
+        let mut req = self.agent.get(&url);
+        if let Some(t) = &self.token {
+            req = req.header("X-Debug-Token", t);
+        }
+        let mut resp = req.call().map_err(|e| ClientError::Unreachable {
+            url: self.base.clone(),
+            message: e.to_string(),
+        })?;
+        let status = resp.status().as_u16();
+        let body = resp
+            .body_mut()
+            .with_config()
+            .limit(1 << 30)
+            .read_to_vec()
+            .map_err(|e| ClientError::BadAnswer(e.to_string()))?;
+        if status == 403 {
+            return Err(ClientError::Forbidden);
+        }
+        if status >= 400 {
+            let message = serde_json::from_slice::<Value>(&body)
+                .ok()
+                .and_then(|v| v["error"].as_str().map(str::to_string))
+                .unwrap_or_else(|| String::from_utf8_lossy(&body).chars().take(200).collect());
+            return Err(ClientError::Api { status, message });
+        }
+        Ok(body)
+    }
+
+    /// `snapshot` or `diff` rendered by the agent (`pprof`, `folded`, `svg`).
+    pub fn debug_profile(
+        &self,
+        action: &str,
+        pid: Option<u32>,
+        format: &str,
+    ) -> Result<Vec<u8>, ClientError> {
+        let mut q = format!("/debug/memory/?action={action}&format={format}");
+        if let Some(p) = pid {
+            q.push_str(&format!("&pid={p}"));
+        }
+        self.get_bytes(&q)
+    }
+
     /// GETs a path and returns the JSON body; API errors become ClientError.
     pub fn get(&self, path_and_query: &str) -> Result<Value, ClientError> {
         let url = format!("{}{}", self.base, path_and_query);
@@ -151,6 +197,29 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
+/// "off", or the tier on, with its sampling and what did not fit.
+fn collection_state(agent: &Value) -> String {
+    if agent["collection_active"] != true {
+        return "off".into();
+    }
+    let tier = agent["collect_tier"].as_str().unwrap_or("?");
+    if tier != "heap" {
+        return format!("on ({tier} tier)");
+    }
+    let sampling = match agent["heap_sample_bytes"].as_u64() {
+        Some(0 | 1) => "every allocation".to_string(),
+        Some(b) if b % 1024 == 0 => format!("1 per {} KiB", b / 1024),
+        Some(b) => format!("1 per {b} bytes"),
+        None => "?".into(),
+    };
+    let dropped = agent["kernel"]["live_allocs_dropped"].as_u64().unwrap_or(0);
+    if dropped > 0 {
+        format!("on (heap tier, {sampling}; {dropped} sampled blocks dropped: live-block cap full)")
+    } else {
+        format!("on (heap tier, {sampling})")
+    }
+}
+
 /// `memtrace status`
 pub fn render_status(body: &Value) -> String {
     let agent = &body["agent"];
@@ -164,11 +233,7 @@ pub fn render_status(body: &Value) -> String {
         num(&agent["workers_exited"]),
         num(&agent["events_received"]),
         num(&agent["kernel"]["ringbuf_drops"]),
-        if agent["collection_active"] == true {
-            "on"
-        } else {
-            "off"
-        },
+        collection_state(agent),
     );
     let workers = body["workers"].as_array().cloned().unwrap_or_default();
     // Where each worker runs, shown only when some run in a container.
@@ -481,6 +546,29 @@ mod tests {
         ] {
             assert!(row.contains(cell), "{cell} missing in {row}");
         }
+    }
+
+    #[test]
+    fn status_names_the_collection_tier_and_dropped_samples() {
+        let agent = |v: Value| json!({"agent": v, "workers": []});
+        let line = |v: Value| render_status(&agent(v)).lines().next().unwrap().to_string();
+        assert!(line(json!({"collection_active": false})).ends_with("collection off"));
+        assert!(
+            line(json!({"collection_active": true, "collect_tier": "growth"}))
+                .ends_with("collection on (growth tier)")
+        );
+        let heap = line(json!({"collection_active": true, "collect_tier": "heap",
+            "heap_sample_bytes": 524288, "kernel": {"live_allocs_dropped": 0}}));
+        assert!(
+            heap.ends_with("collection on (heap tier, 1 per 512 KiB)"),
+            "{heap}"
+        );
+        let full = line(json!({"collection_active": true, "collect_tier": "heap",
+            "heap_sample_bytes": 1, "kernel": {"live_allocs_dropped": 7}}));
+        assert!(
+            full.contains("every allocation; 7 sampled blocks dropped"),
+            "{full}"
+        );
     }
 
     #[test]

@@ -17,7 +17,7 @@ use crate::{
         },
     },
     kernel::{
-        loader::{LoadOptions, RequestProbes},
+        loader::{CollectTier, DEFAULT_MAX_LIVE_ALLOCS, LoadOptions, RequestProbes},
         uprobes::ProbeTarget,
     },
     model::{
@@ -42,6 +42,16 @@ pub enum RequestMode {
     /// A read then a write on one TCP connection: keep-alive, threaded and
     /// async servers, no handler symbol and no syscall tracepoint.
     Socket,
+}
+
+/// What a snapshot collects (`kernel::loader::CollectTier`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CollectArg {
+    /// Page faults and mmap/brk calls only: tracepoints, no uprobe.
+    Growth,
+    /// Growth plus malloc/calloc/realloc/free uprobes, sampled by bytes.
+    Heap,
 }
 
 /// Agent settings. All are optional here so that a flag, the environment and
@@ -441,6 +451,38 @@ pub struct AgentArgs {
     #[arg(long, env = "MEMTRACE_MMAP_COUNTERS", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL", help_heading = "Kernel")]
     pub mmap_counters: Option<bool>,
 
+    /// What a snapshot collects: `growth` (page faults and mmap/brk calls,
+    /// tracepoints only, cheapest) or `heap` (adds the C library's
+    /// allocator, sampled by bytes) [default: heap].
+    #[arg(
+        long,
+        env = "MEMTRACE_COLLECT",
+        value_enum,
+        value_name = "TIER",
+        help_heading = "Kernel"
+    )]
+    pub collect: Option<CollectArg>,
+
+    /// Heap tier: mean bytes between sampled allocations, per thread; 0 or 1
+    /// samples every allocation [default: 524288].
+    #[arg(
+        long,
+        env = "MEMTRACE_HEAP_SAMPLE_BYTES",
+        value_name = "BYTES",
+        help_heading = "Kernel"
+    )]
+    pub heap_sample_bytes: Option<u64>,
+
+    /// Heap tier: sampled live blocks tracked per worker at most; more are
+    /// counted as dropped [default: 65536].
+    #[arg(
+        long,
+        env = "MEMTRACE_HEAP_MAX_LIVE",
+        value_name = "N",
+        help_heading = "Kernel"
+    )]
+    pub heap_max_live: Option<u32>,
+
     /// Do not mount tracefs when it is missing; fail with instructions instead.
     #[arg(long, env = "MEMTRACE_NO_MOUNT_TRACEFS", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL", help_heading = "Kernel")]
     pub no_mount_tracefs: Option<bool>,
@@ -634,7 +676,8 @@ impl AgentArgs {
             leak_time_slope_mb_per_hour, soft_limit_mb, soft_limit_action, soft_limit_target,
             soft_limit_signal, soft_limit_min_interval_secs, soft_limit_jitter_secs,
             soft_limit_drain_timeout_secs, soft_limit_metric, soft_limit_exit_timeout_secs,
-            soft_limit_escalate_signal, fault_sample_period, mmap_counters, listen, log_format, log_level, summary_interval_secs, ring_buffer_bytes,
+            soft_limit_escalate_signal, fault_sample_period, mmap_counters, collect, heap_sample_bytes,
+            heap_max_live, listen, log_format, log_level, summary_interval_secs, ring_buffer_bytes,
             poll_interval_ms, rss_step_bytes, refresh_interval_ms, rescan_interval_secs,
             no_mount_tracefs, kubelet_url, kubelet_token_file, kubelet_insecure_tls,
         );
@@ -733,6 +776,30 @@ impl AgentArgs {
                 n => n,
             },
             mmap_counters: self.mmap_counters.unwrap_or(false),
+            collect: match self.collect {
+                Some(CollectArg::Growth) => CollectTier::Growth,
+                Some(CollectArg::Heap) | None => CollectTier::Heap,
+            },
+            heap_sample_bytes: match self
+                .heap_sample_bytes
+                .unwrap_or(memtrace_common::DEFAULT_HEAP_SAMPLE_BYTES)
+            {
+                n if n > memtrace_common::MAX_HEAP_SAMPLE_BYTES => {
+                    return Err(invalid("--heap-sample-bytes", "must be at most 2^40"));
+                }
+                n => n,
+            },
+            max_live_allocs: match self.heap_max_live.unwrap_or(DEFAULT_MAX_LIVE_ALLOCS) {
+                0 => return Err(invalid("--heap-max-live", "must be at least 1")),
+                n if n > memtrace_common::MAX_ALLOCS => {
+                    return Err(invalid(
+                        "--heap-max-live",
+                        format!("must be at most {}", memtrace_common::MAX_ALLOCS),
+                    ));
+                }
+                n => n,
+            },
+            live_allocs_map_size: memtrace_common::MAX_ALLOCS,
             requests: request_probes(
                 self.request_mode,
                 self.request_fn.as_deref(),

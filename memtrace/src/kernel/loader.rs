@@ -7,7 +7,7 @@ use aya::{
     programs::{
         ProgramError, TracePoint, UProbe,
         trace_point::TracePointLinkId,
-        uprobe::{UProbeLinkId, UProbeScope},
+        uprobe::{UProbeAttachLocation, UProbeLinkId, UProbeScope},
     },
 };
 use memtrace_common::{
@@ -17,7 +17,7 @@ use memtrace_common::{
 
 use super::{
     tracefs::{Tracefs, TracefsError},
-    uprobes::{ProbeTarget, libc_path},
+    uprobes::{ProbeTarget, entry_offsets, libc_path},
 };
 
 /// The programs, built by build.rs from memtrace-ebpf.
@@ -142,6 +142,41 @@ pub enum RequestProbes {
     Socket,
 }
 
+/// Which allocation sites a snapshot collects, cheapest first.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CollectTier {
+    /// Page faults (sampled) and mmap/brk calls: tracepoints only, no uprobe.
+    /// Sees any growth, allocator arenas included, not which block leaks.
+    Growth,
+    /// Growth plus the C library's allocator (malloc, calloc, realloc,
+    /// free), sampled by bytes: which call stacks hold live heap blocks.
+    #[default]
+    Heap,
+}
+
+impl CollectTier {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Growth => "growth",
+            Self::Heap => "heap",
+        }
+    }
+}
+
+impl std::str::FromStr for CollectTier {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "growth" => Ok(Self::Growth),
+            "heap" => Ok(Self::Heap),
+            other => Err(format!(
+                "`{other}` is not a collection tier: use growth or heap"
+            )),
+        }
+    }
+}
+
 /// Load-time settings.
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
@@ -159,6 +194,14 @@ pub struct LoadOptions {
     /// Socket mode: keep each HTTP/1.x request's method and path (the
     /// first bytes of the request line; `--no-http-paths` turns it off).
     pub http_paths: bool,
+    /// What a snapshot collects.
+    pub collect: CollectTier,
+    /// Mean bytes between sampled heap allocations (0 or 1: every one).
+    pub heap_sample_bytes: u64,
+    /// Sampled heap blocks tracked per worker at most (0: the map's size).
+    pub max_live_allocs: u32,
+    /// Sampled heap blocks tracked over all workers (the map's size).
+    pub live_allocs_map_size: u32,
 }
 
 impl Default for LoadOptions {
@@ -172,9 +215,17 @@ impl Default for LoadOptions {
             cgroup_filter: memtrace_common::CGROUP_FILTER_OFF,
             mmap_counters: false,
             http_paths: true,
+            collect: CollectTier::default(),
+            heap_sample_bytes: memtrace_common::DEFAULT_HEAP_SAMPLE_BYTES,
+            max_live_allocs: DEFAULT_MAX_LIVE_ALLOCS,
+            live_allocs_map_size: memtrace_common::MAX_ALLOCS,
         }
     }
 }
+
+/// Sampled live heap blocks tracked per worker by default: at the default
+/// sampling interval, 32 GiB of live heap in blocks under 512 KiB.
+pub const DEFAULT_MAX_LIVE_ALLOCS: u32 = 65_536;
 
 /// Kernel-side counters summed over CPUs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -192,6 +243,10 @@ pub struct KernelCounters {
     /// Execs a selector matched outside the selected cgroups, dropped in the
     /// kernel.
     pub cgroup_rejected: u64,
+    /// Heap allocations sampled while the heap tier was on.
+    pub heap_samples: u64,
+    /// Sampled heap blocks not tracked: a worker's cap or the map was full.
+    pub live_allocs_dropped: u64,
 }
 
 /// The loaded programs and the maps the agent reads and writes.
@@ -210,6 +265,8 @@ pub struct Tracer {
     allocs: HashMap<MapData, AllocKey, AllocInfo>,
     uprobe_links: Vec<(&'static str, UProbeLinkId)>,
     mmap_counters: bool,
+    collect: CollectTier,
+    heap_sample_bytes: u64,
     pub layout: TracepointLayout,
 }
 
@@ -241,13 +298,15 @@ impl Tracer {
             rss_step_bytes: options.rss_step_bytes,
             fault_sample_period: options.fault_sample_period.max(1),
             cgroup_filter: options.cgroup_filter,
-            layout,
+            heap_sample_bytes: options.heap_sample_bytes,
+            max_live_allocs: options.max_live_allocs,
             http_paths: u32::from(options.http_paths),
-            _pad: 0,
+            layout,
         };
         let mut ebpf = EbpfLoader::new()
             .override_global("CONFIG", &config, true)
             .map_max_entries("EVENTS", ring)
+            .map_max_entries("ALLOCS", options.live_allocs_map_size.max(1))
             .load(EBPF_OBJECT)
             .map_err(|e| LoadError::Load(Box::new(e)))?;
 
@@ -290,6 +349,8 @@ impl Tracer {
             allocs,
             uprobe_links: Vec::new(),
             mmap_counters: options.mmap_counters,
+            collect: options.collect,
+            heap_sample_bytes: options.heap_sample_bytes,
             layout,
         };
         for &(program, category, name) in STEADY_PROGRAMS {
@@ -477,7 +538,19 @@ impl Tracer {
             sites_map_full: sums[memtrace_common::CTR_SITES_FULL as usize],
             cgroup_rejected: sums[memtrace_common::CTR_CGROUP_REJECTED as usize],
             conns_map_full: sums[memtrace_common::CTR_CONNS_FULL as usize],
+            heap_samples: sums[memtrace_common::CTR_HEAP_SAMPLES as usize],
+            live_allocs_dropped: sums[memtrace_common::CTR_ALLOCS_DROPPED as usize],
         }
+    }
+
+    /// What a snapshot collects.
+    pub fn collect_tier(&self) -> CollectTier {
+        self.collect
+    }
+
+    /// Mean bytes between sampled heap allocations (0 or 1: every one).
+    pub fn heap_sample_bytes(&self) -> u64 {
+        self.heap_sample_bytes
     }
 
     /// Whether the allocation-site programs are attached.
@@ -545,7 +618,7 @@ impl Tracer {
     /// Attaches the malloc/free probes to one process's C library. Without
     /// one (static binaries) only page-fault and mmap/brk sites are seen.
     pub fn attach_alloc_probes(&mut self, tgid: u32) {
-        if self.alloc_links.contains_key(&tgid) {
+        if self.collect != CollectTier::Heap || self.alloc_links.contains_key(&tgid) {
             return;
         }
         let Some(pid) = std::num::NonZeroU32::new(tgid) else {
@@ -559,11 +632,17 @@ impl Tracer {
             return;
         };
         let mut links = Vec::new();
-        for &(program, symbol) in ALLOC_PROBES {
-            match self
-                .uprobe(program)
-                .attach(symbol, &libc, UProbeScope::OneProcess(pid))
-            {
+        let symbols: Vec<&str> = ALLOC_PROBES.iter().map(|&(_, s)| s).collect();
+        let offsets = entry_offsets(&libc, &symbols);
+        for (&(program, symbol), &offset) in ALLOC_PROBES.iter().zip(&offsets) {
+            // Return probes go on the entry itself; entry probes where the
+            // kernel can emulate the instruction.
+            let offset = if program == "alloc_exit" { 0 } else { offset };
+            match self.uprobe(program).attach(
+                UProbeAttachLocation::SymbolOffset(symbol, offset),
+                &libc,
+                UProbeScope::OneProcess(pid),
+            ) {
                 Ok(link) => links.push((program, link)),
                 Err(e) => {
                     tracing::warn!(pid = tgid, symbol, error = %e, "cannot probe the C library's allocator");
@@ -575,8 +654,33 @@ impl Tracer {
 
     /// Detaches one process's malloc/free probes (it exited).
     pub fn detach_alloc_probes(&mut self, tgid: u32) {
-        for (program, link) in self.alloc_links.remove(&tgid).unwrap_or_default() {
+        if self.detach_alloc_links(tgid) {
+            self.forget_allocs(tgid);
+        }
+    }
+
+    /// Whether the process had probes to detach.
+    fn detach_alloc_links(&mut self, tgid: u32) -> bool {
+        let Some(links) = self.alloc_links.remove(&tgid) else {
+            return false;
+        };
+        for (program, link) in links {
             let _ = self.uprobe(program).detach(link);
+        }
+        true
+    }
+
+    /// Forgets the live heap blocks of a process that exited, so that
+    /// respawning workers do not fill the map with the dead ones'.
+    fn forget_allocs(&mut self, tgid: u32) {
+        let dead: Vec<AllocKey> = self
+            .allocs
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.tgid == tgid)
+            .collect();
+        for key in dead {
+            let _ = self.allocs.remove(&key);
         }
     }
 
@@ -594,7 +698,8 @@ impl Tracer {
         }
         let probed: Vec<u32> = self.alloc_links.keys().copied().collect();
         for tgid in probed {
-            self.detach_alloc_probes(tgid);
+            // The blocks all go below.
+            self.detach_alloc_links(tgid);
         }
         for tgid in self.watched_tgids() {
             if let Ok(mut stats) = self.procs.get(&tgid, 0)

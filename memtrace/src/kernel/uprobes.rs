@@ -41,6 +41,73 @@ pub fn libc_path(pid: u32) -> Option<PathBuf> {
     })
 }
 
+/// Where to put a uprobe meant for a function's entry: its first
+/// instruction, or the one after when that is `test %rdi,%rdi` followed by a
+/// conditional jump (glibc's `free`). x86 uprobes step an instruction like
+/// `test` out of line, a second trap per hit (about 5 µs here,
+/// BENCHMARKS.md), while they emulate pushes and jumps; `test` changes no
+/// register, so the arguments are the same one instruction later.
+/// Offsets for several functions of one binary, read once.
+pub fn entry_offsets(binary: &Path, symbols: &[&str]) -> Vec<u64> {
+    let Ok(data) = std::fs::read(binary) else {
+        return vec![0; symbols.len()];
+    };
+    let Ok(file) = object::File::parse(&*data) else {
+        return vec![0; symbols.len()];
+    };
+    symbols
+        .iter()
+        .map(|s| function_code(&file, s, 5).map_or(0, |c| emulated_offset(&c)))
+        .collect()
+}
+
+/// As [`entry_offsets`], for one function.
+pub fn entry_offset(binary: &Path, symbol: &str) -> u64 {
+    entry_offsets(binary, &[symbol])[0]
+}
+
+fn emulated_offset(code: &[u8]) -> u64 {
+    const TEST_RDI_RDI: [u8; 3] = [0x48, 0x85, 0xff];
+    if code.len() < 5 {
+        return 0;
+    }
+    let jcc_follows =
+        matches!(code[3], 0x70..=0x7f) || (code[3] == 0x0f && matches!(code[4], 0x80..=0x8f));
+    if code[..3] == TEST_RDI_RDI && jcc_follows {
+        3
+    } else {
+        0
+    }
+}
+
+/// The first `n` bytes of a function's code, from the object file.
+#[cfg(test)]
+fn function_bytes(binary: &Path, symbol: &str, n: u64) -> Option<Vec<u8>> {
+    let data = std::fs::read(binary).ok()?;
+    let file = object::File::parse(&*data).ok()?;
+    function_code(&file, symbol, n)
+}
+
+fn function_code(file: &object::File<'_>, symbol: &str, n: u64) -> Option<Vec<u8>> {
+    use object::ObjectSection as _;
+    let address = file
+        .dynamic_symbols()
+        .chain(file.symbols())
+        .find(|s| {
+            s.kind() == SymbolKind::Text
+                && s.is_definition()
+                && s.name()
+                    .is_ok_and(|name| name.split('@').next() == Some(symbol))
+        })?
+        .address();
+    file.sections()
+        .find(|s| (s.address()..s.address() + s.size()).contains(&address))?
+        .data_range(address, n)
+        .ok()
+        .flatten()
+        .map(<[u8]>::to_vec)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum UprobeTargetError {
     #[error("uprobe binary `{0}` not found: give a full path to the executable or shared library")]
@@ -235,6 +302,21 @@ mod tests {
     fn missing_binary_is_a_clear_error() {
         let err = resolve_binary(Path::new("/no/such/binary")).unwrap_err();
         assert!(err.to_string().contains("full path"), "{err}");
+    }
+
+    #[test]
+    fn entry_offsets_skip_a_leading_test_only() {
+        let libc = resolve_binary(Path::new("libc.so.6")).unwrap();
+        for symbol in ["malloc", "calloc", "realloc", "free"] {
+            let off = entry_offset(&libc, symbol);
+            let code = function_bytes(&libc, symbol, 5).expect("libc has the function");
+            if code[..3] == [0x48, 0x85, 0xff] {
+                assert_eq!(off, 3, "{symbol}: {code:x?}");
+            } else {
+                assert_eq!(off, 0, "{symbol}: {code:x?}");
+            }
+        }
+        assert_eq!(entry_offset(&libc, "no_such_function"), 0);
     }
 
     #[test]

@@ -144,6 +144,60 @@ pub struct MappingUsage {
     pub regions: u64,
 }
 
+/// An executable file mapping of a process, for profiles (pprof's Mapping).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CodeMapping {
+    pub start: u64,
+    pub limit: u64,
+    pub file_offset: u64,
+    /// The path as the process sees it.
+    pub path: String,
+    /// The GNU build id, hex, when the object has one.
+    pub build_id: Option<String>,
+}
+
+/// The executable file mappings of a process, with build ids read from the
+/// objects (through /proc/PID/root, so a container's own files are read).
+pub fn code_mappings(pid: u32) -> Vec<CodeMapping> {
+    use procfs::process::MMapPath;
+    let Some(maps) = Process::new(pid as i32).ok().and_then(|p| p.maps().ok()) else {
+        return Vec::new();
+    };
+    let mut build_ids: std::collections::HashMap<PathBuf, Option<String>> = Default::default();
+    maps.0
+        .iter()
+        .filter(|m| m.perms.contains(procfs::process::MMPermissions::EXECUTE))
+        .filter_map(|m| {
+            let MMapPath::Path(p) = &m.pathname else {
+                return None;
+            };
+            let build_id = build_ids
+                .entry(p.clone())
+                .or_insert_with(|| {
+                    let relative = p.strip_prefix("/").unwrap_or(p);
+                    build_id(&PathBuf::from(format!("/proc/{pid}/root")).join(relative))
+                })
+                .clone();
+            Some(CodeMapping {
+                start: m.address.0,
+                limit: m.address.1,
+                file_offset: m.offset,
+                path: p.display().to_string(),
+                build_id,
+            })
+        })
+        .collect()
+}
+
+/// The GNU build id of an ELF object, in hex.
+pub fn build_id(path: &std::path::Path) -> Option<String> {
+    use object::Object as _;
+    let data = std::fs::read(path).ok()?;
+    let file = object::File::parse(&*data).ok()?;
+    let id = file.build_id().ok()??;
+    Some(id.iter().map(|b| format!("{b:02x}")).collect())
+}
+
 /// Per-mapping sizes, anonymous regions grouped together, largest RSS first.
 pub fn mappings(pid: u32) -> Option<Vec<MappingUsage>> {
     use procfs::process::MMapPath;

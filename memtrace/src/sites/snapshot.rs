@@ -21,7 +21,7 @@ use crate::model::procinfo::{self, MappingUsage};
 const STACK_FRAMES_SHOWN: usize = 16;
 
 /// What a site's bytes measure.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SiteKind {
     /// Heap blocks allocated here (malloc, calloc, realloc) and not freed:
@@ -30,6 +30,7 @@ pub enum SiteKind {
     /// Pages first touched here (sampled faults, weighted): resident growth.
     Fault,
     /// mmap(2) called from here: address space mapped.
+    #[default]
     Mmap,
     /// brk(2) growth asked from here (malloc's heap).
     Brk,
@@ -47,14 +48,41 @@ impl SiteKind {
     }
 }
 
-/// One kernel site, symbolized.
-#[derive(Clone, Debug, PartialEq)]
+/// One kernel site, symbolized. Heap sites' values are estimates, already
+/// scaled from the sampled blocks ([`scale_heap_sample`]).
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct RawSite {
     pub pid: u32,
     pub kind: SiteKind,
+    /// Live bytes (heap), bytes touched (faults) or asked for (mmap, brk).
     pub bytes: u64,
+    /// Live blocks (heap), pages (faults) or calls (mmap, brk).
+    pub objects: u64,
+    /// Kernel samples behind the values.
     pub samples: u64,
+    /// Heap: every block allocated, freed or not; 0 for other kinds.
+    pub alloc_bytes: u64,
+    pub alloc_objects: u64,
     pub frames: Vec<Frame>,
+}
+
+/// Go's `scaleHeapSample`: `count` blocks of `size` bytes in all were
+/// sampled at a mean interval of `rate` bytes, each with probability
+/// 1 - exp(-s/rate) for its size s; dividing by it gives unbiased estimates
+/// (exact when a site's blocks share one size, as they mostly do).
+pub fn scale_heap_sample(count: u64, size: u64, rate: u64) -> (u64, u64) {
+    if count == 0 || size == 0 {
+        return (0, 0);
+    }
+    if rate <= 1 {
+        return (count, size);
+    }
+    let avg = size as f64 / count as f64;
+    let scale = 1.0 / (1.0 - (-avg / rate as f64).exp());
+    (
+        (count as f64 * scale).round() as u64,
+        (size as f64 * scale).round() as u64,
+    )
 }
 
 /// A call stack that allocated, summed over the selected workers.
@@ -70,8 +98,15 @@ pub struct Site {
     /// memset), the first frame of the application's own code.
     pub caller: Option<String>,
     pub kind: SiteKind,
+    /// Heap: estimated live bytes (sampled, scaled).
     pub bytes: u64,
+    /// Heap: estimated live blocks; faults: pages; mmap/brk: calls.
+    pub objects: u64,
+    /// Kernel samples behind the estimate.
     pub samples: u64,
+    /// Heap: estimated bytes allocated since collection began, freed or not.
+    pub alloc_bytes: u64,
+    pub alloc_objects: u64,
     pub pids: Vec<u32>,
     /// Innermost first.
     pub stack: Vec<String>,
@@ -106,7 +141,7 @@ fn frame_location(f: &Frame) -> Option<String> {
 
 /// A stack's identity across processes: modules and functions with offsets,
 /// not addresses (exec'd workers have their own address layout).
-fn signature(kind: SiteKind, frames: &[Frame]) -> String {
+pub fn signature(kind: SiteKind, frames: &[Frame]) -> String {
     let mut sig = format!("{kind:?}");
     for f in frames {
         let module = f.module.as_deref().unwrap_or("?");
@@ -148,7 +183,10 @@ impl Site {
             caller,
             kind: raw.kind,
             bytes: 0,
+            objects: 0,
             samples: 0,
+            alloc_bytes: 0,
+            alloc_objects: 0,
             pids: Vec::new(),
             stack: raw
                 .frames
@@ -192,7 +230,10 @@ impl Snapshot {
                 .entry(signature(r.kind, &r.frames))
                 .or_insert_with(|| Site::new(r));
             site.bytes += r.bytes;
+            site.objects += r.objects;
             site.samples += r.samples;
+            site.alloc_bytes += r.alloc_bytes;
+            site.alloc_objects += r.alloc_objects;
             if !site.pids.contains(&r.pid) {
                 site.pids.push(r.pid);
                 site.pids.sort_unstable();
@@ -489,8 +530,10 @@ mod tests {
             pid,
             kind,
             bytes,
+            objects: bytes / 4096,
             samples: bytes / 4096,
             frames,
+            ..RawSite::default()
         }
     }
 
@@ -506,6 +549,143 @@ mod tests {
             frame("scratch_buffer", "/app/libh.so", 30),
             frame("handle_request", "/app/libh.so", 41),
         ]
+    }
+
+    /// xorshift64*: a reproducible stand-in for bpf_get_prandom_u32.
+    struct Rng(u64);
+    impl Rng {
+        fn next_u32(&mut self) -> u32 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 32) as u32
+        }
+    }
+
+    #[test]
+    fn sample_intervals_are_exponential_with_the_mean_asked() {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let mean = 512 * 1024u64;
+        let n = 400_000;
+        let draws: Vec<u64> = (0..n)
+            .map(|_| memtrace_common::heap_sample_interval(rng.next_u32(), mean))
+            .collect();
+        let avg = draws.iter().sum::<u64>() as f64 / n as f64;
+        assert!(
+            (avg / mean as f64 - 1.0).abs() < 0.01,
+            "mean interval {avg}"
+        );
+        // Exponential: P(X > mean) = 1/e, P(X > 3 mean) = e^-3.
+        let above = |k: f64| {
+            draws
+                .iter()
+                .filter(|&&d| d as f64 > k * mean as f64)
+                .count() as f64
+                / n as f64
+        };
+        assert!(
+            (above(1.0) - (-1.0f64).exp()).abs() < 0.005,
+            "{}",
+            above(1.0)
+        );
+        assert!(
+            (above(3.0) - (-3.0f64).exp()).abs() < 0.003,
+            "{}",
+            above(3.0)
+        );
+        // The integer -ln matches the real one closely over the whole range.
+        for r in [0u32, 1, 1000, 1 << 20, 1 << 31, u32::MAX - 1, u32::MAX] {
+            let u = (r as f64 + 1.0) / 4_294_967_296.0;
+            let exact = -u.ln();
+            let approx = memtrace_common::neg_ln_q16(r) as f64 / 65536.0;
+            assert!(
+                (approx - exact).abs() < 2e-4 * exact.max(1.0),
+                "r={r}: {approx} vs {exact}"
+            );
+        }
+    }
+
+    /// One run of the kernel's sampling decision (same countdown, same
+    /// integer draw) over a stream of allocations, scaled as the agent
+    /// scales: the estimated bytes of a 1 MiB-per-request leak and of many
+    /// small blocks of mixed sizes.
+    fn sampled_run(seed: u64, rate: u64) -> (f64, f64, f64, f64) {
+        let mut rng = Rng(seed);
+        let mut countdown = 0u64;
+        let mut sample = |size: u64, rng: &mut Rng| {
+            if countdown == 0 {
+                countdown = memtrace_common::heap_sample_interval(rng.next_u32(), rate);
+            }
+            if countdown > size {
+                countdown -= size;
+                return false;
+            }
+            countdown = memtrace_common::heap_sample_interval(rng.next_u32(), rate);
+            true
+        };
+        let (mut leak, mut small) = ((0u64, 0u64), (0u64, 0u64));
+        let (mut leak_truth, mut small_truth) = (0u64, 0u64);
+        for _ in 0..64 {
+            for _ in 0..400 {
+                let size = 16 + u64::from(rng.next_u32() % 4096);
+                small_truth += size;
+                if sample(size, &mut rng) {
+                    small = (small.0 + 1, small.1 + size);
+                }
+            }
+            let size = 1 << 20;
+            leak_truth += size;
+            if sample(size, &mut rng) {
+                leak = (leak.0 + 1, leak.1 + size);
+            }
+        }
+        let leak_est = scale_heap_sample(leak.0, leak.1, rate).1 as f64;
+        let small_est = scale_heap_sample(small.0, small.1, rate).1 as f64;
+        (leak_est, leak_truth as f64, small_est, small_truth as f64)
+    }
+
+    #[test]
+    fn sampled_estimates_are_unbiased_over_20_runs() {
+        let rate = memtrace_common::DEFAULT_HEAP_SAMPLE_BYTES;
+        let runs: Vec<_> = (1..=20u64)
+            .map(|i| sampled_run(i * 0x1234_5678_9abc, rate))
+            .collect();
+        let leak: Vec<f64> = runs.iter().map(|r| r.0 / r.1).collect();
+        let small: Vec<f64> = runs.iter().map(|r| r.2 / r.3).collect();
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+        for r in &leak {
+            assert!(
+                (r - 1.0).abs() <= 0.15,
+                "a run's leak estimate is off by more than 15%: {leak:?}"
+            );
+        }
+        assert!(
+            (mean(&leak) - 1.0).abs() <= 0.05,
+            "leak mean {} over {leak:?}",
+            mean(&leak)
+        );
+        assert!(
+            (mean(&small) - 1.0).abs() <= 0.05,
+            "small mean {} over {small:?}",
+            mean(&small)
+        );
+        // Every allocation sampled: exact.
+        let exact = sampled_run(7, 1);
+        assert_eq!((exact.0, exact.2), (exact.1, exact.3));
+    }
+
+    #[test]
+    fn heap_samples_scale_like_go() {
+        // Every allocation sampled: nothing to scale.
+        assert_eq!(scale_heap_sample(3, 300, 1), (3, 300));
+        // Blocks of the rate's size are sampled with probability 1 - 1/e.
+        let (n, b) = scale_heap_sample(100, 100 * 512 * 1024, 512 * 1024);
+        let p = 1.0 - (-1.0f64).exp();
+        assert_eq!(n, (100.0 / p).round() as u64);
+        assert_eq!(b, (100.0 * 512.0 * 1024.0 / p).round() as u64);
+        // Blocks far above the rate are always sampled.
+        assert_eq!(scale_heap_sample(2, 2 << 30, 512 * 1024), (2, 2 << 30));
+        assert_eq!(scale_heap_sample(0, 0, 512 * 1024), (0, 0));
     }
 
     #[test]
