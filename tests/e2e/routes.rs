@@ -433,3 +433,32 @@ fn no_http_paths_keeps_no_path() {
         );
     });
 }
+
+/// Mixed traffic on four connections at once (gthread's four threads):
+/// route counts stay exact. (Per-route bytes are not asserted here: where
+/// requests overlap, each one's delta includes the others' growth.)
+#[test]
+fn concurrent_mixed_traffic_counts_routes_exactly() {
+    let _serial = serial();
+    let agent = AgentHarness::start(settings(&["gunicorn"]));
+    let port = free_port();
+    let server = gthread(port);
+    assert!(wait_port(port, Duration::from_secs(20)), "gunicorn listens");
+    let worker = wait_children(server.pid(), 1)[0];
+    let clients: Vec<_> = (0..4)
+        .map(|_| std::thread::spawn(move || mixed_traffic(port, 25, true)))
+        .collect();
+    let mut sent: BTreeMap<String, u64> = BTreeMap::new();
+    for c in clients {
+        for (route, n) in c.join().expect("client") {
+            *sent.entry(route).or_insert(0) += n;
+        }
+    }
+    wait_counted(&agent, worker, 500);
+    let counted: BTreeMap<String, u64> = routes_of(&agent, worker)
+        .routes
+        .iter()
+        .map(|r| (r.route.clone(), r.requests))
+        .collect();
+    assert_eq!(counted, sent);
+}

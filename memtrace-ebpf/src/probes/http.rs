@@ -136,10 +136,13 @@ pub fn continue_line(line: &mut RequestLine, ret: i32) {
         (*scratch.as_mut_ptr().cast::<[u8; LINE_CAP]>()) = line.bytes;
         let len = (ret as u64).min(room);
         if len == 0 || !read_user(scratch.as_mut_ptr().add(have), len, buf) {
+            *scratch = [0; 2 * LINE_CAP];
             line.state = LINE_TRUNCATED;
             return;
         }
         line.bytes = *scratch.as_ptr().cast::<[u8; LINE_CAP]>();
+        // What was read past the line (headers) does not stay behind.
+        *scratch = [0; 2 * LINE_CAP];
         scan(line, (have as u64 + len).min(LINE_CAP as u64) as usize);
     }
 }

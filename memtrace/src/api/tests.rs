@@ -802,3 +802,37 @@ fn metrics_render_the_status_with_soft_limit_recycles() {
         "{text}"
     );
 }
+
+/// Per-route series appear only with the routes filled in (--metrics-routes).
+#[test]
+fn metrics_have_route_series_only_when_asked() {
+    let fake = Fake {
+        calls: Mutex::new(Calls::default()),
+    };
+    let mut view = fake.status(None).unwrap();
+    let text = metrics::render(&view);
+    assert!(!text.contains("memtrace_route_requests_total{"), "{text}");
+    assert!(text.contains("memtrace_worker_routes_overflowed_requests_total{"));
+    let mut table = RouteTable::new(10);
+    for _ in 0..10 {
+        table.record(Some("GET /quote"), 32768, false);
+    }
+    view.workers[0].route_views = Some(table.view());
+    let text = metrics::render(&view);
+    let line = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{name}{{")))
+            .unwrap_or_else(|| panic!("{name} missing in\n{text}"))
+            .to_string()
+    };
+    assert!(line("memtrace_route_requests_total").contains(r#"route="GET /quote""#));
+    assert!(line("memtrace_route_requests_total").ends_with(" 10"));
+    let kept: f64 = line("memtrace_route_kept_bytes_per_request")
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((kept - 32768.0).abs() < 1e-6, "{kept}");
+    assert!(line("memtrace_route_grew_ratio").ends_with(" 1.0"));
+}

@@ -1011,6 +1011,37 @@ mod tests {
     }
 
     #[test]
+    fn route_settings_from_flags_and_file() {
+        let r = parse(&["-n", "x"]).resolve().unwrap();
+        assert!(r.settings.load.http_paths);
+        assert_eq!(r.settings.requests.max_routes, 100);
+        assert!(!r.settings.requests.metrics_routes);
+        let r = parse(&[
+            "-n",
+            "x",
+            "--no-http-paths",
+            "--max-routes",
+            "7",
+            "--metrics-routes",
+        ])
+        .resolve()
+        .unwrap();
+        assert!(!r.settings.load.http_paths);
+        assert_eq!(r.settings.requests.max_routes, 7);
+        assert!(r.settings.requests.metrics_routes);
+        let e = parse(&["-n", "x", "--max-routes", "0"])
+            .resolve()
+            .unwrap_err();
+        assert!(e.to_string().starts_with("--max-routes"), "{e}");
+        let file: AgentArgs = toml::from_str("no-http-paths = true\nmax-routes = 3").unwrap();
+        let mut cli = parse(&["-n", "x"]);
+        cli.merge_under(file);
+        let r = cli.resolve().unwrap();
+        assert!(!r.settings.load.http_paths);
+        assert_eq!(r.settings.requests.max_routes, 3);
+    }
+
+    #[test]
     fn repeatable_and_comma_separated_selectors() {
         let a = parse(&["-n", "a,b", "-n", "c", "-p", "1,2"]);
         assert_eq!(a.process_name, vec!["a", "b", "c"]);

@@ -58,11 +58,11 @@ impl HttpLine {
 
     /// "GET /orders/:id".
     pub fn route(&self) -> String {
-        format!(
-            "{} {}",
-            self.method,
-            normalise_path(&self.path, self.truncated)
-        )
+        let mut out = String::with_capacity(self.method.len() + self.path.len() + 5);
+        out.push_str(&self.method);
+        out.push(' ');
+        push_normalised(&mut out, &self.path, self.truncated);
+        out
     }
 }
 
@@ -72,34 +72,41 @@ impl HttpLine {
 /// (`http://host/p`) keeps its path. A truncated path loses its last, partial
 /// segment and ends in `/…`.
 pub fn normalise_path(path: &str, truncated: bool) -> String {
+    let mut out = String::with_capacity(path.len() + 4);
+    push_normalised(&mut out, path, truncated);
+    out
+}
+
+/// `normalise_path`, appended to `out` (one allocation per request line).
+fn push_normalised(out: &mut String, path: &str, truncated: bool) {
     let path = match path.find("://") {
         Some(i) => path[i + 3..].find('/').map_or("/", |j| &path[i + 3 + j..]),
         None => path,
     };
     if !path.starts_with('/') {
         // "*" (OPTIONS *) or garbage after a method: one bucket for all.
-        return if path == "*" {
-            "*".into()
-        } else {
-            "/:invalid".into()
-        };
+        out.push_str(if path == "*" { "*" } else { "/:invalid" });
+        return;
     }
-    let mut segments: Vec<&str> = path[1..].split('/').collect();
-    if truncated {
-        segments.pop();
-    }
-    let mut out = String::with_capacity(path.len());
-    for segment in &segments {
-        out.push('/');
-        out.push_str(if is_id(segment) { ID_SEGMENT } else { segment });
+    // A truncated path's last segment is partial: dropped.
+    let whole = if truncated {
+        path.rfind('/').map_or("", |i| &path[..i])
+    } else {
+        path
+    };
+    let start = out.len();
+    if !whole.is_empty() {
+        for segment in whole[1..].split('/') {
+            out.push('/');
+            out.push_str(if is_id(segment) { ID_SEGMENT } else { segment });
+        }
     }
     if truncated {
         out.push_str("/…");
     }
-    if out.is_empty() {
+    if out.len() == start {
         out.push('/');
     }
-    out
 }
 
 /// Whether a path segment names one thing among many (an id, a token).
