@@ -6,7 +6,7 @@
 //! garbage.
 use std::{
     collections::BTreeMap,
-    io::{BufRead as _, BufReader, Read as _, Write as _},
+    io::{BufReader, Read as _, Write as _},
     net::TcpStream,
     path::PathBuf,
     process::{Command, Stdio},
@@ -37,29 +37,6 @@ fn round(i: usize) -> Vec<(String, &'static str)> {
         ),
         ("/".to_string(), "GET /"),
     ]
-}
-
-/// Reads one HTTP/1.1 response (status line, headers, Content-Length body).
-fn read_response(reader: &mut BufReader<TcpStream>) -> String {
-    let mut status = String::new();
-    reader.read_line(&mut status).expect("status line");
-    assert!(status.starts_with("HTTP/1.1 200"), "{status:?}");
-    let mut length = 0usize;
-    loop {
-        let mut line = String::new();
-        reader.read_line(&mut line).unwrap();
-        if line == "\r\n" || line.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = line.split_once(':')
-            && k.eq_ignore_ascii_case("content-length")
-        {
-            length = v.trim().parse().unwrap();
-        }
-    }
-    let mut body = vec![0; length];
-    reader.read_exact(&mut body).unwrap();
-    String::from_utf8_lossy(&body).into_owned()
 }
 
 fn connect(port: u16) -> (BufReader<TcpStream>, TcpStream) {

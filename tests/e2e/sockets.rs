@@ -2,7 +2,7 @@
 //! counted equal requests sent, exactly, and the leaking fixture's MB per
 //! request where a thread serves one request at a time.
 use std::{
-    io::{BufRead as _, BufReader, Read as _, Write as _},
+    io::{BufReader, Write as _},
     net::TcpStream,
     path::PathBuf,
     process::{Command, Stdio},
@@ -31,25 +31,7 @@ fn keep_alive(port: u16, path: &str, conns: usize, per_conn: usize) -> Vec<Strin
                 let mut bodies = Vec::new();
                 for _ in 0..per_conn {
                     write!(writer, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
-                    let mut status = String::new();
-                    reader.read_line(&mut status).expect("status line");
-                    assert!(status.starts_with("HTTP/1.1 200"), "{status:?}");
-                    let mut length = 0usize;
-                    loop {
-                        let mut line = String::new();
-                        reader.read_line(&mut line).unwrap();
-                        if line == "\r\n" || line.is_empty() {
-                            break;
-                        }
-                        if let Some((k, v)) = line.split_once(':')
-                            && k.eq_ignore_ascii_case("content-length")
-                        {
-                            length = v.trim().parse().unwrap();
-                        }
-                    }
-                    let mut body = vec![0; length];
-                    reader.read_exact(&mut body).unwrap();
-                    bodies.push(String::from_utf8_lossy(&body).into_owned());
+                    bodies.push(read_response(&mut reader));
                 }
                 bodies
             })

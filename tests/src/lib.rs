@@ -5,7 +5,7 @@
 //! The tests load real eBPF programs, so they need root and run one at a
 //! time (`--test-threads=1`; `cargo xtask test` does both).
 use std::{
-    io::{Read as _, Write as _},
+    io::{BufRead as _, BufReader, Read as _, Write as _},
     net::TcpStream,
     path::{Path, PathBuf},
     process::{Child, Command},
@@ -703,4 +703,27 @@ pub fn pid_in(body: &str) -> u32 {
         .collect::<String>()
         .parse()
         .expect("a pid")
+}
+
+/// Reads one HTTP/1.1 response (status line, headers, Content-Length body).
+pub fn read_response(reader: &mut BufReader<TcpStream>) -> String {
+    let mut status = String::new();
+    reader.read_line(&mut status).expect("status line");
+    assert!(status.starts_with("HTTP/1.1 200"), "{status:?}");
+    let mut length = 0usize;
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        if line == "\r\n" || line.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':')
+            && k.eq_ignore_ascii_case("content-length")
+        {
+            length = v.trim().parse().unwrap();
+        }
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).unwrap();
+    String::from_utf8_lossy(&body).into_owned()
 }
