@@ -105,19 +105,24 @@ pub fn version_string(hex: u32) -> String {
     format!("{major}.{minor}.{micro}{tag}")
 }
 
-/// Reads a symbol's bytes from the ELF's file image (constant or
-/// initialised data: what the process started with).
-fn symbol_bytes<'a>(file: &object::File<'a>, name: &str, len: usize) -> Option<(u64, &'a [u8])> {
+/// A defined symbol's address and size, and its first `len` bytes from the
+/// ELF's file image (constant or initialised data: what the process
+/// started with; empty for zero-initialised data).
+fn symbol_bytes<'a>(
+    file: &object::File<'a>,
+    name: &str,
+    len: usize,
+) -> Option<(u64, u64, &'a [u8])> {
     let symbol = file
         .dynamic_symbols()
         .chain(file.symbols())
         .find(|s| s.name() == Ok(name) && s.is_definition())?;
-    let addr = symbol.address();
+    let (addr, size) = (symbol.address(), symbol.size());
     let section = file.section_by_index(symbol.section_index()?).ok()?;
     let data = section.data().ok()?;
     let start = usize::try_from(addr.checked_sub(section.address())?).ok()?;
     let bytes = data.get(start..start.checked_add(len)?);
-    Some((addr, bytes.unwrap_or(&[])))
+    Some((addr, size, bytes.unwrap_or(&[])))
 }
 
 /// Inspects an interpreter ELF. `shown` is the path as the process names
@@ -132,7 +137,7 @@ pub fn inspect(shown: &Path, open: &Path) -> Result<PythonRuntime, PythonError> 
         message: e.to_string(),
     })?;
     let version_hex = symbol_bytes(&file, "Py_Version", 4)
-        .and_then(|(_, b)| Some(u32::from_le_bytes(b.get(..4)?.try_into().ok()?)))
+        .and_then(|(_, _, b)| Some(u32::from_le_bytes(b.get(..4)?.try_into().ok()?)))
         .filter(|&h| h >> 24 == 3);
     let name_minor = interpreter_file(shown).flatten();
     let minor = version_hex.map(|h| (h >> 16) & 0xff).or(name_minor);
@@ -142,13 +147,8 @@ pub fn inspect(shown: &Path, open: &Path) -> Result<PythonRuntime, PythonError> 
         (None, None) => "3.?".to_string(),
     };
     let runtime = symbol_bytes(&file, "_PyRuntime", 8);
-    let runtime_size = file
-        .dynamic_symbols()
-        .chain(file.symbols())
-        .find(|s| s.name() == Ok("_PyRuntime") && s.is_definition())
-        .map_or(0, |s| s.size());
     let first_load = file.segments().map(|s| s.address()).min().unwrap_or(0);
-    let debug_offsets = runtime.is_some_and(|(_, b)| b == b"xdebugpy");
+    let debug_offsets = runtime.is_some_and(|(_, _, b)| b == b"xdebugpy");
     let (lo, hi) = SUPPORTED;
     let reason = match (minor, version_hex, runtime) {
         (None, _, _) => Some("the build does not say which version it is".to_string()),
@@ -169,8 +169,8 @@ pub fn inspect(shown: &Path, open: &Path) -> Result<PythonRuntime, PythonError> 
         version,
         version_hex,
         binary: shown.to_path_buf(),
-        runtime_symbol: runtime.map(|(addr, _)| addr),
-        runtime_size,
+        runtime_symbol: runtime.map(|(addr, _, _)| addr),
+        runtime_size: runtime.map_or(0, |(_, size, _)| size),
         first_load,
         debug_offsets,
         supported: reason.is_none(),
