@@ -112,7 +112,6 @@ impl State {
         let Some(w) = self.registry.retire(pid, Some((ev.stats, ev.rss))) else {
             return;
         };
-        let counted = |v: u64| self.tracer.mmap_counters().then_some(v);
         let lifetime = w
             .exited_at
             .and_then(|t| t.duration_since(w.first_seen).ok())
@@ -124,8 +123,8 @@ impl State {
             name = %w.name,
             rss_bytes = w.rss.resident(),
             faults = w.stats.faults,
-            mmap_bytes = counted(w.stats.mmap_bytes),
-            brk_grow_bytes = counted(w.stats.brk_grow_bytes),
+            mmap_bytes = self.tracer.mmap_counted(w.stats.mmap_bytes),
+            brk_grow_bytes = self.tracer.mmap_counted(w.stats.brk_grow_bytes),
             requests = w.stats.requests_ended,
             traced_secs = lifetime.as_secs_f64(),
             "worker exited"

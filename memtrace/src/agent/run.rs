@@ -244,7 +244,6 @@ impl Agent {
         let mut state = lock(&self.state);
         let counters = state.tracer.counters();
         state.report_drops(&counters);
-        let counted = |v: u64| state.tracer.mmap_counters().then_some(v);
         for w in state.registry.alive() {
             info!(
                 pid = w.pid,
@@ -257,10 +256,10 @@ impl Agent {
                 shmem_bytes = w.rss.shmem,
                 swap_bytes = w.rss.swap,
                 faults = w.stats.faults,
-                mmap_bytes = counted(w.stats.mmap_bytes),
-                munmap_bytes = counted(w.stats.munmap_bytes),
-                brk_grow_bytes = counted(w.stats.brk_grow_bytes),
-                brk_shrink_bytes = counted(w.stats.brk_shrink_bytes),
+                mmap_bytes = state.tracer.mmap_counted(w.stats.mmap_bytes),
+                munmap_bytes = state.tracer.mmap_counted(w.stats.munmap_bytes),
+                brk_grow_bytes = state.tracer.mmap_counted(w.stats.brk_grow_bytes),
+                brk_shrink_bytes = state.tracer.mmap_counted(w.stats.brk_shrink_bytes),
                 requests = w.stats.requests_ended,
                 requests_in_flight = w.stats.requests_in_flight(),
                 "worker summary"

@@ -32,7 +32,6 @@ pub fn worker_status(state: &State, w: &Worker, with_proc: bool) -> WorkerStatus
     } else {
         w.stats
     };
-    let counted = |v: u64| state.tracer.mmap_counters().then_some(v);
     WorkerStatus {
         pid: w.pid,
         ppid: w.ppid,
@@ -64,12 +63,12 @@ pub fn worker_status(state: &State, w: &Worker, with_proc: bool) -> WorkerStatus
         threads: status.map(|s| s.threads),
         faults: stats.faults,
         data_bytes: status.map(|s| s.vm_data).or(w.vm_data),
-        mmap_bytes: counted(stats.mmap_bytes),
-        munmap_bytes: counted(stats.munmap_bytes),
-        mremap_grow_bytes: counted(stats.mremap_grow_bytes),
-        mremap_shrink_bytes: counted(stats.mremap_shrink_bytes),
-        brk_grow_bytes: counted(stats.brk_grow_bytes),
-        brk_shrink_bytes: counted(stats.brk_shrink_bytes),
+        mmap_bytes: state.tracer.mmap_counted(stats.mmap_bytes),
+        munmap_bytes: state.tracer.mmap_counted(stats.munmap_bytes),
+        mremap_grow_bytes: state.tracer.mmap_counted(stats.mremap_grow_bytes),
+        mremap_shrink_bytes: state.tracer.mmap_counted(stats.mremap_shrink_bytes),
+        brk_grow_bytes: state.tracer.mmap_counted(stats.brk_grow_bytes),
+        brk_shrink_bytes: state.tracer.mmap_counted(stats.brk_shrink_bytes),
         heap_live_blocks: (stats.live_allocs as i64).max(0) as u64,
         heap_samples_dropped: stats.allocs_dropped,
         requests_seen: w.requests.seen,

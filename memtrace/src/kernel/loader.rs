@@ -579,9 +579,10 @@ impl Tracer {
         }
     }
 
-    /// Whether mmap/munmap/mremap/brk bytes are counted (`--mmap-counters`).
-    pub fn mmap_counters(&self) -> bool {
-        self.mmap_counters
+    /// A mmap/munmap/mremap/brk counter as shown: absent, not 0, when those
+    /// are not counted.
+    pub fn mmap_counted(&self, value: u64) -> Option<u64> {
+        self.mmap_counters.then_some(value)
     }
 
     /// Turns allocation-site collection on for these processes, attaching the
