@@ -2,14 +2,16 @@
 //! ([`procinfo`]), its cgroup, container and pod ([`cgroups`]), resident
 //! memory by type ([`rss`]), the worker registry ([`workers`]), per-request
 //! records ([`requests`]), their routes ([`routes`]), the selectors that
-//! choose processes ([`selectors`]), and the CPython interpreter a process
-//! runs ([`python`]).
+//! choose processes ([`selectors`]), the CPython interpreter a process
+//! runs ([`python`]), and its code objects: file, function and line of a
+//! sampled Python frame ([`pycode`]).
 //!
 //! Imports: `judge::detector` (each worker owns its leak detector); nothing
 //! from the kernel loader, the API or the agent.
 pub mod cgroups;
 pub mod kubelet;
 pub mod procinfo;
+pub mod pycode;
 pub mod python;
 pub mod requests;
 pub mod routes;
