@@ -15,7 +15,7 @@
 //! before the first instruction in a frame that has not started
 //! ([`NOT_STARTED`]); 3.13's `instr_ptr` points at the `CALL` itself. The
 //! location table covers cache units with their instruction's location.
-use std::{fs::File, os::unix::fs::FileExt as _};
+use std::{collections::HashMap, fs::File, os::unix::fs::FileExt as _, sync::Arc};
 
 use super::python::SUPPORTED;
 
@@ -640,6 +640,107 @@ fn read_signed_varint(table: &[u8], at: usize) -> Result<i64, String> {
     Ok(if raw & 1 == 1 { -magnitude } else { magnitude })
 }
 
+/// Entries kept per generation: two generations bound the cache at twice
+/// this. A code object's entry is a few hundred bytes.
+const CACHE_GENERATION: usize = 8192;
+
+/// Code objects already read, per (pid, address), validated by the
+/// `co_firstlineno` the kernel saw with the address: a different one means
+/// the address was freed and reused, so it is read again.
+///
+/// Bounded by two generations: new entries go to the recent one; when it
+/// is full it becomes the older one (the previous older one is dropped),
+/// and a hit in the older generation moves back to the recent one. Code
+/// objects in use stay; those no longer sampled age out.
+#[derive(Debug)]
+pub struct CodeCache {
+    recent: HashMap<(u32, u64), Arc<CodeInfo>>,
+    older: HashMap<(u32, u64), Arc<CodeInfo>>,
+    generation: usize,
+}
+
+impl Default for CodeCache {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl CodeCache {
+    /// A cache of at most 16384 code objects.
+    pub fn new() -> Self {
+        Self::with_generation(CACHE_GENERATION)
+    }
+
+    /// A cache of at most `2 * generation` entries.
+    pub fn with_generation(generation: usize) -> Self {
+        Self {
+            recent: HashMap::new(),
+            older: HashMap::new(),
+            generation: generation.max(1),
+        }
+    }
+
+    /// The code object at `addr` in process `pid`, from the cache when the
+    /// entry has the `co_firstlineno` the kernel saw, else read again.
+    /// When the object read then still has another `co_firstlineno`, the
+    /// sampled one is gone: [`PyCodeError::Stale`] (the new object is
+    /// cached for the samples that see it).
+    pub fn get(
+        &mut self,
+        pid: u32,
+        mem: &impl RemoteMemory,
+        layout: &CodeLayout,
+        addr: u64,
+        firstlineno_seen: u32,
+    ) -> Result<Arc<CodeInfo>, PyCodeError> {
+        let key = (pid, addr);
+        if let Some(info) = self.recent.get(&key)
+            && info.firstlineno == firstlineno_seen
+        {
+            return Ok(Arc::clone(info));
+        }
+        if let Some(info) = self.older.remove(&key)
+            && info.firstlineno == firstlineno_seen
+        {
+            self.insert(key, Arc::clone(&info));
+            return Ok(info);
+        }
+        let info = Arc::new(CodeInfo::read(mem, layout, addr)?);
+        self.insert(key, Arc::clone(&info));
+        if info.firstlineno != firstlineno_seen {
+            return Err(PyCodeError::Stale {
+                addr,
+                seen: firstlineno_seen,
+                now: info.firstlineno,
+            });
+        }
+        Ok(info)
+    }
+
+    fn insert(&mut self, key: (u32, u64), info: Arc<CodeInfo>) {
+        if self.recent.len() >= self.generation && !self.recent.contains_key(&key) {
+            self.older = std::mem::take(&mut self.recent);
+        }
+        self.recent.insert(key, info);
+    }
+
+    /// Drops a process's entries (it exited: its addresses mean nothing).
+    pub fn forget(&mut self, pid: u32) {
+        self.recent.retain(|&(p, _), _| p != pid);
+        self.older.retain(|&(p, _), _| p != pid);
+    }
+
+    /// Entries held.
+    pub fn len(&self) -> usize {
+        self.recent.len() + self.older.len()
+    }
+
+    /// Whether no entry is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::{cell::Cell, collections::BTreeMap};
@@ -1240,5 +1341,86 @@ mod tests {
         // A member name without a NUL within reach.
         let e = discover(&|m| m.put(NAMES_AT + 5, vec![b'a'; 200]), TYPE_AT, 12);
         assert!(!e.to_string().is_empty());
+    }
+
+    // ---- The cache ----
+
+    #[test]
+    fn the_cache_rereads_when_co_firstlineno_changes() {
+        let layout = fake_layout();
+        let first = fake_python();
+        let nothing = FakeMemory::default();
+        let mut cache = CodeCache::new();
+
+        let a = cache.get(7, &first, &layout, CODE_AT, 40).expect("read");
+        assert_eq!(a.qualname, "Outer.grüße");
+        // A hit reads nothing: memory that answers no read still serves it.
+        let again = cache
+            .get(7, &nothing, &layout, CODE_AT, 40)
+            .expect("cached");
+        assert!(Arc::ptr_eq(&a, &again));
+        assert_eq!(nothing.reads.get(), 0);
+        // Another process's same address is another code object.
+        assert!(cache.get(8, &nothing, &layout, CODE_AT, 40).is_err());
+
+        // The address now holds another code object, from line 90.
+        let mut reused = fake_python();
+        reused.patch(CODE_AT + FIRSTLINENO, &90i32.to_le_bytes());
+        reused.put(QUALNAME_AT, str_object("other"));
+        let b = cache
+            .get(7, &reused, &layout, CODE_AT, 90)
+            .expect("re-read");
+        assert_eq!((b.qualname.as_str(), b.firstlineno), ("other", 90));
+        assert_eq!(b.line(0), Some(90));
+        let reads = reused.reads.get();
+        assert!(reads > 0);
+        assert!(Arc::ptr_eq(
+            &b,
+            &cache.get(7, &reused, &layout, CODE_AT, 90).expect("hit")
+        ));
+        assert_eq!(reused.reads.get(), reads);
+
+        // A sample of the old object, after it is gone: read, and refused.
+        let e = cache
+            .get(7, &reused, &layout, CODE_AT, 40)
+            .expect_err("stale");
+        assert!(
+            matches!(
+                e,
+                PyCodeError::Stale {
+                    seen: 40,
+                    now: 90,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+
+        cache.forget(7);
+        assert!(cache.is_empty());
+        assert!(cache.get(7, &nothing, &layout, CODE_AT, 90).is_err());
+    }
+
+    #[test]
+    fn the_cache_is_bounded_and_keeps_what_is_used() {
+        let layout = fake_layout();
+        let mem = fake_python();
+        let nothing = FakeMemory::default();
+        let mut cache = CodeCache::with_generation(2);
+        // The same code object seen by many processes: one entry each.
+        for pid in 0..10 {
+            cache.get(pid, &mem, &layout, CODE_AT, 40).expect("read");
+            // Process 0 keeps sampling it.
+            cache.get(0, &mem, &layout, CODE_AT, 40).expect("read");
+            assert!(cache.len() <= 4, "{}", cache.len());
+        }
+        assert!(
+            cache.get(0, &nothing, &layout, CODE_AT, 40).is_ok(),
+            "a hot entry stays"
+        );
+        assert!(
+            cache.get(1, &nothing, &layout, CODE_AT, 40).is_err(),
+            "a cold one ages out"
+        );
     }
 }
