@@ -743,7 +743,7 @@ impl CodeCache {
 
 #[cfg(test)]
 mod tests {
-    use std::{cell::Cell, collections::BTreeMap};
+    use std::{cell::Cell, collections::BTreeMap, io::BufRead as _, path::PathBuf};
 
     use super::*;
 
@@ -1422,5 +1422,260 @@ mod tests {
             cache.get(1, &nothing, &layout, CODE_AT, 40).is_err(),
             "a cold one ages out"
         );
+    }
+
+    // ---- Real interpreters on this machine ----
+
+    /// The script a real interpreter runs: functions with non-ASCII names
+    /// (latin-1, BMP, astral) in a file with an astral character in its
+    /// name, nested and method ones, comprehensions, and a long function
+    /// with line jumps beyond 63 both ways. It prints every code object it
+    /// holds and the line of each of its code units, then waits.
+    const SCRIPT_HEAD: &str = r#"import json
+import sys
+
+
+class Outer:
+    class Inner:
+        def method(self):
+            return [x * 2 for x in range(3)]
+
+    def make(self):
+        def closure():
+            return self
+        return closure
+
+
+def grüße(a):
+    return a + 1
+
+
+def 関数():
+    return "ok"
+
+
+def 𠀀():
+    return sum(x for x in range(3))
+
+
+def long_function(n):
+    total = 0
+    for i in range(n):
+        total += i
+"#;
+    /// After the first gap: the loop's back edge jumps back over it (3.12+
+    /// put the jump on the `for` line); a call's arguments after the
+    /// second gap, then the call on its first line (all versions).
+    const SCRIPT_MIDDLE: &str = r#"        total -= 1
+    total = max(
+"#;
+    const SCRIPT_TAIL: &str = r#"        total,
+        1,
+    )
+    while total > 10:
+        total //= 2
+    try:
+        total = 1 // (total - total)
+    except ZeroDivisionError:
+        total = -1
+    finally:
+        total += 0
+    with open(__file__, "rb") as f:
+        f.read(1)
+    return total
+
+
+for _ in range(100):
+    Outer.Inner().method()
+    Outer().make()()
+    grüße(1)
+    関数()
+    𠀀()
+    long_function(5)
+
+
+def describe(co):
+    units = len(co.co_code) // 2
+    lines = [None] * units
+    for start, end, line in co.co_lines():
+        for offset in range(start, end, 2):
+            lines[offset // 2] = line
+    return {
+        "addr": id(co),
+        "filename": co.co_filename,
+        "qualname": co.co_qualname,
+        "firstlineno": co.co_firstlineno,
+        "units": units,
+        "lines": lines,
+    }
+
+
+def walk(co):
+    yield co
+    for const in co.co_consts:
+        if isinstance(const, type(co)):
+            yield from walk(const)
+
+
+module = sys._getframe().f_code
+print(json.dumps({
+    "minor": sys.version_info.minor,
+    "code_type": id(type(module)),
+    "basicsize": type(module).__basicsize__,
+    "codes": [describe(co) for co in walk(module)],
+}), flush=True)
+sys.stdin.readline()
+"#;
+
+    /// A child interpreter, killed and its files removed when dropped (also
+    /// when an assertion fails).
+    struct Child {
+        process: std::process::Child,
+        dir: PathBuf,
+    }
+
+    impl Drop for Child {
+        fn drop(&mut self) {
+            let _ = self.process.kill();
+            let _ = self.process.wait();
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn check_interpreter(python: &str, minor: u32) {
+        assert!(
+            std::path::Path::new(python).exists(),
+            "{python} is missing: this test reads a live CPython 3.{minor} (Debian's python3.11, pyenv 3.11.7, 3.12.1, 3.13.0)"
+        );
+        let tag = python.replace('/', "_");
+        let dir =
+            std::env::temp_dir().join(format!("memtrace-pycode-{}-{tag}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let script = dir.join("snake_🐍.py");
+        let gap = "        # a gap: the next line is more than 63 lines on\n".repeat(100);
+        std::fs::write(
+            &script,
+            format!("{SCRIPT_HEAD}{gap}{SCRIPT_MIDDLE}{gap}{SCRIPT_TAIL}"),
+        )
+        .expect("script");
+        let process = std::process::Command::new(python)
+            .arg(&script)
+            .env("PYTHONDONTWRITEBYTECODE", "1")
+            .env("PYTHONUTF8", "1")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn python");
+        let mut child = Child { process, dir };
+        let mut line = String::new();
+        let stdout = child.process.stdout.as_mut().expect("stdout");
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read");
+        assert!(
+            !line.is_empty(),
+            "{python} printed nothing (see its stderr)"
+        );
+        let report: serde_json::Value = serde_json::from_str(&line).expect("json");
+        assert_eq!(report["minor"], minor);
+        let pid = child.process.id();
+        let mem = ProcMemory::open(pid).expect("open /proc/PID/mem (as root)");
+        let code_type = report["code_type"].as_u64().expect("code_type");
+        let layout = CodeLayout::discover(&mem, code_type, minor).expect("discover");
+        println!("{python} (3.{minor}): PyCode_Type at {code_type:#x}: {layout:?}");
+        assert_eq!(Some(layout.code_adaptive), report["basicsize"].as_u64());
+
+        let codes = report["codes"].as_array().expect("codes");
+        let (mut units_checked, mut no_location, mut jumps) = (0, 0, (0i64, 0i64));
+        let mut cache = CodeCache::new();
+        let mut qualnames = Vec::new();
+        for expected in codes {
+            let addr = expected["addr"].as_u64().expect("addr");
+            let code = CodeInfo::read(&mem, &layout, addr)
+                .unwrap_or_else(|e| panic!("{}: {e}", expected["qualname"]));
+            assert_eq!(
+                code.filename,
+                expected["filename"].as_str().expect("filename")
+            );
+            assert_eq!(
+                code.qualname,
+                expected["qualname"].as_str().expect("qualname")
+            );
+            assert_eq!(
+                Some(u64::from(code.firstlineno)),
+                expected["firstlineno"].as_u64()
+            );
+            assert_eq!(Some(u64::from(code.code_units)), expected["units"].as_u64());
+            let lines = expected["lines"].as_array().expect("lines");
+            let mut previous = None;
+            for (index, want) in lines.iter().enumerate() {
+                let got = code.line(index as u32);
+                assert_eq!(
+                    got.map(u64::from),
+                    want.as_u64(),
+                    "{} unit {index}: {want}",
+                    code.qualname
+                );
+                units_checked += 1;
+                no_location += usize::from(got.is_none());
+                if let (Some(p), Some(g)) = (previous, got) {
+                    let delta = i64::from(g) - i64::from(p);
+                    jumps = (jumps.0.min(delta), jumps.1.max(delta));
+                }
+                previous = got.or(previous);
+            }
+            assert_eq!(code.line(code.code_units), None);
+            let cached = cache
+                .get(pid, &mem, &layout, addr, code.firstlineno)
+                .expect("cache");
+            assert_eq!(*cached, code);
+            assert!(matches!(
+                cache.get(pid, &mem, &layout, addr, code.firstlineno + 1),
+                Err(PyCodeError::Stale { .. })
+            ));
+            qualnames.push(code.qualname);
+        }
+        println!(
+            "  {} code objects, {units_checked} code units, {no_location} without a line, line jumps {jumps:?}",
+            codes.len()
+        );
+        for name in [
+            "grüße",
+            "関数",
+            "𠀀",
+            "𠀀.<locals>.<genexpr>",
+            "Outer.Inner.method",
+            "Outer.make.<locals>.closure",
+            "long_function",
+        ] {
+            assert!(
+                qualnames.iter().any(|q| q == name),
+                "{name} not in {qualnames:?}"
+            );
+        }
+        assert!(
+            jumps.0 < -63 && jumps.1 > 63,
+            "the script should jump more than 63 lines both ways: {jumps:?}"
+        );
+    }
+
+    #[test]
+    fn reads_debian_python_3_11() {
+        check_interpreter("/usr/bin/python3.11", 11);
+    }
+
+    #[test]
+    fn reads_pyenv_python_3_11() {
+        check_interpreter("/root/.pyenv/versions/3.11.7/bin/python3.11", 11);
+    }
+
+    #[test]
+    fn reads_pyenv_python_3_12() {
+        check_interpreter("/root/.pyenv/versions/3.12.1/bin/python3.12", 12);
+    }
+
+    #[test]
+    fn reads_pyenv_python_3_13() {
+        check_interpreter("/root/.pyenv/versions/3.13.0/bin/python3.13", 13);
     }
 }
