@@ -159,6 +159,10 @@ pub struct ThreadState {
     pub alloc_old_ptr: u64,
     /// Heap bytes left before the next sampled allocation; 0: not drawn yet.
     pub heap_countdown: u64,
+    /// 1 between entry and return of CPython's object allocator: the C
+    /// library's malloc it falls back to for large blocks is not counted
+    /// twice.
+    pub in_pymalloc: u64,
 }
 
 /// Socket mode: a server connection of a watched process, keyed by its
@@ -333,7 +337,9 @@ pub const CTR_CONNS_FULL: u32 = 9;
 pub const CTR_ALLOCS_DROPPED: u32 = 10;
 /// Heap allocations sampled (tracked or not).
 pub const CTR_HEAP_SAMPLES: u32 = 11;
-pub const NUM_COUNTERS: u32 = 12;
+/// A Python stack that did not fit in `PY_STACKS` (sampled without it).
+pub const CTR_PY_STACKS_FULL: u32 = 12;
+pub const NUM_COUNTERS: u32 = 13;
 
 /// Allocation-site kinds in `STACK_SITES`.
 pub const SITE_FAULT: u32 = 0;
@@ -358,6 +364,8 @@ pub struct AllocInfo {
     pub size: u64,
     pub stack_id: u32,
     pub _pad: u32,
+    /// Id in `PY_STACKS` of the Python frames that allocated it; 0: none.
+    pub py_stack: u64,
 }
 
 #[repr(C)]
@@ -368,6 +376,9 @@ pub struct SiteKey {
     pub stack_id: u32,
     pub kind: u32,
     pub _pad: u32,
+    /// Id in `PY_STACKS` of the Python frames at the sample; 0: none (not
+    /// a Python process, or its frames could not be read).
+    pub py_stack: u64,
 }
 
 #[repr(C)]
@@ -445,7 +456,79 @@ pub struct Config {
     pub max_live_allocs: u32,
     /// 1: socket mode keeps each HTTP/1.x request's method and path.
     pub http_paths: u32,
+    /// Offset of `thread.fsbase` in `struct task_struct` (from the kernel's
+    /// BTF); 0: unknown, no Python frames.
+    pub task_fsbase: u32,
+    /// Python frames taken per sample, at most `PY_MAX_FRAMES`; 0: none.
+    pub py_frames: u32,
     pub layout: TracepointLayout,
+}
+
+/// Python frames kept per stack (tracemalloc's `PYTHONTRACEMALLOC=25`).
+pub const PY_MAX_FRAMES: usize = 25;
+/// Python processes whose frames the kernel reads.
+pub const MAX_PY_PROCS: u32 = 4096;
+/// Distinct Python stacks kept while collection is on.
+pub const MAX_PY_STACKS: u32 = 32_768;
+/// `PyProcInfo::owner_cstack` when the version has no C-stack shim frames.
+pub const PY_NO_OWNER: u32 = u32::MAX;
+/// `PyProcInfo::cframe_frame` when the thread state points at the frame
+/// directly (3.13+).
+pub const PY_NO_CFRAME: u32 = u32::MAX;
+/// Offset of `specific_1stblock` in glibc's `struct pthread` (x86_64,
+/// glibc 2.27 to 2.38), whose entries are `{seq, data}` pairs: what
+/// `pthread_getspecific(key)` reads for keys below 32.
+pub const GLIBC_SPECIFIC_1STBLOCK: u64 = 0x310;
+/// Keys past the first block live in a second-level table: not followed.
+pub const GLIBC_KEYS_1STBLOCK: u32 = 32;
+
+/// How to find and walk one Python process's frames (by tgid in
+/// `PY_PROCS`); byte offsets of one interpreter build, filled by the agent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PyProcInfo {
+    /// The pthread key under which CPython keeps each thread's
+    /// `PyThreadState` (`_PyRuntime`'s `autoTSSkey`), below 32.
+    pub tss_key: u32,
+    /// `PyThreadState.cframe` (3.11, 3.12) or `.current_frame` (3.13+).
+    pub tstate_frame: u32,
+    /// `_PyCFrame.current_frame`, or `PY_NO_CFRAME`.
+    pub cframe_frame: u32,
+    /// `PyThreadState.thread_id`: the pthread (= fs base) that owns it.
+    pub thread_id: u32,
+    /// `_PyInterpreterFrame.f_code` / `f_executable`, `.previous`,
+    /// `.prev_instr` / `instr_ptr` and the `owner` byte; all below 80.
+    pub frame_code: u32,
+    pub frame_previous: u32,
+    pub frame_instr: u32,
+    pub frame_owner: u32,
+    /// `owner` of the C-stack shim frames to skip, or `PY_NO_OWNER`.
+    pub owner_cstack: u32,
+    /// Offset of `co_code_adaptive` (`PyCode_Type.tp_basicsize`) and of
+    /// `co_firstlineno` in code objects.
+    pub code_adaptive: u32,
+    pub code_firstlineno: u32,
+    pub _pad: u32,
+}
+
+/// One Python frame as sampled: the code object, the code unit it was at
+/// (counted from `co_code_adaptive`) and the code's first line, which tells
+/// a reused code address from the one sampled.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PyFrame {
+    pub code: u64,
+    pub index: u32,
+    pub firstlineno: u32,
+}
+
+/// Python frames of one sample, innermost first.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PyStack {
+    pub len: u32,
+    pub _pad: u32,
+    pub frames: [PyFrame; PY_MAX_FRAMES],
 }
 
 /// log2(1 + i/32) in units of 2^-16, i = 0..=32: the fractional part of a
@@ -529,6 +612,8 @@ mod user {
     unsafe impl aya::Pod for AllocInfo {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for TracepointLayout {}
+    unsafe impl aya::Pod for PyProcInfo {}
+    unsafe impl aya::Pod for PyStack {}
 }
 
 /// Compile-time checks that the shared layouts have no hidden padding: the
@@ -537,14 +622,17 @@ const _: () = {
     assert!(core::mem::size_of::<ProcStats>() == 13 * 8 + 8);
     assert!(core::mem::size_of::<MmRss>() == 4 * 8 + 8 + 8);
     assert!(core::mem::size_of::<RequestStart>() == 2 * 8 + 4 * 8 + 5 * 8);
-    assert!(core::mem::size_of::<ThreadState>() == 8 + 5 * 8 + 3 * 8 + 8 + 88 + 24);
+    assert!(core::mem::size_of::<ThreadState>() == 8 + 5 * 8 + 3 * 8 + 8 + 88 + 32);
     assert!(core::mem::size_of::<AllocKey>() == 16);
-    assert!(core::mem::size_of::<AllocInfo>() == 16);
+    assert!(core::mem::size_of::<AllocInfo>() == 24);
+    assert!(core::mem::size_of::<SiteKey>() == 24);
+    assert!(core::mem::size_of::<PyProcInfo>() == 12 * 4);
+    assert!(core::mem::size_of::<PyStack>() == 8 + 16 * PY_MAX_FRAMES);
     assert!(core::mem::size_of::<ProcessEvent>() == 24 + 16 + 256 + 112 + 32);
     assert!(core::mem::size_of::<RssEvent>() == 24 + 32);
     assert!(core::mem::size_of::<RequestLine>() == 8 + LINE_CAP);
     assert!(core::mem::size_of::<RequestEvent>() == 24 + 24 + 64 + 40 + 8 + LINE_CAP);
-    assert!(core::mem::size_of::<Config>() == 24 + 16 + 26 * 4);
+    assert!(core::mem::size_of::<Config>() == 24 + 16 + 28 * 4);
     assert!(core::mem::size_of::<SiteCount>() == 32);
     assert!(core::mem::size_of::<ConnState>() == 6 * 4 + 88 + 8 + LINE_CAP);
     // The line's bytes are zeroed and read as u64 words.

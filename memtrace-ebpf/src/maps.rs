@@ -7,8 +7,9 @@ use aya_ebpf::{
 };
 use memtrace_common::{
     AllocInfo, AllocKey, Config, ConnState, DEFAULT_RING_BYTES, LINE_CAP, MAX_ALLOCS, MAX_CONNS,
-    MAX_MMS, MAX_PROCS, MAX_SELECTOR_CGROUPS, MAX_SELECTOR_COMMS, MAX_STACK_SITES, MAX_STACKS,
-    MAX_THREADS, MmRss, NUM_COUNTERS, ProcStats, SiteCount, SiteKey, TASK_COMM_LEN, ThreadState,
+    MAX_MMS, MAX_PROCS, MAX_PY_PROCS, MAX_PY_STACKS, MAX_SELECTOR_CGROUPS, MAX_SELECTOR_COMMS,
+    MAX_STACK_SITES, MAX_STACKS, MAX_THREADS, MmRss, NUM_COUNTERS, ProcStats, PyProcInfo, PyStack,
+    SiteCount, SiteKey, TASK_COMM_LEN, ThreadState,
 };
 
 /// Watched processes by tgid; presence means watched.
@@ -67,6 +68,38 @@ pub static STACK_SITES: HashMap<SiteKey, SiteCount> = HashMap::with_max_entries(
 /// Live heap blocks of collected processes (malloc probes).
 #[map]
 pub static ALLOCS: HashMap<AllocKey, AllocInfo> = HashMap::with_max_entries(MAX_ALLOCS, 0);
+
+/// Python processes whose frames are read, by tgid (offsets of their
+/// interpreter build and its TSS key).
+#[map]
+pub static PY_PROCS: HashMap<u32, PyProcInfo> = HashMap::with_max_entries(MAX_PY_PROCS, 0);
+
+/// Python stacks sampled while collection is on, by id (a hash of the
+/// frames; `SiteKey::py_stack` and `AllocInfo::py_stack` refer to them).
+#[map]
+pub static PY_STACKS: HashMap<u64, PyStack> = HashMap::with_max_entries(MAX_PY_STACKS, 0);
+
+/// A Python stack being built (too large for the BPF stack).
+#[map]
+pub static PY_SCRATCH: PerCpuArray<PyStack> = PerCpuArray::with_max_entries(1, 0);
+
+/// Words of a frame header's buffer: a power of two, so that an index
+/// masked with `HEADER_WORDS - 1` is in bounds for the verifier.
+pub const HEADER_WORDS: usize = 16;
+
+/// A Python frame walk in progress: the frame, the stack's id so far, the
+/// frames kept, and the frame header being read (indexable by a masked
+/// offset in map memory).
+#[repr(C)]
+pub struct PyWalk {
+    pub frame: u64,
+    pub hash: u64,
+    pub n: u64,
+    pub header: [u64; HEADER_WORDS],
+}
+
+#[map]
+pub static PY_WALK: PerCpuArray<PyWalk> = PerCpuArray::with_max_entries(1, 0);
 
 /// Written by the agent at load time (tracepoint offsets, agent pid, steps).
 #[unsafe(no_mangle)]

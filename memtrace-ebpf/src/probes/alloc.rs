@@ -21,7 +21,10 @@ use memtrace_common::{
 
 use crate::{
     maps::{ALLOCS, CONFIG, PROCS, THREADS},
-    probes::stacks::{add_heap_site, user_stack},
+    probes::{
+        python::py_stack,
+        stacks::{add_heap_site, user_stack},
+    },
     util::{atomic_add, count, current, thread_state},
 };
 
@@ -53,13 +56,22 @@ fn sampled(t: *mut ThreadState, size: u64) -> bool {
 }
 
 /// Decides at entry; saves what the return probe needs, nothing when it has
-/// nothing to do.
+/// nothing to do. `python`: CPython's object allocator, whose fallback to
+/// the C library's malloc (blocks over 512 bytes) is then not seen again.
 #[inline(always)]
-fn enter(size: u64, old_ptr: u64) {
+pub fn enter(size: u64, old_ptr: u64, python: bool) {
     let cur = current();
     let Some(t) = thread_state(cur.tid, cur.tgid) else {
         return;
     };
+    // SAFETY: pointer from a map lookup; only this thread writes it.
+    unsafe {
+        if python {
+            (*t).in_pymalloc = 1;
+        } else if (*t).in_pymalloc != 0 {
+            return;
+        }
+    }
     let size = if sampled(t, size) { size } else { 0 };
     // realloc moves or frees the old block: the return forgets it, if tracked.
     let old = if old_ptr != 0
@@ -85,7 +97,7 @@ fn enter(size: u64, old_ptr: u64) {
 #[uprobe]
 pub fn malloc_enter(ctx: ProbeContext) -> u32 {
     if let Some(size) = ctx.arg::<u64>(0) {
-        enter(size, 0);
+        enter(size, 0, false);
     }
     0
 }
@@ -96,7 +108,7 @@ pub fn calloc_enter(ctx: ProbeContext) -> u32 {
         // No 128-bit multiply on BPF: bound both factors instead. calloc
         // fails anyway for products past the address space.
         if n < (1 << 32) && size < (1 << 32) {
-            enter(n * size, 0);
+            enter(n * size, 0, false);
         }
     }
     0
@@ -105,7 +117,7 @@ pub fn calloc_enter(ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn realloc_enter(ctx: ProbeContext) -> u32 {
     if let (Some(ptr), Some(size)) = (ctx.arg::<u64>(0), ctx.arg::<u64>(1)) {
-        enter(size, ptr);
+        enter(size, ptr, false);
     }
     0
 }
@@ -113,7 +125,7 @@ pub fn realloc_enter(ctx: ProbeContext) -> u32 {
 /// Forgets a tracked block and takes its bytes off its site. Untracked
 /// (unsampled) blocks cost this one lookup.
 #[inline(always)]
-fn release(tgid: u32, ptr: u64) {
+pub fn release(tgid: u32, ptr: u64) {
     if ptr == 0 {
         return;
     }
@@ -133,6 +145,7 @@ fn release(tgid: u32, ptr: u64) {
     add_heap_site(
         tgid,
         info.stack_id,
+        info.py_stack,
         info.size.wrapping_neg(),
         u64::MAX,
         false,
@@ -142,15 +155,30 @@ fn release(tgid: u32, ptr: u64) {
 /// Return of malloc, calloc and realloc.
 #[uretprobe]
 pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
+    exit(&ctx, false);
+    0
+}
+
+/// Return of an allocator; `python` as for [`enter`].
+#[inline(always)]
+pub fn exit(ctx: &RetProbeContext, python: bool) {
     let cur = current();
     let Some(t) = thread_of(cur.tid) else {
-        return 0;
+        return;
     };
     // SAFETY: pointer from a map lookup; only this thread writes it.
+    unsafe {
+        if python {
+            (*t).in_pymalloc = 0;
+        } else if (*t).in_pymalloc != 0 {
+            return;
+        }
+    }
+    // SAFETY: as above.
     let (size, old) = unsafe { ((*t).alloc_size, (*t).alloc_old_ptr) };
     if size == 0 && old == 0 {
         // Not sampled, nothing tracked: the common case.
-        return 0;
+        return;
     }
     // SAFETY: as above.
     unsafe {
@@ -160,25 +188,26 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
     let ptr: u64 = ctx.ret();
     if ptr == 0 {
         // Failed: a failed realloc leaves the old block in place.
-        return 0;
+        return;
     }
     release(cur.tgid, old);
     if size == 0 {
-        return 0;
+        return;
     }
     count(CTR_HEAP_SAMPLES);
     let Some(stats) = PROCS.get_ptr_mut(cur.tgid) else {
-        return 0;
+        return;
     };
     let cap = CONFIG.load().max_live_allocs as i64;
     // SAFETY: pointer from a map lookup.
     if cap > 0 && unsafe { (*stats).live_allocs } as i64 >= cap {
         drop_sample(stats);
-        return 0;
+        return;
     }
-    let Some(stack_id) = user_stack(&ctx) else {
-        return 0;
+    let Some(stack_id) = user_stack(ctx) else {
+        return;
     };
+    let py_stack = py_stack(cur.tgid);
     let key = AllocKey {
         tgid: cur.tgid,
         _pad: 0,
@@ -188,15 +217,15 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
         size,
         stack_id,
         _pad: 0,
+        py_stack,
     };
     if ALLOCS.insert(key, info, 0).is_err() {
         drop_sample(stats);
-        return 0;
+        return;
     }
     // SAFETY: pointer from a map lookup; other CPUs add concurrently.
     unsafe { atomic_add(&raw mut (*stats).live_allocs, 1) };
-    add_heap_site(cur.tgid, stack_id, size, 1, true);
-    0
+    add_heap_site(cur.tgid, stack_id, py_stack, size, 1, true);
 }
 
 /// A sampled block that could not be tracked: counted per worker and in all.

@@ -3,6 +3,7 @@ mod alloc;
 mod faults;
 mod http;
 mod mmap;
+mod python;
 mod request;
 mod rss;
 mod sched;

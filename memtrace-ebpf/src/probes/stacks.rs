@@ -13,6 +13,7 @@ use memtrace_common::{
 
 use crate::{
     maps::{CONFIG, STACK_SITES, STACKS},
+    probes::python::py_stack,
     util::{atomic_add, count, current, field, page_align, thread_state, watched},
 };
 
@@ -29,7 +30,7 @@ pub fn collecting(tgid: u32) -> Option<*mut memtrace_common::ProcStats> {
 #[inline(always)]
 fn add_site(ctx: &TracePointContext, tgid: u32, kind: u32, bytes: u64) {
     if let Some(stack_id) = user_stack(ctx) {
-        add_to_site(tgid, stack_id, kind, bytes, 1);
+        add_to_site(tgid, stack_id, py_stack(tgid), kind, bytes, 1);
     }
 }
 
@@ -50,12 +51,13 @@ pub fn user_stack<C: StackIdContext>(ctx: &C) -> Option<u32> {
 
 /// Adds (wrapping: frees subtract) to a site's bytes and samples.
 #[inline(always)]
-pub fn add_to_site(tgid: u32, stack_id: u32, kind: u32, bytes: u64, samples: u64) {
+pub fn add_to_site(tgid: u32, stack_id: u32, py_stack: u64, kind: u32, bytes: u64, samples: u64) {
     let key = SiteKey {
         tgid,
         stack_id,
         kind,
         _pad: 0,
+        py_stack,
     };
     if let Some(site) = STACK_SITES.get_ptr_mut(key) {
         // SAFETY: pointer from a map lookup; other CPUs may add concurrently.
@@ -78,12 +80,20 @@ pub fn add_to_site(tgid: u32, stack_id: u32, kind: u32, bytes: u64, samples: u64
 /// Adds a sampled heap block to its site (`allocated`) or takes a freed one
 /// off (wrapping): live bytes and blocks move both ways, allocated ones only up.
 #[inline(always)]
-pub fn add_heap_site(tgid: u32, stack_id: u32, bytes: u64, samples: u64, allocated: bool) {
+pub fn add_heap_site(
+    tgid: u32,
+    stack_id: u32,
+    py_stack: u64,
+    bytes: u64,
+    samples: u64,
+    allocated: bool,
+) {
     let key = SiteKey {
         tgid,
         stack_id,
         kind: SITE_MALLOC,
         _pad: 0,
+        py_stack,
     };
     if let Some(site) = STACK_SITES.get_ptr_mut(key) {
         // SAFETY: pointer from a map lookup; other CPUs may add concurrently.

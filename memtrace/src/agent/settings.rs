@@ -15,6 +15,8 @@ pub struct AgentSettings {
     pub load: LoadOptions,
     /// Mount tracefs at /sys/kernel/tracing when it is missing.
     pub mount_tracefs: bool,
+    /// Python sites keep the native frames under the innermost Python one.
+    pub native_frames: bool,
     /// How often the ring buffer is drained.
     pub poll_interval: Duration,
     /// How often kernel maps and /proc are read into the worker model.
@@ -46,6 +48,7 @@ impl Default for AgentSettings {
             selectors: Selectors::default(),
             load: LoadOptions::default(),
             mount_tracefs: true,
+            native_frames: false,
             poll_interval: Duration::from_millis(10),
             refresh_interval: Duration::from_secs(1),
             rescan_interval: Duration::from_secs(5),

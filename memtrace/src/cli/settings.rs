@@ -483,6 +483,23 @@ pub struct AgentArgs {
     )]
     pub heap_max_live: Option<u32>,
 
+    /// Python workers: frames of Python code taken per sample, innermost
+    /// first (tracemalloc's nframe); 0 turns Python frames off [default: 25,
+    /// at most 25].
+    #[arg(
+        long,
+        env = "MEMTRACE_PYTHON_FRAMES",
+        value_name = "N",
+        help_heading = "Kernel"
+    )]
+    pub python_frames: Option<u32>,
+
+    /// Python workers: show the native frames under the innermost Python
+    /// frame (the interpreter's C functions down to malloc) in sites;
+    /// hidden by default.
+    #[arg(long, env = "MEMTRACE_NATIVE_FRAMES", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL", help_heading = "Kernel")]
+    pub native_frames: Option<bool>,
+
     /// Do not mount tracefs when it is missing; fail with instructions instead.
     #[arg(long, env = "MEMTRACE_NO_MOUNT_TRACEFS", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL", help_heading = "Kernel")]
     pub no_mount_tracefs: Option<bool>,
@@ -677,7 +694,7 @@ impl AgentArgs {
             soft_limit_signal, soft_limit_min_interval_secs, soft_limit_jitter_secs,
             soft_limit_drain_timeout_secs, soft_limit_metric, soft_limit_exit_timeout_secs,
             soft_limit_escalate_signal, fault_sample_period, mmap_counters, collect, heap_sample_bytes,
-            heap_max_live, listen, log_format, log_level, summary_interval_secs, ring_buffer_bytes,
+            heap_max_live, python_frames, native_frames, listen, log_format, log_level, summary_interval_secs, ring_buffer_bytes,
             poll_interval_ms, rss_step_bytes, refresh_interval_ms, rescan_interval_secs,
             no_mount_tracefs, kubelet_url, kubelet_token_file, kubelet_insecure_tls,
         );
@@ -800,6 +817,18 @@ impl AgentArgs {
                 n => n,
             },
             live_allocs_map_size: memtrace_common::MAX_ALLOCS,
+            python_frames: match self
+                .python_frames
+                .unwrap_or(memtrace_common::PY_MAX_FRAMES as u32)
+            {
+                n if n > memtrace_common::PY_MAX_FRAMES as u32 => {
+                    return Err(invalid(
+                        "--python-frames",
+                        format!("must be at most {}", memtrace_common::PY_MAX_FRAMES),
+                    ));
+                }
+                n => n,
+            },
             requests: request_probes(
                 self.request_mode,
                 self.request_fn.as_deref(),
@@ -918,6 +947,7 @@ impl AgentArgs {
             selectors,
             load,
             mount_tracefs: !self.no_mount_tracefs.unwrap_or(false),
+            native_frames: self.native_frames.unwrap_or(false),
             kubelet: match self.kubelet_url {
                 Some(url) => {
                     kubelet::check_url(&url)

@@ -11,11 +11,12 @@ use aya::{
     },
 };
 use memtrace_common::{
-    AllocInfo, AllocKey, Config, MmRss, NUM_COUNTERS, PROC_FLAG_COLLECT, ProcStats, SiteCount,
-    SiteKey, TASK_COMM_LEN, TracepointLayout,
+    AllocInfo, AllocKey, Config, MmRss, NUM_COUNTERS, PROC_FLAG_COLLECT, PY_MAX_FRAMES, ProcStats,
+    PyProcInfo, PyStack, SiteCount, SiteKey, TASK_COMM_LEN, TracepointLayout,
 };
 
 use super::{
+    btf,
     tracefs::{Tracefs, TracefsError},
     uprobes::{ProbeTarget, entry_offsets, libc_path},
 };
@@ -87,6 +88,24 @@ pub const ALLOC_PROBES: &[(&str, &str)] = &[
     ("alloc_exit", "realloc"),
     ("free_enter", "free"),
 ];
+
+/// Probes on CPython's object allocator, in the order of
+/// [`PymallocTargets::entries`]: (entry program, has a return probe).
+const PYMALLOC_PROBES: [(&str, bool); 4] = [
+    ("pymalloc_enter", true),
+    ("pycalloc_enter", true),
+    ("pyrealloc_enter", true),
+    ("pyfree_enter", false),
+];
+
+/// Where CPython's object allocator functions are in one process's
+/// interpreter ELF (`_PyObject_Malloc`, `_Calloc`, `_Realloc`, `_Free`, as
+/// its allocator table points at them): file offsets for the uprobes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PymallocTargets {
+    pub binary: std::path::PathBuf,
+    pub entries: [u64; 4],
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -202,6 +221,8 @@ pub struct LoadOptions {
     pub max_live_allocs: u32,
     /// Sampled heap blocks tracked over all workers (the map's size).
     pub live_allocs_map_size: u32,
+    /// Python frames taken per sample (at most `PY_MAX_FRAMES`; 0: none).
+    pub python_frames: u32,
 }
 
 impl Default for LoadOptions {
@@ -219,6 +240,7 @@ impl Default for LoadOptions {
             heap_sample_bytes: memtrace_common::DEFAULT_HEAP_SAMPLE_BYTES,
             max_live_allocs: DEFAULT_MAX_LIVE_ALLOCS,
             live_allocs_map_size: memtrace_common::MAX_ALLOCS,
+            python_frames: PY_MAX_FRAMES as u32,
         }
     }
 }
@@ -263,6 +285,13 @@ pub struct Tracer {
     collection_links: Vec<(&'static str, TracePointLinkId)>,
     alloc_links: std::collections::HashMap<u32, Vec<(&'static str, UProbeLinkId)>>,
     allocs: HashMap<MapData, AllocKey, AllocInfo>,
+    py_procs: HashMap<MapData, u32, PyProcInfo>,
+    py_stacks: HashMap<MapData, u64, PyStack>,
+    /// CPython allocator probes to attach with the C library's, by process.
+    pymalloc: std::collections::HashMap<u32, PymallocTargets>,
+    /// Python frames are read (the kernel's BTF gave the fs base offset and
+    /// the depth is not 0).
+    python_frames: bool,
     uprobe_links: Vec<(&'static str, UProbeLinkId)>,
     mmap_counters: bool,
     collect: CollectTier,
@@ -292,6 +321,15 @@ impl Tracer {
             return Err(LoadError::RingSize(ring));
         }
         let layout = tracefs.layout()?;
+        let py_frames = options.python_frames.min(PY_MAX_FRAMES as u32);
+        let task_fsbase = if py_frames == 0 {
+            0
+        } else {
+            btf::task_fsbase_offset().unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "Python frames off: the thread pointer of a task cannot be found");
+                0
+            })
+        };
         let config = Config {
             agent_tgid,
             report_all_execs: u32::from(options.report_all_execs),
@@ -301,6 +339,8 @@ impl Tracer {
             heap_sample_bytes: options.heap_sample_bytes,
             max_live_allocs: options.max_live_allocs,
             http_paths: u32::from(options.http_paths),
+            task_fsbase,
+            py_frames,
             layout,
         };
         let mut ebpf = EbpfLoader::new()
@@ -332,6 +372,8 @@ impl Tracer {
         let sites = take_map(&mut ebpf, "STACK_SITES")?;
         let stacks = take_map(&mut ebpf, "STACKS")?;
         let allocs = take_map(&mut ebpf, "ALLOCS")?;
+        let py_procs = take_map(&mut ebpf, "PY_PROCS")?;
+        let py_stacks = take_map(&mut ebpf, "PY_STACKS")?;
         let events: RingBuf<MapData> = take_map(&mut ebpf, "EVENTS")?;
 
         let mut tracer = Self {
@@ -347,6 +389,10 @@ impl Tracer {
             collection_links: Vec::new(),
             alloc_links: std::collections::HashMap::new(),
             allocs,
+            py_procs,
+            py_stacks,
+            pymalloc: std::collections::HashMap::new(),
+            python_frames: task_fsbase != 0 && py_frames != 0,
             uprobe_links: Vec::new(),
             mmap_counters: options.mmap_counters,
             collect: options.collect,
@@ -486,6 +532,55 @@ impl Tracer {
 
     pub fn unwatch(&mut self, tgid: u32) {
         let _ = self.procs.remove(&tgid);
+        let _ = self.py_procs.remove(&tgid);
+        self.pymalloc.remove(&tgid);
+    }
+
+    /// Whether the programs read Python frames at all.
+    pub fn python_frames(&self) -> bool {
+        self.python_frames
+    }
+
+    /// Lets the programs read a Python process's frames and, with the heap
+    /// tier, probe its object allocator (`None`: that build inlines it, or
+    /// its table could not be found).
+    pub fn set_python(
+        &mut self,
+        tgid: u32,
+        info: PyProcInfo,
+        pymalloc: Option<PymallocTargets>,
+    ) -> Result<(), MapError> {
+        self.py_procs.insert(tgid, info, 0)?;
+        match pymalloc {
+            Some(targets) => {
+                // Collection already on for it: probe the allocator now.
+                if let (Some(mut links), Some(pid)) = (
+                    self.alloc_links.remove(&tgid),
+                    std::num::NonZeroU32::new(tgid),
+                ) {
+                    self.attach_pymalloc(pid, &targets, &mut links);
+                    self.alloc_links.insert(tgid, links);
+                }
+                self.pymalloc.insert(tgid, targets);
+            }
+            None => {
+                self.pymalloc.remove(&tgid);
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether CPython's object allocator of a process is probed while the
+    /// heap tier collects.
+    pub fn pymalloc_probed(&self, tgid: u32) -> bool {
+        self.pymalloc.contains_key(&tgid)
+    }
+
+    /// The Python frames of a sampled stack, innermost first.
+    pub fn py_stack(&self, id: u64) -> Option<Vec<memtrace_common::PyFrame>> {
+        let stack = self.py_stacks.get(&id, 0).ok()?;
+        let len = (stack.len as usize).min(PY_MAX_FRAMES);
+        Some(stack.frames[..len].to_vec())
     }
 
     pub fn proc_stats(&self, tgid: u32) -> Option<ProcStats> {
@@ -650,7 +745,39 @@ impl Tracer {
                 }
             }
         }
+        if let Some(targets) = self.pymalloc.get(&tgid).cloned() {
+            self.attach_pymalloc(pid, &targets, &mut links);
+        }
         self.alloc_links.insert(tgid, links);
+    }
+
+    /// CPython's allocator probes, at file offsets (the functions are
+    /// static: no symbol in a stripped build).
+    fn attach_pymalloc(
+        &mut self,
+        pid: std::num::NonZeroU32,
+        targets: &PymallocTargets,
+        links: &mut Vec<(&'static str, UProbeLinkId)>,
+    ) {
+        for (&(program, returns), &offset) in PYMALLOC_PROBES.iter().zip(&targets.entries) {
+            let programs: &[&'static str] = if returns {
+                &[program, "pyalloc_exit"]
+            } else {
+                &[program]
+            };
+            for &program in programs {
+                match self.uprobe(program).attach(
+                    UProbeAttachLocation::AbsoluteOffset(offset),
+                    &targets.binary,
+                    UProbeScope::OneProcess(pid),
+                ) {
+                    Ok(link) => links.push((program, link)),
+                    Err(e) => {
+                        tracing::warn!(pid = pid.get(), program, error = %e, "cannot probe CPython's object allocator");
+                    }
+                }
+            }
+        }
     }
 
     /// Detaches one process's malloc/free probes (it exited).
@@ -731,6 +858,10 @@ impl Tracer {
         let ids: Vec<u32> = self.stacks.stack_ids().filter_map(Result::ok).collect();
         for id in ids {
             let _ = self.stacks.remove(&id);
+        }
+        let py: Vec<u64> = self.py_stacks.keys().filter_map(Result::ok).collect();
+        for id in py {
+            let _ = self.py_stacks.remove(&id);
         }
     }
 

@@ -1,10 +1,11 @@
 //! The kernel side as the agent sees it: checks before loading
-//! ([`preflight`]), tracefs and tracepoint layouts ([`tracefs`]), loading and
+//! ([`preflight`]), struct offsets from the kernel's BTF ([`btf`]), tracefs and tracepoint layouts ([`tracefs`]), loading and
 //! attaching the eBPF programs and reading their maps ([`loader`]), uprobe
 //! targets ([`uprobes`]), and decoding ring-buffer events ([`events`]).
 //!
 //! Imports: `memtrace_common` and nothing else of memtrace. Everything above
 //! the kernel reads it through [`loader::Tracer`] and [`events::KernelEvent`].
+pub mod btf;
 pub mod events;
 pub mod loader;
 pub mod preflight;
