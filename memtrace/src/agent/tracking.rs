@@ -1,12 +1,14 @@
 //! Which processes are traced, and their numbers kept fresh: processes found
 //! in /proc or by events are attached to the model, kernel counters and /proc
 //! read into it, the dead retired, lost events reported.
+use std::path::Path;
+
 use tracing::{debug, info, warn};
 
 use super::{kubelet::name_pod, state::State};
 use crate::{
     judge::detector::LeakDetector,
-    kernel::loader::KernelCounters,
+    kernel::loader::{KernelCounters, PymallocTargets},
     model::{
         cgroups,
         procinfo::{self, ProcessView},
@@ -155,6 +157,10 @@ impl State {
                 }
             }
         }
+        self.setup_python_frames(pid);
+        let Some(w) = self.registry.get_mut(pid) else {
+            return true;
+        };
         if let Some(status) = procinfo::status_memory(pid) {
             w.vm_data = Some(status.vm_data);
             if w.needs_seed() {
@@ -162,6 +168,63 @@ impl State {
             }
         }
         true
+    }
+
+    /// Lets the kernel read a Python worker's frames (and probe its object
+    /// allocator), once its interpreter is initialised; one log line when
+    /// that cannot be.
+    fn setup_python_frames(&mut self, pid: u32) {
+        if !self.tracer.python_frames() {
+            return;
+        }
+        let Some(w) = self.registry.get_mut(pid) else {
+            return;
+        };
+        let (Some(py), Some(runtime)) = (&w.python, w.python_runtime) else {
+            return;
+        };
+        if !py.supported || w.python_frame_tries == u8::MAX {
+            return;
+        }
+        let found = self.python_builds.frames(pid, py, runtime);
+        let failure = match found {
+            Ok(Some(frames)) => {
+                let pymalloc = match &frames.pymalloc {
+                    Ok(entries) => Some(PymallocTargets {
+                        binary: Path::new(&format!("/proc/{pid}/root"))
+                            .join(py.binary.strip_prefix("/").unwrap_or(&py.binary)),
+                        entries: *entries,
+                    }),
+                    Err(why) => {
+                        info!(pid, python = %py.version, reason = %why, "CPython's object allocator not probed");
+                        None
+                    }
+                };
+                match self.tracer.set_python(pid, frames.info, pymalloc) {
+                    Ok(()) => {
+                        debug!(
+                            pid,
+                            key = frames.info.tss_key,
+                            "Python frames read by the kernel"
+                        );
+                        w.python_code = Some(frames.code);
+                        w.python_frame_tries = u8::MAX;
+                        None
+                    }
+                    Err(e) => Some(format!("kernel map full? {e}")),
+                }
+            }
+            Ok(None) => {
+                w.python_frame_tries += 1;
+                (w.python_frame_tries >= PYTHON_GC_MISSES)
+                    .then(|| "its interpreter never created its thread-state key".to_string())
+            }
+            Err(why) => Some(why),
+        };
+        if let Some(reason) = failure {
+            w.python_frame_tries = u8::MAX;
+            warn!(pid, python = %py.version, reason = %reason, "cannot read this worker's Python frames: native sites only");
+        }
     }
 
     pub(super) fn refresh(&mut self) {

@@ -88,6 +88,8 @@ pub fn worker_status(state: &State, w: &Worker, with_proc: bool) -> WorkerStatus
         placement: w.placement.clone(),
         python: w.python.clone(),
         python_gc: w.python_gc,
+        python_frames: w.python_code.is_some(),
+        pymalloc_probed: w.python_code.is_some() && state.tracer.pymalloc_probed(w.pid),
     }
 }
 

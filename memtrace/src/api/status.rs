@@ -101,6 +101,12 @@ pub struct WorkerStatus {
     /// Its interpreter's garbage collector (the plan's `gc_counts` and
     /// `gc_uncollectable`, and more), read at the last refresh.
     pub python_gc: Option<GcStats>,
+    /// Whether the kernel reads its Python frames (allocation sites name
+    /// Python file:line), and whether it probes CPython's object allocator
+    /// (heap tier: objects of 512 bytes or less as heap sites; without it
+    /// they show through the pages they touch).
+    pub python_frames: bool,
+    pub pymalloc_probed: bool,
 }
 
 /// Soft-limit enforcement, as the API shows it.

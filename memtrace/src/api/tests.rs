@@ -95,6 +95,8 @@ fn worker(pid: u32) -> WorkerStatus {
         placement: None,
         python: None,
         python_gc: None,
+        python_frames: false,
+        pymalloc_probed: false,
         leak_detector: LeakDetector::new(DetectorConfig::default()).get_state(),
         routes: 0,
         routes_overflowed_requests: 0,

@@ -38,6 +38,14 @@ pub struct PythonRuntime {
     pub first_load: u64,
     /// 3.13+: `_PyRuntime` starts with `_Py_DebugOffsets` (cookie seen).
     pub debug_offsets: bool,
+    /// Link-time address of `PyCode_Type` (code objects' layout is read
+    /// from it).
+    #[serde(skip)]
+    pub code_type_symbol: Option<u64>,
+    /// Link-time addresses `PyObject_Malloc` reads RIP-relative: one of
+    /// them is the object allocator table, or a pointer to `_PyRuntime`.
+    #[serde(skip)]
+    pub malloc_refs: Vec<u64>,
     /// Whether memtrace can read this interpreter's frames.
     pub supported: bool,
     /// Why not, in one line.
@@ -147,6 +155,10 @@ pub fn inspect(shown: &Path, open: &Path) -> Result<PythonRuntime, PythonError> 
         (None, None) => "3.?".to_string(),
     };
     let runtime = symbol_bytes(&file, "_PyRuntime", 8);
+    let code_type_symbol = symbol_bytes(&file, "PyCode_Type", 0).map(|(addr, _, _)| addr);
+    let malloc_refs = symbol_bytes(&file, "PyObject_Malloc", 48)
+        .map(|(addr, _, code)| rip_targets(addr, code))
+        .unwrap_or_default();
     let first_load = file.segments().map(|s| s.address()).min().unwrap_or(0);
     let debug_offsets = runtime.is_some_and(|(_, _, b)| b == b"xdebugpy");
     let (lo, hi) = SUPPORTED;
@@ -173,6 +185,8 @@ pub fn inspect(shown: &Path, open: &Path) -> Result<PythonRuntime, PythonError> 
         runtime_size: runtime.map_or(0, |(_, size, _)| size),
         first_load,
         debug_offsets,
+        code_type_symbol,
+        malloc_refs,
         supported: reason.is_none(),
         unsupported_reason: reason,
     })
@@ -284,12 +298,190 @@ pub fn read_memory(pid: u32, addr: u64, len: usize) -> Option<Vec<u8>> {
     Some(buf)
 }
 
+/// Addresses of RIP-relative memory operands in x86_64 code at `addr`:
+/// `mov`/`lea` to a 64-bit register (REX.W 8b/8d, ModRM mod 00 rm 101) and
+/// `jmp *disp(%rip)` (ff 25). Enough for the few instructions of
+/// `PyObject_Malloc`; a false match is weeded out by reading memory.
+pub fn rip_targets(addr: u64, code: &[u8]) -> Vec<u64> {
+    let disp_at = |i: usize| {
+        code.get(i..i + 4)
+            .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as i64)
+    };
+    let mut out = Vec::new();
+    for i in 0..code.len() {
+        let (disp, next) = match code[i..] {
+            [0x48 | 0x4c, 0x8b | 0x8d, modrm, ..] if modrm & 0xc7 == 0x05 => {
+                (disp_at(i + 3), i + 7)
+            }
+            [0xff, 0x25, ..] => (disp_at(i + 2), i + 6),
+            _ => continue,
+        };
+        if let Some(d) = disp
+            && let Some(target) = (addr + next as u64).checked_add_signed(d)
+            && !out.contains(&target)
+        {
+            out.push(target);
+        }
+    }
+    out
+}
+
+/// Thread-state and frame offsets of one minor version (x86_64, GIL
+/// builds), as CPython's headers lay them out; the tests check them
+/// against live interpreters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrameLayout {
+    /// `_PyRuntime`'s `autoTSSkey`: `{int _is_initialized; pthread_key_t _key}`.
+    pub tss: u64,
+    pub thread_id: u32,
+    pub tstate_frame: u32,
+    pub cframe_frame: u32,
+    pub code: u32,
+    pub previous: u32,
+    pub instr: u32,
+    pub owner: u32,
+    pub owner_cstack: u32,
+    /// The object allocator table `{ctx, malloc, calloc, realloc, free}`
+    /// inside `_PyRuntime` (3.12+); 3.11 has it as a static of its own.
+    pub alloc_table: Option<u64>,
+}
+
+pub fn frame_layout(minor: u32) -> Option<FrameLayout> {
+    use memtrace_common::{PY_NO_CFRAME, PY_NO_OWNER};
+    // FRAME_OWNED_BY_CSTACK: the shim frame at each entry from C (3.12+).
+    const CSTACK: u32 = 3;
+    Some(match minor {
+        11 => FrameLayout {
+            tss: 592,
+            thread_id: 152,
+            tstate_frame: 56,
+            cframe_frame: 8,
+            code: 32,
+            previous: 48,
+            instr: 56,
+            owner: 69,
+            owner_cstack: PY_NO_OWNER,
+            alloc_table: None,
+        },
+        12 => FrameLayout {
+            tss: 1544,
+            thread_id: 136,
+            tstate_frame: 56,
+            cframe_frame: 0,
+            code: 0,
+            previous: 8,
+            instr: 56,
+            owner: 70,
+            owner_cstack: CSTACK,
+            alloc_table: Some(0xb0),
+        },
+        13 => FrameLayout {
+            tss: 2160,
+            thread_id: 152,
+            tstate_frame: 72,
+            cframe_frame: PY_NO_CFRAME,
+            code: 0,
+            previous: 8,
+            instr: 56,
+            owner: 70,
+            owner_cstack: CSTACK,
+            alloc_table: Some(0x310),
+        },
+        _ => return None,
+    })
+}
+
+/// Executable mappings of one file in a process: (start, end, file offset).
+fn exec_mappings(pid: u32, binary: &Path) -> Vec<(u64, u64, u64)> {
+    let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
+        return Vec::new();
+    };
+    maps.lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let range = f.next()?;
+            let perms = f.next()?;
+            let offset = u64::from_str_radix(f.next()?, 16).ok()?;
+            let path = f.nth(2)?;
+            if Path::new(path) != binary || !perms.contains('x') {
+                return None;
+            }
+            let (lo, hi) = range.split_once('-')?;
+            Some((
+                u64::from_str_radix(lo, 16).ok()?,
+                u64::from_str_radix(hi, 16).ok()?,
+                offset,
+            ))
+        })
+        .collect()
+}
+
+/// The object allocator table's four functions in a process (malloc,
+/// calloc, realloc, free), when `at` holds one: each must lie in the
+/// interpreter's code. Returned as (runtime address, file offset).
+fn alloc_table_at(pid: u32, at: u64, code: &[(u64, u64, u64)]) -> Option<[(u64, u64); 4]> {
+    let bytes = read_memory(pid, at, 40)?;
+    let mut out = [(0, 0); 4];
+    for (i, slot) in out.iter_mut().enumerate() {
+        let ptr = u64::from_le_bytes(bytes[8 + 8 * i..16 + 8 * i].try_into().ok()?);
+        let &(start, _, offset) = code.iter().find(|&&(s, e, _)| (s..e).contains(&ptr))?;
+        *slot = (ptr, ptr - start + offset);
+    }
+    Some(out)
+}
+
+/// How many times x86_64 code takes the address of `target` other than
+/// to call or jump there: as a 32-bit immediate (non-PIE) or RIP-relative
+/// `lea`. A PGO build that inlined pymalloc into its callers compares the
+/// allocator table's pointer with it at every such site (Debian's static
+/// python3.11 does so about 200 times); an uninlined build has a handful.
+pub fn address_taken(text: &[u8], text_addr: u64, target: u64) -> usize {
+    let abs = u32::try_from(target).ok();
+    (2..text.len().saturating_sub(4))
+        .filter(|&i| {
+            let v = u32::from_le_bytes([text[i], text[i + 1], text[i + 2], text[i + 3]]);
+            if abs == Some(v) {
+                return true;
+            }
+            let next = text_addr + i as u64 + 4;
+            text[i - 1] & 0xc7 == 0x05
+                && text[i - 2] == 0x8d
+                && next.checked_add_signed(v as i32 as i64) == Some(target)
+        })
+        .count()
+}
+
+/// More address-taken references than this: pymalloc is inlined.
+const INLINED_REFS: usize = 16;
+
+/// Whether the ELF's `.text` inlines the allocator function at `target`.
+fn inlines(open: &Path, target: u64) -> Option<bool> {
+    let data = std::fs::read(open).ok()?;
+    let file = object::File::parse(&*data).ok()?;
+    let text = file.section_by_name(".text")?;
+    let refs = address_taken(text.data().ok()?, text.address(), target);
+    Some(refs > INLINED_REFS)
+}
+
+/// What the kernel needs to read one process's Python frames, and where
+/// its object allocator's functions are.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PythonFrames {
+    pub info: memtrace_common::PyProcInfo,
+    pub code: super::pycode::CodeLayout,
+    /// File offsets of `_PyObject_Malloc`, `_Calloc`, `_Realloc`, `_Free`
+    /// in the interpreter ELF; `Err`: why they are not probed.
+    pub pymalloc: Result<[u64; 4], String>,
+}
+
 /// Interpreter builds already inspected, by (device, inode) of the file,
 /// and where their GC state is inside `_PyRuntime`.
 #[derive(Debug, Default)]
 pub struct PythonBuilds {
     seen: HashMap<(u64, u64), Option<PythonRuntime>>,
     gc_offsets: HashMap<(PathBuf, Option<u32>), usize>,
+    /// Whether each build inlines pymalloc, by binary and allocator address.
+    inlined: HashMap<(PathBuf, u64), bool>,
 }
 
 impl PythonBuilds {
@@ -345,6 +537,101 @@ impl PythonBuilds {
         let start = offset - ENABLED_BEFORE_GEN0;
         let bytes = read_memory(pid, runtime + start as u64, GC_SPAN + ENABLED_BEFORE_GEN0)?;
         gc_stats_at(&bytes, ENABLED_BEFORE_GEN0)
+    }
+
+    /// How the kernel reads `pid`'s Python frames. `Ok(None)`: not yet
+    /// (the interpreter has not created its thread-state key: just after
+    /// exec); `Err`: never, and why.
+    pub fn frames(
+        &mut self,
+        pid: u32,
+        py: &PythonRuntime,
+        runtime: u64,
+    ) -> Result<Option<PythonFrames>, String> {
+        use super::pycode::{CodeLayout, ProcMemory};
+        let minor = py
+            .version_hex
+            .map(|h| (h >> 16) & 0xff)
+            .ok_or("the build does not say its version")?;
+        let layout = frame_layout(minor).ok_or(format!("no frame layout for 3.{minor}"))?;
+        let Some(tss) = read_memory(pid, runtime + layout.tss, 8) else {
+            return Ok(None);
+        };
+        let initialized = i32::from_le_bytes([tss[0], tss[1], tss[2], tss[3]]);
+        let key = u32::from_le_bytes([tss[4], tss[5], tss[6], tss[7]]);
+        if initialized != 1 {
+            return Ok(None);
+        }
+        if key >= memtrace_common::GLIBC_KEYS_1STBLOCK {
+            return Err(format!(
+                "its thread-state key is {key}, past glibc's first block of 32"
+            ));
+        }
+        let bias = runtime.wrapping_sub(py.runtime_symbol.ok_or("no _PyRuntime symbol")?);
+        let code_type = py
+            .code_type_symbol
+            .ok_or("no PyCode_Type symbol")?
+            .wrapping_add(bias);
+        let mem = ProcMemory::open(pid).map_err(|e| format!("cannot read its memory: {e}"))?;
+        let code = CodeLayout::discover(&mem, code_type, minor).map_err(|e| e.to_string())?;
+        let to_u32 = |v: u64| u32::try_from(v).map_err(|_| "an offset past 4 GiB".to_string());
+        let info = memtrace_common::PyProcInfo {
+            tss_key: key,
+            tstate_frame: layout.tstate_frame,
+            cframe_frame: layout.cframe_frame,
+            thread_id: layout.thread_id,
+            frame_code: layout.code,
+            frame_previous: layout.previous,
+            frame_instr: layout.instr,
+            frame_owner: layout.owner,
+            owner_cstack: layout.owner_cstack,
+            code_adaptive: to_u32(code.code_adaptive)?,
+            code_firstlineno: to_u32(code.firstlineno)?,
+            _pad: 0,
+        };
+        let pymalloc = self.pymalloc(pid, py, runtime, bias, &layout);
+        Ok(Some(PythonFrames {
+            info,
+            code,
+            pymalloc,
+        }))
+    }
+
+    /// File offsets of the object allocator's functions, found through the
+    /// allocator table the process uses now.
+    fn pymalloc(
+        &mut self,
+        pid: u32,
+        py: &PythonRuntime,
+        runtime: u64,
+        bias: u64,
+        layout: &FrameLayout,
+    ) -> Result<[u64; 4], String> {
+        let code = exec_mappings(pid, &py.binary);
+        let mut candidates: Vec<u64> = layout
+            .alloc_table
+            .map(|t| runtime + t)
+            .into_iter()
+            .collect();
+        for &r in &py.malloc_refs {
+            let at = r.wrapping_add(bias);
+            candidates.extend([at, at.wrapping_sub(8)]);
+        }
+        let table = candidates
+            .into_iter()
+            .find_map(|at| alloc_table_at(pid, at, &code))
+            .ok_or("its object allocator table was not found")?;
+        let malloc = table[0].0.wrapping_sub(bias);
+        let relative = py.binary.strip_prefix("/").unwrap_or(&py.binary);
+        let open = Path::new(&format!("/proc/{pid}/root")).join(relative);
+        let inlined = *self
+            .inlined
+            .entry((py.binary.clone(), malloc))
+            .or_insert_with(|| inlines(&open, malloc).unwrap_or(false));
+        if inlined {
+            return Err("this build inlines its object allocator into the callers (PGO): objects of 512 bytes or less are attributed through page faults".into());
+        }
+        Ok(table.map(|(_, offset)| offset))
     }
 }
 
@@ -420,5 +707,102 @@ mod tests {
         let gc = gc.unwrap_or_else(|| panic!("{py:?} at {runtime:x?}"));
         assert_eq!(gc.thresholds, [700, 10, 10]);
         assert_eq!(gc.collections[2], 2, "{gc:?}");
+    }
+
+    #[test]
+    fn rip_relative_operands_are_found() {
+        // mov 0x10(%rip),%rdi ; jmp *0x8(%rip) ; mov %rdi,%rsi (no operand)
+        let code = [
+            0x48, 0x8b, 0x3d, 0x10, 0, 0, 0, 0xff, 0x25, 0x08, 0, 0, 0, 0x48, 0x89, 0xfe,
+        ];
+        assert_eq!(
+            rip_targets(0x1000, &code),
+            vec![0x1000 + 7 + 0x10, 0x1000 + 13 + 8]
+        );
+        // A negative displacement.
+        let back = [0x4c, 0x8b, 0x05, 0xf0, 0xff, 0xff, 0xff];
+        assert_eq!(rip_targets(0x1000, &back), vec![0x1000 + 7 - 0x10]);
+    }
+
+    #[test]
+    fn address_taken_counts_immediates_and_leas_not_calls() {
+        let target: u64 = 0x4f_b450;
+        let mut text = vec![0x90u8; 64];
+        // cmp $target,%rax (48 3d imm32) at 4, lea target(%rip),%rdx at 20.
+        text[4..6].copy_from_slice(&[0x48, 0x3d]);
+        text[6..10].copy_from_slice(&(target as u32).to_le_bytes());
+        let text_addr = 0x40_0000u64;
+        let next = text_addr + 27;
+        let disp = (target as i64 - next as i64) as i32;
+        text[20..23].copy_from_slice(&[0x48, 0x8d, 0x15]);
+        text[23..27].copy_from_slice(&disp.to_le_bytes());
+        // call target (e8 rel32) at 40: not an address taken.
+        let call_next = text_addr + 45;
+        text[40] = 0xe8;
+        text[41..45].copy_from_slice(&((target as i64 - call_next as i64) as i32).to_le_bytes());
+        assert_eq!(address_taken(&text, text_addr, target), 2);
+    }
+
+    /// A live interpreter's frames set-up: the thread-state key, the code
+    /// layout, and whether its object allocator can be probed.
+    fn frames_of(python: &Path) -> (PythonRuntime, PythonFrames) {
+        let mut child = std::process::Command::new(python)
+            .args([
+                "-c",
+                "import time; print('ready', flush=True); time.sleep(30)",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{}: {e}", python.display()));
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        let pid = child.id();
+        let mut builds = PythonBuilds::default();
+        let py = builds.of_process(pid, true).expect("python found");
+        let runtime = runtime_address(pid, &py).expect("_PyRuntime mapped");
+        let frames = builds.frames(pid, &py, runtime);
+        let _ = child.kill();
+        let _ = child.wait();
+        (
+            py.clone(),
+            frames
+                .unwrap_or_else(|e| panic!("{py:?}: {e}"))
+                .expect("initialised"),
+        )
+    }
+
+    #[test]
+    fn frames_of_this_machines_interpreters() {
+        let (_, debian) = frames_of(Path::new("/usr/bin/python3.11"));
+        assert_eq!(debian.info.thread_id, 152);
+        assert_eq!(debian.code.code_adaptive, 184);
+        let why = debian
+            .pymalloc
+            .expect_err("Debian's PGO build inlines pymalloc");
+        assert!(why.contains("inlines"), "{why}");
+        for minor in ["3.12", "3.13"] {
+            let root = Path::new("/root/.pyenv/versions");
+            let dir = std::fs::read_dir(root)
+                .expect("pyenv's interpreters")
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| p.to_string_lossy().contains(&format!("/{minor}.")))
+                .max()
+                .unwrap_or_else(|| panic!("pyenv has {minor}"));
+            let (py, frames) = frames_of(&dir.join("bin").join(format!("python{minor}")));
+            let entries = frames
+                .pymalloc
+                .unwrap_or_else(|e| panic!("{minor} calls pymalloc through its table: {e}"));
+            // The four functions are distinct and in libpython's code.
+            let mut distinct = entries.to_vec();
+            distinct.dedup();
+            assert_eq!(distinct.len(), 4, "{entries:x?}");
+            assert!(py.binary.to_string_lossy().contains("libpython"));
+            assert!(frames.info.tss_key < 32);
+        }
     }
 }

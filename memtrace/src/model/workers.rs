@@ -11,6 +11,7 @@ use serde::Serialize;
 use super::{
     cgroups::Placement,
     procinfo::ProcessView,
+    pycode::CodeLayout,
     python::{GcStats, PythonRuntime},
     requests::RequestLog,
     rss::RssBreakdown,
@@ -94,6 +95,11 @@ pub struct Worker {
     /// Looks for an interpreter so far (libpython is mapped after exec, so
     /// a fresh process is looked at again for its first refreshes).
     pub python_looks: u8,
+    /// Its code objects' layout, once the kernel reads its Python frames.
+    pub python_code: Option<CodeLayout>,
+    /// Refreshes at which its frames could not be set up yet (given up at
+    /// [`PYTHON_GC_MISSES`] too); `u8::MAX`: done, or given up for good.
+    pub python_frame_tries: u8,
 }
 
 impl Worker {
@@ -123,6 +129,8 @@ impl Worker {
             python_gc: None,
             python_gc_misses: 0,
             python_looks: 0,
+            python_code: None,
+            python_frame_tries: 0,
         }
     }
 
