@@ -17,11 +17,13 @@ use crate::{
     kernel::loader::CollectTier,
     model::{
         procinfo::{self, CodeMapping, MappingUsage},
+        pycode::CodeLayout,
         requests::RequestRecord,
         routes::RoutesView,
     },
     sites::{
         pprof::ProfileSource,
+        python::{self, PythonSymbolizer},
         render::{self, ProfileFormat, ProfileMeta, RenderError, Rendered},
         snapshot::{
             self, DiffView, RawSite, SiteKind, Snapshot, SnapshotView, SymbolizerService,
@@ -29,7 +31,7 @@ use crate::{
         },
     },
 };
-use memtrace_common::SiteCount;
+use memtrace_common::{PyFrame, SiteCount};
 
 /// What a snapshot keeps for the next diff: everything, unfiltered, so a
 /// diff can select its own workers.
@@ -43,6 +45,7 @@ pub struct AgentBackend {
     state: SharedState,
     baseline: Mutex<Option<Baseline>>,
     symbolizer: SymbolizerService,
+    python: PythonSymbolizer,
 }
 
 impl AgentBackend {
@@ -51,6 +54,7 @@ impl AgentBackend {
             state,
             baseline: Mutex::new(None),
             symbolizer: SymbolizerService::spawn(),
+            python: PythonSymbolizer::default(),
         }
     }
 
@@ -193,10 +197,13 @@ impl AgentBackend {
     /// Reads the kernel's sites and stacks under the lock, then symbolizes
     /// and reads /proc without it.
     fn capture(&self, pids: &[u32]) -> (Vec<RawSite>, BTreeMap<u32, Vec<MappingUsage>>) {
-        let kernel: Vec<(u32, RawSite, Vec<u64>)> = {
+        // A site as read under the lock: its pid, values, native return
+        // addresses, and Python frames with the layout to read them.
+        type Kernel = (u32, RawSite, Vec<u64>, Option<(CodeLayout, Vec<PyFrame>)>);
+        let (kernel, keep_native): (Vec<Kernel>, bool) = {
             let state = self.lock();
             let rate = state.tracer.heap_sample_bytes();
-            state
+            let sites = state
                 .tracer
                 .sites()
                 .into_iter()
@@ -205,15 +212,29 @@ impl AgentBackend {
                     let kind = SiteKind::from_kernel(key.kind)?;
                     let ips = state.tracer.stack(key.stack_id)?;
                     let site = kernel_site(key.tgid, kind, &count, rate);
-                    (site.bytes > 0 || site.alloc_bytes > 0).then_some((key.tgid, site, ips))
+                    let python = (key.py_stack != 0)
+                        .then(|| {
+                            let layout = state.registry.get(key.tgid)?.python_code?;
+                            Some((layout, state.tracer.py_stack(key.py_stack)?))
+                        })
+                        .flatten();
+                    (site.bytes > 0 || site.alloc_bytes > 0)
+                        .then_some((key.tgid, site, ips, python))
                 })
-                .collect()
+                .collect();
+            (sites, state.native_frames)
         };
         let raw = kernel
             .into_iter()
-            .map(|(pid, site, ips)| RawSite {
-                frames: self.symbolizer.stack(pid, &ips),
-                ..site
+            .map(|(pid, site, ips, python)| {
+                let native = self.symbolizer.stack(pid, &ips);
+                let python = python.map_or_else(Vec::new, |(layout, stack)| {
+                    self.python.frames(pid, &layout, &stack)
+                });
+                RawSite {
+                    frames: python::join(native, python, keep_native),
+                    ..site
+                }
             })
             .collect();
         (raw, snapshot::read_mappings(pids))
@@ -398,6 +419,7 @@ impl Backend for AgentBackend {
         *self.lock_baseline() = None;
         for pid in state.registry.pids() {
             self.symbolizer.forget(pid);
+            self.python.forget(pid);
         }
         tracing::info!("allocation-site collection stopped");
         Ok(StopView {

@@ -103,6 +103,7 @@ impl Agent {
             pods: Arc::new(Mutex::new(None)),
             enforcer: Enforcer::new(settings.soft_limit.clone(), agent_pid),
             python_builds: Default::default(),
+            native_frames: settings.native_frames,
         };
         let api_listener = match settings.listen {
             Some(addr) => {

@@ -55,6 +55,8 @@ pub struct State {
     pub enforcer: Enforcer,
     /// CPython builds inspected so far, by file.
     pub python_builds: PythonBuilds,
+    /// Python sites keep the native frames under the innermost Python one.
+    pub native_frames: bool,
 }
 
 pub type SharedState = Arc<Mutex<State>>;

@@ -14,7 +14,10 @@ use std::{
 use memtrace_common::{SITE_BRK, SITE_FAULT, SITE_MALLOC, SITE_MMAP};
 use serde::Serialize;
 
-use super::symbolize::{Frame, Symbolizer};
+use super::{
+    python::PYTHON_MODULE,
+    symbolize::{Frame, Symbolizer},
+};
 use crate::model::procinfo::{self, MappingUsage};
 
 /// Frames kept per site in the output.
@@ -132,6 +135,9 @@ fn is_system_library(module: &str) -> bool {
 
 fn frame_location(f: &Frame) -> Option<String> {
     let file = f.file.as_deref()?;
+    if f.module.as_deref() == Some(PYTHON_MODULE) {
+        return Some(format!("{file}:{}", f.line.unwrap_or(0)));
+    }
     let short = file.rsplit('/').next().unwrap_or(file);
     Some(match f.line {
         Some(line) => format!("{short}:{line}"),
@@ -139,19 +145,29 @@ fn frame_location(f: &Frame) -> Option<String> {
     })
 }
 
-/// A stack's identity across processes: modules and functions with offsets,
-/// not addresses (exec'd workers have their own address layout).
+/// A stack's identity across processes: the kind and the frames as a site
+/// shows them (functions with offsets or lines, modules), not addresses
+/// (exec'd workers have their own address layout). Stacks that print the
+/// same are one site: a Python site is its Python lines, however many
+/// native paths led to the allocation under them.
 pub fn signature(kind: SiteKind, frames: &[Frame]) -> String {
     let mut sig = format!("{kind:?}");
-    for f in frames {
-        let module = f.module.as_deref().unwrap_or("?");
-        match (&f.function, f.offset) {
-            (Some(func), Some(off)) => sig.push_str(&format!("|{module}:{func}+{off:#x}")),
-            (Some(func), None) => sig.push_str(&format!("|{module}:{func}")),
-            _ => sig.push_str(&format!("|{module}:{:#x}", f.addr)),
-        }
+    for f in frames.iter().take(STACK_FRAMES_SHOWN) {
+        sig.push('|');
+        sig.push_str(&shown(f));
     }
     sig
+}
+
+/// A frame as sites show it; Python frames with their file's full path,
+/// as tracemalloc does (`views.py` alone names a file in every app).
+fn shown(f: &Frame) -> String {
+    if f.module.as_deref() == Some(PYTHON_MODULE)
+        && let (Some(function), Some(file)) = (&f.function, &f.file)
+    {
+        return format!("{file}:{} {function}", f.line.unwrap_or(0));
+    }
+    f.display()
 }
 
 impl Site {
@@ -192,7 +208,7 @@ impl Site {
                 .frames
                 .iter()
                 .take(STACK_FRAMES_SHOWN)
-                .map(Frame::display)
+                .map(shown)
                 .collect(),
         }
     }
@@ -322,6 +338,10 @@ pub struct SiteGrowth {
     pub site: Site,
     pub bytes_before: u64,
     pub growth_bytes: i64,
+    /// Blocks (heap), pages (faults) or calls (mmap, brk) at the baseline,
+    /// and their growth: tracemalloc's count and count growth.
+    pub objects_before: u64,
+    pub growth_objects: i64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -360,11 +380,16 @@ fn site_growth(
         .iter()
         .filter(|(_, s)| kinds.contains(&s.kind))
         .map(|(sig, s)| {
-            let bytes_before = before.sites.get(sig).map_or(0, |b| b.bytes);
+            let (bytes_before, objects_before) = before
+                .sites
+                .get(sig)
+                .map_or((0, 0), |b| (b.bytes, b.objects));
             SiteGrowth {
                 site: s.clone(),
                 bytes_before,
                 growth_bytes: s.bytes as i64 - bytes_before as i64,
+                objects_before,
+                growth_objects: s.objects as i64 - objects_before as i64,
             }
         })
         .filter(|g| g.growth_bytes > 0)
