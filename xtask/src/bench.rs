@@ -32,6 +32,8 @@ pub struct BenchOptions {
     pub soak_minutes: u64,
     /// Only the path-capture comparison (`paths_bench`).
     pub paths_only: bool,
+    /// Only the Python comparison (`python_bench`).
+    pub python_only: bool,
 }
 
 /// A child process (and its process group), killed on drop.
@@ -627,6 +629,17 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
     if opts.paths_only {
         return paths_bench(&paths, opts);
     }
+    if opts.python_only {
+        let mut md = format!(
+            "# Python sites against tracemalloc only ({} rounds of {} s; commit {})\n",
+            opts.rounds,
+            opts.seconds,
+            git_commit()
+        );
+        python_bench(&paths, opts, &mut md)?;
+        print!("{md}");
+        return Ok(());
+    }
     let started = Instant::now();
     let mut md = String::new();
     let _ = writeln!(md, "# memtrace benchmarks\n");
@@ -761,6 +774,8 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
     eprintln!("per-operation costs:");
     let untraced = untraced_syscalls(&paths, opts.rounds)?;
     let micro = micro_costs(&paths, opts.rounds)?;
+    python_bench(&paths, opts, &mut md)?;
+
     let _ = writeln!(md, "\n## 2b. Per-operation cost\n");
     let _ = writeln!(
         md,
@@ -1270,5 +1285,171 @@ fn paths_bench(paths: &Paths, opts: &BenchOptions) -> Result<()> {
     throughput_table(&mut md, &results);
     socket_program_table(&mut md, paths, &fixture, opts)?;
     print!("{md}");
+    Ok(())
+}
+
+/// One configuration of the Python comparison: the server's environment
+/// (tracemalloc through `PYTHONTRACEMALLOC`), and memtrace's arguments
+/// when it runs (collecting from a snapshot on).
+struct PyConfig {
+    label: &'static str,
+    tracemalloc: Option<&'static str>,
+    memtrace: Option<&'static [&'static str]>,
+}
+
+const PY_CONFIGS: &[PyConfig] = &[
+    PyConfig {
+        label: "off",
+        tracemalloc: None,
+        memtrace: None,
+    },
+    PyConfig {
+        label: "memtrace on, steady state (no snapshot)",
+        tracemalloc: None,
+        memtrace: Some(&[]),
+    },
+    PyConfig {
+        label: "memtrace collecting, growth tier, 25 Python frames",
+        tracemalloc: None,
+        memtrace: Some(&["--collect", "growth"]),
+    },
+    PyConfig {
+        label: "memtrace collecting, heap tier, native frames only",
+        tracemalloc: None,
+        memtrace: Some(&["--collect", "heap", "--python-frames", "0"]),
+    },
+    PyConfig {
+        label: "memtrace collecting, heap tier, 25 Python frames",
+        tracemalloc: None,
+        memtrace: Some(&["--collect", "heap"]),
+    },
+    PyConfig {
+        label: "tracemalloc, 1 frame (PYTHONTRACEMALLOC=1)",
+        tracemalloc: Some("1"),
+        memtrace: None,
+    },
+    PyConfig {
+        label: "tracemalloc, 25 frames (PYTHONTRACEMALLOC=25)",
+        tracemalloc: Some("25"),
+        memtrace: None,
+    },
+];
+
+/// A Python server of the comparison: (name for the table, process name,
+/// how to start it on a port with an environment).
+type PyServer<'a> = (
+    &'static str,
+    &'static str,
+    &'a dyn Fn(u16, &[(&str, &str)]) -> Result<Proc>,
+);
+
+/// Python allocation sites against tracemalloc: the same app, the same
+/// load, interleaved rounds; medians of requests per second.
+fn python_bench(paths: &Paths, opts: &BenchOptions, md: &mut String) -> Result<()> {
+    let app_dir = workspace_root().join("tests/fixtures");
+    let gunicorn = |port: u16, env: &[(&str, &str)]| -> Result<Proc> {
+        Proc::spawn(
+            pinned(SERVER_CPU, "gunicorn")
+                .args(["--workers", "2", "--worker-class", "sync", "--bind"])
+                .arg(format!("127.0.0.1:{port}"))
+                .arg("--chdir")
+                .arg(&app_dir)
+                .arg("pyleak_app:app")
+                .envs(env.iter().copied())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        )
+    };
+    let uwsgi = |port: u16, env: &[(&str, &str)]| -> Result<Proc> {
+        Proc::spawn(
+            pinned(SERVER_CPU, "uwsgi")
+                .args(["--plugin", "python3", "--master", "--need-app"])
+                .args(["--die-on-term", "--disable-logging", "--workers", "2"])
+                .arg("--chdir")
+                .arg(&app_dir)
+                .args(["--wsgi-file", "pyleak_app.py", "--callable", "app"])
+                .arg("--http-socket")
+                .arg(format!("127.0.0.1:{port}"))
+                .envs(env.iter().copied())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        )
+    };
+    let servers: [PyServer; 2] = [
+        (
+            "gunicorn (Debian python3.11: pymalloc inlined, not probed)",
+            "gunicorn",
+            &gunicorn,
+        ),
+        ("uWSGI (libpython3.11: pymalloc probed)", "uwsgi", &uwsgi),
+    ];
+    let _ = writeln!(md, "\n## 2d. Python allocation sites against tracemalloc\n");
+    let _ = writeln!(
+        md,
+        "`tests/fixtures/pyleak_app.py`, `/work?n=100` (builds 100 small dicts and serialises them, keeps nothing), 2 sync workers; \
+         `wrk -t1 -c2 -d{}s`, pinned as above. tracemalloc runs in the same app without memtrace, started by `PYTHONTRACEMALLOC` at interpreter start; \
+         memtrace collects from a snapshot taken before the load (heap tier at the default 512 KiB sampling).\n",
+        opts.seconds
+    );
+    for (name, process_name, start) in servers {
+        eprintln!("{name}:");
+        let mut runs: Vec<Vec<f64>> = vec![Vec::new(); PY_CONFIGS.len()];
+        for round in 0..opts.rounds {
+            for (i, config) in PY_CONFIGS.iter().enumerate() {
+                let port = free_port()?;
+                let env: Vec<(&str, &str)> = config
+                    .tracemalloc
+                    .map(|n| ("PYTHONTRACEMALLOC", n))
+                    .into_iter()
+                    .collect();
+                let server = start(port, &env)?;
+                if !wait_until(Duration::from_secs(30), || listening(port)) {
+                    bail!("{name} did not listen on {port}");
+                }
+                let agent = match config.memtrace {
+                    Some(args) => Agent::start(paths, process_name, Mode::Steady, args)?,
+                    None => None,
+                };
+                if let Some(a) = &agent {
+                    // Let the agent find every worker and read its
+                    // interpreter before the load.
+                    thread::sleep(Duration::from_secs(3));
+                    if config.memtrace.is_some_and(|args| !args.is_empty()) {
+                        a.snapshot()?;
+                    }
+                }
+                let rps = wrk(
+                    &format!("http://127.0.0.1:{port}/work?n=100"),
+                    opts.seconds,
+                    1,
+                    2,
+                )?;
+                eprintln!(
+                    "  round {}: {:<52} {rps:>8.0} req/s",
+                    round + 1,
+                    config.label
+                );
+                runs[i].push(rps);
+                drop(agent);
+                drop(server);
+            }
+        }
+        let base = median(&mut runs[0].clone());
+        let _ = writeln!(md, "{name}:\n");
+        let _ = writeln!(md, "| configuration | median req/s | runs | ratio to off |");
+        let _ = writeln!(md, "|---|---:|---|---:|");
+        for (config, mut v) in PY_CONFIGS.iter().zip(runs) {
+            let med = median(&mut v);
+            let shown: Vec<String> = v.iter().map(|r| format!("{r:.0}")).collect();
+            let _ = writeln!(
+                md,
+                "| {} | {med:.0} | {} | {:.3} |",
+                config.label,
+                shown.join(", "),
+                med / base
+            );
+        }
+        let _ = writeln!(md);
+    }
     Ok(())
 }

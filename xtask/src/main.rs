@@ -57,6 +57,10 @@ enum Cmd {
         /// it (fixture throughput and per-program cost), a few minutes.
         #[arg(long)]
         paths_only: bool,
+        /// Only Python allocation sites against tracemalloc (gunicorn and
+        /// uWSGI), a few minutes.
+        #[arg(long)]
+        python_only: bool,
     },
     /// Build in release mode and run memtrace with these arguments.
     Run {
@@ -114,6 +118,7 @@ fn main() -> Result<()> {
             seconds,
             soak_minutes,
             paths_only,
+            python_only,
         } => {
             ensure_setup()?;
             bench::bench(&bench::BenchOptions {
@@ -121,6 +126,7 @@ fn main() -> Result<()> {
                 seconds,
                 soak_minutes,
                 paths_only,
+                python_only,
             })
         }
         Cmd::Run { args } => {
