@@ -8,8 +8,10 @@
 //! with R times its bytes within 15% — on Debian's gunicorn (static
 //! python3.11, whose PGO build inlines pymalloc: small objects show through
 //! the pages they touch), uWSGI's embedded libpython3.11, and pyenv's 3.12
-//! and 3.13 (shared libpython; stdlib wsgiref server). A worker whose
-//! interpreter memtrace cannot read gets one clear line and native sites.
+//! and 3.13 (shared libpython; stdlib wsgiref server), in the pymalloc
+//! tier; in the heap tier small objects show through their pages. A worker
+//! whose interpreter memtrace cannot read gets one clear line and native
+//! sites.
 use std::{
     net::SocketAddr,
     path::PathBuf,
@@ -17,7 +19,10 @@ use std::{
     time::Duration,
 };
 
-use memtrace::agent::{Agent, AgentSettings};
+use memtrace::{
+    agent::{Agent, AgentSettings},
+    kernel::loader::CollectTier,
+};
 use memtrace_tests::*;
 
 const TOKEN: &str = "e2e-token";
@@ -31,7 +36,12 @@ fn get(addr: SocketAddr, path: &str) -> (u16, serde_json::Value) {
 }
 
 fn start_agent(names: &[&str]) -> (AgentHarness, SocketAddr) {
+    start_agent_collecting(names, CollectTier::Pymalloc)
+}
+
+fn start_agent_collecting(names: &[&str], tier: CollectTier) -> (AgentHarness, SocketAddr) {
     let mut settings: AgentSettings = test_settings(names);
+    settings.load.collect = tier;
     settings.listen = Some("127.0.0.1:0".parse().unwrap());
     settings.api_token = memtrace::api::Token::new(Some(TOKEN.into()));
     settings.load.heap_sample_bytes = SAMPLE_BYTES;
@@ -194,10 +204,8 @@ fn gunicorn_debian_python_311_sites_match_tracemalloc() {
     both_fixtures(addr, port, worker);
 }
 
-#[test]
-fn uwsgi_libpython_311_sites_match_tracemalloc() {
-    let _serial = serial();
-    let (_agent, addr) = start_agent(&["uwsgi"]);
+/// uWSGI with one worker serving the fixture: its port and its master.
+fn fixture_uwsgi() -> (u16, Proc) {
     let port = free_port();
     let server = Proc::spawn(
         Command::new("uwsgi")
@@ -218,6 +226,27 @@ fn uwsgi_libpython_311_sites_match_tracemalloc() {
             .stderr(Stdio::null()),
     );
     assert!(wait_port(port, Duration::from_secs(20)));
+    (port, server)
+}
+
+#[test]
+fn heap_tier_finds_small_python_objects_through_their_pages() {
+    // The default tier does not trap every Python allocation: small objects
+    // are found by the pages they touch, at the same line.
+    let _serial = serial();
+    let (_agent, addr) = start_agent_collecting(&["uwsgi"], CollectTier::Heap);
+    let (port, server) = fixture_uwsgi();
+    let worker = wait_children(server.pid(), 1)[0];
+    let status = python_ready(addr, worker);
+    assert_eq!(status["pymalloc_probed"], false, "heap tier: {status}");
+    compare(addr, port, worker, "small", "n=20000", 5);
+}
+
+#[test]
+fn uwsgi_libpython_311_sites_match_tracemalloc() {
+    let _serial = serial();
+    let (_agent, addr) = start_agent(&["uwsgi"]);
+    let (port, server) = fixture_uwsgi();
     let worker = wait_children(server.pid(), 1)[0];
     let status = python_ready(addr, worker);
     assert_eq!(

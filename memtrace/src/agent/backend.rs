@@ -161,7 +161,7 @@ impl AgentBackend {
     /// Heap blocks in the heap tier, page faults in the growth tier.
     fn profile_source(&self) -> ProfileSource {
         match self.lock().tracer.collect_tier() {
-            CollectTier::Heap => ProfileSource::Heap,
+            CollectTier::Heap | CollectTier::Pymalloc => ProfileSource::Heap,
             CollectTier::Growth => ProfileSource::Faults,
         }
     }

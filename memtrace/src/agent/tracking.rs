@@ -8,7 +8,7 @@ use tracing::{debug, info, warn};
 use super::{kubelet::name_pod, state::State};
 use crate::{
     judge::detector::LeakDetector,
-    kernel::loader::{KernelCounters, PymallocTargets},
+    kernel::loader::{CollectTier, KernelCounters, PymallocTargets},
     model::{
         cgroups,
         procinfo::{self, ProcessView},
@@ -196,7 +196,9 @@ impl State {
                         entries: *entries,
                     }),
                     Err(why) => {
-                        info!(pid, python = %py.version, reason = %why, "CPython's object allocator not probed");
+                        if self.tracer.collect_tier() == CollectTier::Pymalloc {
+                            info!(pid, python = %py.version, reason = %why, "CPython's object allocator not probed");
+                        }
                         None
                     }
                 };

@@ -378,8 +378,15 @@ fn render_sites(title: &str, sites: &Value, bytes_key: &str) -> String {
                         .as_str()
                         .map(|c| format!(" <- {c}"))
                         .unwrap_or_default();
+                    // Diffs: count growth, as tracemalloc's count_diff.
+                    let count = if bytes_key == "growth_bytes" {
+                        format!("{:+}", s["growth_objects"].as_i64().unwrap_or(0))
+                    } else {
+                        num(&s["objects"])
+                    };
                     vec![
                         mb(&s[bytes_key]),
+                        count,
                         num(&s["samples"]),
                         format!("{}{caller}", s["function"].as_str().unwrap_or("?")),
                         place,
@@ -393,7 +400,7 @@ fn render_sites(title: &str, sites: &Value, bytes_key: &str) -> String {
     }
     format!(
         "{title}\n{}",
-        table(&["MB", "SAMPLES", "FUNCTION", "WHERE"], &rows)
+        table(&["MB", "COUNT", "SAMPLES", "FUNCTION", "WHERE"], &rows)
     )
 }
 
@@ -574,7 +581,7 @@ mod tests {
     #[test]
     fn diff_lists_growth() {
         let body = json!({"since_unix": 100.0, "taken_unix": 160.0, "pids": [11],
-            "growth": [{"function": "leak_memory", "location": "handler.c:20", "growth_bytes": 13107200, "samples": 200}],
+            "growth": [{"function": "leak_memory", "location": "handler.c:20", "growth_bytes": 13107200, "growth_objects": 200, "samples": 200}],
             "fault_growth": [], "mapping_call_growth": [],
             "mappings": [{"name": "[heap]", "growth_bytes": 13107200}]});
         let out = render_diff(&body);
@@ -583,6 +590,7 @@ mod tests {
             out.contains("12.5") && out.contains("leak_memory") && out.contains("handler.c:20"),
             "{out}"
         );
+        assert!(out.contains("+200"), "count growth: {out}");
         assert!(out.contains("[heap]"));
     }
 

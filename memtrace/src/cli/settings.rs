@@ -52,6 +52,9 @@ pub enum CollectArg {
     Growth,
     /// Growth plus malloc/calloc/realloc/free uprobes, sampled by bytes.
     Heap,
+    /// Heap plus CPython's object allocator: Python objects of 512 bytes or
+    /// less as heap sites, at a trap per Python allocation and free.
+    Pymalloc,
 }
 
 /// Agent settings. All are optional here so that a flag, the environment and
@@ -452,8 +455,10 @@ pub struct AgentArgs {
     pub mmap_counters: Option<bool>,
 
     /// What a snapshot collects: `growth` (page faults and mmap/brk calls,
-    /// tracepoints only, cheapest) or `heap` (adds the C library's
-    /// allocator, sampled by bytes) [default: heap].
+    /// tracepoints only, cheapest), `heap` (adds the C library's
+    /// allocator, sampled by bytes) or `pymalloc` (adds CPython's object
+    /// allocator in Python workers: every Python allocation traps, several
+    /// times slower while collecting) [default: heap].
     #[arg(
         long,
         env = "MEMTRACE_COLLECT",
@@ -796,6 +801,7 @@ impl AgentArgs {
             collect: match self.collect {
                 Some(CollectArg::Growth) => CollectTier::Growth,
                 Some(CollectArg::Heap) | None => CollectTier::Heap,
+                Some(CollectArg::Pymalloc) => CollectTier::Pymalloc,
             },
             heap_sample_bytes: match self
                 .heap_sample_bytes

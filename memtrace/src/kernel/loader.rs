@@ -18,7 +18,7 @@ use memtrace_common::{
 use super::{
     btf,
     tracefs::{Tracefs, TracefsError},
-    uprobes::{ProbeTarget, entry_offsets, libc_path},
+    uprobes::{ProbeTarget, emulated_offset_at, entry_offsets, libc_path},
 };
 
 /// The programs, built by build.rs from memtrace-ebpf.
@@ -172,6 +172,10 @@ pub enum CollectTier {
     /// free), sampled by bytes: which call stacks hold live heap blocks.
     #[default]
     Heap,
+    /// Heap plus CPython's object allocator in Python workers: objects of
+    /// 512 bytes or less as live heap blocks, like tracemalloc, at a trap
+    /// per Python allocation and free.
+    Pymalloc,
 }
 
 impl CollectTier {
@@ -179,7 +183,13 @@ impl CollectTier {
         match self {
             Self::Growth => "growth",
             Self::Heap => "heap",
+            Self::Pymalloc => "pymalloc",
         }
+    }
+
+    /// Whether the C library's allocator is probed.
+    pub fn probes_heap(self) -> bool {
+        self != Self::Growth
     }
 }
 
@@ -189,8 +199,9 @@ impl std::str::FromStr for CollectTier {
         match s {
             "growth" => Ok(Self::Growth),
             "heap" => Ok(Self::Heap),
+            "pymalloc" => Ok(Self::Pymalloc),
             other => Err(format!(
-                "`{other}` is not a collection tier: use growth or heap"
+                "`{other}` is not a collection tier: use growth, heap or pymalloc"
             )),
         }
     }
@@ -551,7 +562,7 @@ impl Tracer {
         pymalloc: Option<PymallocTargets>,
     ) -> Result<(), MapError> {
         self.py_procs.insert(tgid, info, 0)?;
-        match pymalloc {
+        match pymalloc.filter(|_| self.collect == CollectTier::Pymalloc) {
             Some(targets) => {
                 // Collection already on for it: probe the allocator now.
                 if let (Some(mut links), Some(pid)) = (
@@ -570,10 +581,10 @@ impl Tracer {
         Ok(())
     }
 
-    /// Whether CPython's object allocator of a process is probed while the
-    /// heap tier collects.
+    /// Whether CPython's object allocator of a process is probed while
+    /// collecting (the pymalloc tier, a build that does not inline it).
     pub fn pymalloc_probed(&self, tgid: u32) -> bool {
-        self.pymalloc.contains_key(&tgid)
+        self.collect == CollectTier::Pymalloc && self.pymalloc.contains_key(&tgid)
     }
 
     /// The Python frames of a sampled stack, innermost first.
@@ -714,7 +725,7 @@ impl Tracer {
     /// Attaches the malloc/free probes to one process's C library. Without
     /// one (static binaries) only page-fault and mmap/brk sites are seen.
     pub fn attach_alloc_probes(&mut self, tgid: u32) {
-        if self.collect != CollectTier::Heap || self.alloc_links.contains_key(&tgid) {
+        if !self.collect.probes_heap() || self.alloc_links.contains_key(&tgid) {
             return;
         }
         let Some(pid) = std::num::NonZeroU32::new(tgid) else {
@@ -759,13 +770,16 @@ impl Tracer {
         targets: &PymallocTargets,
         links: &mut Vec<(&'static str, UProbeLinkId)>,
     ) {
-        for (&(program, returns), &offset) in PYMALLOC_PROBES.iter().zip(&targets.entries) {
-            let programs: &[&'static str] = if returns {
-                &[program, "pyalloc_exit"]
+        for (&(program, returns), &entry) in PYMALLOC_PROBES.iter().zip(&targets.entries) {
+            // The entry probe where the kernel emulates the instruction; the
+            // return probe on the entry itself.
+            let skip = emulated_offset_at(&targets.binary, entry);
+            let probes: &[(&'static str, u64)] = if returns {
+                &[(program, entry + skip), ("pyalloc_exit", entry)]
             } else {
-                &[program]
+                &[(program, entry + skip)]
             };
-            for &program in programs {
+            for &(program, offset) in probes {
                 match self.uprobe(program).attach(
                     UProbeAttachLocation::AbsoluteOffset(offset),
                     &targets.binary,

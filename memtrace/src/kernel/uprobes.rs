@@ -66,18 +66,37 @@ pub fn entry_offset(binary: &Path, symbol: &str) -> u64 {
     entry_offsets(binary, &[symbol])[0]
 }
 
+/// How far to move an entry probe past instructions the kernel would
+/// single-step, when they change no argument register and fall through:
+/// `test %rdi,%rdi` or `test %rsi,%rsi` before a conditional jump (glibc's
+/// `free`, CPython's `_PyObject_Free(ctx, ptr)`), and `lea disp8(%rsi),%rax`
+/// (3.11's `_PyObject_Malloc` computes `size - 1` first). Once past, the
+/// arguments are as they were at entry.
 fn emulated_offset(code: &[u8]) -> u64 {
-    const TEST_RDI_RDI: [u8; 3] = [0x48, 0x85, 0xff];
+    const TESTS: [[u8; 3]; 2] = [[0x48, 0x85, 0xff], [0x48, 0x85, 0xf6]];
+    const LEA_RSI_RAX: [u8; 3] = [0x48, 0x8d, 0x46];
     if code.len() < 5 {
         return 0;
     }
     let jcc_follows =
         matches!(code[3], 0x70..=0x7f) || (code[3] == 0x0f && matches!(code[4], 0x80..=0x8f));
-    if code[..3] == TEST_RDI_RDI && jcc_follows {
+    if TESTS.iter().any(|t| code[..3] == *t) && jcc_follows {
         3
+    } else if code[..3] == LEA_RSI_RAX {
+        4
     } else {
         0
     }
+}
+
+/// [`emulated_offset`] for a function at a file offset of `binary` (a
+/// static function: no symbol to look up).
+pub fn emulated_offset_at(binary: &Path, file_offset: u64) -> u64 {
+    use std::os::unix::fs::FileExt as _;
+    let mut code = [0u8; 5];
+    std::fs::File::open(binary)
+        .and_then(|f| f.read_exact_at(&mut code, file_offset))
+        .map_or(0, |()| emulated_offset(&code))
 }
 
 /// The first `n` bytes of a function's code, from the object file.
@@ -317,6 +336,18 @@ mod tests {
             }
         }
         assert_eq!(entry_offset(&libc, "no_such_function"), 0);
+    }
+
+    #[test]
+    fn cpython_allocator_entries_move_past_single_stepped_instructions() {
+        // _PyObject_Free(ctx, ptr): test %rsi,%rsi; je.
+        assert_eq!(emulated_offset(&[0x48, 0x85, 0xf6, 0x74, 0x7a]), 3);
+        // 3.11's _PyObject_Malloc: lea -0x1(%rsi),%rax; push %rbx.
+        assert_eq!(emulated_offset(&[0x48, 0x8d, 0x46, 0xff, 0x53]), 4);
+        // push %rbp: emulated already.
+        assert_eq!(emulated_offset(&[0x55, 0x53, 0x48, 0x89, 0xf3]), 0);
+        // test %rsi,%rsi not followed by a jump: left alone.
+        assert_eq!(emulated_offset(&[0x48, 0x85, 0xf6, 0x48, 0x89]), 0);
     }
 
     #[test]

@@ -576,6 +576,67 @@ mod tests {
         ]
     }
 
+    fn py_frame(func: &str, line: u32) -> Frame {
+        Frame {
+            addr: 0x7f00_0000 + u64::from(line),
+            function: Some(func.into()),
+            offset: None,
+            file: Some("/srv/shop/views.py".into()),
+            line: Some(line),
+            module: Some(PYTHON_MODULE.into()),
+        }
+    }
+
+    #[test]
+    fn stacks_that_print_the_same_are_one_site() {
+        // One Python line reached through two native paths (already hidden),
+        // and from two code objects at other addresses (another worker).
+        let a = vec![py_frame("CartView.post", 42), py_frame("dispatch", 17)];
+        let mut b = a.clone();
+        for f in &mut b {
+            f.addr += 0x1000;
+        }
+        let other_line = vec![py_frame("CartView.post", 43), py_frame("dispatch", 17)];
+        let snap = Snapshot::build(
+            vec![1, 2],
+            vec![
+                raw(1, SiteKind::Malloc, 4096, a),
+                raw(2, SiteKind::Malloc, 8192, b),
+                raw(1, SiteKind::Malloc, 4096, other_line),
+            ],
+            BTreeMap::new(),
+        );
+        assert_eq!(snap.sites.len(), 2, "{:?}", snap.sites.keys());
+        let top = &snap.view(10).top_allocations[0];
+        assert_eq!(top.bytes, 12288);
+        assert_eq!(top.pids, [1, 2]);
+        assert_eq!(top.function, "CartView.post");
+        assert_eq!(top.location.as_deref(), Some("/srv/shop/views.py:42"));
+        assert_eq!(
+            top.stack,
+            [
+                "/srv/shop/views.py:42 CartView.post",
+                "/srv/shop/views.py:17 dispatch"
+            ]
+        );
+    }
+
+    #[test]
+    fn diffs_count_objects_like_compare_to() {
+        let stack = vec![py_frame("leak", 7)];
+        let mut before = raw(1, SiteKind::Malloc, 1000, stack.clone());
+        before.objects = 10;
+        let mut after = raw(1, SiteKind::Malloc, 5000, stack);
+        after.objects = 50;
+        let b = Snapshot::build(vec![1], vec![before], BTreeMap::new());
+        let a = Snapshot::build(vec![1], vec![after], BTreeMap::new());
+        let g = &diff(&b, &a, 10).growth[0];
+        assert_eq!(
+            (g.growth_bytes, g.objects_before, g.growth_objects),
+            (4000, 10, 40)
+        );
+    }
+
     /// xorshift64*: a reproducible stand-in for bpf_get_prandom_u32.
     struct Rng(u64);
     impl Rng {
