@@ -218,8 +218,16 @@ impl<'a> ProfileData<'a> {
         let kind = source.kind();
         let key = |s: &RawSite| (s.pid, signature(s.kind, &s.frames));
         let mut by_key: HashMap<(u32, String), SampleRow<'a>> = HashMap::new();
+        // Several kernel sites may print the same (one Python line reached
+        // through several native paths): their values add up.
         for s in after.iter().filter(|s| s.kind == kind) {
-            by_key.insert(key(s), (s.pid, s.frames.as_slice(), source.values(s)));
+            let entry = by_key.entry(key(s)).or_insert_with(|| {
+                let zeros = vec![0; source.sample_types().len()];
+                (s.pid, s.frames.as_slice(), zeros)
+            });
+            for (v, a) in entry.2.iter_mut().zip(source.values(s)) {
+                *v += a;
+            }
         }
         for s in before.iter().filter(|s| s.kind == kind) {
             let entry = by_key.entry(key(s)).or_insert_with(|| {
@@ -570,6 +578,20 @@ mod tests {
         );
         let p = data.to_profile();
         assert_eq!(p.sample[0].value[3], 40960);
+    }
+
+    #[test]
+    fn diff_profile_adds_sites_that_print_the_same() {
+        // Two kernel sites of one Python line (two native paths): the diff
+        // is their sum after minus their sum before, not the last one's.
+        let before = vec![heap_site(7, 4096, leak()), heap_site(7, 4096, leak())];
+        let after = vec![
+            heap_site(7, 4096 * 3, leak()),
+            heap_site(7, 4096 * 2, leak()),
+        ];
+        let data = ProfileData::diff(ProfileSource::Heap, &before, &after);
+        assert_eq!(data.samples.len(), 1);
+        assert_eq!(data.samples[0].2[3], 4096 * 3);
     }
 
     #[test]
