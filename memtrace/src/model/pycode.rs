@@ -17,7 +17,9 @@
 //! location table covers cache units with their instruction's location.
 use std::{collections::HashMap, fs::File, os::unix::fs::FileExt as _, sync::Arc};
 
-use super::python::SUPPORTED;
+/// The oldest and newest minor versions whose code objects and frames
+/// memtrace reads.
+pub const SUPPORTED: (u32, u32) = (11, 13);
 
 /// Reads another process's memory (implemented for `/proc/PID/mem`; tests
 /// may fake it).

@@ -16,8 +16,7 @@ use std::{
 use object::{Object as _, ObjectSection as _, ObjectSegment as _, ObjectSymbol as _};
 use serde::Serialize;
 
-/// The oldest and newest minor versions whose frames memtrace reads.
-pub const SUPPORTED: (u32, u32) = (11, 13);
+pub use super::pycode::SUPPORTED;
 
 /// One interpreter build, as found in a process.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
