@@ -44,6 +44,10 @@ impl State {
             }
             return;
         }
+        if worker.origin == Origin::Exec {
+            // The old image's interpreter layout means nothing now.
+            self.tracer.forget_python(pid);
+        }
         if worker.origin != Origin::Fork
             && let Some(status) = procinfo::status_memory(pid)
         {

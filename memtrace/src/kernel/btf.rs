@@ -1,63 +1,93 @@
 //! Kernel struct offsets the programs need but cannot relocate themselves
 //! (aya-ebpf programs carry no CO-RE relocations): read from the running
 //! kernel's BTF, `/sys/kernel/btf/vmlinux`, as the OpenTelemetry profiler
-//! does.
+//! does. The file is mapped and only the types on the way are decoded
+//! (btf-rs's mmap backend): parsing all of it first kept some 50 MB in the
+//! agent for its whole life.
 use std::path::Path;
 
-use btfparse::{Offset, Readable, TypeInformation};
+use btf_rs::{Backend, Btf, Type};
 
 /// The running kernel's type information.
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
+/// Nesting followed through anonymous structs, unions and typedefs.
+const MAX_DEPTH: usize = 16;
+
 #[derive(Debug, thiserror::Error)]
 pub enum BtfError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("cannot parse the kernel's BTF: {0}")]
-    Parse(String),
+    #[error("cannot read the kernel's BTF at {path}: {message}")]
+    Read { path: String, message: String },
     #[error("the kernel's BTF has no {0}")]
     Missing(String),
 }
 
-/// A BTF blob in memory, for the parser.
-struct Bytes(Vec<u8>);
-
-impl Readable for Bytes {
-    fn read(&self, offset: u64, buffer: &mut [u8]) -> btfparse::Result<()> {
-        let start = usize::try_from(offset).unwrap_or(usize::MAX);
-        let source = start
-            .checked_add(buffer.len())
-            .and_then(|end| self.0.get(start..end))
-            .ok_or_else(|| {
-                btfparse::Error::new(btfparse::ErrorKind::EOF, "read past the end of the BTF")
-            })?;
-        buffer.copy_from_slice(source);
-        Ok(())
+/// The struct or union behind typedefs and qualifiers.
+fn composite(btf: &Btf, mut t: Type) -> Option<btf_rs::Struct> {
+    for _ in 0..MAX_DEPTH {
+        match t {
+            Type::Struct(s) | Type::Union(s) => return Some(s),
+            Type::Typedef(_) | Type::Const(_) | Type::Volatile(_) | Type::TypeTag(_) => {
+                t = btf.resolve_chained_type(t.as_btf_type()?).ok()?;
+            }
+            _ => return None,
+        }
     }
+    None
+}
+
+/// Bit offset of the member `name` in `s`, looking into anonymous
+/// structs and unions as C does, and the member's type.
+fn member(btf: &Btf, s: &btf_rs::Struct, name: &str, depth: usize) -> Option<(u32, Type)> {
+    if depth > MAX_DEPTH {
+        return None;
+    }
+    for m in &s.members {
+        let member_name = btf.resolve_name(m).unwrap_or_default();
+        if member_name == name {
+            return Some((m.bit_offset(), btf.resolve_chained_type(m).ok()?));
+        }
+        if member_name.is_empty()
+            && let Some(inner) = btf
+                .resolve_chained_type(m)
+                .ok()
+                .and_then(|t| composite(btf, t))
+            && let Some((offset, t)) = member(btf, &inner, name, depth + 1)
+        {
+            return Some((m.bit_offset() + offset, t));
+        }
+    }
+    None
 }
 
 /// Byte offset of a (dotted) member path in a struct, from a BTF file.
-pub fn member_offset(btf: &Path, type_name: &str, path: &str) -> Result<u32, BtfError> {
-    let data = std::fs::read(btf).map_err(|source| BtfError::Read {
-        path: btf.display().to_string(),
-        source,
+pub fn member_offset(path: &Path, type_name: &str, members: &str) -> Result<u32, BtfError> {
+    let btf = Btf::from_file_with_backend(path, Backend::Mmap).map_err(|e| BtfError::Read {
+        path: path.display().to_string(),
+        message: e.to_string(),
     })?;
-    let types =
-        TypeInformation::new(&Bytes(data)).map_err(|e| BtfError::Parse(format!("{e:?}")))?;
-    let id = types
-        .id_of(type_name)
+    let missing = || BtfError::Missing(format!("{type_name}.{members}"));
+    let mut s = btf
+        .resolve_types_by_name(type_name)
+        .unwrap_or_default()
+        .into_iter()
+        .find_map(|t| composite(&btf, t))
         .ok_or_else(|| BtfError::Missing(format!("struct {type_name}")))?;
-    match types.offset_of(id, path) {
-        Ok((_, Offset::ByteOffset(offset))) => Ok(offset),
-        Ok((_, Offset::BitOffsetAndSize(..))) => Err(BtfError::Missing(format!(
-            "{type_name}.{path} as whole bytes"
-        ))),
-        Err(_) => Err(BtfError::Missing(format!("{type_name}.{path}"))),
+    let mut bits = 0;
+    let mut parts = members.split('.').peekable();
+    while let Some(part) = parts.next() {
+        let (offset, t) = member(&btf, &s, part, 0).ok_or_else(missing)?;
+        bits += offset;
+        if parts.peek().is_some() {
+            s = composite(&btf, t).ok_or_else(missing)?;
+        }
     }
+    if bits % 8 != 0 {
+        return Err(BtfError::Missing(format!(
+            "{type_name}.{members} as whole bytes"
+        )));
+    }
+    Ok(bits / 8)
 }
 
 /// Offset of `thread.fsbase` in `struct task_struct` (x86_64): the thread
@@ -76,6 +106,16 @@ mod tests {
         // task_struct is several KiB; thread comes last on x86_64.
         assert!((1000..20_000).contains(&offset), "{offset}");
         assert_eq!(offset % 8, 0);
+    }
+
+    #[test]
+    fn finds_members_inside_anonymous_unions_and_typedefs() {
+        let btf = Path::new(VMLINUX_BTF);
+        // struct page's `lru` sits in an anonymous union of an anonymous
+        // struct; its first member is at offset 8 on x86_64.
+        assert_eq!(member_offset(btf, "page", "lru").unwrap(), 8);
+        // A path through a named member: list_head.next at 0, prev at 8.
+        assert_eq!(member_offset(btf, "page", "lru.prev").unwrap(), 16);
     }
 
     #[test]

@@ -543,6 +543,12 @@ impl Tracer {
 
     pub fn unwatch(&mut self, tgid: u32) {
         let _ = self.procs.remove(&tgid);
+        self.forget_python(tgid);
+    }
+
+    /// Stops reading a process's Python frames (it exited, or exec'd a new
+    /// program whose interpreter, if any, is set up anew).
+    pub fn forget_python(&mut self, tgid: u32) {
         let _ = self.py_procs.remove(&tgid);
         self.pymalloc.remove(&tgid);
     }
