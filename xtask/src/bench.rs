@@ -783,8 +783,7 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
         md,
         "Debian's nginx, 2 workers, a 1 KiB static file, keep-alive, traced by name without request boundaries \
          (faults, RSS, lifecycle: the steady state); `wrk -t1 -c8 -d{}s`, pinned as above; medians of {} interleaved rounds.\n",
-        opts.seconds,
-        nginx_opts.rounds
+        opts.seconds, nginx_opts.rounds
     );
     throughput_table(&mut md, &nginx_results);
 
