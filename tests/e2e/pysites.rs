@@ -14,7 +14,6 @@
 //! sites.
 use std::{
     net::SocketAddr,
-    path::PathBuf,
     process::{Command, Stdio},
     time::Duration,
 };
@@ -258,25 +257,7 @@ fn uwsgi_libpython_311_sites_match_tracemalloc() {
 
 /// pyenv's interpreter of `minor` serving the fixture with wsgiref.
 fn pyenv_server(minor: &str, port: u16) -> Proc {
-    let root = std::env::var_os("PYENV_ROOT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/root/.pyenv"));
-    let mut versions: Vec<PathBuf> = std::fs::read_dir(root.join("versions"))
-        .expect("pyenv's interpreters are installed on these machines")
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(&format!("{minor}.")))
-        })
-        .collect();
-    versions.sort();
-    let python = versions
-        .pop()
-        .unwrap_or_else(|| panic!("pyenv has no {minor}"))
-        .join("bin")
-        .join(format!("python{minor}"));
+    let python = pyenv_python(minor);
     let serve = format!(
         "import wsgiref.simple_server as s, pyleak_app as a\n\
          class Quiet(s.WSGIRequestHandler):\n    def log_message(self, *args): pass\n\

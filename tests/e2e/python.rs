@@ -21,28 +21,6 @@ fn python_of(agent: &AgentHarness, pid: u32) -> Option<PythonRuntime> {
     found
 }
 
-/// `$(pyenv root)/versions/X*/bin/python3.Y`, the newest patch release.
-fn pyenv_python(minor: &str) -> PathBuf {
-    let root = std::env::var_os("PYENV_ROOT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/root/.pyenv"));
-    let mut versions: Vec<PathBuf> = std::fs::read_dir(root.join("versions"))
-        .expect("pyenv's interpreters are installed on these machines")
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(&format!("{minor}.")))
-        })
-        .collect();
-    versions.sort();
-    let dir = versions
-        .pop()
-        .unwrap_or_else(|| panic!("pyenv has no {minor}"));
-    dir.join("bin").join(format!("python{minor}"))
-}
-
 /// A Python process that prints "ready" and sleeps.
 fn sleeper(python: &PathBuf) -> Proc {
     let mut p = Proc::spawn(

@@ -727,3 +727,25 @@ pub fn read_response(reader: &mut BufReader<TcpStream>) -> String {
     reader.read_exact(&mut body).unwrap();
     String::from_utf8_lossy(&body).into_owned()
 }
+
+/// `$(pyenv root)/versions/X*/bin/python3.Y`, the newest patch release.
+pub fn pyenv_python(minor: &str) -> PathBuf {
+    let root = std::env::var_os("PYENV_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root/.pyenv"));
+    let mut versions: Vec<PathBuf> = std::fs::read_dir(root.join("versions"))
+        .expect("pyenv's interpreters are installed on these machines")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&format!("{minor}.")))
+        })
+        .collect();
+    versions.sort();
+    let dir = versions
+        .pop()
+        .unwrap_or_else(|| panic!("pyenv has no {minor}"));
+    dir.join("bin").join(format!("python{minor}"))
+}
