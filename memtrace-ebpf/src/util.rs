@@ -93,6 +93,40 @@ pub fn proc_rss(stats: *const ProcStats) -> ([i64; RSS_MEMBERS], u32) {
     }
 }
 
+/// Copies a `T` a word at a time. An assignment between two places the
+/// compiler cannot tell apart becomes a call to `memmove`, and a large
+/// zeroing a call to `memset`; compiler_builtins implements both a byte at a
+/// time on BPF (5 to 8 instructions a byte). Before this, those loops were
+/// about half of `request_end_ret`'s run time.
+///
+/// # Safety
+/// Both point to a `T` in map or ring-buffer memory, 8-byte aligned. Not the
+/// stack: the verifier wants stack accesses aligned to their size.
+#[inline(always)]
+pub unsafe fn copy_words<T>(dst: *mut T, src: *const T) {
+    const { assert!(size_of::<T>() % 8 == 0) };
+    let (dst, src) = (dst.cast::<u64>(), src.cast::<u64>());
+    for i in 0..size_of::<T>() / 8 {
+        // SAFETY: the caller's; volatile keeps the words from being merged
+        // back into a `memmove` call.
+        unsafe { dst.add(i).write_volatile(src.add(i).read_volatile()) };
+    }
+}
+
+/// Zeroes a `T` a word at a time (see [`copy_words`]).
+///
+/// # Safety
+/// As [`copy_words`], for `dst`.
+#[inline(always)]
+pub unsafe fn zero_words<T>(dst: *mut T) {
+    const { assert!(size_of::<T>() % 8 == 0) };
+    let dst = dst.cast::<u64>();
+    for i in 0..size_of::<T>() / 8 {
+        // SAFETY: the caller's.
+        unsafe { dst.add(i).write_volatile(0) };
+    }
+}
+
 /// Reads a tracepoint field at an offset the agent found in the format file.
 #[inline(always)]
 pub fn field<T>(ctx: &TracePointContext, offset: u32) -> Result<T, i64> {

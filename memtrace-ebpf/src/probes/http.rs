@@ -14,7 +14,10 @@ use memtrace_common::{
     RequestLine,
 };
 
-use crate::maps::LINE_SCRATCH;
+use crate::{
+    maps::LINE_SCRATCH,
+    util::{copy_words, zero_words},
+};
 
 // x86_64 syscall numbers of the reads that deliver a request to a server.
 const SYS_READ: u64 = 0;
@@ -101,7 +104,11 @@ unsafe fn read_user(dst: *mut u8, len: u64, src: u64) -> bool {
 /// completed.
 #[inline(always)]
 pub fn begin_line(line: &mut RequestLine, ret: i32) {
-    *line = RequestLine::default();
+    line.state = LINE_NONE;
+    line.len = 0;
+    // SAFETY: `line` is in a map value, its bytes 8-byte aligned (asserted
+    // in common).
+    unsafe { zero_words(&raw mut line.bytes) };
     let Some((buf, room)) = user_buffer() else {
         return;
     };
@@ -133,16 +140,17 @@ pub fn continue_line(line: &mut RequestLine, ret: i32) {
     // read is at most LINE_CAP bytes, so the verifier can see it fits.
     unsafe {
         let scratch = &mut *scratch;
-        (*scratch.as_mut_ptr().cast::<[u8; LINE_CAP]>()) = line.bytes;
+        let kept = scratch.as_mut_ptr().cast::<[u8; LINE_CAP]>();
+        copy_words(kept, &raw const line.bytes);
         let len = (ret as u64).min(room);
         if len == 0 || !read_user(scratch.as_mut_ptr().add(have), len, buf) {
-            *scratch = [0; 2 * LINE_CAP];
+            zero_words(scratch);
             line.state = LINE_TRUNCATED;
             return;
         }
-        line.bytes = *scratch.as_ptr().cast::<[u8; LINE_CAP]>();
+        copy_words(&raw mut line.bytes, kept);
         // What was read past the line (headers) does not stay behind.
-        *scratch = [0; 2 * LINE_CAP];
+        zero_words(scratch);
         scan(line, (have as u64 + len).min(LINE_CAP as u64) as usize);
     }
 }

@@ -8,14 +8,15 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext, TracePointContext},
 };
 use memtrace_common::{
-    EVENT_REQUEST, LINE_CAP, LINE_NONE, ProcStats, REQUEST_OK, RequestEvent, RequestLine,
-    RequestStart, ThreadState,
+    EVENT_REQUEST, LINE_NONE, ProcStats, REQUEST_OK, RequestEvent, RequestLine, RequestStart,
+    ThreadState,
 };
 
 use crate::{
     maps::{CONFIG, EVENTS, THREADS},
     util::{
-        RB_NO_WAKEUP, atomic_add, count, current, field, now_ns, proc_rss, thread_state, watched,
+        RB_NO_WAKEUP, atomic_add, copy_words, count, current, field, now_ns, proc_rss,
+        thread_state, watched, zero_words,
     },
 };
 
@@ -141,7 +142,7 @@ pub fn emit_request(
         (*ev).seq = start.seq;
         (*ev).start_ns = start.start_ns;
         (*ev).end_ns = now_ns();
-        (*ev).rss_before = start.rss;
+        copy_words(&raw mut (*ev).rss_before, &raw const start.rss);
         (*ev).rss_after = rss_after;
         (*ev).faults = deltas[0];
         (*ev).mmap_bytes = deltas[1];
@@ -149,11 +150,11 @@ pub fn emit_request(
         (*ev).brk_grow_bytes = deltas[3];
         (*ev).brk_shrink_bytes = deltas[4];
         match line {
-            Some(line) => (*ev).line = *line,
+            Some(line) => copy_words(&raw mut (*ev).line, line),
             None => {
                 (*ev).line.state = LINE_NONE;
                 (*ev).line.len = 0;
-                (*ev).line.bytes = [0; LINE_CAP];
+                zero_words(&raw mut (*ev).line.bytes);
             }
         }
     }
