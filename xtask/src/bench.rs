@@ -20,11 +20,14 @@ use anyhow::{Context as _, Result, bail};
 use crate::{cargo, run, workspace_root};
 
 const TOKEN: &str = "bench-token";
-/// Rounds of the nginx comparison at least (two modes only, cheap).
-const NGINX_ROUNDS: usize = 11;
+/// Rounds at least of the comparisons with few modes (nginx, uprobe mode
+/// against bare uprobes): cheap, and their medians must resolve a few
+/// percent on a machine whose runs spread by ±8%.
+const FEW_MODES_ROUNDS: usize = 11;
 /// Workers (and wrk connections) of the fixture server.
 const FIXTURE_WORKERS: u32 = 8;
 
+#[derive(Clone, Copy)]
 pub struct BenchOptions {
     /// Interleaved rounds per comparison.
     pub rounds: usize,
@@ -36,6 +39,8 @@ pub struct BenchOptions {
     pub paths_only: bool,
     /// Only the Python comparison (`python_bench`).
     pub python_only: bool,
+    /// Only uprobe mode against bare kernel uprobes (`uprobe_floor`).
+    pub uprobe_only: bool,
 }
 
 /// A child process (and its process group), killed on drop.
@@ -139,6 +144,9 @@ enum Mode {
     /// Socket mode with `--no-http-paths`: no request bytes read.
     SocketNoPaths,
     Uprobe,
+    /// No agent: the kernel's own uprobe and return probe on the request
+    /// function (tracefs, nothing recorded), the floor under uprobe mode.
+    BareUprobes,
     /// Uprobe mode plus allocation-site collection (after `snapshot`).
     Collect,
     /// Accept mode plus collection.
@@ -163,6 +171,7 @@ impl Mode {
             Mode::Socket => "on, socket mode (HTTP paths captured)",
             Mode::SocketNoPaths => "on, socket mode, --no-http-paths",
             Mode::Uprobe => "on, uprobe on handle_request",
+            Mode::BareUprobes => "off, bare kernel uprobe + return probe (no BPF)",
             Mode::Collect => "on, uprobe + snapshot collection",
             Mode::AcceptCollect => "on, accept + snapshot collection",
             Mode::Growth => "on, collecting: growth tier",
@@ -187,7 +196,7 @@ struct Agent {
 
 impl Agent {
     fn start(paths: &Paths, name: &str, mode: Mode, extra: &[&str]) -> Result<Option<Self>> {
-        if mode == Mode::Off {
+        if matches!(mode, Mode::Off | Mode::BareUprobes) {
             return Ok(None);
         }
         let port = free_port()?;
@@ -230,7 +239,7 @@ impl Agent {
             Mode::HeapEvery => {
                 cmd.args(["--collect", "heap", "--heap-sample-bytes", "1"]);
             }
-            Mode::Off | Mode::Steady => {}
+            Mode::Off | Mode::Steady | Mode::BareUprobes => {}
         }
         let agent = Self {
             proc: Proc::spawn(&mut cmd)?,
@@ -339,6 +348,87 @@ struct Target<'a> {
 }
 
 /// Interleaved rounds of every mode; medians of requests per second.
+/// The kernel's own uprobe and return probe on a function, through tracefs,
+/// with tracing off so that nothing is recorded: what the traps cost without
+/// any BPF program or agent. Removed on drop.
+struct BareUprobes {
+    tracefs: PathBuf,
+    tracing_on: String,
+}
+
+impl BareUprobes {
+    const GROUP: &str = "memtrace_bench";
+
+    fn enable(binary: &Path, symbol: &str) -> Result<Self> {
+        let tracefs = PathBuf::from("/sys/kernel/tracing");
+        if !tracefs.join("uprobe_events").exists() {
+            run(Command::new("mount")
+                .args(["-t", "tracefs", "nodev"])
+                .arg(&tracefs))?;
+        }
+        let offset = file_offset(binary, symbol)?;
+        let tracing_on = std::fs::read_to_string(tracefs.join("tracing_on"))?;
+        let bare = Self {
+            tracefs,
+            tracing_on,
+        };
+        let at = format!("{}:{offset:#x}", binary.display());
+        let mut events = std::fs::OpenOptions::new()
+            .append(true)
+            .open(bare.tracefs.join("uprobe_events"))?;
+        // One write per definition: tracefs parses each write on its own.
+        for def in [
+            format!("p:{}/entry {at}\n", Self::GROUP),
+            format!("r:{}/ret {at}\n", Self::GROUP),
+        ] {
+            events
+                .write_all(def.as_bytes())
+                .with_context(|| format!("define a tracefs uprobe: {}", def.trim()))?;
+        }
+        std::fs::write(bare.tracefs.join("tracing_on"), "0")?;
+        std::fs::write(
+            bare.tracefs.join("events").join(Self::GROUP).join("enable"),
+            "1",
+        )?;
+        Ok(bare)
+    }
+}
+
+impl Drop for BareUprobes {
+    fn drop(&mut self) {
+        let _ = std::fs::write(
+            self.tracefs.join("events").join(Self::GROUP).join("enable"),
+            "0",
+        );
+        if let Ok(mut events) = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.tracefs.join("uprobe_events"))
+        {
+            for name in ["entry", "ret"] {
+                let _ = events.write_all(format!("-:{}/{name}\n", Self::GROUP).as_bytes());
+            }
+        }
+        let _ = std::fs::write(self.tracefs.join("tracing_on"), self.tracing_on.trim());
+    }
+}
+
+/// The file offset of a function's first byte in an ELF file.
+fn file_offset(binary: &Path, symbol: &str) -> Result<u64> {
+    use object::{Object as _, ObjectSegment as _, ObjectSymbol as _};
+    let data = std::fs::read(binary).with_context(|| format!("read {}", binary.display()))?;
+    let file = object::File::parse(&*data)?;
+    let address = file
+        .dynamic_symbols()
+        .chain(file.symbols())
+        .find(|s| s.name() == Ok(symbol))
+        .map(|s| s.address())
+        .with_context(|| format!("no symbol {symbol} in {}", binary.display()))?;
+    file.segments()
+        .find(|s| (s.address()..s.address() + s.size()).contains(&address))
+        .map(|s| address - s.address() + s.file_range().0)
+        .with_context(|| format!("{symbol} is in no segment of {}", binary.display()))
+}
+
 fn throughput(
     paths: &Paths,
     t: &Target,
@@ -354,6 +444,9 @@ fn throughput(
                 bail!("{} did not listen on {port}", t.name);
             }
             let agent = Agent::start(paths, t.process_name, mode, &[])?;
+            let bare = (mode == Mode::BareUprobes)
+                .then(|| BareUprobes::enable(&paths.handler(), "handle_request"))
+                .transpose()?;
             if let Some(a) = &agent {
                 // Let the agent find every worker before the load.
                 thread::sleep(Duration::from_secs(1));
@@ -374,6 +467,7 @@ fn throughput(
                 mode.label()
             );
             runs[i].push(rps);
+            drop(bare);
             drop(agent);
             drop(server);
         }
@@ -407,6 +501,56 @@ fn throughput_table(out: &mut String, results: &[(Mode, f64, Vec<f64>)]) {
             med / base
         );
     }
+}
+
+/// 1b. Uprobe mode on the fixture against the kernel's own uprobes with no
+/// BPF program: what memtrace adds over the traps it cannot avoid. More
+/// rounds than table 1 (three modes only), as for nginx.
+fn uprobe_floor(
+    paths: &Paths,
+    opts: &BenchOptions,
+    md: &mut String,
+) -> Result<Vec<(Mode, f64, Vec<f64>)>> {
+    eprintln!("uprobe mode against bare uprobes:");
+    let fx = paths.fixtures.clone();
+    let leaky = move |port: u16| -> Result<Proc> {
+        let dir = std::env::temp_dir().join(format!("memtrace-bench-{port}"));
+        std::fs::create_dir_all(&dir)?;
+        Proc::spawn(
+            pinned(SERVER_CPU, fx.join("leaky_server"))
+                .args([port.to_string(), FIXTURE_WORKERS.to_string()])
+                .arg(&dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        )
+    };
+    let fixture = Target {
+        name: "leaky_server",
+        process_name: "leaky_server",
+        start: &leaky,
+        threads: 1,
+        conns: FIXTURE_WORKERS,
+    };
+    let rounds = BenchOptions {
+        rounds: opts.rounds.max(FEW_MODES_ROUNDS),
+        ..*opts
+    };
+    let results = throughput(
+        paths,
+        &fixture,
+        &[Mode::Off, Mode::BareUprobes, Mode::Uprobe],
+        &rounds,
+    )?;
+    let _ = writeln!(md, "\n## 1b. Uprobe mode against bare kernel uprobes\n");
+    let _ = writeln!(
+        md,
+        "The fixture as in 1, {} interleaved rounds: memtrace off; off with the kernel's own uprobe and return probe on \
+         `handle_request` (tracefs `p:`/`r:` events, tracing off so nothing is recorded, no BPF program, no agent): the \
+         traps every uprobe-based tracer pays; and memtrace's uprobe mode (two programs, one event per request, the agent).\n",
+        rounds.rounds
+    );
+    throughput_table(md, &results);
+    Ok(results)
 }
 
 /// Per-program cost from the kernel's BPF statistics during a load run.
@@ -631,6 +775,12 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
     if opts.paths_only {
         return paths_bench(&paths, opts);
     }
+    if opts.uprobe_only {
+        let mut md = format!("# Uprobe mode only (commit {})\n", git_commit());
+        uprobe_floor(&paths, opts, &mut md)?;
+        print!("{md}");
+        return Ok(());
+    }
     if opts.python_only {
         let mut md = format!(
             "# Python sites against tracemalloc only ({} rounds of {} s; commit {})\n",
@@ -704,6 +854,7 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
         opts.seconds
     );
     throughput_table(&mut md, &fixture_results);
+    let uprobe_results = uprobe_floor(&paths, opts, &mut md)?;
 
     // 2. gunicorn.
     eprintln!("gunicorn throughput:");
@@ -766,11 +917,8 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
     // others): more rounds of its two modes, whose medians then resolve a
     // few percent.
     let nginx_opts = BenchOptions {
-        rounds: opts.rounds.max(NGINX_ROUNDS),
-        seconds: opts.seconds,
-        soak_minutes: 0,
-        paths_only: false,
-        python_only: false,
+        rounds: opts.rounds.max(FEW_MODES_ROUNDS),
+        ..*opts
     };
     let nginx_results = throughput(
         &paths,
@@ -1003,10 +1151,12 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
     let _ = writeln!(
         md,
         "- No cost to the node: getppid of an untraced process at {:.3} of its speed with memtrace on (target ≥ 0.98); \
-         nginx traced without request boundaries {:.3} (target ≥ 0.98); uprobe mode on the fixture {:.3} (target ≥ 0.8).",
+         nginx traced without request boundaries {:.3} (target ≥ 0.98); uprobe mode on the fixture {:.3} (target ≥ 0.8; table 1b, \
+         where bare kernel uprobes alone give {:.3}).",
         untraced[0] / untraced[1],
         ratio(&nginx_results, Mode::Steady),
-        ratio(&fixture_results, Mode::Uprobe)
+        ratio(&uprobe_results, Mode::Uprobe),
+        ratio(&uprobe_results, Mode::BareUprobes)
     );
     let per_event = |rate: u64| {
         drops

@@ -61,6 +61,10 @@ enum Cmd {
         /// uWSGI), a few minutes.
         #[arg(long)]
         python_only: bool,
+        /// Only uprobe mode against bare kernel uprobes on the fixture, a
+        /// few minutes.
+        #[arg(long)]
+        uprobe_only: bool,
     },
     /// Build in release mode and run memtrace with these arguments.
     Run {
@@ -119,6 +123,7 @@ fn main() -> Result<()> {
             soak_minutes,
             paths_only,
             python_only,
+            uprobe_only,
         } => {
             ensure_setup()?;
             bench::bench(&bench::BenchOptions {
@@ -127,6 +132,7 @@ fn main() -> Result<()> {
                 soak_minutes,
                 paths_only,
                 python_only,
+                uprobe_only,
             })
         }
         Cmd::Run { args } => {
