@@ -11,8 +11,8 @@
 //! are counted, their memory deltas marked as shared.
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
 use memtrace_common::{
-    CONN_IDLE, CONN_IGNORE, CONN_INTERLEAVED, CONN_READ, CONN_WRITE, LINE_METHOD, LINE_NONE,
-    LINE_PATH, REQUEST_ABORTED, REQUEST_INTERLEAVED, REQUEST_OK, RequestStart,
+    CONN_IDLE, CONN_IGNORE, CONN_INTERLEAVED, CONN_READ, CONN_WRITE, ConnState, LINE_METHOD,
+    LINE_NONE, LINE_PATH, REQUEST_ABORTED, REQUEST_INTERLEAVED, REQUEST_OK, RequestStart,
 };
 
 use super::{
@@ -89,7 +89,7 @@ fn try_sock_recv(ctx: &TracePointContext) -> Result<(), i64> {
         CONN_WRITE => end_conn(sk, REQUEST_OK),
         _ => {}
     }
-    begin_conn(sk, &cur, ret);
+    begin_conn(sk, &cur, ret, conn);
     Ok(())
 }
 
@@ -190,12 +190,16 @@ fn ignore_conn(sk: u64, tgid: u32) {
 /// Begins a request on `sk`, read by the current thread (`ret` bytes so
 /// far). The thread's previous request on another connection ends here if
 /// it was answered (the thread moved on), or is marked interleaved if it was
-/// still being read.
+/// still being read. A connection already known (keep-alive) is rewritten in
+/// place; a new one is built in this CPU's scratch slot and inserted.
 #[inline(always)]
-fn begin_conn(sk: u64, cur: &Current, ret: i32) -> Option<()> {
+fn begin_conn(sk: u64, cur: &Current, ret: i32, existing: Option<*mut ConnState>) -> Option<()> {
     let stats = watched(cur.tgid)?;
     let thread = thread_state(cur.tid, cur.tgid)?;
-    let conn = CONN_SCRATCH.get_ptr_mut(0)?;
+    let conn = match existing {
+        Some(c) => c,
+        None => CONN_SCRATCH.get_ptr_mut(0)?,
+    };
     // SAFETY: pointers from map lookups; only this thread writes its state,
     // and only this CPU its scratch slot.
     unsafe {
@@ -220,7 +224,6 @@ fn begin_conn(sk: u64, cur: &Current, ret: i32) -> Option<()> {
         let c = &mut *conn;
         c.tgid = cur.tgid;
         c.tid = cur.tid;
-        c.phase = CONN_READ;
         c.flags = flags;
         c.known = known;
         c.req = RequestStart {
@@ -239,9 +242,14 @@ fn begin_conn(sk: u64, cur: &Current, ret: i32) -> Option<()> {
             c.line.state = LINE_NONE;
             c.line.len = 0;
         }
-        if CONNS.insert(&sk, c, 0).is_err() {
-            count(memtrace_common::CTR_CONNS_FULL);
-            return None;
+        if existing.is_none() {
+            c.phase = CONN_READ;
+            if CONNS.insert(&sk, c, 0).is_err() {
+                count(memtrace_common::CTR_CONNS_FULL);
+                return None;
+            }
+        } else {
+            c.phase = CONN_READ;
         }
         atomic_add(&raw mut (*stats).requests_started, 1);
         t.req_fd = sk as i64;
