@@ -503,6 +503,19 @@ fn throughput_table(out: &mut String, results: &[(Mode, f64, Vec<f64>)]) {
     }
 }
 
+/// The fixture server on `port`, pinned, with `FIXTURE_WORKERS` workers.
+fn leaky_server(fixtures: &Path, port: u16) -> Result<Proc> {
+    let dir = std::env::temp_dir().join(format!("memtrace-bench-{port}"));
+    std::fs::create_dir_all(&dir)?;
+    Proc::spawn(
+        pinned(SERVER_CPU, fixtures.join("leaky_server"))
+            .args([port.to_string(), FIXTURE_WORKERS.to_string()])
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )
+}
+
 /// 1b. Uprobe mode on the fixture against the kernel's own uprobes with no
 /// BPF program: what memtrace adds over the traps it cannot avoid. More
 /// rounds than table 1 (three modes only), as for nginx.
@@ -513,17 +526,7 @@ fn uprobe_floor(
 ) -> Result<Vec<(Mode, f64, Vec<f64>)>> {
     eprintln!("uprobe mode against bare uprobes:");
     let fx = paths.fixtures.clone();
-    let leaky = move |port: u16| -> Result<Proc> {
-        let dir = std::env::temp_dir().join(format!("memtrace-bench-{port}"));
-        std::fs::create_dir_all(&dir)?;
-        Proc::spawn(
-            pinned(SERVER_CPU, fx.join("leaky_server"))
-                .args([port.to_string(), FIXTURE_WORKERS.to_string()])
-                .arg(&dir)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null()),
-        )
-    };
+    let leaky = move |port: u16| leaky_server(&fx, port);
     let fixture = Target {
         name: "leaky_server",
         process_name: "leaky_server",
@@ -813,17 +816,7 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
     // 1. The fixture server at full speed.
     eprintln!("fixture throughput:");
     let fx = paths.fixtures.clone();
-    let leaky = move |port: u16| -> Result<Proc> {
-        let dir = std::env::temp_dir().join(format!("memtrace-bench-{port}"));
-        std::fs::create_dir_all(&dir)?;
-        Proc::spawn(
-            pinned(SERVER_CPU, fx.join("leaky_server"))
-                .args([port.to_string(), FIXTURE_WORKERS.to_string()])
-                .arg(&dir)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null()),
-        )
-    };
+    let leaky = move |port: u16| leaky_server(&fx, port);
     // One keep-alive connection per worker: a prefork worker serves one
     // connection until it closes, so more connections would only queue.
     let fixture = Target {
@@ -1417,17 +1410,7 @@ fn socket_program_table(
 /// (fixture throughput and per-program cost), in a few minutes.
 fn paths_bench(paths: &Paths, opts: &BenchOptions) -> Result<()> {
     let fx = paths.fixtures.clone();
-    let leaky = move |port: u16| -> Result<Proc> {
-        let dir = std::env::temp_dir().join(format!("memtrace-bench-{port}"));
-        std::fs::create_dir_all(&dir)?;
-        Proc::spawn(
-            pinned(SERVER_CPU, fx.join("leaky_server"))
-                .args([port.to_string(), FIXTURE_WORKERS.to_string()])
-                .arg(&dir)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null()),
-        )
-    };
+    let leaky = move |port: u16| leaky_server(&fx, port);
     let fixture = Target {
         name: "leaky_server",
         process_name: "leaky_server",
