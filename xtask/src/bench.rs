@@ -347,6 +347,21 @@ struct Target<'a> {
     conns: u32,
 }
 
+impl<'a> Target<'a> {
+    /// The fixture server, started by `start` (usually [`leaky_server`]).
+    /// One keep-alive connection per worker: a prefork worker serves one
+    /// connection until it closes, so more connections would only queue.
+    fn fixture(start: &'a dyn Fn(u16) -> Result<Proc>) -> Self {
+        Self {
+            name: "leaky_server",
+            process_name: "leaky_server",
+            start,
+            threads: 1,
+            conns: FIXTURE_WORKERS,
+        }
+    }
+}
+
 /// Interleaved rounds of every mode; medians of requests per second.
 /// The kernel's own uprobe and return probe on a function, through tracefs,
 /// with tracing off so that nothing is recorded: what the traps cost without
@@ -527,13 +542,7 @@ fn uprobe_floor(
     eprintln!("uprobe mode against bare uprobes:");
     let fx = paths.fixtures.clone();
     let leaky = move |port: u16| leaky_server(&fx, port);
-    let fixture = Target {
-        name: "leaky_server",
-        process_name: "leaky_server",
-        start: &leaky,
-        threads: 1,
-        conns: FIXTURE_WORKERS,
-    };
+    let fixture = Target::fixture(&leaky);
     let rounds = BenchOptions {
         rounds: opts.rounds.max(FEW_MODES_ROUNDS),
         ..*opts
@@ -817,15 +826,7 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
     eprintln!("fixture throughput:");
     let fx = paths.fixtures.clone();
     let leaky = move |port: u16| leaky_server(&fx, port);
-    // One keep-alive connection per worker: a prefork worker serves one
-    // connection until it closes, so more connections would only queue.
-    let fixture = Target {
-        name: "leaky_server",
-        process_name: "leaky_server",
-        start: &leaky,
-        threads: 1,
-        conns: FIXTURE_WORKERS,
-    };
+    let fixture = Target::fixture(&leaky);
     let modes = [
         Mode::Off,
         Mode::Steady,
@@ -1411,13 +1412,7 @@ fn socket_program_table(
 fn paths_bench(paths: &Paths, opts: &BenchOptions) -> Result<()> {
     let fx = paths.fixtures.clone();
     let leaky = move |port: u16| leaky_server(&fx, port);
-    let fixture = Target {
-        name: "leaky_server",
-        process_name: "leaky_server",
-        start: &leaky,
-        threads: 1,
-        conns: FIXTURE_WORKERS,
-    };
+    let fixture = Target::fixture(&leaky);
     let mut md = String::new();
     let _ = writeln!(
         md,
