@@ -245,6 +245,12 @@ pub const EVENT_EXEC: u32 = 2;
 pub const EVENT_EXIT: u32 = 3;
 pub const EVENT_RSS: u32 = 4;
 pub const EVENT_REQUEST: u32 = 5;
+/// A request summary without a request line (uprobe and accept mode, socket
+/// mode without a path): the first [`REQUEST_SHORT_BYTES`] of a
+/// [`RequestEvent`]. Less than half the bytes to write per request.
+pub const EVENT_REQUEST_SHORT: u32 = 6;
+/// Bytes of an `EVENT_REQUEST_SHORT` record: `RequestEvent` up to its line.
+pub const REQUEST_SHORT_BYTES: usize = core::mem::offset_of!(RequestEvent, line);
 
 /// Fork, exec or exit of a process.
 #[repr(C)]
@@ -315,7 +321,8 @@ pub struct RequestEvent {
     pub munmap_bytes: u64,
     pub brk_grow_bytes: u64,
     pub brk_shrink_bytes: u64,
-    /// Socket mode: the request's method and path.
+    /// Socket mode: the request's method and path. Last: an
+    /// `EVENT_REQUEST_SHORT` record stops before it.
     pub line: RequestLine,
 }
 
@@ -461,6 +468,10 @@ pub struct Config {
     pub task_fsbase: u32,
     /// Python frames taken per sample, at most `PY_MAX_FRAMES`; 0: none.
     pub py_frames: u32,
+    /// Unread bytes in the ring buffer past which an event wakes the agent
+    /// (half the ring). Below it events are submitted without a wake-up and
+    /// the agent drains on its timer.
+    pub ring_wake_bytes: u32,
     pub layout: TracepointLayout,
 }
 
@@ -632,13 +643,15 @@ const _: () = {
     assert!(core::mem::size_of::<RssEvent>() == 24 + 32);
     assert!(core::mem::size_of::<RequestLine>() == 8 + LINE_CAP);
     assert!(core::mem::size_of::<RequestEvent>() == 24 + 24 + 64 + 40 + 8 + LINE_CAP);
-    assert!(core::mem::size_of::<Config>() == 24 + 16 + 28 * 4);
+    assert!(core::mem::size_of::<Config>() == 24 + 20 + 28 * 4 + 4);
     assert!(core::mem::size_of::<SiteCount>() == 32);
     assert!(core::mem::size_of::<ConnState>() == 6 * 4 + 88 + 8 + LINE_CAP);
     // The line's bytes are zeroed and read as u64 words.
     assert!(core::mem::offset_of!(ConnState, line) % 8 == 0);
     // Copied into the event a word at a time.
+    // and a short record is a whole number of words.
     assert!(core::mem::offset_of!(RequestEvent, line) % 8 == 0);
     assert!(core::mem::offset_of!(RequestEvent, rss_before) % 8 == 0);
+    assert!(REQUEST_SHORT_BYTES == 24 + 24 + 64 + 40);
     assert!(core::mem::offset_of!(RequestStart, rss) % 8 == 0);
 };

@@ -8,11 +8,27 @@ use aya_ebpf::{
 };
 use memtrace_common::{MmRss, ProcStats, RSS_MEMBERS, ThreadState};
 
-use crate::maps::{COUNTERS, MM_RSS, PROCS, THREADS};
+use crate::maps::{CONFIG, COUNTERS, EVENTS, MM_RSS, PROCS, THREADS};
 
 /// `BPF_RB_NO_WAKEUP`: the agent polls the ring buffer on a timer, so a
 /// wake-up per event would only cost time.
-pub const RB_NO_WAKEUP: u64 = 1;
+const RB_NO_WAKEUP: u64 = 1;
+/// `BPF_RB_FORCE_WAKEUP`.
+const RB_FORCE_WAKEUP: u64 = 2;
+/// `BPF_RB_AVAIL_DATA`: unread bytes, for `bpf_ringbuf_query`.
+const RB_AVAIL_DATA: u64 = 0;
+
+/// Flags to submit an event with: no wake-up while the agent's timer keeps
+/// up, a wake-up once half the ring is unread (a burst), so that a ring
+/// small enough to stay in cache does not overflow.
+#[inline(always)]
+pub fn submit_flags() -> u64 {
+    if EVENTS.query(RB_AVAIL_DATA) > u64::from(CONFIG.load().ring_wake_bytes) {
+        RB_FORCE_WAKEUP
+    } else {
+        RB_NO_WAKEUP
+    }
+}
 
 pub struct Current {
     pub tgid: u32,

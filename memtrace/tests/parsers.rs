@@ -765,12 +765,13 @@ proptest! {
 // but a mismatch between agent and programs, or a truncated record, must be
 // an error and not undefined behaviour.
 
-const KNOWN_KINDS: [u32; 5] = [
+const KNOWN_KINDS: [u32; 6] = [
     memtrace_common::EVENT_FORK,
     memtrace_common::EVENT_EXEC,
     memtrace_common::EVENT_EXIT,
     memtrace_common::EVENT_RSS,
     memtrace_common::EVENT_REQUEST,
+    memtrace_common::EVENT_REQUEST_SHORT,
 ];
 
 /// Size of the record of a known kind.
@@ -778,6 +779,7 @@ fn record_size(kind: u32) -> usize {
     match kind {
         memtrace_common::EVENT_RSS => size_of::<memtrace_common::RssEvent>(),
         memtrace_common::EVENT_REQUEST => size_of::<memtrace_common::RequestEvent>(),
+        memtrace_common::EVENT_REQUEST_SHORT => memtrace_common::REQUEST_SHORT_BYTES,
         _ => size_of::<memtrace_common::ProcessEvent>(),
     }
 }
@@ -847,7 +849,13 @@ proptest! {
                 (e.kind, e.tgid)
             }
             KernelEvent::Request(e) => {
-                prop_assert_eq!(kind, memtrace_common::EVENT_REQUEST);
+                prop_assert!(
+                    kind == memtrace_common::EVENT_REQUEST
+                        || kind == memtrace_common::EVENT_REQUEST_SHORT
+                );
+                if kind == memtrace_common::EVENT_REQUEST_SHORT {
+                    prop_assert_eq!(e.line.state, memtrace_common::LINE_NONE);
+                }
                 (e.kind, e.tgid)
             }
         };

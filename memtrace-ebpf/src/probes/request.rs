@@ -8,15 +8,15 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext, TracePointContext},
 };
 use memtrace_common::{
-    EVENT_REQUEST, LINE_NONE, ProcStats, REQUEST_OK, RequestEvent, RequestLine, RequestStart,
-    ThreadState,
+    EVENT_REQUEST, EVENT_REQUEST_SHORT, LINE_NONE, ProcStats, REQUEST_OK, REQUEST_SHORT_BYTES,
+    RequestEvent, RequestLine, RequestStart, ThreadState,
 };
 
 use crate::{
     maps::{CONFIG, EVENTS, THREADS},
     util::{
-        RB_NO_WAKEUP, atomic_add, copy_words, count, current, field, now_ns, proc_rss,
-        thread_state, watched, zero_words,
+        atomic_add, copy_words, count, current, field, now_ns, proc_rss, submit_flags,
+        thread_state, watched,
     },
 };
 
@@ -81,16 +81,15 @@ pub fn end_request(tgid: u32, tid: u32, status: u32, unwind: bool) -> Option<()>
         };
         atomic_add(counter, 1);
 
-        emit_request(
-            stats,
+        let summary = Summary {
             tgid,
             tid,
             status,
-            t.req_known,
-            &t.req,
-            thread_deltas(t, &t.req),
-            None,
-        );
+            known_before: t.req_known,
+            start: &t.req,
+            deltas: thread_deltas(t, &t.req),
+        };
+        emit_request(stats, &summary, None);
     }
     Some(())
 }
@@ -108,58 +107,90 @@ pub fn thread_deltas(t: &ThreadState, start: &RequestStart) -> [u64; 5] {
     ]
 }
 
+/// A request summary without its line: the head of a `RequestEvent`.
+#[repr(C, align(8))]
+struct ShortRequest([u64; REQUEST_SHORT_BYTES / 8]);
+
+/// What a request's summary says besides its line.
+pub struct Summary<'a> {
+    pub tgid: u32,
+    pub tid: u32,
+    pub status: u32,
+    pub known_before: u32,
+    pub start: &'a RequestStart,
+    pub deltas: [u64; 5],
+}
+
 /// Sends a request's summary: its start, the process's RSS now, and the
 /// deltas of the serving thread's counters (faults, mmap, munmap, brk grow,
-/// brk shrink).
+/// brk shrink). Without a request line the record stops before the line
+/// (`EVENT_REQUEST_SHORT`): less than half the bytes to write.
 #[inline(always)]
-pub fn emit_request(
-    stats: *mut ProcStats,
-    tgid: u32,
-    tid: u32,
-    status: u32,
-    known_before: u32,
-    start: &RequestStart,
-    deltas: [u64; 5],
-    line: Option<&RequestLine>,
-) {
-    let Some(mut entry) = EVENTS.reserve::<RequestEvent>(0) else {
-        count(memtrace_common::CTR_RINGBUF_DROPS);
-        return;
-    };
-    let (rss_after, known_after) = proc_rss(stats);
-    let ev = entry.as_mut_ptr();
-    // Field by field, straight into the ring buffer: the event with its
-    // request line is too large to build on the BPF stack first.
-    // SAFETY: `ev` points to a reserved RequestEvent; every field is written
-    // before the submit.
-    unsafe {
-        (*ev).kind = EVENT_REQUEST;
-        (*ev).tgid = tgid;
-        (*ev).tid = tid;
-        (*ev).status = status;
-        (*ev).known_before = known_before;
-        (*ev).known_after = known_after;
-        (*ev).seq = start.seq;
-        (*ev).start_ns = start.start_ns;
-        (*ev).end_ns = now_ns();
-        copy_words(&raw mut (*ev).rss_before, &raw const start.rss);
-        (*ev).rss_after = rss_after;
-        (*ev).faults = deltas[0];
-        (*ev).mmap_bytes = deltas[1];
-        (*ev).munmap_bytes = deltas[2];
-        (*ev).brk_grow_bytes = deltas[3];
-        (*ev).brk_shrink_bytes = deltas[4];
-        match line {
-            Some(line) => copy_words(&raw mut (*ev).line, line),
-            None => {
-                (*ev).line.state = LINE_NONE;
-                (*ev).line.len = 0;
-                zero_words(&raw mut (*ev).line.bytes);
+pub fn emit_request(stats: *mut ProcStats, summary: &Summary, line: Option<&RequestLine>) {
+    // Two reservations of constant sizes, each filled on its own path: the
+    // verifier knows each pointer's size only along its path.
+    match line.filter(|l| l.state != LINE_NONE) {
+        Some(line) => {
+            let Some(mut entry) = EVENTS.reserve::<RequestEvent>(0) else {
+                count(memtrace_common::CTR_RINGBUF_DROPS);
+                return;
+            };
+            let ev = entry.as_mut_ptr();
+            // SAFETY: `ev` points to a reserved RequestEvent.
+            unsafe {
+                write_head(ev, EVENT_REQUEST, stats, summary);
+                copy_words(&raw mut (*ev).line, line);
             }
+            entry.submit(submit_flags());
+        }
+        None => {
+            let Some(mut entry) = EVENTS.reserve::<ShortRequest>(0) else {
+                count(memtrace_common::CTR_RINGBUF_DROPS);
+                return;
+            };
+            // SAFETY: `entry` holds the head of a RequestEvent, up to its line.
+            unsafe {
+                write_head(
+                    entry.as_mut_ptr().cast(),
+                    EVENT_REQUEST_SHORT,
+                    stats,
+                    summary,
+                )
+            };
+            entry.submit(submit_flags());
         }
     }
-    entry.submit(RB_NO_WAKEUP);
     count(memtrace_common::CTR_EVENTS);
+}
+
+/// Writes every field of a request event before its line, straight into the
+/// ring buffer: the event is too large to build on the BPF stack first.
+///
+/// # Safety
+/// `ev` points to reserved ring-buffer memory of at least
+/// `REQUEST_SHORT_BYTES`; nothing at or after `line` is touched.
+#[inline(always)]
+unsafe fn write_head(ev: *mut RequestEvent, kind: u32, stats: *mut ProcStats, s: &Summary) {
+    let (rss_after, known_after) = proc_rss(stats);
+    // SAFETY: the caller's.
+    unsafe {
+        (*ev).kind = kind;
+        (*ev).tgid = s.tgid;
+        (*ev).tid = s.tid;
+        (*ev).status = s.status;
+        (*ev).known_before = s.known_before;
+        (*ev).known_after = known_after;
+        (*ev).seq = s.start.seq;
+        (*ev).start_ns = s.start.start_ns;
+        (*ev).end_ns = now_ns();
+        copy_words(&raw mut (*ev).rss_before, &raw const s.start.rss);
+        (*ev).rss_after = rss_after;
+        (*ev).faults = s.deltas[0];
+        (*ev).mmap_bytes = s.deltas[1];
+        (*ev).munmap_bytes = s.deltas[2];
+        (*ev).brk_grow_bytes = s.deltas[3];
+        (*ev).brk_shrink_bytes = s.deltas[4];
+    }
 }
 
 #[uprobe]

@@ -10,7 +10,7 @@ use memtrace_common::{EVENT_RSS, MmRss, RSS_MEMBERS, RssEvent};
 
 use crate::{
     maps::{CONFIG, EVENTS, MM_RSS},
-    util::{RB_NO_WAKEUP, count, current, field, now_ns, watched},
+    util::{count, current, field, now_ns, submit_flags, watched},
 };
 
 #[tracepoint]
@@ -85,7 +85,7 @@ fn try_rss_stat(ctx: &TracePointContext) -> Result<(), i64> {
                     ts_ns: now_ns(),
                     bytes: mm.bytes,
                 });
-                entry.submit(RB_NO_WAKEUP);
+                entry.submit(submit_flags());
                 mm.emitted_total = total;
                 count(memtrace_common::CTR_EVENTS);
             }

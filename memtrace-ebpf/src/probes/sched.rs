@@ -20,7 +20,7 @@ use memtrace_common::{
 use crate::{
     maps::{CONFIG, EVENTS, PROCS, SELECTOR_CGROUPS, SELECTOR_COMMS, THREADS},
     probes::request::end_request,
-    util::{RB_NO_WAKEUP, count, current, field, now_ns, proc_rss, watched},
+    util::{count, current, field, now_ns, proc_rss, submit_flags, watched},
 };
 
 const CLONE_THREAD: u64 = 0x0001_0000;
@@ -77,7 +77,7 @@ fn emit_process(
             }
         }
     }
-    entry.submit(RB_NO_WAKEUP);
+    entry.submit(submit_flags());
     count(memtrace_common::CTR_EVENTS);
 }
 

@@ -17,7 +17,7 @@ use memtrace_common::{
 
 use super::{
     http::{begin_line, continue_line},
-    request::{emit_request, thread_deltas},
+    request::{Summary, emit_request, thread_deltas},
 };
 use crate::{
     maps::{CONFIG, CONN_SCRATCH, CONNS, THREADS},
@@ -300,15 +300,14 @@ fn end_conn(sk: u64, status: u32) {
                 deltas = thread_deltas(&*t, start);
             }
         }
-        emit_request(
-            stats,
-            c.tgid,
-            c.tid,
+        let summary = Summary {
+            tgid: c.tgid,
+            tid: c.tid,
             status,
-            c.known,
+            known_before: c.known,
             start,
             deltas,
-            Some(&c.line),
-        );
+        };
+        emit_request(stats, &summary, Some(&c.line));
     }
 }

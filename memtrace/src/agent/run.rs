@@ -1,11 +1,16 @@
 //! The agent's life: start (checks, load, first scan), the event loop that
 //! drains the ring buffer and keeps the model fresh, and shutdown.
 use std::{
+    os::fd::{AsFd as _, OwnedFd},
     sync::{Arc, Mutex, MutexGuard},
     time::{Duration, Instant},
 };
 
 use aya::maps::{MapData, RingBuf};
+use tokio::io::{
+    Interest,
+    unix::{AsyncFd, AsyncFdReadyGuard},
+};
 use tracing::{info, warn};
 
 use super::{
@@ -274,6 +279,25 @@ impl Agent {
         );
     }
 
+    /// A readiness handle on the ring buffer, for the wake-ups the kernel
+    /// sends when a burst fills half of it. Without one (it cannot fail on
+    /// a loaded ring, but if it does) the poll timer alone drains it.
+    fn ring_waker(&self) -> Option<AsyncFd<OwnedFd>> {
+        let registered = self.ring.as_fd().try_clone_to_owned().and_then(|fd| {
+            // SAFETY: an OwnedFd stays open, and the same descriptor, until
+            // the AsyncFd that owns it is dropped.
+            unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }
+                .map_err(std::io::Error::from)
+        });
+        match registered {
+            Ok(fd) => Some(fd),
+            Err(error) => {
+                warn!(%error, "ring buffer wake-ups off: draining on the poll timer only");
+                None
+            }
+        }
+    }
+
     /// Runs until `shutdown` completes, then drains the last events and
     /// detaches every program (by dropping them).
     pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) {
@@ -292,11 +316,21 @@ impl Agent {
         }
         let (stop_api, api_stopped) = tokio::sync::watch::channel(false);
         self.spawn_api(api_stopped);
+        let mut ring_ready = self.ring_waker();
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
                 _ = poll.tick() => { self.poll_events(); }
+                ready = ring_readable(ring_ready.as_ref()) => match ready {
+                    Some(mut guard) => {
+                        // Cleared before draining: an event submitted
+                        // meanwhile wakes the next wait, none is lost.
+                        guard.clear_ready();
+                        self.poll_events();
+                    }
+                    None => ring_ready = None,
+                },
                 _ = refresh.tick() => self.refresh(),
                 _ = rescan.tick() => self.rescan(),
                 _ = summary.tick() => self.log_summary(),
@@ -307,6 +341,15 @@ impl Agent {
         let programs = self.lock().tracer.attached().len();
         drop(self);
         info!(programs, "programs detached; memtrace stopped");
+    }
+}
+
+/// Waits until the kernel wakes the ring buffer's readers (half of it
+/// unread); with no waker, forever (the poll timer drains it).
+async fn ring_readable(fd: Option<&AsyncFd<OwnedFd>>) -> Option<AsyncFdReadyGuard<'_, OwnedFd>> {
+    match fd {
+        Some(fd) => fd.readable().await.ok(),
+        None => std::future::pending().await,
     }
 }
 

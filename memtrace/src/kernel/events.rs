@@ -1,7 +1,7 @@
 //! Decoding the kernel's ring-buffer records.
 use memtrace_common::{
-    EVENT_EXEC, EVENT_EXIT, EVENT_FORK, EVENT_REQUEST, EVENT_RSS, ProcessEvent, RequestEvent,
-    RssEvent,
+    EVENT_EXEC, EVENT_EXIT, EVENT_FORK, EVENT_REQUEST, EVENT_REQUEST_SHORT, EVENT_RSS,
+    ProcessEvent, REQUEST_SHORT_BYTES, RequestEvent, RssEvent,
 };
 
 /// A decoded kernel event. Process events (over 400 bytes, and rare) are
@@ -43,8 +43,28 @@ pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
         EVENT_EXIT => KernelEvent::Exit(Box::new(read(bytes)?)),
         EVENT_RSS => KernelEvent::Rss(read(bytes)?),
         EVENT_REQUEST => KernelEvent::Request(read(bytes)?),
+        EVENT_REQUEST_SHORT => KernelEvent::Request(read_short_request(bytes)?),
         other => return Err(DecodeError::UnknownKind(other)),
     })
+}
+
+/// A request record without its line: the head of a `RequestEvent`, whose
+/// line reads as none.
+fn read_short_request(bytes: &[u8]) -> Result<RequestEvent, DecodeError> {
+    let head = bytes
+        .get(..REQUEST_SHORT_BYTES)
+        .ok_or(DecodeError::Short(bytes.len()))?;
+    let mut ev = RequestEvent::default();
+    // SAFETY: RequestEvent is a plain #[repr(C)] integer struct; the head is
+    // its first REQUEST_SHORT_BYTES bytes, any bit pattern valid.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            head.as_ptr(),
+            (&raw mut ev).cast::<u8>(),
+            REQUEST_SHORT_BYTES,
+        );
+    }
+    Ok(ev)
 }
 
 /// A NUL-terminated kernel string as UTF-8 (lossy).
@@ -80,6 +100,34 @@ mod tests {
             }
             other => panic!("decoded {other:?}"),
         }
+    }
+
+    #[test]
+    fn decodes_a_short_request_event_with_no_line() {
+        let ev = RequestEvent {
+            kind: EVENT_REQUEST_SHORT,
+            tgid: 9,
+            seq: 4,
+            rss_after: [1, 2, 3, 4],
+            brk_shrink_bytes: 4096,
+            ..Default::default()
+        };
+        let mut bytes = as_bytes(&ev);
+        // Whatever follows the head in the ring buffer is not read.
+        bytes.truncate(REQUEST_SHORT_BYTES);
+        bytes.extend_from_slice(&[0xAA; 16]);
+        match decode(&bytes).unwrap() {
+            KernelEvent::Request(r) => {
+                assert_eq!((r.kind, r.tgid, r.seq), (EVENT_REQUEST_SHORT, 9, 4));
+                assert_eq!((r.rss_after, r.brk_shrink_bytes), ([1, 2, 3, 4], 4096));
+                assert_eq!((r.line.state, r.line.len), (memtrace_common::LINE_NONE, 0));
+            }
+            other => panic!("decoded {other:?}"),
+        }
+        assert_eq!(
+            decode(&bytes[..REQUEST_SHORT_BYTES - 1]).unwrap_err(),
+            DecodeError::Short(REQUEST_SHORT_BYTES - 1)
+        );
     }
 
     #[test]

@@ -352,6 +352,7 @@ impl Tracer {
             http_paths: u32::from(options.http_paths),
             task_fsbase,
             py_frames,
+            ring_wake_bytes: ring / 2,
             layout,
         };
         let mut ebpf = EbpfLoader::new()
