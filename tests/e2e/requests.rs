@@ -118,6 +118,26 @@ fn uprobe_in_a_shared_library_counts_requests_and_their_leaks() {
     assert_eq!(agent.with(|s| s.tracer.counters().ringbuf_drops), 0);
 }
 
+/// A burst fills the ring buffer faster than the agent's timer drains it:
+/// past half of it, events wake the agent, and no request is lost. Here a
+/// 64 KiB ring drained every 2 s: the burst's 3000 request events (over
+/// 400 KiB, in well under 2 s) overflow it unless the wake-ups drain it.
+#[test]
+fn a_burst_wakes_the_agent_before_the_ring_buffer_overflows() {
+    let _serial = serial();
+    let mut s = settings("leaky_server", handler_fn());
+    s.load.ring_buffer_bytes = 64 << 10;
+    s.poll_interval = Duration::from_secs(2);
+    s.refresh_interval = Duration::from_secs(60);
+    s.rescan_interval = Duration::from_secs(60);
+    let agent = AgentHarness::start(s);
+    let server = leaky_server(2, 0);
+    let n = 3000;
+    drive(server.port, "/", n, 3);
+    assert_counted_exactly(&agent, &server.workers, n as u64);
+    assert_eq!(agent.with(|s| s.tracer.counters().ringbuf_drops), 0);
+}
+
 /// The last `n` requests overall: per worker, the newest ones, split the way
 /// the workers actually served them (their request counts since `n` ago).
 fn recent_deltas(agent: &AgentHarness, pids: &[u32], n: usize) -> Vec<i64> {
