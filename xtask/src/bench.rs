@@ -2,8 +2,9 @@
 //! machine and written to BENCHMARKS.md with the machine, kernel and date.
 //!
 //! Every comparison is a ratio of runs made in the same invocation,
-//! interleaved (off, on, off, on, ...) and summarised by the median: these
-//! machines are shared and noisy, absolute numbers drift between runs.
+//! interleaved (off, on, off, on, ...) and summarised by the median of the
+//! per-round ratios: these machines are shared and noisy, absolute numbers
+//! drift between runs and within one.
 use std::{
     fmt::Write as _,
     io::{BufRead as _, BufReader, Read as _, Write as _},
@@ -338,6 +339,35 @@ fn median(v: &mut [f64]) -> f64 {
     if v.is_empty() { 0.0 } else { v[v.len() / 2] }
 }
 
+/// The median of per-round ratios `on[i] / off[i]`. A round's runs are
+/// seconds apart, while the machine's speed drifts over minutes (runs of
+/// "off" spread by half within one invocation): pairing cancels the drift,
+/// where a ratio of medians would set a fast round against a slow one.
+fn paired_ratio(on: &[f64], off: &[f64]) -> f64 {
+    let mut ratios: Vec<f64> = on
+        .iter()
+        .zip(off)
+        .filter(|(_, off)| **off > 0.0)
+        .map(|(on, off)| on / off)
+        .collect();
+    median(&mut ratios)
+}
+
+/// One configuration's requests per second, in round order.
+struct ModeRuns {
+    mode: Mode,
+    rps: Vec<f64>,
+}
+
+impl ModeRuns {
+    /// Its paired ratio to the first configuration of `all` (off).
+    fn ratio(all: &[ModeRuns], mode: Mode) -> f64 {
+        all.iter()
+            .find(|r| r.mode == mode)
+            .map_or(0.0, |r| paired_ratio(&r.rps, &all[0].rps))
+    }
+}
+
 /// One server under test: how to start it and load it.
 struct Target<'a> {
     name: &'static str,
@@ -449,7 +479,7 @@ fn throughput(
     t: &Target,
     modes: &[Mode],
     opts: &BenchOptions,
-) -> Result<Vec<(Mode, f64, Vec<f64>)>> {
+) -> Result<Vec<ModeRuns>> {
     let mut runs: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
     for round in 0..opts.rounds {
         for (i, &mode) in modes.iter().enumerate() {
@@ -490,30 +520,27 @@ fn throughput(
     Ok(modes
         .iter()
         .zip(runs)
-        .map(|(&m, mut v)| {
-            (m, median(&mut v.clone()), {
-                v.sort_by(f64::total_cmp);
-                v
-            })
-        })
+        .map(|(&mode, rps)| ModeRuns { mode, rps })
         .collect())
 }
 
-fn throughput_table(out: &mut String, results: &[(Mode, f64, Vec<f64>)]) {
-    let base = results[0].1;
+/// Median req/s, the runs in round order, and the median of the per-round
+/// ratios to off.
+fn throughput_table(out: &mut String, results: &[ModeRuns]) {
     let _ = writeln!(
         out,
-        "| configuration | median req/s | runs | ratio to off |"
+        "| configuration | median req/s | runs, in round order | ratio to off (median of rounds) |"
     );
     let _ = writeln!(out, "|---|---:|---|---:|");
-    for (mode, med, runs) in results {
-        let runs: Vec<String> = runs.iter().map(|r| format!("{r:.0}")).collect();
+    for r in results {
+        let runs: Vec<String> = r.rps.iter().map(|v| format!("{v:.0}")).collect();
         let _ = writeln!(
             out,
-            "| {} | {med:.0} | {} | {:.3} |",
-            mode.label(),
+            "| {} | {:.0} | {} | {:.3} |",
+            r.mode.label(),
+            median(&mut r.rps.clone()),
             runs.join(", "),
-            med / base
+            ModeRuns::ratio(results, r.mode)
         );
     }
 }
@@ -534,11 +561,7 @@ fn leaky_server(fixtures: &Path, port: u16) -> Result<Proc> {
 /// 1b. Uprobe mode on the fixture against the kernel's own uprobes with no
 /// BPF program: what memtrace adds over the traps it cannot avoid. More
 /// rounds than table 1 (three modes only), as for nginx.
-fn uprobe_floor(
-    paths: &Paths,
-    opts: &BenchOptions,
-    md: &mut String,
-) -> Result<Vec<(Mode, f64, Vec<f64>)>> {
+fn uprobe_floor(paths: &Paths, opts: &BenchOptions, md: &mut String) -> Result<Vec<ModeRuns>> {
     eprintln!("uprobe mode against bare uprobes:");
     let fx = paths.fixtures.clone();
     let leaky = move |port: u16| leaky_server(&fx, port);
@@ -817,8 +840,9 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
     let _ = writeln!(
         md,
         "Reproduce with `sudo -E cargo xtask bench` (it writes its tables to BENCHMARKS.tmp.md; `--rounds`, `--seconds` and `--soak-minutes` change the run). \
-         Ratios compare runs of the same invocation, interleaved off/on and summarised by the median of {} rounds of {} s; \
-         the machine is shared and noisy, so absolute numbers move between runs and ratios within about ±3%.\n",
+         Ratios compare runs of the same invocation, interleaved off/on in {} rounds of {} s: each ratio is the median over rounds \
+         of a run against the off run of its own round, so that the machine's drift over minutes cancels; the machine is shared and noisy, \
+         so absolute numbers move between runs and ratios within about ±3%.\n",
         opts.rounds, opts.seconds
     );
 
@@ -1128,9 +1152,7 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
     }
 
     let _ = writeln!(md, "\n## Targets\n");
-    let ratio = |r: &[(Mode, f64, Vec<f64>)], m: Mode| {
-        r.iter().find(|x| x.0 == m).map_or(0.0, |x| x.1 / r[0].1)
-    };
+    let ratio = ModeRuns::ratio;
     let _ = writeln!(
         md,
         "- Steady-state throughput ratio ≥ 0.98 at ≥ 10k req/s: fixture {:.3} (no request boundaries), {:.3} (accept), {:.3} (socket), {:.3} (uprobe); gunicorn {:.3} / {:.3} / {:.3}.",
@@ -1607,4 +1629,25 @@ fn python_bench(paths: &Paths, opts: &BenchOptions, md: &mut String) -> Result<(
         let _ = writeln!(md);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::paired_ratio;
+
+    #[test]
+    fn paired_ratio_cancels_the_machines_drift() {
+        // Every "on" run is 10% slower than the "off" run of its round; the
+        // machine halves its speed from round 3 on ("off" of round 3 just
+        // before it does). The ratio of medians would say 0.45.
+        let off = [100.0, 100.0, 100.0, 50.0, 50.0];
+        let on = [90.0, 90.0, 45.0, 45.0, 45.0];
+        assert!((paired_ratio(&on, &off) - 0.9).abs() < 1e-9);
+    }
+
+    #[test]
+    fn paired_ratio_skips_failed_off_runs() {
+        assert!((paired_ratio(&[80.0, 5.0, 80.0], &[100.0, 0.0, 100.0]) - 0.8).abs() < 1e-9);
+        assert_eq!(paired_ratio(&[], &[]), 0.0);
+    }
 }
