@@ -1611,19 +1611,21 @@ fn python_bench(paths: &Paths, opts: &BenchOptions, md: &mut String) -> Result<(
                 drop(server);
             }
         }
-        let base = median(&mut runs[0].clone());
         let _ = writeln!(md, "{name}:\n");
-        let _ = writeln!(md, "| configuration | median req/s | runs | ratio to off |");
+        let _ = writeln!(
+            md,
+            "| configuration | median req/s | runs, in round order | ratio to off (median of rounds) |"
+        );
         let _ = writeln!(md, "|---|---:|---|---:|");
-        for (config, mut v) in PY_CONFIGS.iter().zip(runs) {
-            let med = median(&mut v);
+        for (config, v) in PY_CONFIGS.iter().zip(&runs) {
             let shown: Vec<String> = v.iter().map(|r| format!("{r:.0}")).collect();
             let _ = writeln!(
                 md,
-                "| {} | {med:.0} | {} | {:.3} |",
+                "| {} | {:.0} | {} | {:.3} |",
                 config.label,
+                median(&mut v.clone()),
                 shown.join(", "),
-                med / base
+                paired_ratio(v, &runs[0])
             );
         }
         let _ = writeln!(md);
