@@ -206,23 +206,11 @@ fn gunicorn_debian_python_311_sites_match_tracemalloc() {
 /// uWSGI with one worker serving the fixture: its port and its master.
 fn fixture_uwsgi() -> (u16, Proc) {
     let port = free_port();
-    let server = Proc::spawn(
-        Command::new("uwsgi")
-            .args([
-                "--plugin",
-                "python3",
-                "--master",
-                "--need-app",
-                "--die-on-term",
-            ])
-            .args(["--workers", "1"])
-            .arg("--chdir")
-            .arg(Fixtures::source(""))
-            .args(["--wsgi-file", "pyleak_app.py", "--callable", "app"])
-            .arg("--http-socket")
-            .arg(format!("127.0.0.1:{port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()),
+    let server = uwsgi_app(
+        port,
+        "pyleak_app.py",
+        &["--workers", "1", "--http-socket"],
+        0,
     );
     assert!(wait_port(port, Duration::from_secs(20)));
     (port, server)

@@ -577,6 +577,12 @@ pub fn gunicorn(port: u16, workers: usize, leak_bytes: u64) -> Proc {
 /// socket option (`--http-socket`, or `--http11-socket` for keep-alive),
 /// which must come last (the address follows it).
 pub fn uwsgi(port: u16, args: &[&str], leak_bytes: u64) -> Proc {
+    uwsgi_app(port, "wsgi_app.py", args, leak_bytes)
+}
+
+/// uWSGI serving `app` (a fixture in `tests/fixtures`, callable `app`);
+/// `args` end with the socket option whose address follows.
+pub fn uwsgi_app(port: u16, app: &str, args: &[&str], leak_bytes: u64) -> Proc {
     Proc::spawn(
         Command::new("uwsgi")
             .args([
@@ -589,7 +595,7 @@ pub fn uwsgi(port: u16, args: &[&str], leak_bytes: u64) -> Proc {
             .args(["--worker-reload-mercy", "10"])
             .arg("--chdir")
             .arg(Fixtures::source(""))
-            .args(["--wsgi-file", "wsgi_app.py", "--callable", "app"])
+            .args(["--wsgi-file", app, "--callable", "app"])
             .args(args)
             .arg(format!("127.0.0.1:{port}"))
             .env("LEAK_BYTES", leak_bytes.to_string())

@@ -679,30 +679,55 @@ mod tests {
         }
     }
 
+    /// A Python child running `code`, which prints `ready` once set up;
+    /// killed on drop.
+    struct ChildPython(std::process::Child);
+
+    impl ChildPython {
+        fn spawn(python: &Path, code: &str) -> Self {
+            let mut child = std::process::Command::new(python)
+                .args(["-c", code])
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap_or_else(|e| panic!("{}: {e}", python.display()));
+            let mut line = String::new();
+            std::io::BufRead::read_line(
+                &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+                &mut line,
+            )
+            .unwrap();
+            assert_eq!(line.trim(), "ready", "{}", python.display());
+            Self(child)
+        }
+
+        fn pid(&self) -> u32 {
+            self.0.id()
+        }
+    }
+
+    impl Drop for ChildPython {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
     #[test]
     fn reads_the_gc_of_a_child_python() {
         let python = Path::new("/usr/bin/python3.11");
         if !python.exists() {
             return;
         }
-        let mut child = std::process::Command::new(python)
-            .args(["-c", "import gc, time; gc.collect(); gc.collect(); print('ready', flush=True); time.sleep(30)"])
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
-            &mut line,
-        )
-        .unwrap();
-        let pid = child.id();
+        let child = ChildPython::spawn(
+            python,
+            "import gc, time; gc.collect(); gc.collect(); print('ready', flush=True); time.sleep(30)",
+        );
+        let pid = child.pid();
         let mut builds = PythonBuilds::default();
         let py = builds.of_process(pid, true).expect("python found");
         let runtime = runtime_address(pid, &py);
         let gc = runtime.and_then(|r| builds.gc_stats(pid, &py, r));
-        let _ = child.kill();
-        let _ = child.wait();
+        drop(child);
         let gc = gc.unwrap_or_else(|| panic!("{py:?} at {runtime:x?}"));
         assert_eq!(gc.thresholds, [700, 10, 10]);
         assert_eq!(gc.collections[2], 2, "{gc:?}");
@@ -745,27 +770,16 @@ mod tests {
     /// A live interpreter's frames set-up: the thread-state key, the code
     /// layout, and whether its object allocator can be probed.
     fn frames_of(python: &Path) -> (PythonRuntime, PythonFrames) {
-        let mut child = std::process::Command::new(python)
-            .args([
-                "-c",
-                "import time; print('ready', flush=True); time.sleep(30)",
-            ])
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("{}: {e}", python.display()));
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
-            &mut line,
-        )
-        .unwrap();
-        let pid = child.id();
+        let child = ChildPython::spawn(
+            python,
+            "import time; print('ready', flush=True); time.sleep(30)",
+        );
+        let pid = child.pid();
         let mut builds = PythonBuilds::default();
         let py = builds.of_process(pid, true).expect("python found");
         let runtime = runtime_address(pid, &py).expect("_PyRuntime mapped");
         let frames = builds.frames(pid, &py, runtime);
-        let _ = child.kill();
-        let _ = child.wait();
+        drop(child);
         (
             py.clone(),
             frames
