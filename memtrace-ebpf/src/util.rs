@@ -19,8 +19,8 @@ const RB_FORCE_WAKEUP: u64 = 2;
 const RB_AVAIL_DATA: u64 = 0;
 
 /// Flags to submit an event with: no wake-up while the agent's timer keeps
-/// up, a wake-up once half the ring is unread (a burst), so that a ring
-/// small enough to stay in cache does not overflow.
+/// up, a wake-up once half the ring is unread, so that a burst faster than
+/// the timer does not overflow the ring.
 #[inline(always)]
 pub fn submit_flags() -> u64 {
     if EVENTS.query(RB_AVAIL_DATA) > u64::from(CONFIG.load().ring_wake_bytes) {
