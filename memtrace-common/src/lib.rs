@@ -648,8 +648,8 @@ const _: () = {
     assert!(core::mem::size_of::<ConnState>() == 6 * 4 + 88 + 8 + LINE_CAP);
     // The line's bytes are zeroed and read as u64 words.
     assert!(core::mem::offset_of!(ConnState, line) % 8 == 0);
-    // Copied into the event a word at a time.
-    // and a short record is a whole number of words.
+    // Copied into the event a word at a time, and a short record is a whole
+    // number of words.
     assert!(core::mem::offset_of!(RequestEvent, line) % 8 == 0);
     assert!(core::mem::offset_of!(RequestEvent, rss_before) % 8 == 0);
     assert!(REQUEST_SHORT_BYTES == 24 + 24 + 64 + 40);

@@ -242,14 +242,10 @@ fn begin_conn(sk: u64, cur: &Current, ret: i32, existing: Option<*mut ConnState>
             c.line.state = LINE_NONE;
             c.line.len = 0;
         }
-        if existing.is_none() {
-            c.phase = CONN_READ;
-            if CONNS.insert(&sk, c, 0).is_err() {
-                count(memtrace_common::CTR_CONNS_FULL);
-                return None;
-            }
-        } else {
-            c.phase = CONN_READ;
+        c.phase = CONN_READ;
+        if existing.is_none() && CONNS.insert(&sk, c, 0).is_err() {
+            count(memtrace_common::CTR_CONNS_FULL);
+            return None;
         }
         atomic_add(&raw mut (*stats).requests_started, 1);
         t.req_fd = sk as i64;
