@@ -206,7 +206,7 @@ SETTINGS = [
     ("log-level", "MEMTRACE_LOG_LEVEL", "str", "info"),
     ("summary-interval-secs", "MEMTRACE_SUMMARY_INTERVAL_SECS", "int:0:", 30),
     ("ring-buffer-bytes", "MEMTRACE_RING_BUFFER_BYTES", "pow2", 4194304),
-    ("poll-interval-ms", "MEMTRACE_POLL_INTERVAL_MS", "int:1:1000", 10),
+    ("poll-interval-ms", "MEMTRACE_POLL_INTERVAL_MS", "int:1:1000", 100),
     ("rss-step-bytes", "MEMTRACE_RSS_STEP_BYTES", "int:1:", 262144),
     ("refresh-interval-ms", "MEMTRACE_REFRESH_INTERVAL_MS", "int:10:60000", 1000),
     ("rescan-interval-secs", "MEMTRACE_RESCAN_INTERVAL_SECS", "int:1:3600", 5),

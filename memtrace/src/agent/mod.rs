@@ -21,5 +21,8 @@ pub mod views;
 
 pub use background::BackgroundAgent;
 pub use run::{Agent, AgentError};
-pub use settings::{AgentSettings, DEFAULT_TIMED_SLOPE_MB_PER_HOUR, DEFAULT_WARMUP_REQUESTS};
+pub use settings::{
+    AgentSettings, DEFAULT_POLL_INTERVAL_MS, DEFAULT_TIMED_SLOPE_MB_PER_HOUR,
+    DEFAULT_WARMUP_REQUESTS,
+};
 pub use state::{AgentCounters, SharedState, State};

@@ -49,7 +49,7 @@ impl Default for AgentSettings {
             load: LoadOptions::default(),
             mount_tracefs: true,
             native_frames: false,
-            poll_interval: Duration::from_millis(10),
+            poll_interval: Duration::from_millis(DEFAULT_POLL_INTERVAL_MS),
             refresh_interval: Duration::from_secs(1),
             rescan_interval: Duration::from_secs(5),
             summary_interval: Duration::from_secs(30),
@@ -71,6 +71,12 @@ impl Default for AgentSettings {
         }
     }
 }
+
+/// Milliseconds between ring-buffer drains. Bursts do not wait for it (the
+/// kernel wakes the agent once half the ring is unread), so it only bounds
+/// how stale a quiet worker's requests can be; every drain is a wake-up of
+/// the agent, 10 a second at this value.
+pub const DEFAULT_POLL_INTERVAL_MS: u64 = 100;
 
 /// Requests a new worker serves before its trend is judged (imports,
 /// caches filling): the plan judged from the first request.

@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use super::logging::LogFormat;
 use crate::{
-    agent::{AgentSettings, DEFAULT_TIMED_SLOPE_MB_PER_HOUR},
+    agent::{AgentSettings, DEFAULT_POLL_INTERVAL_MS, DEFAULT_TIMED_SLOPE_MB_PER_HOUR},
     judge::{
         detector::DetectorConfig,
         softlimit::{
@@ -416,7 +416,7 @@ pub struct AgentArgs {
     )]
     pub ring_buffer_bytes: Option<u32>,
 
-    /// Milliseconds between ring-buffer drains (1..=1000) [default: 10].
+    /// Milliseconds between ring-buffer drains (1..=1000) [default: 100].
     #[arg(long, env = "MEMTRACE_POLL_INTERVAL_MS", value_name = "MS", value_parser = clap::value_parser!(u64).range(1..=1000), help_heading = "Kernel")]
     pub poll_interval_ms: Option<u64>,
 
@@ -771,7 +771,7 @@ impl AgentArgs {
                 format!("{ring_buffer_bytes} is not a power of two of at least 4096"),
             ));
         }
-        let poll_ms = self.poll_interval_ms.unwrap_or(10);
+        let poll_ms = self.poll_interval_ms.unwrap_or(DEFAULT_POLL_INTERVAL_MS);
         if !(1..=1000).contains(&poll_ms) {
             return Err(invalid("--poll-interval-ms", "must be 1..=1000"));
         }
