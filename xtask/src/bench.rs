@@ -1051,7 +1051,7 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
     let _ = writeln!(
         md,
         "`tests/fixtures/request_loop RATE 5` calls `handle_request` (uprobe + uretprobe, one summary event each) at a paced rate, \
-         no network; default ring buffer (4 MiB) and poll interval (10 ms).\n"
+         no network; default ring buffer (4 MiB) and poll interval (100 ms).\n"
     );
     let _ = writeln!(
         md,
