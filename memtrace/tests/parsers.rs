@@ -1257,7 +1257,10 @@ proptest! {
         let set = &r.settings;
         prop_assert_eq!(&set.selectors.names, &s.names);
         prop_assert_eq!(&set.selectors.pids, &s.pids);
-        prop_assert_eq!(set.poll_interval, Duration::from_millis(s.poll_ms.unwrap_or(memtrace::agent::DEFAULT_POLL_INTERVAL_MS)));
+        prop_assert_eq!(
+            set.poll_interval,
+            Duration::from_millis(s.poll_ms.unwrap_or(memtrace::agent::DEFAULT_POLL_INTERVAL_MS))
+        );
         prop_assert_eq!(
             set.load.ring_buffer_bytes,
             s.ring_shift.map_or(memtrace_common::DEFAULT_RING_BYTES, |k| 1 << k)

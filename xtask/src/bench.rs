@@ -524,23 +524,33 @@ fn throughput(
         .collect())
 }
 
-/// Median req/s, the runs in round order, and the median of the per-round
-/// ratios to off.
 fn throughput_table(out: &mut String, results: &[ModeRuns]) {
+    let rows: Vec<(&str, &[f64])> = results
+        .iter()
+        .map(|r| (r.mode.label(), r.rps.as_slice()))
+        .collect();
+    runs_table(out, &rows);
+}
+
+/// One row per configuration, the first being off: its median req/s, its
+/// runs in round order, and the median of its per-round ratios to off.
+fn runs_table(out: &mut String, rows: &[(&str, &[f64])]) {
     let _ = writeln!(
         out,
         "| configuration | median req/s | runs, in round order | ratio to off (median of rounds) |"
     );
     let _ = writeln!(out, "|---|---:|---|---:|");
-    for r in results {
-        let runs: Vec<String> = r.rps.iter().map(|v| format!("{v:.0}")).collect();
+    let Some(&(_, off)) = rows.first() else {
+        return;
+    };
+    for &(label, rps) in rows {
+        let runs: Vec<String> = rps.iter().map(|v| format!("{v:.0}")).collect();
         let _ = writeln!(
             out,
-            "| {} | {:.0} | {} | {:.3} |",
-            r.mode.label(),
-            median(&mut r.rps.clone()),
+            "| {label} | {:.0} | {} | {:.3} |",
+            median(&mut rps.to_vec()),
             runs.join(", "),
-            ModeRuns::ratio(results, r.mode)
+            paired_ratio(rps, off)
         );
     }
 }
@@ -1612,22 +1622,12 @@ fn python_bench(paths: &Paths, opts: &BenchOptions, md: &mut String) -> Result<(
             }
         }
         let _ = writeln!(md, "{name}:\n");
-        let _ = writeln!(
-            md,
-            "| configuration | median req/s | runs, in round order | ratio to off (median of rounds) |"
-        );
-        let _ = writeln!(md, "|---|---:|---|---:|");
-        for (config, v) in PY_CONFIGS.iter().zip(&runs) {
-            let shown: Vec<String> = v.iter().map(|r| format!("{r:.0}")).collect();
-            let _ = writeln!(
-                md,
-                "| {} | {:.0} | {} | {:.3} |",
-                config.label,
-                median(&mut v.clone()),
-                shown.join(", "),
-                paired_ratio(v, &runs[0])
-            );
-        }
+        let rows: Vec<(&str, &[f64])> = PY_CONFIGS
+            .iter()
+            .zip(&runs)
+            .map(|(config, v)| (config.label, v.as_slice()))
+            .collect();
+        runs_table(md, &rows);
         let _ = writeln!(md);
     }
     Ok(())
@@ -1635,7 +1635,7 @@ fn python_bench(paths: &Paths, opts: &BenchOptions, md: &mut String) -> Result<(
 
 #[cfg(test)]
 mod tests {
-    use super::paired_ratio;
+    use super::{paired_ratio, runs_table};
 
     #[test]
     fn paired_ratio_cancels_the_machines_drift() {
@@ -1645,6 +1645,18 @@ mod tests {
         let off = [100.0, 100.0, 100.0, 50.0, 50.0];
         let on = [90.0, 90.0, 45.0, 45.0, 45.0];
         assert!((paired_ratio(&on, &off) - 0.9).abs() < 1e-9);
+    }
+
+    #[test]
+    fn runs_table_rows_give_the_median_runs_and_paired_ratio() {
+        let mut out = String::new();
+        let off = [100.0, 50.0, 80.0];
+        let on = [90.0, 45.0, 72.0];
+        runs_table(&mut out, &[("off", &off), ("on", &on)]);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 4, "{out}");
+        assert_eq!(lines[2], "| off | 80 | 100, 50, 80 | 1.000 |");
+        assert_eq!(lines[3], "| on | 72 | 90, 45, 72 | 0.900 |");
     }
 
     #[test]
