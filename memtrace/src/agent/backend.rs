@@ -6,6 +6,7 @@ use std::{
 };
 
 use super::{
+    drain::EventDrain,
     state::{SharedState, State, lock},
     views::{agent_status, worker_status},
 };
@@ -42,6 +43,7 @@ struct Baseline {
 }
 
 pub struct AgentBackend {
+    events: EventDrain,
     state: SharedState,
     baseline: Mutex<Option<Baseline>>,
     symbolizer: SymbolizerService,
@@ -49,16 +51,20 @@ pub struct AgentBackend {
 }
 
 impl AgentBackend {
-    pub fn new(state: SharedState) -> Self {
+    pub fn new(events: EventDrain) -> Self {
         Self {
-            state,
+            state: events.state(),
+            events,
             baseline: Mutex::new(None),
             symbolizer: SymbolizerService::spawn(),
             python: PythonSymbolizer::default(),
         }
     }
 
+    /// The state, with every event the kernel has submitted handled: an
+    /// answer right after a burst of requests includes them.
     fn lock(&self) -> MutexGuard<'_, State> {
+        self.events.drain();
         lock(&self.state)
     }
 

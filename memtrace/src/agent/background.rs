@@ -1,5 +1,6 @@
 //! An agent on a thread of its own, for the demo and the end-to-end tests.
 use super::{
+    drain::EventDrain,
     run::{Agent, AgentError},
     settings::AgentSettings,
     state::{SharedState, State, lock},
@@ -9,6 +10,7 @@ use super::{
 /// demo and the end-to-end tests, which drive a workload meanwhile.
 pub struct BackgroundAgent {
     state: SharedState,
+    events: EventDrain,
     api_addr: Option<std::net::SocketAddr>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -22,6 +24,7 @@ impl BackgroundAgent {
     /// Runs an agent already started.
     pub fn run(agent: Agent) -> Self {
         let state = agent.state();
+        let events = agent.events();
         let api_addr = agent.api_addr();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
@@ -38,6 +41,7 @@ impl BackgroundAgent {
             .expect("spawn the agent thread");
         Self {
             state,
+            events,
             api_addr,
             stop: Some(stop),
             thread: Some(thread),
@@ -52,8 +56,10 @@ impl BackgroundAgent {
         self.api_addr
     }
 
-    /// Runs `f` on the agent's state.
+    /// Runs `f` on the agent's state, with every event the kernel has
+    /// submitted so far handled.
     pub fn with<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
+        self.events.drain();
         f(&mut lock(&self.state))
     }
 

@@ -1,7 +1,8 @@
 //! The running agent: the state shared by its event loop and its API
 //! ([`state`]), what changes that state (kernel `events`, process
 //! `tracking`, `judging`), the loop itself ([`run`], and
-//! [`background`] for a thread of its own), the API's backend over the
+//! [`background`] for a thread of its own), the ring buffer's drain that
+//! the loop and every reader of the state share ([`drain`]), the API's backend over the
 //! state ([`backend`]) and the views it builds ([`views`]), and the
 //! kubelet's pod list ([`kubelet`]).
 //!
@@ -10,6 +11,7 @@
 //! `crate::api::Backend`.
 pub mod backend;
 pub mod background;
+pub mod drain;
 mod events;
 mod judging;
 pub mod kubelet;
@@ -20,6 +22,7 @@ mod tracking;
 pub mod views;
 
 pub use background::BackgroundAgent;
+pub use drain::EventDrain;
 pub use run::{Agent, AgentError};
 pub use settings::{
     AgentSettings, DEFAULT_POLL_INTERVAL_MS, DEFAULT_TIMED_SLOPE_MB_PER_HOUR,

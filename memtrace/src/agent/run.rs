@@ -1,12 +1,11 @@
 //! The agent's life: start (checks, load, first scan), the event loop that
 //! drains the ring buffer and keeps the model fresh, and shutdown.
 use std::{
-    os::fd::{AsFd as _, OwnedFd},
+    os::fd::OwnedFd,
     sync::{Arc, Mutex, MutexGuard},
     time::{Duration, Instant},
 };
 
-use aya::maps::{MapData, RingBuf};
 use tokio::io::{
     Interest,
     unix::{AsyncFd, AsyncFdReadyGuard},
@@ -15,6 +14,7 @@ use tracing::{info, warn};
 
 use super::{
     backend::AgentBackend,
+    drain::EventDrain,
     kubelet::PodWatcher,
     settings::AgentSettings,
     state::{AgentCounters, SharedState, State, lock},
@@ -23,13 +23,12 @@ use crate::{
     api::{ApiState, app},
     judge::softlimit::Enforcer,
     kernel::{
-        events::decode,
         loader::{LoadError, RequestProbes, Tracer},
         preflight::{self, PreflightError},
         tracefs::{Tracefs, TracefsError},
         uprobes::{UprobeTargetError, check_target},
     },
-    model::{cgroups, requests::WallClock, selectors::Selectors, workers::Registry},
+    model::{cgroups, selectors::Selectors, workers::Registry},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -58,7 +57,7 @@ pub enum AgentError {
 
 pub struct Agent {
     state: SharedState,
-    ring: RingBuf<MapData>,
+    events: EventDrain,
     settings: AgentSettings,
     waiting_logged: Option<Instant>,
     api_listener: Option<std::net::TcpListener>,
@@ -123,9 +122,10 @@ impl Agent {
             .kubelet
             .clone()
             .map(|k| PodWatcher::start(k, state.pods.clone()));
+        let state = Arc::new(Mutex::new(state));
         let mut agent = Self {
-            state: Arc::new(Mutex::new(state)),
-            ring,
+            events: EventDrain::new(ring, state.clone()),
+            state,
             settings,
             waiting_logged: None,
             api_listener,
@@ -142,6 +142,12 @@ impl Agent {
 
     pub fn state(&self) -> SharedState {
         self.state.clone()
+    }
+
+    /// A handle that drains the ring into the state, for readers of the
+    /// state that must see every event submitted so far.
+    pub fn events(&self) -> EventDrain {
+        self.events.clone()
     }
 
     /// Where the API listens (the port is known once bound, even for port 0).
@@ -168,7 +174,7 @@ impl Agent {
             debug_endpoints = if token.is_some() { "enabled" } else { "disabled: set MEMTRACE_DEBUG_TOKEN" },
             "API listening"
         );
-        let backend = Arc::new(AgentBackend::new(self.state.clone()));
+        let backend = Arc::new(AgentBackend::new(self.events.clone()));
         let app = app(ApiState::new(backend, token));
         let mut stop = stop;
         tokio::spawn(async move {
@@ -188,31 +194,9 @@ impl Agent {
         lock(&self.state)
     }
 
-    /// Drains the ring buffer; returns how many events were handled. Each
-    /// event is handled as it is read, under one lock and one clock reading
-    /// for the batch: no copy, allocation or clock read per event.
+    /// Drains the ring buffer; returns how many events were handled.
     pub fn poll_events(&mut self) -> usize {
-        let Some(first) = self.ring.next() else {
-            return 0;
-        };
-        let mut state = lock(&self.state);
-        let clock = WallClock::now();
-        let (mut n, mut errors) = (0u64, 0u64);
-        let mut handle = |item: &[u8], state: &mut State| match decode(item) {
-            Ok(ev) => {
-                n += 1;
-                state.handle(ev, &clock);
-            }
-            Err(_) => errors += 1,
-        };
-        handle(&first, &mut state);
-        drop(first);
-        while let Some(item) = self.ring.next() {
-            handle(&item, &mut state);
-        }
-        state.counters.events_received += n;
-        state.counters.decode_errors += errors;
-        n as usize
+        self.events.drain()
     }
 
     /// Reads kernel counters and /proc into the worker model, and notices
@@ -283,7 +267,7 @@ impl Agent {
     /// sends when a burst fills half of it. Without one (it cannot fail on
     /// a loaded ring, but if it does) the poll timer alone drains it.
     fn ring_waker(&self) -> Option<AsyncFd<OwnedFd>> {
-        let registered = self.ring.as_fd().try_clone_to_owned().and_then(|fd| {
+        let registered = self.events.ring_fd().and_then(|fd| {
             // SAFETY: an OwnedFd stays open, and the same descriptor, until
             // the AsyncFd that owns it is dropped.
             unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }
