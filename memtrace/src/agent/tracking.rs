@@ -11,7 +11,7 @@ use crate::{
     kernel::loader::{CollectTier, KernelCounters, PymallocTargets},
     model::{
         cgroups,
-        procinfo::{self, ProcessView},
+        procinfo::{self, FileMappings, ProcessView},
         python::{self, PythonRuntime},
         requests::RequestLog,
         rss::RssBreakdown,
@@ -139,14 +139,16 @@ impl State {
         if let Some(mm) = mm {
             w.apply_mm(&mm);
         }
+        // Read once, if at all, for this refresh's Python set-up.
+        let maps = FileMappings::of(pid);
         if w.python.is_none() && w.python_looks < PYTHON_LOOKS {
             w.python_looks += 1;
             w.python = self
                 .python_builds
-                .of_process(pid, w.python_looks == PYTHON_LOOKS);
+                .of_process(pid, &maps, w.python_looks == PYTHON_LOOKS);
             if let Some(py) = &w.python {
                 log_python(pid, py);
-                w.python_runtime = python::runtime_address(pid, py);
+                w.python_runtime = python::runtime_address(&maps, py);
             }
         }
         if let (Some(py), Some(runtime)) = (&w.python, w.python_runtime)
@@ -161,7 +163,7 @@ impl State {
                 }
             }
         }
-        self.setup_python_frames(pid);
+        self.setup_python_frames(pid, &maps);
         let Some(w) = self.registry.get_mut(pid) else {
             return true;
         };
@@ -177,7 +179,7 @@ impl State {
     /// Lets the kernel read a Python worker's frames (and probe its object
     /// allocator), once its interpreter is initialised; one log line when
     /// that cannot be.
-    fn setup_python_frames(&mut self, pid: u32) {
+    fn setup_python_frames(&mut self, pid: u32, maps: &FileMappings) {
         if !self.tracer.python_frames() {
             return;
         }
@@ -190,7 +192,7 @@ impl State {
         if !py.supported || w.python_frame_tries == u8::MAX {
             return;
         }
-        let found = self.python_builds.frames(pid, py, runtime);
+        let found = self.python_builds.frames(pid, maps, py, runtime);
         let failure = match found {
             Ok(Some(frames)) => {
                 let pymalloc = match &frames.pymalloc {

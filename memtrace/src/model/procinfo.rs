@@ -133,6 +133,67 @@ pub fn heap_end(pid: u32) -> Option<u64> {
         .find_map(|m| matches!(m.pathname, procfs::process::MMapPath::Heap).then_some(m.address.1))
 }
 
+/// A process's file mappings, read from `/proc/PID/maps` on the first
+/// question and kept for the next ones: setting up a new worker asks
+/// several (which interpreter, where it is loaded, its code ranges).
+/// A process that is gone or unreadable has no mappings.
+pub struct FileMappings {
+    pid: u32,
+    maps: std::cell::OnceCell<Vec<procfs::process::MemoryMap>>,
+}
+
+impl FileMappings {
+    pub fn of(pid: u32) -> Self {
+        Self {
+            pid,
+            maps: Default::default(),
+        }
+    }
+
+    /// (start, end, file offset, executable, path) of every mapping of a file.
+    fn files(&self) -> impl Iterator<Item = (u64, u64, u64, bool, &std::path::Path)> {
+        use procfs::process::{MMPermissions, MMapPath};
+        self.maps
+            .get_or_init(|| {
+                Process::new(self.pid as i32)
+                    .and_then(|p| p.maps())
+                    .map(|m| m.0)
+                    .unwrap_or_default()
+            })
+            .iter()
+            .filter_map(|m| match &m.pathname {
+                MMapPath::Path(p) => Some((
+                    m.address.0,
+                    m.address.1,
+                    m.offset,
+                    m.perms.contains(MMPermissions::EXECUTE),
+                    p.as_path(),
+                )),
+                _ => None,
+            })
+    }
+
+    /// The paths of the mapped files, in address order, with repeats.
+    pub fn paths(&self) -> impl Iterator<Item = &std::path::Path> {
+        self.files().map(|(.., path)| path)
+    }
+
+    /// Where the first page of `file` (offset 0) is mapped.
+    pub fn start_of(&self, file: &std::path::Path) -> Option<u64> {
+        self.files()
+            .find(|&(_, _, offset, _, path)| offset == 0 && path == file)
+            .map(|(start, ..)| start)
+    }
+
+    /// The executable mappings of `file`: (start, end, file offset).
+    pub fn code_of(&self, file: &std::path::Path) -> Vec<(u64, u64, u64)> {
+        self.files()
+            .filter(|&(.., exec, path)| exec && path == file)
+            .map(|(start, end, offset, ..)| (start, end, offset))
+            .collect()
+    }
+}
+
 /// Resident and anonymous bytes of one group of mappings in /proc/PID/smaps.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct MappingUsage {
@@ -241,6 +302,27 @@ fn start_time_matches(now: Option<u64>, known: u64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn file_mappings_find_own_code() {
+        let me = std::process::id();
+        let exe = std::fs::read_link("/proc/self/exe").unwrap();
+        let maps = FileMappings::of(me);
+        assert!(maps.paths().any(|p| p == exe));
+        let start = maps.start_of(&exe).expect("first page mapped");
+        let code = maps.code_of(&exe);
+        // This function's own address lies in one of the executable ranges.
+        let here = file_mappings_find_own_code as *const () as usize as u64;
+        assert!(
+            code.iter().any(|&(lo, hi, _)| (lo..hi).contains(&here)),
+            "{here:x} not in {code:x?}"
+        );
+        assert!(code.iter().all(|&(lo, _, _)| lo >= start));
+        // A process that is not there has no mappings, and reading fails soft.
+        let gone = FileMappings::of(u32::MAX >> 1);
+        assert_eq!(gone.paths().count(), 0);
+        assert!(gone.code_of(&exe).is_empty());
+    }
 
     #[test]
     fn reads_own_process() {

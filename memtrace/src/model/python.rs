@@ -16,6 +16,7 @@ use std::{
 use object::{Object as _, ObjectSection as _, ObjectSegment as _, ObjectSymbol as _};
 use serde::Serialize;
 
+use super::procinfo::FileMappings;
 pub use super::pycode::SUPPORTED;
 
 /// One interpreter build, as found in a process.
@@ -80,18 +81,13 @@ pub fn interpreter_file(path: &Path) -> Option<Option<u32>> {
 /// The interpreter ELF a process runs, as it names it: a mapped
 /// `libpython3.X.so` first (embedded interpreters, shared builds), else its
 /// executable when that is a `python3.X`.
-pub fn interpreter_path(pid: u32) -> Option<PathBuf> {
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
-    let mapped = maps
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(5))
-        .map(Path::new)
-        .find(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("libpython3."))
-                && interpreter_file(p).is_some()
-        });
+pub fn interpreter_path(pid: u32, maps: &FileMappings) -> Option<PathBuf> {
+    let mapped = maps.paths().find(|p| {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("libpython3."))
+            && interpreter_file(p).is_some()
+    });
     if let Some(lib) = mapped {
         return Some(lib.to_path_buf());
     }
@@ -193,18 +189,9 @@ pub fn inspect(shown: &Path, open: &Path) -> Result<PythonRuntime, PythonError> 
 
 /// Where `_PyRuntime` is in a process: the load bias of the interpreter ELF
 /// (from the mapping of its first page) plus the symbol's address.
-pub fn runtime_address(pid: u32, py: &PythonRuntime) -> Option<u64> {
+pub fn runtime_address(maps: &FileMappings, py: &PythonRuntime) -> Option<u64> {
     let symbol = py.runtime_symbol?;
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
-    let start = maps.lines().find_map(|l| {
-        let mut f = l.split_whitespace();
-        let range = f.next()?;
-        let offset = f.nth(1)?;
-        let path = f.nth(2)?;
-        (Path::new(path) == py.binary && u64::from_str_radix(offset, 16).ok()? == 0)
-            .then(|| u64::from_str_radix(range.split('-').next()?, 16).ok())
-            .flatten()
-    })?;
+    let start = maps.start_of(&py.binary)?;
     let bias = start.checked_sub(py.first_load & !0xfff)?;
     bias.checked_add(symbol)
 }
@@ -390,31 +377,6 @@ pub fn frame_layout(minor: u32) -> Option<FrameLayout> {
     })
 }
 
-/// Executable mappings of one file in a process: (start, end, file offset).
-fn exec_mappings(pid: u32, binary: &Path) -> Vec<(u64, u64, u64)> {
-    let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
-        return Vec::new();
-    };
-    maps.lines()
-        .filter_map(|l| {
-            let mut f = l.split_whitespace();
-            let range = f.next()?;
-            let perms = f.next()?;
-            let offset = u64::from_str_radix(f.next()?, 16).ok()?;
-            let path = f.nth(2)?;
-            if Path::new(path) != binary || !perms.contains('x') {
-                return None;
-            }
-            let (lo, hi) = range.split_once('-')?;
-            Some((
-                u64::from_str_radix(lo, 16).ok()?,
-                u64::from_str_radix(hi, 16).ok()?,
-                offset,
-            ))
-        })
-        .collect()
-}
-
 /// The object allocator table's four functions in a process (malloc,
 /// calloc, realloc, free), when `at` holds one: each must lie in the
 /// interpreter's code. Returned as (runtime address, file offset).
@@ -490,8 +452,13 @@ impl PythonBuilds {
     /// libpython that the dynamic loader may not have mapped yet (just
     /// after exec): that is no answer until `last_look`, when it is
     /// reported as it is (a stripped build).
-    pub fn of_process(&mut self, pid: u32, last_look: bool) -> Option<PythonRuntime> {
-        let shown = interpreter_path(pid)?;
+    pub fn of_process(
+        &mut self,
+        pid: u32,
+        maps: &FileMappings,
+        last_look: bool,
+    ) -> Option<PythonRuntime> {
+        let shown = interpreter_path(pid, maps)?;
         let relative = shown.strip_prefix("/").unwrap_or(&shown);
         let open = Path::new(&format!("/proc/{pid}/root")).join(relative);
         let meta = std::fs::metadata(&open).ok()?;
@@ -544,6 +511,7 @@ impl PythonBuilds {
     pub fn frames(
         &mut self,
         pid: u32,
+        maps: &FileMappings,
         py: &PythonRuntime,
         runtime: u64,
     ) -> Result<Option<PythonFrames>, String> {
@@ -588,7 +556,7 @@ impl PythonBuilds {
             code_firstlineno: to_u32(code.firstlineno)?,
             _pad: 0,
         };
-        let pymalloc = self.pymalloc(pid, py, runtime, bias, &layout);
+        let pymalloc = self.pymalloc(pid, maps, py, runtime, bias, &layout);
         Ok(Some(PythonFrames {
             info,
             code,
@@ -601,12 +569,13 @@ impl PythonBuilds {
     fn pymalloc(
         &mut self,
         pid: u32,
+        maps: &FileMappings,
         py: &PythonRuntime,
         runtime: u64,
         bias: u64,
         layout: &FrameLayout,
     ) -> Result<[u64; 4], String> {
-        let code = exec_mappings(pid, &py.binary);
+        let code = maps.code_of(&py.binary);
         let mut candidates: Vec<u64> = layout
             .alloc_table
             .map(|t| runtime + t)
@@ -724,8 +693,9 @@ mod tests {
         );
         let pid = child.pid();
         let mut builds = PythonBuilds::default();
-        let py = builds.of_process(pid, true).expect("python found");
-        let runtime = runtime_address(pid, &py);
+        let maps = FileMappings::of(pid);
+        let py = builds.of_process(pid, &maps, true).expect("python found");
+        let runtime = runtime_address(&maps, &py);
         let gc = runtime.and_then(|r| builds.gc_stats(pid, &py, r));
         drop(child);
         let gc = gc.unwrap_or_else(|| panic!("{py:?} at {runtime:x?}"));
@@ -776,9 +746,10 @@ mod tests {
         );
         let pid = child.pid();
         let mut builds = PythonBuilds::default();
-        let py = builds.of_process(pid, true).expect("python found");
-        let runtime = runtime_address(pid, &py).expect("_PyRuntime mapped");
-        let frames = builds.frames(pid, &py, runtime);
+        let maps = FileMappings::of(pid);
+        let py = builds.of_process(pid, &maps, true).expect("python found");
+        let runtime = runtime_address(&maps, &py).expect("_PyRuntime mapped");
+        let frames = builds.frames(pid, &maps, &py, runtime);
         drop(child);
         (
             py.clone(),
