@@ -42,6 +42,8 @@ pub struct BenchOptions {
     pub python_only: bool,
     /// Only uprobe mode against bare kernel uprobes (`uprobe_floor`).
     pub uprobe_only: bool,
+    /// Only getppid of an untraced process (`untraced_syscalls`).
+    pub untraced_only: bool,
 }
 
 /// A child process (and its process group), killed on drop.
@@ -826,6 +828,17 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
         print!("{md}");
         return Ok(());
     }
+    if opts.untraced_only {
+        let rounds = opts.rounds.max(FEW_MODES_ROUNDS);
+        let mut md = format!(
+            "# getppid of an untraced process only ({rounds} rounds; commit {}, {})\n\n",
+            git_commit(),
+            now_utc()
+        );
+        untraced_table(&mut md, &untraced_syscalls(&paths, rounds)?);
+        print!("{md}");
+        return Ok(());
+    }
     if opts.python_only {
         let mut md = format!(
             "# Python sites against tracemalloc only ({} rounds of {} s; commit {})\n",
@@ -965,7 +978,7 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
 
     // 2b. Per-operation costs.
     eprintln!("per-operation costs:");
-    let untraced = untraced_syscalls(&paths, opts.rounds)?;
+    let untraced = untraced_syscalls(&paths, opts.rounds.max(FEW_MODES_ROUNDS))?;
     let micro = micro_costs(&paths, opts.rounds)?;
     python_bench(&paths, opts, &mut md)?;
 
@@ -993,20 +1006,10 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
     let _ = writeln!(
         md,
         "\nA process memtrace does **not** trace (the neighbours on the node), same fixture, interleaved rounds: the agent \
-         in socket mode (the steady state: no syscall tracepoint) and with `--mmap-counters` (syscall tracepoints).\n"
+         in socket mode (the steady state: no syscall tracepoint) and with `--mmap-counters` (syscall tracepoints); {} rounds.\n",
+        untraced[0].len()
     );
-    let _ = writeln!(
-        md,
-        "| getppid, untraced process | ns | ratio of speed to off |"
-    );
-    let _ = writeln!(md, "|---|---:|---:|");
-    for (label, ns) in [
-        ("memtrace off", untraced[0]),
-        ("on, socket mode", untraced[1]),
-        ("on, socket mode + --mmap-counters", untraced[2]),
-    ] {
-        let _ = writeln!(md, "| {label} | {ns:.1} | {:.3} |", untraced[0] / ns);
-    }
+    untraced_table(&mut md, &untraced);
 
     // 2c. The heap tier's probes, per malloc/free.
     eprintln!("heap probe cost:");
@@ -1179,7 +1182,7 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
         "- No cost to the node: getppid of an untraced process at {:.3} of its speed with memtrace on (target ≥ 0.98); \
          nginx traced without request boundaries {:.3} (target ≥ 0.98); uprobe mode on the fixture {:.3} (target ≥ 0.8; table 1b, \
          where bare kernel uprobes alone give {:.3}).",
-        untraced[0] / untraced[1],
+        paired_ratio(&untraced[0], &untraced[1]),
         ratio(&nginx_results, Mode::Steady),
         ratio(&uprobe_results, Mode::Uprobe),
         ratio(&uprobe_results, Mode::BareUprobes)
@@ -1314,7 +1317,9 @@ fn micro_costs(paths: &Paths, rounds: usize) -> Result<Vec<(&'static str, f64, f
 /// ns per getppid(2) of a process memtrace does not trace: memtrace off,
 /// on in socket mode (the steady state), and on with `--mmap-counters`
 /// (syscall tracepoints). Medians of interleaved rounds.
-fn untraced_syscalls(paths: &Paths, rounds: usize) -> Result<[f64; 3]> {
+/// ns per getppid of a process memtrace does not trace, in round order:
+/// memtrace off, on in socket mode, on with `--mmap-counters`.
+fn untraced_syscalls(paths: &Paths, rounds: usize) -> Result<[Vec<f64>; 3]> {
     let configs: [(Mode, &[&str]); 3] = [
         (Mode::Off, &[]),
         (Mode::Socket, &[]),
@@ -1328,13 +1333,38 @@ fn untraced_syscalls(paths: &Paths, rounds: usize) -> Result<[f64; 3]> {
             )?);
         }
     }
-    let [mut off, mut on, mut counters] = v;
-    let row = [median(&mut off), median(&mut on), median(&mut counters)];
     eprintln!(
-        "  untraced getppid: off {:.1} ns, on {:.1} ns, --mmap-counters {:.1} ns",
-        row[0], row[1], row[2]
+        "  untraced getppid: speed ratio to off {:.3} on, {:.3} with --mmap-counters",
+        paired_ratio(&v[0], &v[1]),
+        paired_ratio(&v[0], &v[2])
     );
-    Ok(row)
+    Ok(v)
+}
+
+/// The untraced-getppid table: ns medians, the runs, and each
+/// configuration's speed against the off run of its own round (off ns / on
+/// ns), median over rounds.
+fn untraced_table(out: &mut String, ns: &[Vec<f64>; 3]) {
+    let _ = writeln!(
+        out,
+        "| getppid, untraced process | median ns | runs, in round order | ratio of speed to off (median of rounds) |"
+    );
+    let _ = writeln!(out, "|---|---:|---|---:|");
+    let labels = [
+        "memtrace off",
+        "on, socket mode",
+        "on, socket mode + --mmap-counters",
+    ];
+    for (label, runs) in labels.iter().zip(ns) {
+        let listed: Vec<String> = runs.iter().map(|v| format!("{v:.1}")).collect();
+        let _ = writeln!(
+            out,
+            "| {label} | {:.1} | {} | {:.3} |",
+            median(&mut runs.clone()),
+            listed.join(", "),
+            paired_ratio(&ns[0], runs)
+        );
+    }
 }
 
 /// nginx with 2 workers serving a static file, its config in `dir`.
@@ -1635,7 +1665,7 @@ fn python_bench(paths: &Paths, opts: &BenchOptions, md: &mut String) -> Result<(
 
 #[cfg(test)]
 mod tests {
-    use super::{paired_ratio, runs_table};
+    use super::{paired_ratio, runs_table, untraced_table};
 
     #[test]
     fn paired_ratio_cancels_the_machines_drift() {
@@ -1645,6 +1675,32 @@ mod tests {
         let off = [100.0, 100.0, 100.0, 50.0, 50.0];
         let on = [90.0, 90.0, 45.0, 45.0, 45.0];
         assert!((paired_ratio(&on, &off) - 0.9).abs() < 1e-9);
+    }
+
+    #[test]
+    fn untraced_table_pairs_speed_ratios_by_round() {
+        // "on" costs 2% more ns than off in every round; the machine slows
+        // by half from round 2, which a ratio of medians would take for a
+        // 0.67 on the 3 rounds.
+        let off = vec![100.0, 200.0, 200.0];
+        let on = vec![102.0, 204.0, 204.0];
+        let counters = vec![150.0, 300.0, 300.0];
+        let mut out = String::new();
+        untraced_table(&mut out, &[off, on, counters]);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 5, "{out}");
+        assert_eq!(
+            lines[2],
+            "| memtrace off | 200.0 | 100.0, 200.0, 200.0 | 1.000 |"
+        );
+        assert_eq!(
+            lines[3],
+            "| on, socket mode | 204.0 | 102.0, 204.0, 204.0 | 0.980 |"
+        );
+        assert_eq!(
+            lines[4],
+            "| on, socket mode + --mmap-counters | 300.0 | 150.0, 300.0, 300.0 | 0.667 |"
+        );
     }
 
     #[test]

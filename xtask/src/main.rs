@@ -65,6 +65,10 @@ enum Cmd {
         /// few minutes.
         #[arg(long)]
         uprobe_only: bool,
+        /// Only getppid of a process memtrace does not trace, with memtrace
+        /// off and on, a few minutes.
+        #[arg(long)]
+        untraced_only: bool,
     },
     /// Build in release mode and run memtrace with these arguments.
     Run {
@@ -124,6 +128,7 @@ fn main() -> Result<()> {
             paths_only,
             python_only,
             uprobe_only,
+            untraced_only,
         } => {
             ensure_setup()?;
             bench::bench(&bench::BenchOptions {
@@ -133,6 +138,7 @@ fn main() -> Result<()> {
                 paths_only,
                 python_only,
                 uprobe_only,
+                untraced_only,
             })
         }
         Cmd::Run { args } => {
