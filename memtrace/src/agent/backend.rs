@@ -7,7 +7,7 @@ use std::{
 
 use super::{
     drain::EventDrain,
-    state::{SharedState, State, lock},
+    state::State,
     views::{agent_status, worker_status},
 };
 use crate::{
@@ -44,7 +44,6 @@ struct Baseline {
 
 pub struct AgentBackend {
     events: EventDrain,
-    state: SharedState,
     baseline: Mutex<Option<Baseline>>,
     symbolizer: SymbolizerService,
     python: PythonSymbolizer,
@@ -53,7 +52,6 @@ pub struct AgentBackend {
 impl AgentBackend {
     pub fn new(events: EventDrain) -> Self {
         Self {
-            state: events.state(),
             events,
             baseline: Mutex::new(None),
             symbolizer: SymbolizerService::spawn(),
@@ -64,8 +62,7 @@ impl AgentBackend {
     /// The state, with every event the kernel has submitted handled: an
     /// answer right after a burst of requests includes them.
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.events.drain();
-        lock(&self.state)
+        self.events.current()
     }
 
     fn lock_baseline(&self) -> MutexGuard<'_, Option<Baseline>> {

@@ -3,13 +3,12 @@ use super::{
     drain::EventDrain,
     run::{Agent, AgentError},
     settings::AgentSettings,
-    state::{SharedState, State, lock},
+    state::{SharedState, State},
 };
 
 /// An agent running on a thread of its own, with its own runtime: for the
 /// demo and the end-to-end tests, which drive a workload meanwhile.
 pub struct BackgroundAgent {
-    state: SharedState,
     events: EventDrain,
     api_addr: Option<std::net::SocketAddr>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -23,7 +22,6 @@ impl BackgroundAgent {
 
     /// Runs an agent already started.
     pub fn run(agent: Agent) -> Self {
-        let state = agent.state();
         let events = agent.events();
         let api_addr = agent.api_addr();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -40,7 +38,6 @@ impl BackgroundAgent {
             })
             .expect("spawn the agent thread");
         Self {
-            state,
             events,
             api_addr,
             stop: Some(stop),
@@ -49,7 +46,7 @@ impl BackgroundAgent {
     }
 
     pub fn state(&self) -> SharedState {
-        self.state.clone()
+        self.events.state()
     }
 
     pub fn api_addr(&self) -> Option<std::net::SocketAddr> {
@@ -59,8 +56,7 @@ impl BackgroundAgent {
     /// Runs `f` on the agent's state, with every event the kernel has
     /// submitted so far handled.
     pub fn with<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
-        self.events.drain();
-        f(&mut lock(&self.state))
+        f(&mut self.events.current())
     }
 
     /// Stops the agent and waits until every program is detached.

@@ -4,7 +4,7 @@
 //! and not only those of the last timer tick.
 use std::{
     os::fd::{AsFd as _, OwnedFd},
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, MutexGuard},
 };
 
 use aya::maps::{MapData, RingBuf};
@@ -58,6 +58,13 @@ impl EventDrain {
 
     pub fn state(&self) -> SharedState {
         self.state.clone()
+    }
+
+    /// The state, locked, after a drain: what a reader gets includes every
+    /// event the kernel has submitted so far.
+    pub fn current(&self) -> MutexGuard<'_, State> {
+        self.drain();
+        lock(&self.state)
     }
 
     /// A descriptor of the ring, to wait on its wake-ups.
