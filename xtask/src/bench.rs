@@ -546,15 +546,20 @@ fn runs_table(out: &mut String, rows: &[(&str, &[f64])]) {
         return;
     };
     for &(label, rps) in rows {
-        let runs: Vec<String> = rps.iter().map(|v| format!("{v:.0}")).collect();
-        let _ = writeln!(
-            out,
-            "| {label} | {:.0} | {} | {:.3} |",
-            median(&mut rps.to_vec()),
-            runs.join(", "),
-            paired_ratio(rps, off)
-        );
+        runs_row(out, label, rps, 0, paired_ratio(rps, off));
     }
+}
+
+/// One row of a runs table: the label, the median and the runs in round
+/// order with `decimals` digits, and the row's ratio to off.
+fn runs_row(out: &mut String, label: &str, runs: &[f64], decimals: usize, ratio: f64) {
+    let listed: Vec<String> = runs.iter().map(|v| format!("{v:.decimals$}")).collect();
+    let _ = writeln!(
+        out,
+        "| {label} | {:.decimals$} | {} | {ratio:.3} |",
+        median(&mut runs.to_vec()),
+        listed.join(", "),
+    );
 }
 
 /// The fixture server on `port`, pinned, with `FIXTURE_WORKERS` workers.
@@ -1356,14 +1361,7 @@ fn untraced_table(out: &mut String, ns: &[Vec<f64>; 3]) {
         "on, socket mode + --mmap-counters",
     ];
     for (label, runs) in labels.iter().zip(ns) {
-        let listed: Vec<String> = runs.iter().map(|v| format!("{v:.1}")).collect();
-        let _ = writeln!(
-            out,
-            "| {label} | {:.1} | {} | {:.3} |",
-            median(&mut runs.clone()),
-            listed.join(", "),
-            paired_ratio(&ns[0], runs)
-        );
+        runs_row(out, label, runs, 1, paired_ratio(&ns[0], runs));
     }
 }
 
