@@ -37,6 +37,12 @@ const PACKAGES: &[(&str, &str)] = &[
     ("bpftool", "bpftool"),
     // `go tool pprof` reads the pprof profiles in the profile tests.
     ("go", "golang-go"),
+    // `cargo xtask matrix` boots Debian kernels with virtme-ng, which runs
+    // QEMU, puts a static busybox in the initramfs and runs depmod on the
+    // extracted modules.
+    ("qemu-system-x86_64", "qemu-system-x86"),
+    ("/bin/busybox", "busybox-static"),
+    ("/sbin/depmod", "kmod"),
 ];
 
 pub struct SetupOptions {
