@@ -6,7 +6,8 @@ use aya_ebpf::{
     EbpfContext as _,
     bindings::BPF_NOEXIST,
     helpers::{
-        bpf_get_current_ancestor_cgroup_id, bpf_get_current_comm, bpf_probe_read_kernel_str_bytes,
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_comm, bpf_get_current_task,
+        bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes,
     },
     macros::tracepoint,
     programs::TracePointContext,
@@ -20,7 +21,7 @@ use memtrace_common::{
 use crate::{
     maps::{CONFIG, EVENTS, PROCS, SELECTOR_CGROUPS, SELECTOR_COMMS, THREADS},
     probes::request::end_request,
-    util::{count, current, field, now_ns, proc_rss, submit_flags, watched},
+    util::{Current, count, current, field, now_ns, proc_rss, submit_flags, watched},
 };
 
 const CLONE_THREAD: u64 = 0x0001_0000;
@@ -209,13 +210,61 @@ fn in_selected_cgroup(filter: u32) -> bool {
     false
 }
 
+/// How a kernel tells that an exiting thread is the last of its process:
+/// sched_process_exit fires once per thread. One program variant each; the
+/// agent loads the one this kernel can serve.
+#[derive(Clone, Copy)]
+enum LastThread {
+    /// The tracepoint's own `group_dead` field (Linux 6.16 and later).
+    GroupDead,
+    /// `task->signal->live` has dropped to 0: do_exit decrements it before
+    /// the tracepoint fires (offsets from the kernel's BTF).
+    SignalLive,
+    /// No BTF either: the thread-group leader's exit. A process whose main
+    /// thread exits before the others is seen gone early.
+    Leader,
+}
+
 #[tracepoint]
 pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
-    let _ = try_sched_process_exit(&ctx);
+    let _ = try_sched_process_exit(&ctx, LastThread::GroupDead);
     0
 }
 
-fn try_sched_process_exit(ctx: &TracePointContext) -> Result<(), i64> {
+#[tracepoint]
+pub fn sched_process_exit_live(ctx: TracePointContext) -> u32 {
+    let _ = try_sched_process_exit(&ctx, LastThread::SignalLive);
+    0
+}
+
+#[tracepoint]
+pub fn sched_process_exit_leader(ctx: TracePointContext) -> u32 {
+    let _ = try_sched_process_exit(&ctx, LastThread::Leader);
+    0
+}
+
+#[inline(always)]
+fn is_last_thread(ctx: &TracePointContext, how: LastThread, cur: &Current) -> Result<bool, i64> {
+    let config = CONFIG.load();
+    Ok(match how {
+        LastThread::GroupDead => field::<u8>(ctx, config.layout.exit_group_dead)? != 0,
+        LastThread::SignalLive => {
+            // SAFETY: fault-safe reads of the current task and its signal
+            // struct, at offsets from this kernel's BTF.
+            let live: i32 = unsafe {
+                let task = bpf_get_current_task() as *const u8;
+                let signal: u64 =
+                    bpf_probe_read_kernel(task.add(config.task_signal as usize) as *const u64)?;
+                bpf_probe_read_kernel((signal + u64::from(config.signal_live)) as *const i32)?
+            };
+            live == 0
+        }
+        LastThread::Leader => cur.tid == cur.tgid,
+    })
+}
+
+#[inline(always)]
+fn try_sched_process_exit(ctx: &TracePointContext, how: LastThread) -> Result<(), i64> {
     let cur = current();
     let Some(stats) = watched(cur.tgid) else {
         return Ok(());
@@ -226,13 +275,16 @@ fn try_sched_process_exit(ctx: &TracePointContext) -> Result<(), i64> {
         end_request(cur.tgid, cur.tid, REQUEST_ABORTED, true);
         let _ = THREADS.remove(cur.tid);
     }
-    let layout = CONFIG.load().layout;
-    let group_dead: u8 = field(ctx, layout.exit_group_dead)?;
-    if group_dead == 0 {
+    if !is_last_thread(ctx, how, &cur)? {
         return Ok(());
     }
     // SAFETY: pointer from a map lookup; copied before the entry is removed.
     let final_stats = unsafe { *stats };
+    // Whoever removes the entry reports the exit: with `signal->live`, two
+    // threads exiting at once can both read 0.
+    if PROCS.remove(cur.tgid).is_err() {
+        return Ok(());
+    }
     let comm = bpf_get_current_comm().map_err(|e| e as i64)?;
     emit_process(
         ctx,
@@ -243,6 +295,5 @@ fn try_sched_process_exit(ctx: &TracePointContext) -> Result<(), i64> {
         comm,
         Extra::Final(final_stats),
     );
-    let _ = PROCS.remove(cur.tgid);
     Ok(())
 }

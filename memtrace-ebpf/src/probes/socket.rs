@@ -8,8 +8,14 @@
 //! when the thread that read it reads another connection (threaded servers
 //! hand connections between threads). A thread that reads a second request
 //! while its first is still being read is interleaving (async servers): both
-//! are counted, their memory deltas marked as shared.
-use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
+//! are counted, their memory deltas marked as shared. Kernels before 6.3
+//! have no such tracepoints: fexit programs on `tcp_recvmsg` and
+//! `tcp_sendmsg` take their place, with the same body.
+use aya_ebpf::{
+    Argument,
+    macros::{fexit, tracepoint},
+    programs::{FExitContext, TracePointContext},
+};
 use memtrace_common::{
     CONN_IDLE, CONN_IGNORE, CONN_INTERLEAVED, CONN_READ, CONN_WRITE, ConnState, LINE_METHOD,
     LINE_NONE, LINE_PATH, REQUEST_ABORTED, REQUEST_INTERLEAVED, REQUEST_OK, RequestStart,
@@ -52,30 +58,98 @@ fn tcp_io(ctx: &TracePointContext) -> Result<Option<(u64, i32, i32)>, i64> {
 
 #[tracepoint]
 pub fn sock_recv(ctx: TracePointContext) -> u32 {
-    let _ = try_sock_recv(&ctx);
+    // The cheap test first: most sockets of the node are not a worker's.
+    if let Some(cur) = watched_current()
+        && let Ok(Some((sk, ret, flags))) = tcp_io(&ctx)
+    {
+        on_recv(&cur, sk, ret, flags);
+    }
     0
 }
 
-fn try_sock_recv(ctx: &TracePointContext) -> Result<(), i64> {
-    let cur = current();
-    if watched(cur.tgid).is_none() {
-        return Ok(());
+#[tracepoint]
+pub fn sock_send(ctx: TracePointContext) -> u32 {
+    if let Some(cur) = watched_current()
+        && let Ok(Some((sk, _, _))) = tcp_io(&ctx)
+    {
+        on_send(&cur, sk);
     }
-    let Some((sk, ret, flags)) = tcp_io(ctx)? else {
-        return Ok(());
+    0
+}
+
+/// The same reads on kernels without sock:sock_recv_length (before 6.3):
+/// the return of `tcp_recvmsg`, whose first argument is the socket. Its
+/// prototype lost `nonblock` in 5.19, so the slots of `flags` and of the
+/// return value come from the agent, read from the kernel's BTF.
+#[fexit(function = "tcp_recvmsg")]
+pub fn sock_recv_fexit(ctx: FExitContext) -> u32 {
+    let Some(cur) = watched_current() else {
+        return 0;
     };
+    let config = CONFIG.load();
+    let sk: u64 = ctx.arg(0);
+    if let (Some(flags), Some(ret)) = (
+        fexit_arg::<i32>(&ctx, config.recv_flags_arg),
+        fexit_arg::<i32>(&ctx, config.recv_ret_arg),
+    ) && ret > 0
+    {
+        on_recv(&cur, sk, ret, flags);
+    }
+    0
+}
+
+#[fexit(function = "tcp_sendmsg")]
+pub fn sock_send_fexit(ctx: FExitContext) -> u32 {
+    let Some(cur) = watched_current() else {
+        return 0;
+    };
+    let sk: u64 = ctx.arg(0);
+    if fexit_arg::<i32>(&ctx, CONFIG.load().send_ret_arg).is_some_and(|ret| ret > 0) {
+        on_send(&cur, sk);
+    }
+    0
+}
+
+/// Argument slot `n` of an fexit program (the return value follows the
+/// arguments). `n` is a constant of the program's read-only data, so the
+/// verifier follows one arm: context reads need a fixed offset.
+#[inline(always)]
+fn fexit_arg<T: Argument>(ctx: &FExitContext, n: u32) -> Option<T> {
+    Some(match n {
+        1 => ctx.arg(1),
+        2 => ctx.arg(2),
+        3 => ctx.arg(3),
+        4 => ctx.arg(4),
+        5 => ctx.arg(5),
+        6 => ctx.arg(6),
+        _ => return None,
+    })
+}
+
+/// The current thread, if its process is watched.
+#[inline(always)]
+fn watched_current() -> Option<Current> {
+    let cur = current();
+    watched(cur.tgid).map(|_| cur)
+}
+
+/// `ret` bytes read from TCP socket `sk` by the current (watched) thread.
+#[inline(always)]
+fn on_recv(cur: &Current, sk: u64, ret: i32, flags: i32) {
     if flags & MSG_PEEK != 0 {
-        return Ok(());
+        return;
     }
     let conn = CONNS.get_ptr_mut(&sk);
     // SAFETY: pointer from a map lookup.
     let phase = conn.map_or(CONN_IDLE, |c| unsafe { (*c).phase });
     match phase {
-        CONN_IGNORE => return Ok(()),
+        CONN_IGNORE => return,
         CONN_READ => {
             // More of the request: the rest of a request line split
             // across reads, if its start was HTTP.
-            if let Some(c) = conn {
+            if let Some(c) = conn
+                && CONFIG.load().http_paths != 0
+            {
                 // SAFETY: pointer from a map lookup; this thread reads the
                 // connection.
                 let line = unsafe { &mut (*c).line };
@@ -83,30 +157,18 @@ fn try_sock_recv(ctx: &TracePointContext) -> Result<(), i64> {
                     continue_line(line, ret);
                 }
             }
-            return Ok(());
+            return;
         }
         // The client's next request on a kept-alive connection.
         CONN_WRITE => end_conn(sk, REQUEST_OK),
         _ => {}
     }
-    begin_conn(sk, &cur, ret, conn);
-    Ok(())
+    begin_conn(sk, cur, ret, conn);
 }
 
-#[tracepoint]
-pub fn sock_send(ctx: TracePointContext) -> u32 {
-    let _ = try_sock_send(&ctx);
-    0
-}
-
-fn try_sock_send(ctx: &TracePointContext) -> Result<(), i64> {
-    let cur = current();
-    if watched(cur.tgid).is_none() {
-        return Ok(());
-    }
-    let Some((sk, _, _)) = tcp_io(ctx)? else {
-        return Ok(());
-    };
+/// Bytes written to TCP socket `sk` by the current (watched) thread.
+#[inline(always)]
+fn on_send(cur: &Current, sk: u64) {
     match CONNS.get_ptr_mut(&sk) {
         // SAFETY: pointer from a map lookup.
         Some(c) => unsafe {
@@ -118,7 +180,6 @@ fn try_sock_send(ctx: &TracePointContext) -> Result<(), i64> {
         // upstream), or the connection predates memtrace.
         None => ignore_conn(sk, cur.tgid),
     }
-    Ok(())
 }
 
 /// sock:inet_sock_set_state: connect() marks a client connection; the close
