@@ -4,7 +4,8 @@ use clap::{CommandFactory as _, Parser as _};
 use memtrace::{
     agent::Agent,
     cli::{
-        args::{Cli, ClientArgs, Command, OutputArgs, OutputFormat},
+        args::{CheckFormat, Cli, ClientArgs, Command, OutputArgs, OutputFormat},
+        check,
         client::{self, Client},
         demo, demo_server, logging,
         settings::{AgentArgs, DEBUG_TOKEN_ENV},
@@ -81,6 +82,7 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(e),
         },
+        Command::Check { format } => run_check(format),
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,
@@ -90,6 +92,27 @@ fn main() -> ExitCode {
             );
             ExitCode::SUCCESS
         }
+    }
+}
+
+/// `memtrace check`: exits non-zero only when the agent could not start.
+fn run_check(format: CheckFormat) -> ExitCode {
+    logging::init(logging::LogFormat::Pretty, "error");
+    let report = match check::check() {
+        Ok(r) => r,
+        Err(e) => return fail(e),
+    };
+    match format {
+        CheckFormat::Table => print!("{}", check::render(&report)),
+        CheckFormat::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_default()
+        ),
+    }
+    if report.agent_can_start() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

@@ -23,6 +23,7 @@ use crate::{
     api::{ApiState, app},
     judge::softlimit::Enforcer,
     kernel::{
+        features::{FeaturesError, KernelFeatures},
         loader::{LoadError, RequestProbes, Tracer},
         preflight::{self, PreflightError},
         tracefs::{Tracefs, TracefsError},
@@ -37,6 +38,8 @@ pub enum AgentError {
     Preflight(#[from] PreflightError),
     #[error(transparent)]
     Tracefs(#[from] TracefsError),
+    #[error(transparent)]
+    Features(#[from] FeaturesError),
     #[error(transparent)]
     Load(#[from] LoadError),
     #[error("selecting processes by name failed: {0}")]
@@ -72,14 +75,16 @@ impl Agent {
             return Err(AgentError::NoSelectors);
         }
         preflight::check_privileges()?;
-        preflight::warn_if_no_btf();
         let tracefs = Tracefs::ensure(settings.mount_tracefs)?;
+        let features = KernelFeatures::probe(&tracefs)?;
         let agent_pid = std::process::id();
         let mut load = settings.load.clone();
         load.report_all_execs = settings.selectors.needs_exec_reports();
         load.cgroup_filter = cgroup_filter(&settings.selectors);
         load.requests = check_request_probes(&load.requests)?;
-        let (mut tracer, ring) = Tracer::load(&tracefs, agent_pid, &load)?;
+        let (mut tracer, ring) = Tracer::load(&features, agent_pid, &load)?;
+        log_kernel(&features, &tracer);
+        load.requests = tracer.requests().clone();
         tracer
             .set_selector_comms(settings.selectors.names.iter().map(String::as_str))
             .map_err(AgentError::Selectors)?;
@@ -360,6 +365,31 @@ fn cgroup_filter(selectors: &Selectors) -> u32 {
 
 /// Checks uprobe targets (binary and symbol) before anything is attached, and
 /// resolves bare library names to paths.
+/// One line for the kernel, one WARN line for each feature asked for that
+/// it cannot serve (`memtrace check` lists them all).
+fn log_kernel(features: &KernelFeatures, tracer: &Tracer) {
+    let how = |name: &str| {
+        features
+            .report()
+            .into_iter()
+            .find(|r| r.feature == name)
+            .map(|r| r.how)
+            .unwrap_or_default()
+    };
+    info!(
+        kernel = %features.release,
+        exit = %how("process tracking"),
+        rss = %how("rss accounting"),
+        "kernel features probed"
+    );
+    if !features.hidden.is_empty() {
+        warn!(hidden = %features.hidden.join(","), "kernel capabilities hidden on purpose (MEMTRACE_HIDE_KERNEL_FEATURES)");
+    }
+    for line in tracer.unavailable() {
+        warn!("{line}");
+    }
+}
+
 fn check_request_probes(probes: &RequestProbes) -> Result<RequestProbes, AgentError> {
     Ok(match probes {
         RequestProbes::Function(t) => RequestProbes::Function(check_target(t)?),

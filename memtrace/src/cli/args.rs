@@ -97,6 +97,15 @@ pub enum Command {
         #[arg(long, default_value_t = 1024)]
         leak_kb: usize,
     },
+    /// What this kernel can serve: each request mode, collection tier,
+    /// Python frames, path capture, cgroup filtering and the mmap counters,
+    /// whether it works and why not (root: the programs are loaded, not
+    /// attached).
+    Check {
+        /// `table` for people, `json` for scripts.
+        #[arg(long, value_enum, default_value_t = CheckFormat::Table)]
+        format: CheckFormat,
+    },
     /// Shell completions: `memtrace completions bash > /etc/bash_completion.d/memtrace`.
     Completions { shell: clap_complete::Shell },
 }
@@ -119,6 +128,14 @@ pub struct ClientArgs {
     /// Print the agent's JSON instead of tables.
     #[arg(long)]
     pub json: bool,
+}
+
+/// What `check` prints.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum CheckFormat {
+    #[default]
+    Table,
+    Json,
 }
 
 /// What `snapshot` and `diff` print.

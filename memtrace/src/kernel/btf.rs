@@ -3,8 +3,9 @@
 //! kernel's BTF, `/sys/kernel/btf/vmlinux`, as the OpenTelemetry profiler
 //! does. The file is mapped and only the types on the way are decoded
 //! (btf-rs's mmap backend): parsing all of it first kept some 50 MB in the
-//! agent for its whole life.
-use std::path::Path;
+//! agent for its whole life. Kernels before 6.16 cannot map it: there it is
+//! copied into an anonymous memory file first.
+use std::{os::fd::AsRawFd as _, path::Path};
 
 use btf_rs::{Backend, Btf, Type};
 
@@ -60,34 +61,121 @@ fn member(btf: &Btf, s: &btf_rs::Struct, name: &str, depth: usize) -> Option<(u3
     None
 }
 
-/// Byte offset of a (dotted) member path in a struct, from a BTF file.
-pub fn member_offset(path: &Path, type_name: &str, members: &str) -> Result<u32, BtfError> {
-    let btf = Btf::from_file_with_backend(path, Backend::Mmap).map_err(|e| BtfError::Read {
-        path: path.display().to_string(),
-        message: e.to_string(),
-    })?;
-    let missing = || BtfError::Missing(format!("{type_name}.{members}"));
-    let mut s = btf
-        .resolve_types_by_name(type_name)
-        .unwrap_or_default()
-        .into_iter()
-        .find_map(|t| composite(&btf, t))
-        .ok_or_else(|| BtfError::Missing(format!("struct {type_name}")))?;
-    let mut bits = 0;
-    let mut parts = members.split('.').peekable();
-    while let Some(part) = parts.next() {
-        let (offset, t) = member(&btf, &s, part, 0).ok_or_else(missing)?;
-        bits += offset;
-        if parts.peek().is_some() {
-            s = composite(&btf, t).ok_or_else(missing)?;
+/// How the kernel's BTF was read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BtfAccess {
+    /// The file itself is mapped (Linux 6.16 and later).
+    Mapped,
+    /// Older kernels refuse to map it (ENODEV): it is copied into an
+    /// anonymous memory file once, mapped from there, and dropped with the
+    /// [`KernelBtf`].
+    Copied,
+}
+
+/// A BTF file open for a few look-ups. Types are decoded on the way, not
+/// all up front; drop it once the offsets are read.
+pub struct KernelBtf {
+    btf: Btf,
+    pub access: BtfAccess,
+    /// The copy behind a [`BtfAccess::Copied`] mapping.
+    _copy: Option<std::fs::File>,
+}
+
+impl KernelBtf {
+    pub fn open(path: &Path) -> Result<Self, BtfError> {
+        let read_error = |message: String| BtfError::Read {
+            path: path.display().to_string(),
+            message,
+        };
+        match Btf::from_file_with_backend(path, Backend::Mmap) {
+            Ok(btf) => Ok(Self {
+                btf,
+                access: BtfAccess::Mapped,
+                _copy: None,
+            }),
+            Err(mapped) => {
+                let bytes = std::fs::read(path)
+                    .map_err(|e| read_error(format!("{e} (mapping it: {mapped})")))?;
+                let copy = memfd_with(&bytes).map_err(|e| read_error(e.to_string()))?;
+                let btf = Btf::from_file_with_backend(
+                    format!("/proc/self/fd/{}", copy.as_raw_fd()),
+                    Backend::Mmap,
+                )
+                .map_err(|e| read_error(e.to_string()))?;
+                Ok(Self {
+                    btf,
+                    access: BtfAccess::Copied,
+                    _copy: Some(copy),
+                })
+            }
         }
     }
-    if bits % 8 != 0 {
-        return Err(BtfError::Missing(format!(
-            "{type_name}.{members} as whole bytes"
-        )));
+
+    /// Byte offset of a (dotted) member path in a struct.
+    pub fn member_offset(&self, type_name: &str, members: &str) -> Result<u32, BtfError> {
+        let btf = &self.btf;
+        let missing = || BtfError::Missing(format!("{type_name}.{members}"));
+        let mut s = btf
+            .resolve_types_by_name(type_name)
+            .unwrap_or_default()
+            .into_iter()
+            .find_map(|t| composite(btf, t))
+            .ok_or_else(|| BtfError::Missing(format!("struct {type_name}")))?;
+        let mut bits = 0;
+        let mut parts = members.split('.').peekable();
+        while let Some(part) = parts.next() {
+            let (offset, t) = member(btf, &s, part, 0).ok_or_else(missing)?;
+            bits += offset;
+            if parts.peek().is_some() {
+                s = composite(btf, t).ok_or_else(missing)?;
+            }
+        }
+        if bits % 8 != 0 {
+            return Err(BtfError::Missing(format!(
+                "{type_name}.{members} as whole bytes"
+            )));
+        }
+        Ok(bits / 8)
     }
-    Ok(bits / 8)
+
+    /// The parameter names of a kernel function, in order.
+    pub fn function_params(&self, name: &str) -> Result<Vec<String>, BtfError> {
+        let btf = &self.btf;
+        let missing = || BtfError::Missing(format!("function {name}"));
+        let func = btf
+            .resolve_types_by_name(name)
+            .unwrap_or_default()
+            .into_iter()
+            .find_map(|t| match t {
+                Type::Func(f) => Some(f),
+                _ => None,
+            })
+            .ok_or_else(missing)?;
+        let Ok(Type::FuncProto(proto)) = btf.resolve_chained_type(&func) else {
+            return Err(missing());
+        };
+        Ok(proto
+            .parameters
+            .iter()
+            .map(|p| btf.resolve_name(p).unwrap_or_default())
+            .collect())
+    }
+}
+
+/// An anonymous memory file holding `bytes`.
+fn memfd_with(bytes: &[u8]) -> std::io::Result<std::fs::File> {
+    use std::io::Write as _;
+    let fd = nix::sys::memfd::memfd_create(c"memtrace-btf", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+        .map_err(std::io::Error::from)?;
+    let mut file = std::fs::File::from(fd);
+    file.write_all(bytes)?;
+    Ok(file)
+}
+
+/// Byte offset of a (dotted) member path in a struct, from a BTF file.
+pub fn member_offset(path: &Path, type_name: &str, members: &str) -> Result<u32, BtfError> {
+    KernelBtf::open(path)?.member_offset(type_name, members)
 }
 
 /// Offset of `thread.fsbase` in `struct task_struct` (x86_64): the thread

@@ -5,7 +5,8 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, MapError, PerCpuArray, RingBuf, StackTraceMap},
     programs::{
-        ProgramError, TracePoint, UProbe,
+        FExit, ProgramError, TracePoint, UProbe,
+        fexit::FExitLinkId,
         trace_point::TracePointLinkId,
         uprobe::{UProbeAttachLocation, UProbeLinkId, UProbeScope},
     },
@@ -16,8 +17,8 @@ use memtrace_common::{
 };
 
 use super::{
-    btf,
-    tracefs::{Tracefs, TracefsError},
+    features::{ExitTest, KernelFeatures, SocketSource},
+    tracefs::TracefsError,
     uprobes::{ProbeTarget, emulated_offset_at, entry_offsets, libc_path},
 };
 
@@ -27,12 +28,13 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 /// Always-on programs: (program, tracepoint category, tracepoint name). No
 /// syscall tracepoint among them: attaching one puts every task of the node
 /// on the kernel's syscall slow path.
+/// The exit program is one of three variants ([`ExitTest`]), chosen per
+/// kernel.
 const STEADY_PROGRAMS: &[(&str, &str, &str)] = &[
     ("page_fault_user", "exceptions", "page_fault_user"),
     ("rss_stat", "kmem", "rss_stat"),
     ("task_newtask", "task", "task_newtask"),
     ("sched_process_exec", "sched", "sched_process_exec"),
-    ("sched_process_exit", "sched", "sched_process_exit"),
 ];
 
 /// Exact mmap/munmap/mremap/brk byte counters (`--mmap-counters`): syscall
@@ -61,7 +63,17 @@ const ACCEPT_PROGRAMS: &[(&str, &str, &str)] = &[
 const SOCKET_PROGRAMS: &[(&str, &str, &str)] = &[
     ("sock_recv", "sock", "sock_recv_length"),
     ("sock_send", "sock", "sock_send_length"),
-    ("sock_state", "sock", "inet_sock_set_state"),
+    SOCKET_STATE_PROGRAM,
+];
+
+/// Connect and close, for socket mode whatever its reads come from.
+const SOCKET_STATE_PROGRAM: (&str, &str, &str) = ("sock_state", "sock", "inet_sock_set_state");
+
+/// Socket mode on kernels without sock:sock_{recv,send}_length: fexit
+/// programs on the TCP functions behind them (program, kernel function).
+const SOCKET_FEXIT_PROGRAMS: &[(&str, &str)] = &[
+    ("sock_recv_fexit", "tcp_recvmsg"),
+    ("sock_send_fexit", "tcp_sendmsg"),
 ];
 
 /// Allocation-site collection, attached only while it is on.
@@ -76,6 +88,24 @@ pub const COLLECTION_PROGRAMS: &[(&str, &str, &str)] = &[
 const BRK_BREAK_PROGRAM: (&str, &str, &str) = ("brk_exit", "syscalls", "sys_exit_brk");
 
 const UPROBE_PROGRAMS: &[&str] = &["request_begin", "request_end_ret", "request_end"];
+
+/// Programs of the heap tier (the C library's allocator).
+const HEAP_PROGRAMS: &[&str] = &[
+    "malloc_enter",
+    "calloc_enter",
+    "realloc_enter",
+    "alloc_exit",
+    "free_enter",
+];
+
+/// Programs of the pymalloc tier, on top of the heap tier's.
+const PYMALLOC_PROGRAMS: &[&str] = &[
+    "pymalloc_enter",
+    "pycalloc_enter",
+    "pyrealloc_enter",
+    "pyalloc_exit",
+    "pyfree_enter",
+];
 
 /// Heap-allocation probes on the C library, attached per process while
 /// collection is on: (program, symbol).
@@ -136,10 +166,8 @@ pub enum LoadError {
     },
     #[error("--ring-buffer-bytes must be a power of two of at least 4096, not {0}")]
     RingSize(u32),
-    #[error(
-        "socket request mode needs the tracepoints sock:sock_recv_length, sock:sock_send_length and sock:inet_sock_set_state (Linux 6.3 or later), which this kernel lacks or lays out otherwise: use --request-mode accept"
-    )]
-    NoSocketEvents,
+    #[error("collecting allocation sites ({tier} tier) is off on this kernel: {why}")]
+    CollectionUnavailable { tier: &'static str, why: String },
 }
 
 /// Where requests begin and end, if memtrace should see them.
@@ -304,10 +332,353 @@ pub struct Tracer {
     /// the depth is not 0).
     python_frames: bool,
     uprobe_links: Vec<(&'static str, UProbeLinkId)>,
+    fexit_links: Vec<(&'static str, FExitLinkId)>,
     mmap_counters: bool,
     collect: CollectTier,
+    /// Why the collection tier asked for cannot run here, if it cannot.
+    collect_unavailable: Option<String>,
     heap_sample_bytes: u64,
+    /// Request boundaries as attached: `None` where the mode asked for
+    /// cannot run on this kernel.
+    requests: RequestProbes,
+    /// Features asked for that this kernel cannot serve, one line each.
+    unavailable: Vec<String>,
     pub layout: TracepointLayout,
+}
+
+/// What to load on this kernel for the options given, and what of them
+/// this kernel cannot serve.
+struct Plan {
+    /// Programs without which the agent cannot run.
+    steady: Vec<&'static str>,
+    /// Programs of `--mmap-counters`, of the request mode and of the
+    /// collection tier: where the kernel refuses one, that feature is off.
+    mmap: Vec<&'static str>,
+    request: Vec<&'static str>,
+    collection: Vec<&'static str>,
+    exit: ExitTest,
+    socket: Option<SocketSource>,
+    requests: RequestProbes,
+    mmap_counters: bool,
+    http_paths: bool,
+    collect_unavailable: Option<String>,
+    task_fsbase: u32,
+    py_frames: u32,
+    unavailable: Vec<String>,
+}
+
+impl Plan {
+    fn new(features: &KernelFeatures, options: &LoadOptions) -> Self {
+        let mut unavailable = Vec::new();
+        let exit = features.exit_test();
+        let mut steady: Vec<&'static str> = STEADY_PROGRAMS.iter().map(|p| p.0).collect();
+        steady.push(exit.program());
+        let mut mmap = Vec::new();
+        let mut request = Vec::new();
+        let mut collection = Vec::new();
+        let mmap_counters = options.mmap_counters
+            && match features.mmap_events() {
+                Ok(()) => {
+                    mmap.extend(MMAP_COUNTER_PROGRAMS.iter().map(|p| p.0));
+                    true
+                }
+                Err(why) => {
+                    unavailable.push(format!("--mmap-counters is off: {why}"));
+                    false
+                }
+            };
+        let mut socket = None;
+        let requests = match &options.requests {
+            RequestProbes::None => Ok(RequestProbes::None),
+            RequestProbes::Accept => features.accept_events().map(|()| {
+                request.extend(ACCEPT_PROGRAMS.iter().map(|p| p.0));
+                RequestProbes::Accept
+            }),
+            RequestProbes::Socket => features.socket_source().map(|source| {
+                socket = Some(source);
+                request.extend(socket_programs(source));
+                RequestProbes::Socket
+            }),
+            probes @ (RequestProbes::Function(_) | RequestProbes::BeginEnd { .. }) => {
+                features.uprobe_mode().map(|()| {
+                    request.extend(UPROBE_PROGRAMS);
+                    probes.clone()
+                })
+            }
+        };
+        let requests = requests.unwrap_or_else(|why| {
+            unavailable.push(request_mode_off(features, &options.requests, &why));
+            RequestProbes::None
+        });
+        let http_paths = options.http_paths
+            && requests == RequestProbes::Socket
+            && match features.http_paths() {
+                Ok(()) => true,
+                Err(why) => {
+                    unavailable.push(format!("HTTP path capture is off: {why}"));
+                    false
+                }
+            };
+        let tier = match options.collect {
+            CollectTier::Growth => features.growth_tier(),
+            CollectTier::Heap | CollectTier::Pymalloc => features.heap_tier(),
+        };
+        let collect_unavailable = match tier {
+            Ok(()) => {
+                collection.extend(collection_programs(options.collect, mmap_counters));
+                None
+            }
+            Err(why) => {
+                unavailable.push(format!(
+                    "allocation-site collection ({} tier) is off: {why}",
+                    options.collect.name()
+                ));
+                Some(why)
+            }
+        };
+        let py_frames = options.python_frames.min(PY_MAX_FRAMES as u32);
+        let task_fsbase = match (py_frames, features.python_frames()) {
+            (0, _) => 0,
+            (_, Ok(())) => features.btf.task_fsbase.unwrap_or(0),
+            (_, Err(why)) => {
+                unavailable.push(format!("Python frames are off: {why}"));
+                0
+            }
+        };
+        Self {
+            steady,
+            mmap,
+            request,
+            collection,
+            exit,
+            socket,
+            requests,
+            mmap_counters,
+            http_paths,
+            collect_unavailable,
+            task_fsbase,
+            py_frames,
+            unavailable,
+        }
+    }
+}
+
+/// The line for a request mode this kernel cannot serve.
+fn request_mode_off(features: &KernelFeatures, mode: &RequestProbes, why: &str) -> String {
+    let (name, hint) = match mode {
+        RequestProbes::Socket if features.accept_events().is_ok() => {
+            ("socket", ": use --request-mode accept")
+        }
+        RequestProbes::Socket => ("socket", ""),
+        RequestProbes::Accept => ("accept", ""),
+        _ => ("uprobe", ""),
+    };
+    format!("request mode {name} is off, requests are not traced: {why}{hint}")
+}
+
+/// Loads a feature's programs; the first refusal, as one line.
+fn load_programs(ebpf: &mut Ebpf, programs: &[&'static str]) -> Result<(), String> {
+    for &program in programs {
+        load_program(ebpf, program)
+            .map_err(|e| format!("the kernel refused {program}: {}", verifier_summary(&e)))?;
+    }
+    Ok(())
+}
+
+fn socket_programs(source: SocketSource) -> Vec<&'static str> {
+    match source {
+        SocketSource::Tracepoints => SOCKET_PROGRAMS.iter().map(|p| p.0).collect(),
+        SocketSource::Fexit => SOCKET_FEXIT_PROGRAMS
+            .iter()
+            .map(|p| p.0)
+            .chain([SOCKET_STATE_PROGRAM.0])
+            .collect(),
+    }
+}
+
+/// The programs a collection tier attaches while it collects.
+fn collection_programs(tier: CollectTier, mmap_counters: bool) -> Vec<&'static str> {
+    let mut programs: Vec<&'static str> = COLLECTION_PROGRAMS.iter().map(|p| p.0).collect();
+    if !mmap_counters {
+        programs.push(BRK_BREAK_PROGRAM.0);
+    }
+    if tier.probes_heap() {
+        programs.extend(HEAP_PROGRAMS);
+    }
+    if tier == CollectTier::Pymalloc {
+        programs.extend(PYMALLOC_PROGRAMS);
+    }
+    programs
+}
+
+/// Parses the object with this kernel's settings in its read-only data;
+/// no program is loaded yet.
+fn load_object(
+    features: &KernelFeatures,
+    agent_tgid: u32,
+    options: &LoadOptions,
+    plan: &Plan,
+) -> Result<Ebpf, LoadError> {
+    let slots = features.btf.fexit.unwrap_or_default();
+    let (task_signal, signal_live) = features.btf.signal_live.unwrap_or((0, 0));
+    let ring = options.ring_buffer_bytes;
+    let config = Config {
+        agent_tgid,
+        report_all_execs: u32::from(options.report_all_execs),
+        rss_step_bytes: options.rss_step_bytes,
+        fault_sample_period: options.fault_sample_period.max(1),
+        cgroup_filter: options.cgroup_filter,
+        heap_sample_bytes: options.heap_sample_bytes,
+        max_live_allocs: options.max_live_allocs,
+        http_paths: u32::from(plan.http_paths),
+        task_fsbase: plan.task_fsbase,
+        py_frames: plan.py_frames,
+        ring_wake_bytes: ring / 2,
+        task_signal,
+        signal_live,
+        recv_flags_arg: slots.recv_flags,
+        recv_ret_arg: slots.recv_ret,
+        send_ret_arg: slots.send_ret,
+        layout: features.layout,
+    };
+    EbpfLoader::new()
+        .override_global("CONFIG", &config, true)
+        .map_max_entries("EVENTS", ring)
+        .map_max_entries("ALLOCS", options.live_allocs_map_size.max(1))
+        .load(EBPF_OBJECT)
+        .map_err(|e| LoadError::Load(Box::new(e)))
+}
+
+/// Loads one program of the object into the kernel (the verifier's turn).
+fn load_program(ebpf: &mut Ebpf, name: &str) -> Result<(), ProgramError> {
+    match ebpf.program_mut(name) {
+        Some(aya::programs::Program::TracePoint(p)) => p.load(),
+        Some(aya::programs::Program::UProbe(p)) => p.load(),
+        Some(aya::programs::Program::FExit(p)) => {
+            let function = SOCKET_FEXIT_PROGRAMS
+                .iter()
+                .find(|(program, _)| *program == name)
+                .map(|(_, function)| *function)
+                .expect("every fexit program has its function");
+            let btf = aya::Btf::from_sys_fs().map_err(ProgramError::Btf)?;
+            p.load(function, &btf)
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The kernel's word on one program (`memtrace check`).
+#[derive(Clone, Debug)]
+pub struct Verdict {
+    /// The feature of `memtrace check` the program serves.
+    pub feature: &'static str,
+    pub program: &'static str,
+    /// Why the kernel refused it, if it did.
+    pub refused: Option<String>,
+}
+
+/// The verifier's word on every program this kernel's features say it can
+/// run, loaded and not attached (`memtrace check`). A program refused here
+/// names its feature off.
+pub fn verify(features: &KernelFeatures) -> Result<Vec<Verdict>, LoadError> {
+    let options = LoadOptions {
+        requests: RequestProbes::Socket,
+        collect: CollectTier::Pymalloc,
+        ..LoadOptions::default()
+    };
+    let plan = Plan::new(features, &options);
+    let mut ebpf = load_object(features, std::process::id(), &options, &plan)?;
+    let mut groups: Vec<(&'static str, Vec<&'static str>)> = vec![(
+        "process tracking",
+        STEADY_PROGRAMS
+            .iter()
+            .map(|p| p.0)
+            .chain([plan.exit.program()])
+            .collect(),
+    )];
+    if features.accept_events().is_ok() {
+        groups.push((
+            "request mode accept",
+            ACCEPT_PROGRAMS.iter().map(|p| p.0).collect(),
+        ));
+    }
+    if let Ok(source) = features.socket_source() {
+        groups.push(("request mode socket", socket_programs(source)));
+    }
+    if features.uprobe_mode().is_ok() {
+        groups.push(("request mode uprobe", UPROBE_PROGRAMS.to_vec()));
+    }
+    for tier in [
+        CollectTier::Growth,
+        CollectTier::Heap,
+        CollectTier::Pymalloc,
+    ] {
+        let ok = match tier {
+            CollectTier::Growth => features.growth_tier(),
+            _ => features.heap_tier(),
+        };
+        if ok.is_ok() {
+            let name = match tier {
+                CollectTier::Growth => "collect growth",
+                CollectTier::Heap => "collect heap",
+                CollectTier::Pymalloc => "collect pymalloc",
+            };
+            groups.push((name, collection_programs(tier, false)));
+        }
+    }
+    if features.mmap_events().is_ok() {
+        groups.push((
+            "mmap counters",
+            MMAP_COUNTER_PROGRAMS.iter().map(|p| p.0).collect(),
+        ));
+    }
+    let mut results = Vec::new();
+    let mut loaded: std::collections::HashMap<&'static str, Option<String>> = Default::default();
+    for (feature, programs) in groups {
+        for program in programs {
+            let error = loaded
+                .entry(program)
+                .or_insert_with(|| {
+                    load_program(&mut ebpf, program)
+                        .err()
+                        .map(|e| verifier_summary(&e))
+                })
+                .clone();
+            results.push(Verdict {
+                feature,
+                program,
+                refused: error,
+            });
+        }
+    }
+    Ok(results)
+}
+
+/// The first lines of a load error, verifier log included, for one line of
+/// `memtrace check`.
+fn verifier_summary(e: &ProgramError) -> String {
+    match e {
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
+            let log = verifier_log.to_string();
+            let tail: Vec<&str> = log
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .rev()
+                .take(3)
+                .collect();
+            if tail.is_empty() {
+                format!("{io_error}")
+            } else {
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                format!("{io_error}: {}", tail.join(" / "))
+            }
+        }
+        other => other.to_string(),
+    }
 }
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, LoadError>
@@ -319,11 +690,13 @@ where
 }
 
 impl Tracer {
-    /// Loads every program (so the verifier checks all of them up front) and
-    /// attaches the steady-state ones plus the request boundaries asked for.
+    /// Loads the programs this kernel can run for the mode and tier asked
+    /// for (the verifier checks them up front), attaches the steady-state
+    /// ones plus the request boundaries, and notes what this kernel cannot
+    /// serve ([`Tracer::unavailable`]) instead of refusing to start.
     /// Returns the ring buffer separately: the event loop owns it.
     pub fn load(
-        tracefs: &Tracefs,
+        features: &KernelFeatures,
         agent_tgid: u32,
         options: &LoadOptions,
     ) -> Result<(Self, RingBuf<MapData>), LoadError> {
@@ -331,49 +704,30 @@ impl Tracer {
         if ring < 4096 || !ring.is_power_of_two() {
             return Err(LoadError::RingSize(ring));
         }
-        let layout = tracefs.layout()?;
-        let py_frames = options.python_frames.min(PY_MAX_FRAMES as u32);
-        let task_fsbase = if py_frames == 0 {
-            0
-        } else {
-            btf::task_fsbase_offset().unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "Python frames off: the thread pointer of a task cannot be found");
-                0
-            })
-        };
-        let config = Config {
-            agent_tgid,
-            report_all_execs: u32::from(options.report_all_execs),
-            rss_step_bytes: options.rss_step_bytes,
-            fault_sample_period: options.fault_sample_period.max(1),
-            cgroup_filter: options.cgroup_filter,
-            heap_sample_bytes: options.heap_sample_bytes,
-            max_live_allocs: options.max_live_allocs,
-            http_paths: u32::from(options.http_paths),
-            task_fsbase,
-            py_frames,
-            ring_wake_bytes: ring / 2,
-            layout,
-        };
-        let mut ebpf = EbpfLoader::new()
-            .override_global("CONFIG", &config, true)
-            .map_max_entries("EVENTS", ring)
-            .map_max_entries("ALLOCS", options.live_allocs_map_size.max(1))
-            .load(EBPF_OBJECT)
-            .map_err(|e| LoadError::Load(Box::new(e)))?;
-
-        let names: Vec<String> = ebpf.programs().map(|(name, _)| name.to_string()).collect();
-        for name in &names {
-            let program = ebpf.program_mut(name).expect("listed above");
-            let result = match program {
-                aya::programs::Program::TracePoint(p) => p.load(),
-                aya::programs::Program::UProbe(p) => p.load(),
-                _ => Ok(()),
-            };
-            result.map_err(|source| LoadError::Program {
-                program: name.clone(),
+        let mut plan = Plan::new(features, options);
+        let mut ebpf = load_object(features, agent_tgid, options, &plan)?;
+        for &program in &plan.steady {
+            load_program(&mut ebpf, program).map_err(|source| LoadError::Program {
+                program: program.to_string(),
                 source: Box::new(source),
             })?;
+        }
+        if let Err(why) = load_programs(&mut ebpf, &plan.mmap) {
+            plan.mmap_counters = false;
+            plan.unavailable
+                .push(format!("--mmap-counters is off: {why}"));
+        }
+        if let Err(why) = load_programs(&mut ebpf, &plan.request) {
+            plan.unavailable
+                .push(request_mode_off(features, &plan.requests, &why));
+            plan.requests = RequestProbes::None;
+        }
+        if let Err(why) = load_programs(&mut ebpf, &plan.collection) {
+            plan.unavailable.push(format!(
+                "allocation-site collection ({} tier) is off: {why}",
+                options.collect.name()
+            ));
+            plan.collect_unavailable = Some(why);
         }
 
         let procs = take_map(&mut ebpf, "PROCS")?;
@@ -404,46 +758,47 @@ impl Tracer {
             py_procs,
             py_stacks,
             pymalloc: std::collections::HashMap::new(),
-            python_frames: task_fsbase != 0 && py_frames != 0,
+            python_frames: plan.task_fsbase != 0 && plan.py_frames != 0,
             uprobe_links: Vec::new(),
-            mmap_counters: options.mmap_counters,
+            fexit_links: Vec::new(),
+            mmap_counters: plan.mmap_counters,
             collect: options.collect,
+            collect_unavailable: plan.collect_unavailable.clone(),
             heap_sample_bytes: options.heap_sample_bytes,
-            layout,
+            requests: plan.requests.clone(),
+            unavailable: plan.unavailable.clone(),
+            layout: features.layout,
         };
         for &(program, category, name) in STEADY_PROGRAMS {
             tracer.attach_tracepoint(program, category, name)?;
         }
-        if options.mmap_counters {
+        tracer.attach_tracepoint(plan.exit.program(), "sched", "sched_process_exit")?;
+        if plan.mmap_counters {
             for &(program, category, name) in MMAP_COUNTER_PROGRAMS {
                 tracer.attach_tracepoint(program, category, name)?;
             }
         }
-        match &options.requests {
+        match &plan.requests {
             RequestProbes::None => {}
             RequestProbes::Accept => {
                 for &(program, category, name) in ACCEPT_PROGRAMS {
                     tracer.attach_tracepoint(program, category, name)?;
                 }
             }
-            RequestProbes::Socket => {
-                let l = &tracer.layout;
-                let offsets = [
-                    l.sock_sk,
-                    l.sock_family,
-                    l.sock_ret,
-                    l.sock_flags,
-                    l.state_skaddr,
-                    l.state_newstate,
-                    l.state_family,
-                ];
-                if offsets.contains(&memtrace_common::LAYOUT_ABSENT) {
-                    return Err(LoadError::NoSocketEvents);
-                }
-                for &(program, category, name) in SOCKET_PROGRAMS {
+            RequestProbes::Socket => match plan.socket {
+                Some(SocketSource::Fexit) => {
+                    for &(program, function) in SOCKET_FEXIT_PROGRAMS {
+                        tracer.attach_fexit(program, function)?;
+                    }
+                    let (program, category, name) = SOCKET_STATE_PROGRAM;
                     tracer.attach_tracepoint(program, category, name)?;
                 }
-            }
+                _ => {
+                    for &(program, category, name) in SOCKET_PROGRAMS {
+                        tracer.attach_tracepoint(program, category, name)?;
+                    }
+                }
+            },
             RequestProbes::Function(target) => {
                 tracer.attach_uprobe("request_begin", target)?;
                 tracer.attach_uprobe("request_end_ret", target)?;
@@ -454,6 +809,34 @@ impl Tracer {
             }
         }
         Ok((tracer, events))
+    }
+
+    /// Request boundaries as attached (`None` where the mode asked for
+    /// cannot run on this kernel).
+    pub fn requests(&self) -> &RequestProbes {
+        &self.requests
+    }
+
+    /// What was asked for and this kernel cannot serve, one line each.
+    pub fn unavailable(&self) -> &[String] {
+        &self.unavailable
+    }
+
+    fn attach_fexit(&mut self, program: &'static str, function: &str) -> Result<(), LoadError> {
+        let p: &mut FExit = self
+            .ebpf
+            .program_mut(program)
+            .unwrap_or_else(|| panic!("program {program} is in the object"))
+            .try_into()
+            .expect("fexit program");
+        let link = p.attach().map_err(|source| LoadError::Attach {
+            program: program.to_string(),
+            target: format!("fexit {function}"),
+            source: Box::new(source),
+        })?;
+        self.fexit_links.push((program, link));
+        self.attached.push(format!("{program}@fexit:{function}"));
+        Ok(())
     }
 
     fn uprobe(&mut self, program: &str) -> &mut UProbe {
@@ -701,6 +1084,12 @@ impl Tracer {
     /// Turns allocation-site collection on for these processes, attaching the
     /// stack programs if they are not attached yet.
     pub fn start_collection(&mut self, tgids: &[u32]) -> Result<(), LoadError> {
+        if let Some(why) = &self.collect_unavailable {
+            return Err(LoadError::CollectionUnavailable {
+                tier: self.collect.name(),
+                why: why.clone(),
+            });
+        }
         for &tgid in tgids {
             if let Ok(mut stats) = self.procs.get(&tgid, 0)
                 && stats.flags & PROC_FLAG_COLLECT == 0

@@ -1,5 +1,5 @@
-//! Start-up checks whose failure a user can fix: privileges and BTF.
-use std::path::Path;
+//! Start-up checks whose failure a user can fix: privileges. (What the
+//! kernel lacks is not a failure: see [`super::features`].)
 
 /// Capability numbers from linux/capability.h.
 const CAP_SYS_ADMIN: u32 = 21;
@@ -35,16 +35,5 @@ pub fn check_privileges() -> Result<(), PreflightError> {
         Ok(())
     } else {
         Err(PreflightError::NotPrivileged)
-    }
-}
-
-/// memtrace's programs use tracepoints and uprobes, which need no BTF; the
-/// kernel's BTF only makes errors and bpftool output more readable. Its
-/// absence is worth a warning, not a refusal.
-pub fn warn_if_no_btf() {
-    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
-        tracing::warn!(
-            "kernel BTF (/sys/kernel/btf/vmlinux) is missing: memtrace works without it, but a kernel built with CONFIG_DEBUG_INFO_BTF=y gives better verifier messages"
-        );
     }
 }

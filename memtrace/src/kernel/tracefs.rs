@@ -174,19 +174,27 @@ impl Tracefs {
         }
     }
 
-    /// Reads the offsets of every field the programs use.
+    /// Reads the offsets of every field the programs use. The steady-state
+    /// events are required; a group of optional ones that this kernel lacks
+    /// (`group_dead`, the syscall events, the socket events) is left
+    /// `LAYOUT_ABSENT`, and the loader does not load the programs that read
+    /// it.
     pub fn layout(&self) -> Result<TracepointLayout, TracefsError> {
         let rss = Lookup::new(self, "kmem", "rss_stat")?;
         let newtask = Lookup::new(self, "task", "task_newtask")?;
         let exec = Lookup::new(self, "sched", "sched_process_exec")?;
         let exit = Lookup::new(self, "sched", "sched_process_exit")?;
-        let mmap = Lookup::new(self, "syscalls", "sys_enter_mmap")?;
-        let munmap = Lookup::new(self, "syscalls", "sys_enter_munmap")?;
-        let brk = Lookup::new(self, "syscalls", "sys_enter_brk")?;
-        let mremap = Lookup::new(self, "syscalls", "sys_enter_mremap")?;
-        let mmap_exit = Lookup::new(self, "syscalls", "sys_exit_mmap")?;
-        let close = Lookup::new(self, "syscalls", "sys_enter_close")?;
-        let layout = TracepointLayout {
+        let absent = memtrace_common::LAYOUT_ABSENT;
+        let [
+            mmap_len,
+            munmap_len,
+            brk_arg,
+            mremap_old_len,
+            mremap_new_len,
+            sys_exit_ret,
+            close_fd,
+        ] = self.syscall_layout().unwrap_or([absent; 7]);
+        Ok(TracepointLayout {
             rss_mm_id: rss.get("mm_id", 4)?,
             rss_curr: rss.get("curr", 4)?,
             rss_member: rss.get("member", 4)?,
@@ -197,16 +205,28 @@ impl Tracefs {
             exec_pid: exec.get("pid", 4)?,
             exec_old_pid: exec.get("old_pid", 4)?,
             exit_pid: exit.get("pid", 4)?,
-            exit_group_dead: exit.get("group_dead", 1)?,
-            mmap_len: mmap.get("len", 8)?,
-            munmap_len: munmap.get("len", 8)?,
-            brk_arg: brk.get("brk", 8)?,
-            mremap_old_len: mremap.get("old_len", 8)?,
-            mremap_new_len: mremap.get("new_len", 8)?,
-            sys_exit_ret: mmap_exit.get("ret", 8)?,
-            close_fd: close.get("fd", 8)?,
+            // Linux 6.16 and later; before, another exit program variant.
+            exit_group_dead: exit.get("group_dead", 1).unwrap_or(absent),
+            mmap_len,
+            munmap_len,
+            brk_arg,
+            mremap_old_len,
+            mremap_new_len,
+            sys_exit_ret,
+            close_fd,
             ..self.socket_layout()
-        };
+        })
+    }
+
+    /// Offsets of the syscall events (mmap, munmap, brk, mremap old and new
+    /// length, the exit's `ret`, close's `fd`); an error where this kernel
+    /// has no syscall tracepoints (CONFIG_FTRACE_SYSCALLS) or lays them out
+    /// otherwise.
+    fn syscall_layout(&self) -> Result<[u32; 7], TracefsError> {
+        let mmap = Lookup::new(self, "syscalls", "sys_enter_mmap")?;
+        let mremap = Lookup::new(self, "syscalls", "sys_enter_mremap")?;
+        let sys_exit_ret = Lookup::new(self, "syscalls", "sys_exit_mmap")?.get("ret", 8)?;
+        let close_fd = Lookup::new(self, "syscalls", "sys_enter_close")?.get("fd", 8)?;
         // Every sys_exit_* record has the same layout; the programs read `ret`
         // at one offset for mmap, munmap, mremap, brk and accept.
         for name in [
@@ -216,24 +236,31 @@ impl Tracefs {
             "sys_exit_accept4",
             "sys_exit_accept",
         ] {
-            let other = Lookup::new(self, "syscalls", name)?;
-            let offset = other.get("ret", 8)?;
-            if offset != layout.sys_exit_ret {
+            let offset = Lookup::new(self, "syscalls", name)?.get("ret", 8)?;
+            if offset != sys_exit_ret {
                 return Err(TracefsError::MissingField {
                     event: format!("syscalls:{name}"),
-                    field: format!("ret at offset {}", layout.sys_exit_ret),
+                    field: format!("ret at offset {sys_exit_ret}"),
                 });
             }
         }
         // close_enter also serves sys_enter_shutdown: same `fd` offset.
         let shutdown = Lookup::new(self, "syscalls", "sys_enter_shutdown")?;
-        if shutdown.get("fd", 8)? != layout.close_fd {
+        if shutdown.get("fd", 8)? != close_fd {
             return Err(TracefsError::MissingField {
                 event: "syscalls:sys_enter_shutdown".into(),
-                field: format!("fd at offset {}", layout.close_fd),
+                field: format!("fd at offset {close_fd}"),
             });
         }
-        Ok(layout)
+        Ok([
+            mmap.get("len", 8)?,
+            Lookup::new(self, "syscalls", "sys_enter_munmap")?.get("len", 8)?,
+            Lookup::new(self, "syscalls", "sys_enter_brk")?.get("brk", 8)?,
+            mremap.get("old_len", 8)?,
+            mremap.get("new_len", 8)?,
+            sys_exit_ret,
+            close_fd,
+        ])
     }
 }
 
