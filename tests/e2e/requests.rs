@@ -39,37 +39,6 @@ fn handler_fn() -> RequestProbes {
     })
 }
 
-/// Waits for the agent to count exactly `sent` requests over `pids`, and
-/// checks no extra one shows up afterwards.
-fn assert_counted_exactly(agent: &AgentHarness, pids: &[u32], sent: u64) {
-    let mut seen = 0;
-    wait_for(Duration::from_secs(10), || {
-        seen = agent.with(|s| requests_seen(s, pids));
-        seen >= sent
-    });
-    std::thread::sleep(Duration::from_millis(300));
-    seen = agent.with(|s| requests_seen(s, pids));
-    assert_eq!(seen, sent, "requests counted by memtrace vs sent");
-}
-
-fn mean(v: &[i64]) -> f64 {
-    v.iter().sum::<i64>() as f64 / v.len().max(1) as f64
-}
-
-fn assert_mean_within(deltas: &[i64], truth: i64, tolerance: f64, what: &str) {
-    let m = mean(deltas);
-    eprintln!(
-        "{what}: mean per-request RSS delta {m:.0} bytes over {} requests (truth {truth})",
-        deltas.len()
-    );
-    assert!(
-        (m - truth as f64).abs() <= truth as f64 * tolerance,
-        "{what}: mean per-request RSS delta {m:.0} bytes over {} requests, leak {truth} (±{:.0}%)",
-        deltas.len(),
-        tolerance * 100.0
-    );
-}
-
 #[test]
 fn uprobe_in_a_shared_library_counts_requests_and_their_leaks() {
     let _serial = serial();
@@ -136,25 +105,6 @@ fn a_burst_wakes_the_agent_before_the_ring_buffer_overflows() {
     drive(server.port, "/", n, 3);
     assert_counted_exactly(&agent, &server.workers, n as u64);
     assert_eq!(agent.with(|s| s.tracer.counters().ringbuf_drops), 0);
-}
-
-/// The last `n` requests overall: per worker, the newest ones, split the way
-/// the workers actually served them (their request counts since `n` ago).
-fn recent_deltas(agent: &AgentHarness, pids: &[u32], n: usize) -> Vec<i64> {
-    agent.with(|s| {
-        let mut all: Vec<(f64, i64)> = pids
-            .iter()
-            .filter_map(|&p| s.registry.find(p))
-            .flat_map(|w| {
-                w.requests
-                    .recent(n)
-                    .map(|r| (r.started_unix_ms, r.delta_bytes))
-            })
-            .collect();
-        all.sort_by(|a, b| b.0.total_cmp(&a.0));
-        all.truncate(n);
-        all.into_iter().map(|(_, d)| d).collect()
-    })
 }
 
 #[test]

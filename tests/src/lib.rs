@@ -474,6 +474,57 @@ pub fn drive(port: u16, path: &str, total: usize, concurrency: usize) {
         t.join().expect("load thread");
     }
 }
+/// Waits for the agent to count exactly `sent` requests over `pids`, and
+/// checks no extra one shows up afterwards.
+pub fn assert_counted_exactly(agent: &AgentHarness, pids: &[u32], sent: u64) {
+    let mut seen = 0;
+    wait_for(Duration::from_secs(10), || {
+        seen = agent.with(|s| requests_seen(s, pids));
+        seen >= sent
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    seen = agent.with(|s| requests_seen(s, pids));
+    assert_eq!(seen, sent, "requests counted by memtrace vs sent");
+}
+
+pub fn mean(values: &[i64]) -> f64 {
+    values.iter().map(|&v| v as f64).sum::<f64>() / values.len().max(1) as f64
+}
+
+/// Asserts the mean per-request RSS delta is within `tolerance` of `truth`.
+pub fn assert_mean_within(deltas: &[i64], truth: i64, tolerance: f64, what: &str) {
+    let m = mean(deltas);
+    eprintln!(
+        "{what}: mean per-request RSS delta {m:.0} bytes over {} requests (truth {truth})",
+        deltas.len()
+    );
+    assert!(
+        (m - truth as f64).abs() <= truth as f64 * tolerance,
+        "{what}: mean per-request RSS delta {m:.0} bytes over {} requests, leak {truth} (±{:.0}%)",
+        deltas.len(),
+        tolerance * 100.0
+    );
+}
+
+/// The last `n` requests overall: per worker, the newest ones, split the way
+/// the workers actually served them (their request counts since `n` ago).
+pub fn recent_deltas(agent: &AgentHarness, pids: &[u32], n: usize) -> Vec<i64> {
+    agent.with(|s| {
+        let mut all: Vec<(f64, i64)> = pids
+            .iter()
+            .filter_map(|&p| s.registry.find(p))
+            .flat_map(|w| {
+                w.requests
+                    .recent(n)
+                    .map(|r| (r.started_unix_ms, r.delta_bytes))
+            })
+            .collect();
+        all.sort_by(|a, b| b.0.total_cmp(&a.0));
+        all.truncate(n);
+        all.into_iter().map(|(_, d)| d).collect()
+    })
+}
+
 /// Requests the agent has counted for these processes.
 pub fn requests_seen(state: &State, pids: &[u32]) -> u64 {
     pids.iter()

@@ -476,9 +476,13 @@ fn request_mode_off(features: &KernelFeatures, mode: &RequestProbes, why: &str) 
     format!("request mode {name} is off, requests are not traced: {why}{hint}")
 }
 
-/// Loads a feature's programs; the first refusal, as one line.
+/// Loads a feature's programs (one program may serve several events);
+/// the first refusal, as one line.
 fn load_programs(ebpf: &mut Ebpf, programs: &[&'static str]) -> Result<(), String> {
-    for &program in programs {
+    for (i, &program) in programs.iter().enumerate() {
+        if programs[..i].contains(&program) {
+            continue;
+        }
         load_program(ebpf, program)
             .map_err(|e| format!("the kernel refused {program}: {}", verifier_summary(&e)))?;
     }
