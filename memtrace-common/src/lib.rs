@@ -477,12 +477,7 @@ pub struct Config {
     /// a process on kernels whose sched_process_exit has no `group_dead`.
     pub task_signal: u32,
     pub signal_live: u32,
-    /// Socket mode from fexit programs (kernels without sock:sock_*_length):
-    /// argument slots of `tcp_recvmsg`'s `flags` and return value, and of
-    /// `tcp_sendmsg`'s return value, from the function's BTF prototype.
-    pub recv_flags_arg: u32,
-    pub recv_ret_arg: u32,
-    pub send_ret_arg: u32,
+    pub _pad: u32,
     pub layout: TracepointLayout,
 }
 
@@ -654,7 +649,7 @@ const _: () = {
     assert!(core::mem::size_of::<RssEvent>() == 24 + 32);
     assert!(core::mem::size_of::<RequestLine>() == 8 + LINE_CAP);
     assert!(core::mem::size_of::<RequestEvent>() == 24 + 24 + 64 + 40 + 8 + LINE_CAP);
-    assert!(core::mem::size_of::<Config>() == 24 + 20 + 33 * 4);
+    assert!(core::mem::size_of::<Config>() == 24 + 20 + 31 * 4);
     assert!(core::mem::size_of::<SiteCount>() == 32);
     assert!(core::mem::size_of::<ConnState>() == 6 * 4 + 88 + 8 + LINE_CAP);
     // The line's bytes are zeroed and read as u64 words.

@@ -214,7 +214,10 @@ fn real_gunicorn_counts_60_of_60_and_the_256k_leak_in_the_best_mode() {
     let port = free_port();
     let leak = 256 * KIB;
     let server = gunicorn(port, 2, leak as u64);
-    assert!(wait_port(port, Duration::from_secs(60)), "gunicorn listens");
+    assert!(
+        wait_port(port, Duration::from_secs(120)),
+        "gunicorn listens"
+    );
     let workers = wait_children(server.pid(), 2);
     assert!(agent.wait(Duration::from_secs(20), |s| {
         workers.iter().all(|&p| s.registry.contains(p))

@@ -12,7 +12,6 @@
 //! have no such tracepoints: fexit programs on `tcp_recvmsg` and
 //! `tcp_sendmsg` take their place, with the same body.
 use aya_ebpf::{
-    Argument,
     macros::{fexit, tracepoint},
     programs::{FExitContext, TracePointContext},
 };
@@ -78,52 +77,43 @@ pub fn sock_send(ctx: TracePointContext) -> u32 {
 }
 
 /// The same reads on kernels without sock:sock_recv_length (before 6.3):
-/// the return of `tcp_recvmsg`, whose first argument is the socket. Its
-/// prototype lost `nonblock` in 5.19, so the slots of `flags` and of the
-/// return value come from the agent, read from the kernel's BTF.
+/// the return of `tcp_recvmsg(sk, msg, len, flags, ...)` (5.19 and later;
+/// `addr_len` followed until 6.11, so the return value comes from
+/// bpf_get_func_ret, 5.17). Context reads need fixed offsets, so each
+/// prototype has its own program; the agent picks by the function's BTF.
 #[fexit(function = "tcp_recvmsg")]
 pub fn sock_recv_fexit(ctx: FExitContext) -> u32 {
-    let Some(cur) = watched_current() else {
-        return 0;
-    };
-    let config = CONFIG.load();
-    let sk: u64 = ctx.arg(0);
-    if let (Some(flags), Some(ret)) = (
-        fexit_arg::<i32>(&ctx, config.recv_flags_arg),
-        fexit_arg::<i32>(&ctx, config.recv_ret_arg),
-    ) && ret > 0
+    if let Some(cur) = watched_current()
+        && let Ok(ret) = ctx.ret::<i32>()
+        && ret > 0
     {
-        on_recv(&cur, sk, ret, flags);
+        on_recv(&cur, ctx.arg(0), ret, ctx.arg(3));
     }
     0
 }
 
+/// `tcp_recvmsg(sk, msg, len, nonblock, flags, addr_len)`, before 5.19.
+#[fexit(function = "tcp_recvmsg")]
+pub fn sock_recv_fexit_nonblock(ctx: FExitContext) -> u32 {
+    if let Some(cur) = watched_current() {
+        let ret: i32 = ctx.arg(6);
+        if ret > 0 {
+            on_recv(&cur, ctx.arg(0), ret, ctx.arg(4));
+        }
+    }
+    0
+}
+
+/// `tcp_sendmsg(sk, msg, size)`.
 #[fexit(function = "tcp_sendmsg")]
 pub fn sock_send_fexit(ctx: FExitContext) -> u32 {
-    let Some(cur) = watched_current() else {
-        return 0;
-    };
-    let sk: u64 = ctx.arg(0);
-    if fexit_arg::<i32>(&ctx, CONFIG.load().send_ret_arg).is_some_and(|ret| ret > 0) {
-        on_send(&cur, sk);
+    if let Some(cur) = watched_current() {
+        let ret: i32 = ctx.arg(3);
+        if ret > 0 {
+            on_send(&cur, ctx.arg(0));
+        }
     }
     0
-}
-
-/// Argument slot `n` of an fexit program (the return value follows the
-/// arguments). `n` is a constant of the program's read-only data, so the
-/// verifier follows one arm: context reads need a fixed offset.
-#[inline(always)]
-fn fexit_arg<T: Argument>(ctx: &FExitContext, n: u32) -> Option<T> {
-    Some(match n {
-        1 => ctx.arg(1),
-        2 => ctx.arg(2),
-        3 => ctx.arg(3),
-        4 => ctx.arg(4),
-        5 => ctx.arg(5),
-        6 => ctx.arg(6),
-        _ => return None,
-    })
 }
 
 /// The current thread, if its process is watched.

@@ -74,6 +74,18 @@ pub fn check() -> Result<CheckReport, CheckError> {
             error,
         });
     }
+    // Path capture is part of socket mode.
+    let socket_off = rows
+        .iter()
+        .any(|r| r.feature == "request mode socket" && !r.works);
+    if socket_off
+        && let Some(row) = rows
+            .iter_mut()
+            .find(|r| r.feature == "http path capture" && r.works)
+    {
+        row.works = false;
+        row.why_not = Some("socket request mode is off on this kernel".into());
+    }
     Ok(CheckReport {
         kernel: features.release.clone(),
         hidden: features.hidden.clone(),

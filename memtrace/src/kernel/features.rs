@@ -64,12 +64,24 @@ pub enum SocketSource {
     Fexit,
 }
 
-/// Argument slots of the fexit socket programs (see `Config`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct FexitSlots {
-    pub recv_flags: u32,
-    pub recv_ret: u32,
-    pub send_ret: u32,
+/// The prototype of `tcp_recvmsg`, which says which fexit program reads
+/// it (context reads need fixed slots).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcpRecvmsg {
+    /// `(sk, msg, len, flags[, addr_len])`: 5.19 and later (`addr_len`
+    /// went in 6.11).
+    Flags,
+    /// `(sk, msg, len, nonblock, flags, addr_len)`: before 5.19.
+    Nonblock,
+}
+
+impl TcpRecvmsg {
+    pub fn program(self) -> &'static str {
+        match self {
+            Self::Flags => "sock_recv_fexit",
+            Self::Nonblock => "sock_recv_fexit_nonblock",
+        }
+    }
 }
 
 /// What the kernel's BTF told.
@@ -82,7 +94,8 @@ pub struct BtfFacts {
     /// `task_struct.rss_stat` exists: the mm's counters are cached per
     /// thread and flushed every 64 changes (kernels before 6.2).
     pub rss_per_thread_cache: bool,
-    pub fexit: Option<FexitSlots>,
+    /// `tcp_recvmsg`'s prototype, where `tcp_sendmsg`'s is `(sk, msg, size)`.
+    pub fexit: Option<TcpRecvmsg>,
 }
 
 /// The capabilities of the running kernel that memtrace's programs use.
@@ -429,30 +442,29 @@ fn read_btf(path: &Path) -> Result<BtfFacts, super::btf::BtfError> {
         task_fsbase: btf.member_offset("task_struct", "thread.fsbase").ok(),
         signal_live,
         rss_per_thread_cache: btf.member_offset("task_struct", "rss_stat").is_ok(),
-        fexit: fexit_slots(
+        fexit: fexit_prototypes(
             &btf.function_params("tcp_recvmsg").unwrap_or_default(),
             &btf.function_params("tcp_sendmsg").unwrap_or_default(),
         ),
     })
 }
 
-/// The slots the fexit socket programs read, if the prototypes are the ones
-/// they expect: the socket first, then `flags` somewhere for the receive.
-pub fn fexit_slots(recv: &[String], send: &[String]) -> Option<FexitSlots> {
-    if recv.first()? != "sk" || send.first()? != "sk" {
+/// Which fexit program reads `tcp_recvmsg`, if both prototypes are ones the
+/// programs know: anything else is refused, not guessed.
+pub fn fexit_prototypes(recv: &[String], send: &[String]) -> Option<TcpRecvmsg> {
+    fn names(list: &[String]) -> Vec<&str> {
+        list.iter().map(String::as_str).collect()
+    }
+    if names(send) != ["sk", "msg", "size"] {
         return None;
     }
-    let recv_flags = recv.iter().position(|p| p == "flags")? as u32;
-    let slots = FexitSlots {
-        recv_flags,
-        recv_ret: recv.len() as u32,
-        send_ret: send.len() as u32,
-    };
-    // The programs read slots 1 to 6.
-    [slots.recv_flags, slots.recv_ret, slots.send_ret]
-        .iter()
-        .all(|s| (1..=6).contains(s))
-        .then_some(slots)
+    match names(recv).as_slice() {
+        ["sk", "msg", "len", "flags"] | ["sk", "msg", "len", "flags", "addr_len"] => {
+            Some(TcpRecvmsg::Flags)
+        }
+        ["sk", "msg", "len", "nonblock", "flags", "addr_len"] => Some(TcpRecvmsg::Nonblock),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -464,28 +476,18 @@ mod tests {
     }
 
     #[test]
-    fn fexit_slots_follow_both_tcp_recvmsg_prototypes() {
+    fn fexit_programs_follow_both_tcp_recvmsg_prototypes() {
         let send = names(&["sk", "msg", "size"]);
-        // 5.10: tcp_recvmsg(sk, msg, len, nonblock, flags, addr_len)
         let old = names(&["sk", "msg", "len", "nonblock", "flags", "addr_len"]);
-        assert_eq!(
-            fexit_slots(&old, &send),
-            Some(FexitSlots {
-                recv_flags: 4,
-                recv_ret: 6,
-                send_ret: 3
-            })
-        );
-        // 5.19 and later: nonblock is gone.
+        assert_eq!(fexit_prototypes(&old, &send), Some(TcpRecvmsg::Nonblock));
         let new = names(&["sk", "msg", "len", "flags", "addr_len"]);
-        assert_eq!(
-            fexit_slots(&new, &send).map(|s| (s.recv_flags, s.recv_ret)),
-            Some((3, 5))
-        );
+        assert_eq!(fexit_prototypes(&new, &send), Some(TcpRecvmsg::Flags));
+        let newest = names(&["sk", "msg", "len", "flags"]);
+        assert_eq!(fexit_prototypes(&newest, &send), Some(TcpRecvmsg::Flags));
         // Unknown shapes are refused, not guessed.
-        assert_eq!(fexit_slots(&names(&["msg", "sk"]), &send), None);
-        assert_eq!(fexit_slots(&names(&["sk", "msg"]), &send), None);
-        assert_eq!(fexit_slots(&[], &send), None);
+        assert_eq!(fexit_prototypes(&names(&["msg", "sk"]), &send), None);
+        assert_eq!(fexit_prototypes(&new, &names(&["sk", "msg"])), None);
+        assert_eq!(fexit_prototypes(&[], &send), None);
     }
 
     #[test]

@@ -71,8 +71,10 @@ const SOCKET_STATE_PROGRAM: (&str, &str, &str) = ("sock_state", "sock", "inet_so
 
 /// Socket mode on kernels without sock:sock_{recv,send}_length: fexit
 /// programs on the TCP functions behind them (program, kernel function).
+/// One of the two `tcp_recvmsg` variants is loaded ([`TcpRecvmsg`]).
 const SOCKET_FEXIT_PROGRAMS: &[(&str, &str)] = &[
     ("sock_recv_fexit", "tcp_recvmsg"),
+    ("sock_recv_fexit_nonblock", "tcp_recvmsg"),
     ("sock_send_fexit", "tcp_sendmsg"),
 ];
 
@@ -396,7 +398,7 @@ impl Plan {
             }),
             RequestProbes::Socket => features.socket_source().map(|source| {
                 socket = Some(source);
-                request.extend(socket_programs(source));
+                request.extend(socket_programs(features, source));
                 RequestProbes::Socket
             }),
             probes @ (RequestProbes::Function(_) | RequestProbes::BeginEnd { .. }) => {
@@ -489,14 +491,12 @@ fn load_programs(ebpf: &mut Ebpf, programs: &[&'static str]) -> Result<(), Strin
     Ok(())
 }
 
-fn socket_programs(source: SocketSource) -> Vec<&'static str> {
-    match source {
-        SocketSource::Tracepoints => SOCKET_PROGRAMS.iter().map(|p| p.0).collect(),
-        SocketSource::Fexit => SOCKET_FEXIT_PROGRAMS
-            .iter()
-            .map(|p| p.0)
-            .chain([SOCKET_STATE_PROGRAM.0])
-            .collect(),
+fn socket_programs(features: &KernelFeatures, source: SocketSource) -> Vec<&'static str> {
+    match (source, features.btf.fexit) {
+        (SocketSource::Fexit, Some(recv)) => {
+            vec![recv.program(), "sock_send_fexit", SOCKET_STATE_PROGRAM.0]
+        }
+        _ => SOCKET_PROGRAMS.iter().map(|p| p.0).collect(),
     }
 }
 
@@ -523,7 +523,6 @@ fn load_object(
     options: &LoadOptions,
     plan: &Plan,
 ) -> Result<Ebpf, LoadError> {
-    let slots = features.btf.fexit.unwrap_or_default();
     let (task_signal, signal_live) = features.btf.signal_live.unwrap_or((0, 0));
     let ring = options.ring_buffer_bytes;
     let config = Config {
@@ -540,9 +539,7 @@ fn load_object(
         ring_wake_bytes: ring / 2,
         task_signal,
         signal_live,
-        recv_flags_arg: slots.recv_flags,
-        recv_ret_arg: slots.recv_ret,
-        send_ret_arg: slots.send_ret,
+        _pad: 0,
         layout: features.layout,
     };
     EbpfLoader::new()
@@ -607,7 +604,7 @@ pub fn verify(features: &KernelFeatures) -> Result<Vec<Verdict>, LoadError> {
         ));
     }
     if let Ok(source) = features.socket_source() {
-        groups.push(("request mode socket", socket_programs(source)));
+        groups.push(("request mode socket", socket_programs(features, source)));
     }
     if features.uprobe_mode().is_ok() {
         groups.push(("request mode uprobe", UPROBE_PROGRAMS.to_vec()));
@@ -667,12 +664,15 @@ fn verifier_summary(e: &ProgramError) -> String {
             verifier_log,
         } => {
             let log = verifier_log.to_string();
+            // The verifier ends with its statistics; the reason comes
+            // just before them.
+            let stats = ["verification time", "stack depth", "processed "];
             let tail: Vec<&str> = log
                 .lines()
                 .map(str::trim)
-                .filter(|l| !l.is_empty())
+                .filter(|l| !l.is_empty() && !stats.iter().any(|s| l.starts_with(s)))
                 .rev()
-                .take(3)
+                .take(2)
                 .collect();
             if tail.is_empty() {
                 format!("{io_error}")
@@ -792,7 +792,9 @@ impl Tracer {
             RequestProbes::Socket => match plan.socket {
                 Some(SocketSource::Fexit) => {
                     for &(program, function) in SOCKET_FEXIT_PROGRAMS {
-                        tracer.attach_fexit(program, function)?;
+                        if plan.request.contains(&program) {
+                            tracer.attach_fexit(program, function)?;
+                        }
                     }
                     let (program, category, name) = SOCKET_STATE_PROGRAM;
                     tracer.attach_tracepoint(program, category, name)?;
