@@ -252,11 +252,7 @@ impl KernelFeatures {
     /// The heap and pymalloc tiers: growth plus uprobes.
     pub fn heap_tier(&self) -> Result<(), String> {
         self.growth_tier()?;
-        if self.uprobes {
-            Ok(())
-        } else {
-            Err("uprobes are missing: the kernel needs CONFIG_UPROBE_EVENTS".into())
-        }
+        self.uprobe_mode()
     }
 
     pub fn uprobe_mode(&self) -> Result<(), String> {

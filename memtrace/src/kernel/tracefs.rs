@@ -185,16 +185,7 @@ impl Tracefs {
         let exec = Lookup::new(self, "sched", "sched_process_exec")?;
         let exit = Lookup::new(self, "sched", "sched_process_exit")?;
         let absent = memtrace_common::LAYOUT_ABSENT;
-        let [
-            mmap_len,
-            munmap_len,
-            brk_arg,
-            mremap_old_len,
-            mremap_new_len,
-            sys_exit_ret,
-            close_fd,
-        ] = self.syscall_layout().unwrap_or([absent; 7]);
-        Ok(TracepointLayout {
+        let mut layout = TracepointLayout {
             rss_mm_id: rss.get("mm_id", 4)?,
             rss_curr: rss.get("curr", 4)?,
             rss_member: rss.get("member", 4)?,
@@ -207,26 +198,38 @@ impl Tracefs {
             exit_pid: exit.get("pid", 4)?,
             // Linux 6.16 and later; before, another exit program variant.
             exit_group_dead: exit.get("group_dead", 1).unwrap_or(absent),
-            mmap_len,
-            munmap_len,
-            brk_arg,
-            mremap_old_len,
-            mremap_new_len,
-            sys_exit_ret,
-            close_fd,
             ..self.socket_layout()
-        })
+        };
+        if self.syscall_layout(&mut layout).is_err() {
+            for field in [
+                &mut layout.mmap_len,
+                &mut layout.munmap_len,
+                &mut layout.brk_arg,
+                &mut layout.mremap_old_len,
+                &mut layout.mremap_new_len,
+                &mut layout.sys_exit_ret,
+                &mut layout.close_fd,
+            ] {
+                *field = absent;
+            }
+        }
+        Ok(layout)
     }
 
-    /// Offsets of the syscall events (mmap, munmap, brk, mremap old and new
-    /// length, the exit's `ret`, close's `fd`); an error where this kernel
-    /// has no syscall tracepoints (CONFIG_FTRACE_SYSCALLS) or lays them out
-    /// otherwise.
-    fn syscall_layout(&self) -> Result<[u32; 7], TracefsError> {
+    /// Offsets of the syscall events (mmap, munmap, brk, mremap, the exits'
+    /// `ret`, close's `fd`), written into `layout`; an error where this
+    /// kernel has no syscall tracepoints (CONFIG_FTRACE_SYSCALLS) or lays
+    /// them out otherwise.
+    fn syscall_layout(&self, layout: &mut TracepointLayout) -> Result<(), TracefsError> {
         let mmap = Lookup::new(self, "syscalls", "sys_enter_mmap")?;
         let mremap = Lookup::new(self, "syscalls", "sys_enter_mremap")?;
-        let sys_exit_ret = Lookup::new(self, "syscalls", "sys_exit_mmap")?.get("ret", 8)?;
-        let close_fd = Lookup::new(self, "syscalls", "sys_enter_close")?.get("fd", 8)?;
+        layout.mmap_len = mmap.get("len", 8)?;
+        layout.munmap_len = Lookup::new(self, "syscalls", "sys_enter_munmap")?.get("len", 8)?;
+        layout.brk_arg = Lookup::new(self, "syscalls", "sys_enter_brk")?.get("brk", 8)?;
+        layout.mremap_old_len = mremap.get("old_len", 8)?;
+        layout.mremap_new_len = mremap.get("new_len", 8)?;
+        layout.sys_exit_ret = Lookup::new(self, "syscalls", "sys_exit_mmap")?.get("ret", 8)?;
+        layout.close_fd = Lookup::new(self, "syscalls", "sys_enter_close")?.get("fd", 8)?;
         // Every sys_exit_* record has the same layout; the programs read `ret`
         // at one offset for mmap, munmap, mremap, brk and accept.
         for name in [
@@ -237,30 +240,22 @@ impl Tracefs {
             "sys_exit_accept",
         ] {
             let offset = Lookup::new(self, "syscalls", name)?.get("ret", 8)?;
-            if offset != sys_exit_ret {
+            if offset != layout.sys_exit_ret {
                 return Err(TracefsError::MissingField {
                     event: format!("syscalls:{name}"),
-                    field: format!("ret at offset {sys_exit_ret}"),
+                    field: format!("ret at offset {}", layout.sys_exit_ret),
                 });
             }
         }
         // close_enter also serves sys_enter_shutdown: same `fd` offset.
         let shutdown = Lookup::new(self, "syscalls", "sys_enter_shutdown")?;
-        if shutdown.get("fd", 8)? != close_fd {
+        if shutdown.get("fd", 8)? != layout.close_fd {
             return Err(TracefsError::MissingField {
                 event: "syscalls:sys_enter_shutdown".into(),
-                field: format!("fd at offset {close_fd}"),
+                field: format!("fd at offset {}", layout.close_fd),
             });
         }
-        Ok([
-            mmap.get("len", 8)?,
-            Lookup::new(self, "syscalls", "sys_enter_munmap")?.get("len", 8)?,
-            Lookup::new(self, "syscalls", "sys_enter_brk")?.get("brk", 8)?,
-            mremap.get("old_len", 8)?,
-            mremap.get("new_len", 8)?,
-            sys_exit_ret,
-            close_fd,
-        ])
+        Ok(())
     }
 }
 
