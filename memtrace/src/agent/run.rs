@@ -29,7 +29,7 @@ use crate::{
         tracefs::{Tracefs, TracefsError},
         uprobes::{UprobeTargetError, check_target},
     },
-    model::{cgroups, selectors::Selectors, workers::Registry},
+    model::{selectors::Selectors, workers::Registry},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -346,14 +346,9 @@ async fn ring_readable(fd: Option<&AsyncFd<OwnedFd>>) -> Option<AsyncFdReadyGuar
 /// and the host has a cgroup v2 hierarchy to name cgroups by id.
 fn cgroup_filter(selectors: &Selectors) -> u32 {
     use memtrace_common::{CGROUP_FILTER_OFF, CGROUP_FILTER_RESTRICT, CGROUP_FILTER_SELECT_ALL};
+    // Where the kernel cannot filter (no cgroup v2, no helper), the loader
+    // turns this off and says so.
     if !selectors.restricts_placement() {
-        return CGROUP_FILTER_OFF;
-    }
-    if cgroups::v2_mount().is_none() {
-        warn!(
-            "no cgroup v2 hierarchy in /proc/mounts: --cgroup and --container are applied by the agent, \
-             not in the kernel (processes elsewhere that match a name are still seen by the kernel)"
-        );
         return CGROUP_FILTER_OFF;
     }
     if selectors.selects_processes() {

@@ -110,7 +110,7 @@ pub struct KernelFeatures {
     pub btf_error: Option<String>,
     /// `bpf_get_current_task_btf` (5.11) and `bpf_task_pt_regs` (5.15).
     pub task_btf_helpers: bool,
-    /// `bpf_get_current_ancestor_cgroup_id` (5.6).
+    /// `bpf_get_current_ancestor_cgroup_id` in tracepoint programs (5.14).
     pub ancestor_cgroup_helper: bool,
     pub cgroup_v2: bool,
     /// The perf `uprobe` event source (4.17) or tracefs `uprobe_events`.
@@ -275,7 +275,7 @@ impl KernelFeatures {
 
     pub fn cgroup_filter(&self) -> Result<(), String> {
         if !self.ancestor_cgroup_helper {
-            Err("the helper bpf_get_current_ancestor_cgroup_id needs Linux 5.6".into())
+            Err("tracepoint programs may call bpf_get_current_ancestor_cgroup_id from Linux 5.14".into())
         } else if !self.cgroup_v2 {
             Err("no cgroup v2 hierarchy is mounted (cgroup v1 hosts cannot be filtered in the kernel)".into())
         } else {

@@ -366,6 +366,7 @@ struct Plan {
     collect_unavailable: Option<String>,
     task_fsbase: u32,
     py_frames: u32,
+    cgroup_filter: u32,
     unavailable: Vec<String>,
 }
 
@@ -438,6 +439,15 @@ impl Plan {
                 Some(why)
             }
         };
+        let cgroup_filter = match features.cgroup_filter() {
+            Err(why) if options.cgroup_filter != memtrace_common::CGROUP_FILTER_OFF => {
+                unavailable.push(format!(
+                    "--cgroup and --container are applied by the agent, not in the kernel (processes elsewhere that match a name are still seen by the kernel): {why}"
+                ));
+                memtrace_common::CGROUP_FILTER_OFF
+            }
+            _ => options.cgroup_filter,
+        };
         let py_frames = options.python_frames.min(PY_MAX_FRAMES as u32);
         let task_fsbase = match (py_frames, features.python_frames()) {
             (0, _) => 0,
@@ -460,6 +470,7 @@ impl Plan {
             collect_unavailable,
             task_fsbase,
             py_frames,
+            cgroup_filter,
             unavailable,
         }
     }
@@ -530,7 +541,7 @@ fn load_object(
         report_all_execs: u32::from(options.report_all_execs),
         rss_step_bytes: options.rss_step_bytes,
         fault_sample_period: options.fault_sample_period.max(1),
-        cgroup_filter: options.cgroup_filter,
+        cgroup_filter: plan.cgroup_filter,
         heap_sample_bytes: options.heap_sample_bytes,
         max_live_allocs: options.max_live_allocs,
         http_paths: u32::from(plan.http_paths),
