@@ -2,12 +2,14 @@
 //!
 //! ```text
 //! cargo xtask setup          install what the build and tests need (idempotent)
-//! cargo xtask test           unit tests, then the end-to-end tests (root)
+//! cargo xtask test           unit tests, the end-to-end tests, then the kernel matrix (root)
+//! cargo xtask matrix         end-to-end tests on Debian's 5.10, 6.1, 6.12 and 7.x kernels in QEMU
 //! cargo xtask run -- ARGS    build in release and run `memtrace ARGS`
 //! cargo xtask bench          benchmarks, written to BENCHMARKS.md
 //! ```
 mod bench;
 mod layout;
+mod matrix;
 mod setup;
 
 use std::{path::PathBuf, process::Command};
@@ -33,13 +35,44 @@ enum Cmd {
     },
     /// Build the agent (with its eBPF programs) in release mode.
     Build,
-    /// Run the unit tests, then the end-to-end tests against this kernel (root).
+    /// Run the unit tests, then the end-to-end tests against this kernel
+    /// (root), then a subset of them on other kernels (`cargo xtask matrix`).
     Test {
         /// Only the unit tests (no root needed).
         #[arg(long)]
         unit: bool,
-        /// Only tests whose name contains this.
+        /// Skip the kernel matrix.
+        #[arg(long)]
+        no_matrix: bool,
+        /// Only tests whose name contains this (in the matrix too).
         filter: Option<String>,
+    },
+    /// Boot Debian's kernels (5.10, 6.1, 6.12, newest 7.x) one after another
+    /// in QEMU with virtme-ng and run end-to-end tests in each (root); writes
+    /// target/matrix/results.md and results.json.
+    Matrix {
+        /// Only these kernels (5.10, 6.1, 6.12, 7); repeat or separate with commas.
+        #[arg(long = "kernel", value_delimiter = ',')]
+        kernels: Vec<String>,
+        /// Every end-to-end test, not the subset (hours under TCG).
+        #[arg(long)]
+        full: bool,
+        /// Only this test (exact name, any test binary); may be repeated.
+        #[arg(long)]
+        only: Vec<String>,
+        /// Use KVM instead of QEMU's emulation (TCG); fails on nested
+        /// hypervisors that cannot run these guests.
+        #[arg(long)]
+        kvm: bool,
+        /// Refresh the apt lists even when less than a day old.
+        #[arg(long)]
+        refresh: bool,
+        /// Seconds each test may take in the guest.
+        #[arg(long, default_value_t = matrix::MatrixOptions::default().test_timeout)]
+        test_timeout: u64,
+        /// Minutes each VM may run before it is killed [default: 20, 240 with --full].
+        #[arg(long)]
+        vm_timeout: Option<u64>,
     },
     /// Measure memtrace's cost and limits on this machine (root); prints a
     /// report and writes it to BENCHMARKS.tmp.md.
@@ -147,7 +180,32 @@ fn main() -> Result<()> {
             let bin = workspace_root().join("target/release/memtrace");
             run(Command::new(bin).args(args))
         }
-        Cmd::Test { unit, filter } => {
+        Cmd::Matrix {
+            kernels,
+            full,
+            only,
+            kvm,
+            refresh,
+            test_timeout,
+            vm_timeout,
+        } => {
+            ensure_setup()?;
+            matrix::matrix(&matrix::MatrixOptions {
+                kernels,
+                full,
+                only,
+                name_contains: None,
+                kvm,
+                refresh,
+                test_timeout,
+                vm_timeout,
+            })
+        }
+        Cmd::Test {
+            unit,
+            no_matrix,
+            filter,
+        } => {
             // The agent's folders import only what they may, and nothing
             // imports back (README.md, "Layout").
             layout::check(&workspace_root().join("memtrace/src"))?;
@@ -172,14 +230,21 @@ fn main() -> Result<()> {
             run(cargo().args(["build", "-p", "memtrace"]))?;
             let mut cmd = cargo();
             cmd.args(["test", "-p", "memtrace-tests", "--", "--test-threads=1"]);
-            if let Some(f) = filter {
+            if let Some(f) = &filter {
                 cmd.arg(f);
             }
             cmd.env(
                 "MEMTRACE_BIN",
                 workspace_root().join("target/debug/memtrace"),
             );
-            run(&mut cmd)
+            run(&mut cmd)?;
+            if no_matrix {
+                return Ok(());
+            }
+            matrix::matrix(&matrix::MatrixOptions {
+                name_contains: filter,
+                ..Default::default()
+            })
         }
     }
 }

@@ -75,7 +75,7 @@ fn run_ok(cmd: &mut Command) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-fn output(cmd: &mut Command) -> Result<String> {
+pub(crate) fn output(cmd: &mut Command) -> Result<String> {
     let out = cmd
         .output()
         .with_context(|| format!("cannot run {cmd:?}"))?;
@@ -255,7 +255,7 @@ fn ensure_bpf_linker() -> Result<bool> {
 }
 
 /// A command on PATH, or a file when given as an absolute path.
-fn have_command(cmd: &str) -> bool {
+pub(crate) fn have_command(cmd: &str) -> bool {
     if cmd.starts_with('/') {
         return Path::new(cmd).is_file();
     }
