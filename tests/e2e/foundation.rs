@@ -277,7 +277,7 @@ fn real_gunicorn_master_and_workers_with_rss_from_the_kernel() {
     // Agent first: gunicorn is matched at exec and its workers at fork.
     let agent = AgentHarness::start(test_settings(&["gunicorn"]));
     let _server = gunicorn(port, 3, 0);
-    assert!(wait_port(port, Duration::from_secs(20)), "gunicorn listens");
+    assert!(wait_port(port, SERVER_START), "gunicorn listens");
     let mut tree = None;
     assert!(
         wait_for(Duration::from_secs(10), || {

@@ -214,10 +214,7 @@ fn real_gunicorn_counts_60_of_60_and_the_256k_leak_in_the_best_mode() {
     let port = free_port();
     let leak = 256 * KIB;
     let server = gunicorn(port, 2, leak as u64);
-    assert!(
-        wait_port(port, Duration::from_secs(120)),
-        "gunicorn listens"
-    );
+    assert!(wait_port(port, SERVER_START), "gunicorn listens");
     let workers = wait_children(server.pid(), 2);
     assert!(agent.wait(Duration::from_secs(20), |s| {
         workers.iter().all(|&p| s.registry.contains(p))
@@ -312,7 +309,7 @@ fn a_missing_piece_is_named_once_and_the_rest_works() {
     let server = LeakyServer::start(2, 128 * KIB as u64, &[]);
     let workers = server.workers(2);
     let api: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    assert!(wait_port(port, Duration::from_secs(10)));
+    assert!(wait_port(port, SERVER_START));
     let mut listed = serde_json::Value::Null;
     let found = wait_for(Duration::from_secs(20), || {
         listed = api_get(api, &format!("/v1/workers?token={TOKEN}")).1;

@@ -239,7 +239,7 @@ fn real_gunicorn_is_restarted_by_sighup_and_its_new_workers_followed() {
     let agent = AgentHarness::start(settings);
     let port = free_port();
     let _server = gunicorn(port, 2, MIB);
-    assert!(wait_port(port, Duration::from_secs(20)));
+    assert!(wait_port(port, SERVER_START));
     let mut tree = None;
     assert!(wait_for(Duration::from_secs(10), || {
         tree = agent.with(|s| {

@@ -10,7 +10,8 @@ use std::{
 };
 
 use memtrace_tests::{
-    Proc, api_get, free_port, memtrace_bin, poll_every, require_root, serial, wait_port,
+    Proc, SERVER_START, api_get, free_port, memtrace_bin, poll_every, require_root, serial,
+    wait_port,
 };
 
 const TOKEN: &str = "operator-test-token";
@@ -307,7 +308,7 @@ fn top_under_tmux_shows_the_demo_workers_and_updates() {
     let started = Instant::now();
     let mut demo = Demo::start(60);
     assert!(
-        wait_port(demo.addr.port(), Duration::from_secs(30)),
+        wait_port(demo.addr.port(), SERVER_START),
         "the demo's API did not listen on {}:\n{}",
         demo.addr,
         demo.stdout.text()

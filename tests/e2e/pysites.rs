@@ -193,7 +193,7 @@ fn gunicorn_debian_python_311_sites_match_tracemalloc() {
     let (_agent, addr) = start_agent(&["gunicorn"]);
     let port = free_port();
     let server = fixture_gunicorn(port);
-    assert!(wait_port(port, Duration::from_secs(20)));
+    assert!(wait_port(port, SERVER_START));
     let worker = wait_children(server.pid(), 1)[0];
     let status = python_ready(addr, worker);
     assert_eq!(
@@ -212,7 +212,7 @@ fn fixture_uwsgi() -> (u16, Proc) {
         &["--workers", "1", "--http-socket"],
         0,
     );
-    assert!(wait_port(port, Duration::from_secs(20)));
+    assert!(wait_port(port, SERVER_START));
     (port, server)
 }
 
@@ -267,7 +267,7 @@ fn pyenv_312_and_313_sites_match_tracemalloc() {
     for minor in ["3.12", "3.13"] {
         let port = free_port();
         let server = pyenv_server(minor, port);
-        assert!(wait_port(port, Duration::from_secs(20)), "{minor} serves");
+        assert!(wait_port(port, SERVER_START), "{minor} serves");
         let status = python_ready(addr, server.pid());
         assert_eq!(status["pymalloc_probed"], true, "{minor}: {status}");
         both_fixtures(addr, port, server.pid());
@@ -281,7 +281,7 @@ fn an_unreadable_interpreter_keeps_native_sites() {
     let (agent, addr) = start_agent(&["python3.10"]);
     let port = free_port();
     let server = pyenv_server("3.10", port);
-    assert!(wait_port(port, Duration::from_secs(20)));
+    assert!(wait_port(port, SERVER_START));
     let pid = server.pid();
     let known = agent.wait(Duration::from_secs(15), |s| {
         s.registry.get(pid).is_some_and(|w| w.python.is_some())

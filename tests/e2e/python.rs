@@ -43,7 +43,7 @@ fn gunicorn_workers_run_debians_static_python_311() {
     let agent = AgentHarness::start(test_settings(&["gunicorn"]));
     let port = free_port();
     let server = gunicorn(port, 2, 0);
-    assert!(wait_port(port, Duration::from_secs(20)));
+    assert!(wait_port(port, SERVER_START));
     let workers = wait_children(server.pid(), 2);
     let version = String::from_utf8(
         Command::new("/usr/bin/python3.11")
@@ -67,7 +67,7 @@ fn uwsgi_embeds_libpython_311() {
     let agent = AgentHarness::start(test_settings(&["uwsgi"]));
     let port = free_port();
     let server = uwsgi(port, &["--workers", "2", "--http-socket"], 0);
-    assert!(wait_port(port, Duration::from_secs(20)));
+    assert!(wait_port(port, SERVER_START));
     let workers = wait_children(server.pid(), 2);
     for pid in workers {
         let py = python_of(&agent, pid).unwrap_or_else(|| panic!("no interpreter for {pid}"));

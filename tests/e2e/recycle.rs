@@ -92,10 +92,7 @@ struct Server {
 /// while load runs, and checks that it alone was retired with `signal`.
 fn one_worker_is_recycled(names: &[&str], server: Server, kind: ServerKind, signal: &str) {
     let _serial = serial();
-    assert!(
-        wait_port(server.port, Duration::from_secs(30)),
-        "{kind} listens"
-    );
+    assert!(wait_port(server.port, SERVER_START), "{kind} listens");
     let workers = wait_children(server.master, server.workers);
     let largest_mb = workers
         .iter()
@@ -278,10 +275,7 @@ fn uss_limit_ignores_pages_shared_with_the_master() {
             .args([port.to_string(), "2".into(), "64".into()])
             .arg(dir.path()),
     );
-    assert!(
-        wait_port(port, Duration::from_secs(10)),
-        "cow_master listens"
-    );
+    assert!(wait_port(port, SERVER_START), "cow_master listens");
     let workers = wait_children(server.pid(), 2);
     for &w in &workers {
         let rss = smaps_rss(w).unwrap();

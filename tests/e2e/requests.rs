@@ -162,7 +162,7 @@ fn accept_mode_on_real_gunicorn_counts_every_request_and_the_leak() {
     let port = free_port();
     let leak = 256 * KIB;
     let server = gunicorn(port, 3, leak as u64);
-    assert!(wait_port(port, Duration::from_secs(20)), "gunicorn listens");
+    assert!(wait_port(port, SERVER_START), "gunicorn listens");
     let workers = gunicorn_workers(&server, 3);
     let sent = 300;
     drive(port, "/", sent, 3);

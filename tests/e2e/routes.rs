@@ -167,7 +167,7 @@ fn gunicorn_sync_names_the_leaking_route() {
     let agent = AgentHarness::start(s);
     let port = free_port();
     let server = gunicorn(port, 1, 0);
-    assert!(wait_port(port, Duration::from_secs(20)), "gunicorn listens");
+    assert!(wait_port(port, SERVER_START), "gunicorn listens");
     let worker = wait_children(server.pid(), 1)[0];
     // Sync workers close after each response: a connection per request.
     let sent = mixed_traffic(port, 60, false);
@@ -219,7 +219,7 @@ fn gunicorn_gthread_names_the_leaking_route_and_caps_routes() {
     let agent = AgentHarness::start(s);
     let port = free_port();
     let server = gthread(port);
-    assert!(wait_port(port, Duration::from_secs(20)), "gunicorn listens");
+    assert!(wait_port(port, SERVER_START), "gunicorn listens");
     let worker = wait_children(server.pid(), 1)[0];
     let sent = mixed_traffic(port, 60, true);
     wait_counted(&agent, worker, 300);
@@ -272,7 +272,7 @@ fn uvicorn(port: u16) -> Proc {
             .stdout(Stdio::null())
             .stderr(Stdio::null()),
     );
-    assert!(wait_port(port, Duration::from_secs(30)), "uvicorn listens");
+    assert!(wait_port(port, SERVER_START), "uvicorn listens");
     server
 }
 
@@ -394,7 +394,7 @@ fn no_http_paths_keeps_no_path() {
     let agent = AgentHarness::start(s);
     let port = free_port();
     let server = gthread(port);
-    assert!(wait_port(port, Duration::from_secs(20)), "gunicorn listens");
+    assert!(wait_port(port, SERVER_START), "gunicorn listens");
     let worker = wait_children(server.pid(), 1)[0];
     mixed_traffic(port, 4, true);
     wait_counted(&agent, worker, 20);
@@ -420,7 +420,7 @@ fn concurrent_mixed_traffic_counts_routes_exactly() {
     let agent = AgentHarness::start(settings(&["gunicorn"]));
     let port = free_port();
     let server = gthread(port);
-    assert!(wait_port(port, Duration::from_secs(20)), "gunicorn listens");
+    assert!(wait_port(port, SERVER_START), "gunicorn listens");
     let worker = wait_children(server.pid(), 1)[0];
     let clients: Vec<_> = (0..4)
         .map(|_| std::thread::spawn(move || mixed_traffic(port, 25, true)))

@@ -152,7 +152,7 @@ fn gunicorn_gthread_with_keep_alive_counts_every_request_and_its_leak() {
             .stdout(Stdio::null())
             .stderr(Stdio::null()),
     );
-    assert!(wait_port(port, Duration::from_secs(20)), "gunicorn listens");
+    assert!(wait_port(port, SERVER_START), "gunicorn listens");
     let workers = wait_children(server.pid(), 1);
     let bodies = keep_alive(port, "/", 10, 30);
     assert_eq!(bodies.len(), 300);
@@ -192,7 +192,7 @@ fn uvicorn_async_workers_count_every_request() {
             .stdout(Stdio::null())
             .stderr(Stdio::null()),
     );
-    assert!(wait_port(port, Duration::from_secs(30)), "uvicorn listens");
+    assert!(wait_port(port, SERVER_START), "uvicorn listens");
     // Its children: the two workers, and maybe multiprocessing's resource
     // tracker, which is not one.
     let mut workers = Vec::new();
@@ -253,7 +253,7 @@ fn uwsgi_with_threads_and_keep_alive_counts_every_request_and_its_leak() {
         &["--processes", "1", "--threads", "4", "--http11-socket"],
         leak,
     );
-    assert!(wait_port(port, Duration::from_secs(20)), "uWSGI listens");
+    assert!(wait_port(port, SERVER_START), "uWSGI listens");
     let workers = wait_children(server.pid(), 1);
     let bodies = keep_alive(port, "/", 10, 30);
     assert_eq!(bodies.len(), 300);

@@ -36,6 +36,11 @@ fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// How long a server (or the agent) may take to start listening: seconds
+/// natively, a minute or more in the kernel matrix's emulated VMs on a busy
+/// host. The waits end as soon as it listens.
+pub const SERVER_START: Duration = Duration::from_secs(120);
+
 /// Compiled fixtures (C, with frame pointers), built once per test binary.
 pub struct Fixtures {
     pub dir: PathBuf,
@@ -321,8 +326,7 @@ impl AgentProcess {
         let agent = Self { proc, lines };
         assert!(
             agent
-                .wait_log(Duration::from_secs(30), |l| l["message"]
-                    == "eBPF programs attached")
+                .wait_log(SERVER_START, |l| l["message"] == "eBPF programs attached")
                 .is_some(),
             "memtrace did not start: {:?}",
             agent.logs()
@@ -478,7 +482,7 @@ pub fn drive(port: u16, path: &str, total: usize, concurrency: usize) {
 /// checks no extra one shows up afterwards.
 pub fn assert_counted_exactly(agent: &AgentHarness, pids: &[u32], sent: u64) {
     let mut seen = 0;
-    wait_for(Duration::from_secs(10), || {
+    wait_for(Duration::from_secs(60), || {
         seen = agent.with(|s| requests_seen(s, pids));
         seen >= sent
     });
@@ -546,7 +550,7 @@ pub fn children_of(parent: u32) -> Vec<u32> {
 /// The children of `parent`, once there are `n` of them.
 pub fn wait_children(parent: u32, n: usize) -> Vec<u32> {
     let mut kids = Vec::new();
-    let ok = wait_for(Duration::from_secs(20), || {
+    let ok = wait_for(Duration::from_secs(60), || {
         kids = children_of(parent);
         kids.len() == n
     });
@@ -577,10 +581,7 @@ impl LeakyServer {
                 .env("LEAK_BYTES", leak_bytes.to_string())
                 .envs(env.iter().copied()),
         );
-        assert!(
-            wait_port(port, Duration::from_secs(10)),
-            "leaky_server listens"
-        );
+        assert!(wait_port(port, SERVER_START), "leaky_server listens");
         // leaky_server writes its pid file before it listens.
         let master = read_pid(&dir.path().join("master")).expect("master pid");
         Self {
@@ -726,10 +727,7 @@ echo $body;
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null()),
         );
-        assert!(
-            wait_port(fpm_port, Duration::from_secs(20)),
-            "php-fpm listens"
-        );
+        assert!(wait_port(fpm_port, SERVER_START), "php-fpm listens");
         let nginx = Proc::spawn(
             Command::new("nginx")
                 .arg("-p")
@@ -738,7 +736,7 @@ echo $body;
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null()),
         );
-        assert!(wait_port(port, Duration::from_secs(20)), "nginx listens");
+        assert!(wait_port(port, SERVER_START), "nginx listens");
         Self {
             procs: vec![nginx, fpm],
             port,
