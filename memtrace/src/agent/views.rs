@@ -105,6 +105,8 @@ pub fn agent_status(state: &State) -> AgentStatus {
         events_received: state.counters.events_received,
         decode_errors: state.counters.decode_errors,
         kernel: state.tracer.counters(),
+        kernel_release: state.tracer.kernel_release().to_string(),
+        kernel_unavailable: state.tracer.unavailable().to_vec(),
         programs_attached: state.tracer.attached().to_vec(),
         collection_active: state.tracer.collecting(),
         collect_tier: state.tracer.collect_tier().name(),

@@ -141,6 +141,11 @@ pub struct AgentStatus {
     pub events_received: u64,
     pub decode_errors: u64,
     pub kernel: KernelCounters,
+    /// The running kernel's release.
+    pub kernel_release: String,
+    /// Features asked for that this kernel cannot serve, one line each
+    /// (`memtrace check` lists every feature).
+    pub kernel_unavailable: Vec<String>,
     pub programs_attached: Vec<String>,
     pub collection_active: bool,
     /// What a snapshot collects: `growth` or `heap`.

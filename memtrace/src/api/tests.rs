@@ -123,6 +123,8 @@ impl Backend for Fake {
                 events_received: 0,
                 decode_errors: 0,
                 kernel: KernelCounters::default(),
+                kernel_release: "6.1.0-test".into(),
+                kernel_unavailable: vec!["HTTP path capture is off: test".into()],
                 programs_attached: vec![],
                 collection_active: calls.collecting,
                 collect_tier: "heap",

@@ -235,6 +235,19 @@ pub fn render_status(body: &Value) -> String {
         num(&agent["kernel"]["ringbuf_drops"]),
         collection_state(agent),
     );
+    // What this kernel cannot serve, before the table (`memtrace check`).
+    if let Some(off) = agent["kernel_unavailable"]
+        .as_array()
+        .filter(|o| !o.is_empty())
+    {
+        for line in off.iter().filter_map(Value::as_str) {
+            out += &format!(
+                "kernel {}: {line}\n",
+                agent["kernel_release"].as_str().unwrap_or("?")
+            );
+        }
+        out.push('\n');
+    }
     let workers = body["workers"].as_array().cloned().unwrap_or_default();
     // Where each worker runs, shown only when some run in a container.
     let place = |w: &Value| {
@@ -527,6 +540,27 @@ mod tests {
         let mut plain = body.clone();
         plain["workers"][0]["placement"] = json!({"cgroup": "/user.slice"});
         assert!(!render_status(&plain).contains("POD/CONTAINER"));
+    }
+
+    #[test]
+    fn status_names_what_the_kernel_cannot_serve() {
+        let body = json!({
+            "agent": {"version": "0.1.0", "pid": 1, "uptime_secs": 5.0, "selectors": "name=srv",
+                      "workers_alive": 0, "workers_exited": 0, "events_received": 0,
+                      "kernel": {"ringbuf_drops": 0}, "collection_active": false,
+                      "kernel_release": "5.10.0-46-amd64",
+                      "kernel_unavailable": ["HTTP path capture is off: needs 5.15"]},
+            "workers": []
+        });
+        let out = render_status(&body);
+        assert_eq!(
+            out.lines().nth(2),
+            Some("kernel 5.10.0-46-amd64: HTTP path capture is off: needs 5.15"),
+            "{out}"
+        );
+        let mut none = body.clone();
+        none["agent"]["kernel_unavailable"] = json!([]);
+        assert!(!render_status(&none).contains("kernel 5.10"));
     }
 
     #[test]

@@ -275,7 +275,10 @@ impl KernelFeatures {
 
     pub fn cgroup_filter(&self) -> Result<(), String> {
         if !self.ancestor_cgroup_helper {
-            Err("tracepoint programs may call bpf_get_current_ancestor_cgroup_id from Linux 5.14".into())
+            Err(
+                "tracepoint programs may call bpf_get_current_ancestor_cgroup_id from Linux 5.14"
+                    .into(),
+            )
         } else if !self.cgroup_v2 {
             Err("no cgroup v2 hierarchy is mounted (cgroup v1 hosts cannot be filtered in the kernel)".into())
         } else {

@@ -345,6 +345,7 @@ pub struct Tracer {
     requests: RequestProbes,
     /// Features asked for that this kernel cannot serve, one line each.
     unavailable: Vec<String>,
+    kernel_release: String,
     pub layout: TracepointLayout,
 }
 
@@ -782,6 +783,7 @@ impl Tracer {
             heap_sample_bytes: options.heap_sample_bytes,
             requests: plan.requests.clone(),
             unavailable: plan.unavailable.clone(),
+            kernel_release: features.release.clone(),
             layout: features.layout,
         };
         for &(program, category, name) in STEADY_PROGRAMS {
@@ -837,6 +839,11 @@ impl Tracer {
     /// What was asked for and this kernel cannot serve, one line each.
     pub fn unavailable(&self) -> &[String] {
         &self.unavailable
+    }
+
+    /// The running kernel's release.
+    pub fn kernel_release(&self) -> &str {
+        &self.kernel_release
     }
 
     fn attach_fexit(&mut self, program: &'static str, function: &str) -> Result<(), LoadError> {
