@@ -104,6 +104,13 @@ impl Drop for Server {
         let group = nix::unistd::Pid::from_raw(-(self.child.id() as i32));
         let _ = nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGKILL);
         let _ = self.child.wait();
+        // The workers die on their own time (a large address space takes a
+        // while to tear down): "cleaned up" waits for the whole group, up
+        // to a few seconds.
+        let until = std::time::Instant::now() + Duration::from_secs(5);
+        while nix::sys::signal::kill(group, None).is_ok() && std::time::Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
