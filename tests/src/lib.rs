@@ -402,7 +402,8 @@ pub fn still_loaded(ids: &[u32]) -> Vec<u32> {
 
 /// Names of the programs `pid` has attached (through link fds it holds).
 pub fn attached_program_names(pid: u32) -> Vec<String> {
-    let linked: Vec<u32> = bpf_fds(pid).links.iter().map(|&(_, prog)| prog).collect();
+    let mut linked: Vec<u32> = bpf_fds(pid).links.iter().map(|&(_, prog)| prog).collect();
+    linked.extend(perf_attached(pid));
     let mut names: Vec<String> = aya::programs::loaded_programs()
         .filter_map(Result::ok)
         .filter(|p| linked.contains(&p.id()))
@@ -411,6 +412,25 @@ pub fn attached_program_names(pid: u32) -> Vec<String> {
     names.sort();
     names.dedup();
     names
+}
+
+/// Programs a process attached through perf events without a BPF link
+/// (tracepoints and uprobes on kernels before 5.15): the kernel's own
+/// answer to BPF_TASK_FD_QUERY, as `bpftool perf list` gives it.
+fn perf_attached(pid: u32) -> Vec<u32> {
+    let Ok(out) = Command::new("bpftool")
+        .args(["-j", "perf", "list"])
+        .output()
+    else {
+        return Vec::new();
+    };
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["pid"].as_u64() == Some(u64::from(pid)))
+        .filter_map(|e| e["prog_id"].as_u64().map(|id| id as u32))
+        .collect()
 }
 
 /// One GET to the agent's API: status code and JSON body (or the text).
