@@ -209,8 +209,8 @@ fn the_agent_starts_in_every_mode_and_tier_this_kernel_serves() {
 }
 
 /// Gunicorn's workers, 60 requests counted of 60 sent, and a 256 KiB leak
-/// per request, in socket mode where this kernel has it and accept mode
-/// otherwise.
+/// per request (per-request deltas and the detector's slope), in socket mode
+/// where this kernel has it and accept mode otherwise.
 #[test]
 fn real_gunicorn_counts_60_of_60_and_the_256k_leak_in_the_best_mode() {
     let report = check(&[]);
@@ -223,6 +223,10 @@ fn real_gunicorn_counts_60_of_60_and_the_256k_leak_in_the_best_mode() {
     let _serial = serial();
     let mut settings = test_settings(&["gunicorn"]);
     settings.load.requests = mode;
+    // Small windows: a few hundred requests give a judged slope.
+    settings.detector.window_size = 60;
+    settings.detector.check_interval = 20;
+    settings.detector.warmup_samples = 10;
     let agent = AgentHarness::start(settings);
     let port = free_port();
     let leak = 256 * KIB;
@@ -244,6 +248,8 @@ fn real_gunicorn_counts_60_of_60_and_the_256k_leak_in_the_best_mode() {
     assert_counted_exactly(&agent, &workers, (sent + more) as u64);
     let deltas = recent_deltas(&agent, &workers, sent + more);
     assert_mean_within(&deltas, leak, 0.10, "gunicorn leak 256 KiB");
+    // The leak detector's slope finds it too.
+    assert_slope(&agent, &workers, leak as u64, "gunicorn leak 256 KiB");
 }
 
 /// Sets the capabilities hidden from the agent in this process (the tests

@@ -78,31 +78,6 @@ fn assert_counted_exactly(agent: &AgentHarness, pids: &[u32], sent: u64) {
     );
 }
 
-/// The robust slope (MB per request) of the worker that served the most.
-fn slope_mb(agent: &AgentHarness, pids: &[u32]) -> f64 {
-    agent.with(|s| {
-        let w = pids
-            .iter()
-            .filter_map(|p| s.registry.find(*p))
-            .max_by_key(|w| w.requests.seen)
-            .expect("a worker");
-        w.detector
-            .get_state()
-            .robust_slope
-            .unwrap_or_else(|| panic!("no slope yet for {}: {:?}", w.pid, w.detector.get_state()))
-    })
-}
-
-fn assert_slope(agent: &AgentHarness, pids: &[u32], leak: u64, what: &str) {
-    let truth = leak as f64 / (1024.0 * 1024.0);
-    let slope = slope_mb(agent, pids);
-    eprintln!("{what}: slope {slope:.4} MB/request, leak {truth:.4} MB/request");
-    assert!(
-        (slope - truth).abs() <= truth * 0.10,
-        "{what}: slope {slope:.4} MB/request, leak {truth:.4} (±10%)"
-    );
-}
-
 #[test]
 fn keep_alive_fixture_counts_every_request_and_its_leak() {
     let _serial = serial();

@@ -530,6 +530,32 @@ pub fn assert_mean_within(deltas: &[i64], truth: i64, tolerance: f64, what: &str
     );
 }
 
+/// The robust slope (MB per request) of the worker that served the most.
+pub fn slope_mb(agent: &AgentHarness, pids: &[u32]) -> f64 {
+    agent.with(|s| {
+        let w = pids
+            .iter()
+            .filter_map(|p| s.registry.find(*p))
+            .max_by_key(|w| w.requests.seen)
+            .expect("a worker");
+        w.detector
+            .get_state()
+            .robust_slope
+            .unwrap_or_else(|| panic!("no slope yet for {}: {:?}", w.pid, w.detector.get_state()))
+    })
+}
+
+/// Asserts the leak detector's slope is within 10% of `leak` bytes a request.
+pub fn assert_slope(agent: &AgentHarness, pids: &[u32], leak: u64, what: &str) {
+    let truth = leak as f64 / (1024.0 * 1024.0);
+    let slope = slope_mb(agent, pids);
+    eprintln!("{what}: slope {slope:.4} MB/request, leak {truth:.4} MB/request");
+    assert!(
+        (slope - truth).abs() <= truth * 0.10,
+        "{what}: slope {slope:.4} MB/request, leak {truth:.4} (±10%)"
+    );
+}
+
 /// The last `n` requests overall: per worker, the newest ones, split the way
 /// the workers actually served them (their request counts since `n` ago).
 pub fn recent_deltas(agent: &AgentHarness, pids: &[u32], n: usize) -> Vec<i64> {
