@@ -289,6 +289,14 @@ pub fn matrix(options: &MatrixOptions) -> Result<()> {
         started.elapsed().as_secs_f64(),
         dir.join("results.md").display()
     );
+    // The closing line CI's runners read: tests over every kernel.
+    let passed: usize = reports.iter().map(|r| r.count(Outcome::Passed)).sum();
+    let skipped: usize = reports.iter().map(|r| r.count(Outcome::Skipped)).sum();
+    let run: usize = reports.iter().map(|r| r.tests.len()).sum();
+    println!(
+        "matrix: {passed} passed, {} failed, {skipped} skipped",
+        run - passed - skipped
+    );
     if !failed.is_empty() {
         bail!("the kernel matrix failed on {}", failed.join(", "));
     }
