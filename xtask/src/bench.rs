@@ -38,6 +38,8 @@ pub struct BenchOptions {
     pub soak_minutes: u64,
     /// Only the path-capture comparison (`paths_bench`).
     pub paths_only: bool,
+    /// Only the steady state and the request modes (`modes_bench`).
+    pub modes_only: bool,
     /// Only the Python comparison (`python_bench`).
     pub python_only: bool,
     /// Only uprobe mode against bare kernel uprobes (`uprobe_floor`).
@@ -827,6 +829,9 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
     if opts.paths_only {
         return paths_bench(&paths, opts);
     }
+    if opts.modes_only {
+        return modes_bench(&paths, opts);
+    }
     if opts.uprobe_only {
         let mut md = format!("# Uprobe mode only (commit {})\n", git_commit());
         uprobe_floor(&paths, opts, &mut md)?;
@@ -1485,6 +1490,37 @@ fn paths_bench(paths: &Paths, opts: &BenchOptions) -> Result<()> {
         paths,
         &fixture,
         &[Mode::Off, Mode::Socket, Mode::SocketNoPaths],
+        opts,
+    )?;
+    throughput_table(&mut md, &results);
+    socket_program_table(&mut md, paths, &fixture, opts)?;
+    print!("{md}");
+    Ok(())
+}
+
+/// The steady state and each request mode on the fixture, and the socket
+/// programs' kernel cost: what a change to the programs' variants could move.
+fn modes_bench(paths: &Paths, opts: &BenchOptions) -> Result<()> {
+    let fx = paths.fixtures.clone();
+    let leaky = move |port: u16| leaky_server(&fx, port);
+    let fixture = Target::fixture(&leaky);
+    let mut md = format!(
+        "# Steady state and request modes only ({} rounds of {} s; commit {}, {})\n\n",
+        opts.rounds,
+        opts.seconds,
+        git_commit(),
+        now_utc()
+    );
+    let results = throughput(
+        paths,
+        &fixture,
+        &[
+            Mode::Off,
+            Mode::Steady,
+            Mode::Accept,
+            Mode::Socket,
+            Mode::Uprobe,
+        ],
         opts,
     )?;
     throughput_table(&mut md, &results);

@@ -90,6 +90,11 @@ enum Cmd {
         /// it (fixture throughput and per-program cost), a few minutes.
         #[arg(long)]
         paths_only: bool,
+        /// Only the steady state and each request mode on the fixture
+        /// (table 1's rows without collection) and the socket programs'
+        /// kernel cost, a few minutes.
+        #[arg(long)]
+        modes_only: bool,
         /// Only Python allocation sites against tracemalloc (gunicorn and
         /// uWSGI), a few minutes.
         #[arg(long)]
@@ -159,6 +164,7 @@ fn main() -> Result<()> {
             seconds,
             soak_minutes,
             paths_only,
+            modes_only,
             python_only,
             uprobe_only,
             untraced_only,
@@ -169,6 +175,7 @@ fn main() -> Result<()> {
                 seconds,
                 soak_minutes,
                 paths_only,
+                modes_only,
                 python_only,
                 uprobe_only,
                 untraced_only,
