@@ -912,6 +912,10 @@ fn run_kernel(
     .stderr(fs::File::create(out.join("vng.stderr"))?)
     .process_group(0);
 
+    let t = Instant::now();
+    let mut child = cmd.spawn().context("cannot start vng")?;
+    // The guest is in a process group of its own, out of the terminal's
+    // reach: Ctrl-C is caught here and passed on as SIGKILL to the group.
     INTERRUPTED.store(false, atomic::Ordering::SeqCst);
     // SAFETY: the handler only stores to an atomic.
     unsafe {
@@ -919,11 +923,9 @@ fn run_kernel(
         libc::signal(libc::SIGINT, handler);
         libc::signal(libc::SIGTERM, handler);
     }
-    let t = Instant::now();
-    let mut child = cmd.spawn().context("cannot start vng")?;
     let mut timed_out = false;
     loop {
-        if child.try_wait()?.is_some() {
+        if child.try_wait().is_ok_and(|s| s.is_some()) {
             break;
         }
         let interrupted = INTERRUPTED.load(atomic::Ordering::SeqCst);
