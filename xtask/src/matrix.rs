@@ -1151,7 +1151,9 @@ impl KernelReport {
             self.package,
         );
         if let Some(p) = &self.problem {
-            let _ = writeln!(t, "   {p}");
+            for line in p.lines() {
+                let _ = writeln!(t, "   {line}");
+            }
         }
         for test in &self.tests {
             let time = test.seconds.map_or(String::new(), |s| format!("{s:.1}s"));
@@ -1253,10 +1255,14 @@ fn read_guest_results(
             "the VM ran past its {} min limit and was killed",
             limit.as_secs() / 60
         )),
-        (None, None, _) => Some("the guest never ran the test script: see console.log".into()),
-        (None, Some(_), None) => {
-            Some("the guest stopped before the test script finished: see console.log".into())
-        }
+        (None, None, _) => Some(format!(
+            "the guest never ran the test script; the VM's last words:\n{}",
+            last_words(out)
+        )),
+        (None, Some(_), None) => Some(format!(
+            "the guest stopped before the test script finished; the VM's last words:\n{}",
+            last_words(out)
+        )),
         _ => None,
     };
     let mut tests = Vec::new();
@@ -1306,6 +1312,18 @@ fn read_guest_results(
         problem,
         console: Some(out.join("console.log")),
     }
+}
+
+/// The end of what vng and QEMU printed (a KVM error, a kernel panic).
+fn last_words(out: &Path) -> String {
+    let stderr = fs::read_to_string(out.join("vng.stderr")).unwrap_or_default();
+    let console = fs::read_to_string(out.join("console.log")).unwrap_or_default();
+    let text = if stderr.trim().is_empty() {
+        console
+    } else {
+        stderr
+    };
+    last_lines(text.trim_end(), 4)
 }
 
 fn last_lines(text: &str, n: usize) -> String {
@@ -1512,7 +1530,7 @@ fn write_results(
     for r in reports {
         let _ = write!(md, "\n## {} ({}, from {})\n\n", r.label, r.release, r.from);
         if let Some(p) = &r.problem {
-            let _ = writeln!(md, "{p}\n");
+            let _ = writeln!(md, "```text\n{p}\n```\n");
         }
         if !r.tests.is_empty() {
             md.push_str("| Test | Result | Time |\n|---|---|---|\n");
