@@ -43,6 +43,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("qemu-system-x86_64", "qemu-system-x86"),
     ("/bin/busybox", "busybox-static"),
     ("/sbin/depmod", "kmod"),
+    // Debian's python3 makes virtualenvs (virtme-ng's, uvicorn's) only with it.
+    ("/usr/lib/python3.11/ensurepip/__init__.py", "python3-venv"),
 ];
 
 pub struct SetupOptions {
