@@ -1472,48 +1472,25 @@ fn socket_program_table(
     Ok(())
 }
 
-/// `cargo xtask bench --paths-only`: the cost of HTTP path capture alone
-/// (fixture throughput and per-program cost), in a few minutes.
+/// Socket mode with and without HTTP path capture on the fixture, and the
+/// socket programs' kernel cost (`--paths-only`).
 fn paths_bench(paths: &Paths, opts: &BenchOptions) -> Result<()> {
-    let fx = paths.fixtures.clone();
-    let leaky = move |port: u16| leaky_server(&fx, port);
-    let fixture = Target::fixture(&leaky);
-    let mut md = String::new();
-    let _ = writeln!(
-        md,
-        "# HTTP path capture only ({} rounds of {} s; commit {})\n",
-        opts.rounds,
-        opts.seconds,
-        git_commit()
-    );
-    let results = throughput(
+    fixture_bench(
         paths,
-        &fixture,
-        &[Mode::Off, Mode::Socket, Mode::SocketNoPaths],
         opts,
-    )?;
-    throughput_table(&mut md, &results);
-    socket_program_table(&mut md, paths, &fixture, opts)?;
-    print!("{md}");
-    Ok(())
+        "HTTP path capture only",
+        &[Mode::Off, Mode::Socket, Mode::SocketNoPaths],
+    )
 }
 
 /// The steady state and each request mode on the fixture, and the socket
-/// programs' kernel cost: what a change to the programs' variants could move.
+/// programs' kernel cost: what a change to the programs' variants could move
+/// (`--modes-only`).
 fn modes_bench(paths: &Paths, opts: &BenchOptions) -> Result<()> {
-    let fx = paths.fixtures.clone();
-    let leaky = move |port: u16| leaky_server(&fx, port);
-    let fixture = Target::fixture(&leaky);
-    let mut md = format!(
-        "# Steady state and request modes only ({} rounds of {} s; commit {}, {})\n\n",
-        opts.rounds,
-        opts.seconds,
-        git_commit(),
-        now_utc()
-    );
-    let results = throughput(
+    fixture_bench(
         paths,
-        &fixture,
+        opts,
+        "Steady state and request modes only",
         &[
             Mode::Off,
             Mode::Steady,
@@ -1521,8 +1498,22 @@ fn modes_bench(paths: &Paths, opts: &BenchOptions) -> Result<()> {
             Mode::Socket,
             Mode::Uprobe,
         ],
-        opts,
-    )?;
+    )
+}
+
+/// The fixture's throughput in `modes` and the socket programs' table.
+fn fixture_bench(paths: &Paths, opts: &BenchOptions, what: &str, modes: &[Mode]) -> Result<()> {
+    let fx = paths.fixtures.clone();
+    let leaky = move |port: u16| leaky_server(&fx, port);
+    let fixture = Target::fixture(&leaky);
+    let mut md = format!(
+        "# {what} ({} rounds of {} s; commit {}, {})\n\n",
+        opts.rounds,
+        opts.seconds,
+        git_commit(),
+        now_utc()
+    );
+    let results = throughput(paths, &fixture, modes, opts)?;
     throughput_table(&mut md, &results);
     socket_program_table(&mut md, paths, &fixture, opts)?;
     print!("{md}");
