@@ -363,13 +363,12 @@ fn cgroup_filter(selectors: &Selectors) -> u32 {
 /// One line for the kernel, one WARN line for each feature asked for that
 /// it cannot serve (`memtrace check` lists them all).
 fn log_kernel(features: &KernelFeatures, tracer: &Tracer) {
+    let report = features.report();
     let how = |name: &str| {
-        features
-            .report()
-            .into_iter()
+        report
+            .iter()
             .find(|r| r.feature == name)
-            .map(|r| r.how)
-            .unwrap_or_default()
+            .map_or("", |r| r.how.as_str())
     };
     info!(
         kernel = %features.release,

@@ -173,24 +173,18 @@ fn memfd_with(bytes: &[u8]) -> std::io::Result<std::fs::File> {
     Ok(file)
 }
 
-/// Byte offset of a (dotted) member path in a struct, from a BTF file.
-pub fn member_offset(path: &Path, type_name: &str, members: &str) -> Result<u32, BtfError> {
-    KernelBtf::open(path)?.member_offset(type_name, members)
-}
-
-/// Offset of `thread.fsbase` in `struct task_struct` (x86_64): the thread
-/// pointer of a user thread, where glibc keeps its `struct pthread`.
-pub fn task_fsbase_offset() -> Result<u32, BtfError> {
-    member_offset(Path::new(VMLINUX_BTF), "task_struct", "thread.fsbase")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn member_offset(path: &Path, type_name: &str, members: &str) -> Result<u32, BtfError> {
+        KernelBtf::open(path)?.member_offset(type_name, members)
+    }
+
     #[test]
     fn finds_fsbase_in_this_kernel() {
-        let offset = task_fsbase_offset().expect("this kernel has BTF");
+        let offset = member_offset(Path::new(VMLINUX_BTF), "task_struct", "thread.fsbase")
+            .expect("this kernel has BTF");
         // task_struct is several KiB; thread comes last on x86_64.
         assert!((1000..20_000).contains(&offset), "{offset}");
         assert_eq!(offset % 8, 0);
