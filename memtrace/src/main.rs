@@ -26,21 +26,31 @@ fn main() -> ExitCode {
             client,
             pid,
             limit,
+            sites,
             output,
         } => run_sites(
             &client,
             &output,
             "snapshot",
             pid,
-            limit,
+            (limit, &sites.query(false)),
             client::render_snapshot,
         ),
         Command::Diff {
             client,
             pid,
             limit,
+            sites,
+            still_growing,
             output,
-        } => run_sites(&client, &output, "diff", pid, limit, client::render_diff),
+        } => run_sites(
+            &client,
+            &output,
+            "diff",
+            pid,
+            (limit, &sites.query(still_growing)),
+            client::render_diff,
+        ),
         Command::Stop { client } => run_client(
             &client,
             |c| c.debug("stop", None, None),
@@ -156,7 +166,7 @@ fn run_sites(
     output: &OutputArgs,
     action: &str,
     pid: Option<u32>,
-    limit: usize,
+    (limit, sites): (usize, &str),
     render: impl FnOnce(&serde_json::Value) -> String,
 ) -> ExitCode {
     use std::io::{IsTerminal as _, Write as _};
@@ -164,10 +174,10 @@ fn run_sites(
         let mut args = args.clone();
         args.json |= output.format == OutputFormat::Json;
         let Some(path) = &output.output else {
-            return run_client(&args, |c| c.debug(action, pid, Some(limit)), render);
+            return run_client(&args, |c| c.debug_sites(action, pid, limit, sites), render);
         };
         let c = Client::new(&args.url, std::env::var(DEBUG_TOKEN_ENV).ok());
-        return match c.debug(action, pid, Some(limit)) {
+        return match c.debug_sites(action, pid, limit, sites) {
             Ok(body) => {
                 let text = if args.json {
                     serde_json::to_string_pretty(&body).unwrap_or_default() + "\n"
@@ -196,7 +206,7 @@ fn run_sites(
         }
     }
     let c = Client::new(&args.url, std::env::var(DEBUG_TOKEN_ENV).ok());
-    match c.debug_profile(action, pid, format) {
+    match c.debug_profile(action, pid, format, sites) {
         Ok(body) => match &output.output {
             Some(path) => write_output(path, &body),
             None => match std::io::stdout().write_all(&body) {

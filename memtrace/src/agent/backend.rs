@@ -1,7 +1,7 @@
 //! The API's backend over the running agent: status from the worker model,
 //! snapshots and diffs from the kernel's stack maps, metrics.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     sync::{Mutex, MutexGuard},
 };
 
@@ -27,9 +27,10 @@ use crate::{
         python::{self, PythonSymbolizer},
         render::{self, ProfileFormat, ProfileMeta, RenderError, Rendered},
         snapshot::{
-            self, DiffView, RawSite, SiteKind, Snapshot, SnapshotView, SymbolizerService,
-            scale_heap_sample,
+            self, DiffView, GrowthHistory, RawSite, SiteKind, Snapshot, SnapshotView,
+            SymbolizerService, scale_heap_sample,
         },
+        view::{SiteOptions, SiteView, ViewSpec},
     },
 };
 use memtrace_common::{PyFrame, SiteCount};
@@ -42,9 +43,14 @@ struct Baseline {
     taken_unix: f64,
 }
 
+/// Diffs since the snapshot, per worker selection and view: which sites
+/// grew in which.
+type Histories = HashMap<(Option<u32>, SiteView), GrowthHistory>;
+
 pub struct AgentBackend {
     events: EventDrain,
     baseline: Mutex<Option<Baseline>>,
+    history: Mutex<Histories>,
     symbolizer: SymbolizerService,
     python: PythonSymbolizer,
 }
@@ -54,6 +60,7 @@ impl AgentBackend {
         Self {
             events,
             baseline: Mutex::new(None),
+            history: Mutex::new(HashMap::new()),
             symbolizer: SymbolizerService::spawn(),
             python: PythonSymbolizer::default(),
         }
@@ -67,6 +74,29 @@ impl AgentBackend {
 
     fn lock_baseline(&self) -> MutexGuard<'_, Option<Baseline>> {
         self.baseline.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_history(&self) -> MutexGuard<'_, Histories> {
+        self.history.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The view a query asks for: the agent's `--app-path`/`--hide`, the
+    /// query's, and each worker's standard library from its interpreter.
+    fn view_spec(&self, pids: &[u32], options: &SiteOptions) -> Result<ViewSpec, BackendError> {
+        let app = {
+            let state = self.lock();
+            let mut app = state.app_code.clone();
+            for &pid in pids {
+                let dirs = state
+                    .registry
+                    .find(pid)
+                    .and_then(|w| w.python.as_ref())
+                    .and_then(|py| py.stdlib_dir());
+                app.stdlib.insert(pid, dirs.into_iter().collect());
+            }
+            app
+        };
+        options.spec(app).map_err(BackendError::BadRequest)
     }
 
     /// The workers a snapshot or diff covers: one (which must be alive), or
@@ -109,6 +139,8 @@ impl AgentBackend {
             mappings: mappings.clone(),
             taken_unix,
         });
+        // A new baseline: which sites grew is counted from here.
+        self.lock_history().clear();
         tracing::info!(
             workers = pids.len(),
             sites = raw.len(),
@@ -368,38 +400,70 @@ impl Backend for AgentBackend {
         Ok(w.requests.routes.view())
     }
 
-    fn snapshot(&self, pid: Option<u32>, limit: usize) -> Result<SnapshotView, BackendError> {
+    fn snapshot(
+        &self,
+        pid: Option<u32>,
+        limit: usize,
+        sites: &SiteOptions,
+    ) -> Result<SnapshotView, BackendError> {
         let taken = self.take_snapshot(pid)?;
-        Ok(Snapshot::build(taken.pids, taken.raw, taken.mappings).view(limit))
+        let spec = self.view_spec(&taken.pids, sites)?;
+        Ok(Snapshot::build(taken.pids, taken.raw, taken.mappings, &spec).view(limit))
     }
 
-    fn diff(&self, pid: Option<u32>, limit: usize) -> Result<DiffView, BackendError> {
+    fn diff(
+        &self,
+        pid: Option<u32>,
+        limit: usize,
+        sites: &SiteOptions,
+    ) -> Result<DiffView, BackendError> {
         let d = self.take_diff(pid)?;
-        let mut old = Snapshot::build(d.pids.clone(), d.before, d.before_mappings);
+        let spec = self.view_spec(&d.pids, sites)?;
+        let mut old = Snapshot::build(d.pids.clone(), d.before, d.before_mappings, &spec);
         old.taken_unix = d.since_unix;
-        let new = Snapshot::build(d.pids, d.after, d.mappings);
-        Ok(snapshot::diff(&old, &new, limit))
+        let new = Snapshot::build(d.pids, d.after, d.mappings, &spec);
+        let mut histories = self.lock_history();
+        let history = histories.entry((pid, spec.view)).or_default();
+        Ok(snapshot::diff(
+            &old,
+            &new,
+            limit,
+            history,
+            spec.still_growing,
+        ))
     }
 
     fn snapshot_profile(
         &self,
         pid: Option<u32>,
         format: ProfileFormat,
+        sites: &SiteOptions,
     ) -> Result<Rendered, BackendError> {
         let taken = self.take_snapshot(pid)?;
+        let spec = self.view_spec(&taken.pids, sites)?;
         let meta = self.profile_meta(&taken.pids, None);
-        render::snapshot(format, self.profile_source(), &taken.raw, &meta).map_err(render_failed)
+        render::snapshot(format, self.profile_source(), &taken.raw, &meta, &spec)
+            .map_err(render_failed)
     }
 
     fn diff_profile(
         &self,
         pid: Option<u32>,
         format: ProfileFormat,
+        sites: &SiteOptions,
     ) -> Result<Rendered, BackendError> {
         let d = self.take_diff(pid)?;
+        let spec = self.view_spec(&d.pids, sites)?;
         let meta = self.profile_meta(&d.pids, Some(d.since_unix));
-        render::diff(format, self.profile_source(), &d.before, &d.after, &meta)
-            .map_err(render_failed)
+        render::diff(
+            format,
+            self.profile_source(),
+            &d.before,
+            &d.after,
+            &meta,
+            &spec,
+        )
+        .map_err(render_failed)
     }
 
     fn heap_profile(&self, pid: Option<u32>) -> Result<Rendered, BackendError> {
@@ -412,14 +476,21 @@ impl Backend for AgentBackend {
         };
         let (raw, _) = self.capture(&pids);
         let meta = self.profile_meta(&pids, None);
-        render::snapshot(ProfileFormat::Pprof, self.profile_source(), &raw, &meta)
-            .map_err(render_failed)
+        render::snapshot(
+            ProfileFormat::Pprof,
+            self.profile_source(),
+            &raw,
+            &meta,
+            &ViewSpec::default(),
+        )
+        .map_err(render_failed)
     }
 
     fn stop(&self) -> Result<StopView, BackendError> {
         let mut state = self.lock();
         let detached = state.tracer.stop_collection();
         *self.lock_baseline() = None;
+        self.lock_history().clear();
         for pid in state.registry.pids() {
             self.symbolizer.forget(pid);
             self.python.forget(pid);

@@ -113,6 +113,7 @@ impl Agent {
             enforcer: Enforcer::new(settings.soft_limit.clone(), agent_pid),
             python_builds: Default::default(),
             native_frames: settings.native_frames,
+            app_code: settings.app_code.clone(),
         };
         let api_listener = match settings.listen {
             Some(addr) => {

@@ -6,6 +6,7 @@ use crate::{
     judge::{detector::DetectorConfig, softlimit::SoftLimitSettings},
     kernel::loader::LoadOptions,
     model::{kubelet::KubeletSettings, requests::RequestSettings, selectors::Selectors},
+    sites::view::AppCode,
 };
 
 /// What the agent needs to start.
@@ -17,6 +18,8 @@ pub struct AgentSettings {
     pub mount_tracefs: bool,
     /// Python sites keep the native frames under the innermost Python one.
     pub native_frames: bool,
+    /// Python sites: `--app-path` and `--hide`.
+    pub app_code: AppCode,
     /// How often the ring buffer is drained.
     pub poll_interval: Duration,
     /// How often kernel maps and /proc are read into the worker model.
@@ -49,6 +52,7 @@ impl Default for AgentSettings {
             load: LoadOptions::default(),
             mount_tracefs: true,
             native_frames: false,
+            app_code: AppCode::default(),
             poll_interval: Duration::from_millis(DEFAULT_POLL_INTERVAL_MS),
             refresh_interval: Duration::from_secs(1),
             rescan_interval: Duration::from_secs(5),

@@ -57,6 +57,9 @@ pub struct State {
     pub python_builds: PythonBuilds,
     /// Python sites keep the native frames under the innermost Python one.
     pub native_frames: bool,
+    /// What Python sites count as the application's code (`--app-path`,
+    /// `--hide`; the prefixes come from each interpreter).
+    pub app_code: crate::sites::view::AppCode,
 }
 
 pub type SharedState = Arc<Mutex<State>>;

@@ -9,6 +9,7 @@ use crate::{
     sites::{
         render::{ProfileFormat, Rendered},
         snapshot::{DiffView, SnapshotView},
+        view::SiteOptions,
     },
 };
 
@@ -22,6 +23,9 @@ pub enum BackendError {
     /// The detail is logged by the backend; the client gets this text.
     #[error("{0}")]
     Unavailable(String),
+    /// A query the parser let through that the backend cannot use.
+    #[error("{0}")]
+    BadRequest(String),
 }
 
 impl From<BackendError> for ApiError {
@@ -30,6 +34,7 @@ impl From<BackendError> for ApiError {
             BackendError::UnknownPid(_) => ApiError::NotFound(e.to_string()),
             BackendError::NoBaseline => ApiError::BadRequest(e.to_string()),
             BackendError::Unavailable(m) => ApiError::Unavailable(m),
+            BackendError::BadRequest(m) => ApiError::BadRequest(m),
         }
     }
 }
@@ -53,20 +58,32 @@ pub trait Backend: Send + Sync + 'static {
     fn routes(&self, pid: u32) -> Result<RoutesView, BackendError>;
     /// Turns allocation-site collection on (for `pid`, or every worker) and
     /// keeps the current state as the baseline.
-    fn snapshot(&self, pid: Option<u32>, limit: usize) -> Result<SnapshotView, BackendError>;
+    fn snapshot(
+        &self,
+        pid: Option<u32>,
+        limit: usize,
+        sites: &SiteOptions,
+    ) -> Result<SnapshotView, BackendError>;
     /// Growth since the baseline, which becomes the current state.
-    fn diff(&self, pid: Option<u32>, limit: usize) -> Result<DiffView, BackendError>;
+    fn diff(
+        &self,
+        pid: Option<u32>,
+        limit: usize,
+        sites: &SiteOptions,
+    ) -> Result<DiffView, BackendError>;
     /// As `snapshot`, rendered in another format.
     fn snapshot_profile(
         &self,
         pid: Option<u32>,
         format: ProfileFormat,
+        sites: &SiteOptions,
     ) -> Result<Rendered, BackendError>;
     /// As `diff`, rendered in another format.
     fn diff_profile(
         &self,
         pid: Option<u32>,
         format: ProfileFormat,
+        sites: &SiteOptions,
     ) -> Result<Rendered, BackendError>;
     /// `GET /debug/pprof/heap`: the sites collected so far as a pprof
     /// profile; starts collection when it is off, leaves the baseline alone.

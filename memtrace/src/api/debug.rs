@@ -28,13 +28,17 @@ pub(super) async fn debug_memory(
     }
     state.authorize(&headers, query::lenient_token(&raw).as_deref())?;
     let q = query::parse_debug(&raw)?;
-    let (pid, limit) = (q.pid, q.limit);
+    let (pid, limit, sites) = (q.pid, q.limit, q.sites);
     if let Some(format) = q.format {
         let rendered = match q.action {
-            Action::Diff => state.call(move |b| b.diff_profile(pid, format)).await??,
+            Action::Diff => {
+                state
+                    .call(move |b| b.diff_profile(pid, format, &sites))
+                    .await??
+            }
             _ => {
                 state
-                    .call(move |b| b.snapshot_profile(pid, format))
+                    .call(move |b| b.snapshot_profile(pid, format, &sites))
                     .await??
             }
         };
@@ -46,11 +50,13 @@ pub(super) async fn debug_memory(
             Json(status).into_response()
         }
         Action::Snapshot => {
-            let view = state.call(move |b| b.snapshot(pid, limit)).await??;
+            let view = state
+                .call(move |b| b.snapshot(pid, limit, &sites))
+                .await??;
             Json(view).into_response()
         }
         Action::Diff => {
-            let view = state.call(move |b| b.diff(pid, limit)).await??;
+            let view = state.call(move |b| b.diff(pid, limit, &sites)).await??;
             Json(view).into_response()
         }
         Action::Stop => {

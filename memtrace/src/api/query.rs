@@ -4,7 +4,10 @@
 //! on `limit=abc`).
 use std::fmt;
 
-use crate::sites::render::ProfileFormat;
+use crate::sites::{
+    render::ProfileFormat,
+    view::{SiteOptions, SiteView, hide_regex},
+};
 
 /// Longer query strings are refused (414) before they are parsed.
 pub const MAX_QUERY_LEN: usize = 4096;
@@ -26,6 +29,16 @@ pub enum QueryError {
     UnknownAction(String),
     BadFormat(String),
     FormatNotFor(&'static str),
+    BadView(String),
+    BadBool {
+        name: &'static str,
+        value: String,
+    },
+    BadHide(String),
+    NotFor {
+        name: &'static str,
+        action: &'static str,
+    },
 }
 
 impl fmt::Display for QueryError {
@@ -56,6 +69,19 @@ impl fmt::Display for QueryError {
             ),
             Self::FormatNotFor(action) => {
                 write!(f, "format applies to snapshot and diff, not to {action}")
+            }
+            Self::BadView(v) => write!(
+                f,
+                "unknown view `{}`; valid: {}",
+                truncate(v),
+                SiteView::NAMES.join(", ")
+            ),
+            Self::BadBool { name, value } => {
+                write!(f, "{name} must be true or false, not `{}`", truncate(value))
+            }
+            Self::BadHide(e) => write!(f, "{}", truncate(e)),
+            Self::NotFor { name, action } => {
+                write!(f, "{name} applies to snapshot and diff, not to {action}")
             }
             Self::UnknownAction(a) => write!(
                 f,
@@ -165,10 +191,33 @@ pub struct DebugQuery {
     pub token: Option<String>,
     /// snapshot and diff: another format than JSON.
     pub format: Option<ProfileFormat>,
+    /// snapshot and diff: how Python sites are grouped and named.
+    pub sites: SiteOptions,
+}
+
+fn parse_bool(name: &'static str, value: &str) -> Result<bool, QueryError> {
+    match value {
+        "true" | "1" | "yes" => Ok(true),
+        "false" | "0" | "no" => Ok(false),
+        _ => Err(QueryError::BadBool {
+            name,
+            value: value.to_string(),
+        }),
+    }
 }
 
 pub fn parse_debug(raw: &str) -> Result<DebugQuery, QueryError> {
-    const VALID: &[&str] = &["action", "limit", "pid", "token", "format"];
+    const VALID: &[&str] = &[
+        "action",
+        "limit",
+        "pid",
+        "token",
+        "format",
+        "view",
+        "still_growing",
+        "hide",
+        "app_path",
+    ];
     let p = pairs(raw, VALID)?;
     // The plan's default.
     let action = get(&p, "action").map_or(Ok(Action::Status), Action::parse)?;
@@ -181,12 +230,39 @@ pub fn parse_debug(raw: &str) -> Result<DebugQuery, QueryError> {
         (Action::Stop, Some(_)) => return Err(QueryError::FormatNotFor("stop")),
         _ => {}
     }
+    let other = match action {
+        Action::Status => Some("status"),
+        Action::Stop => Some("stop"),
+        Action::Snapshot | Action::Diff => None,
+    };
+    for name in ["view", "still_growing", "hide", "app_path"] {
+        if let (Some(action), Some(_)) = (other, get(&p, name)) {
+            return Err(QueryError::NotFor { name, action });
+        }
+    }
+    let hide = get(&p, "hide").map(str::to_string);
+    if let Some(h) = &hide {
+        hide_regex(h).map_err(QueryError::BadHide)?;
+    }
+    let sites = SiteOptions {
+        view: get(&p, "view")
+            .map(|v| v.parse().map_err(|_| QueryError::BadView(v.to_string())))
+            .transpose()?
+            .unwrap_or_default(),
+        still_growing: get(&p, "still_growing")
+            .map(|v| parse_bool("still_growing", v))
+            .transpose()?
+            .unwrap_or(false),
+        hide,
+        app_path: get(&p, "app_path").map(str::to_string),
+    };
     Ok(DebugQuery {
         action,
         limit: parse_limit(get(&p, "limit"))?,
         pid: get(&p, "pid").map(parse_pid).transpose()?,
         token: get(&p, "token").map(str::to_string),
         format,
+        sites,
     })
 }
 
@@ -267,8 +343,40 @@ mod tests {
                 pid: Some(42),
                 token: Some("s t".into()),
                 format: Some(ProfileFormat::Pprof),
+                sites: SiteOptions::default(),
             }
         );
+        let q = parse_debug("action=diff&view=lineno&still_growing=1&hide=%5Edjango&app_path=/srv")
+            .unwrap();
+        assert_eq!(
+            q.sites,
+            SiteOptions {
+                view: SiteView::Lineno,
+                still_growing: true,
+                hide: Some("^django".into()),
+                app_path: Some("/srv".into()),
+            }
+        );
+    }
+
+    #[test]
+    fn site_options_are_checked() {
+        let e = parse_debug("action=diff&view=nope")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("app, lineno, traceback"), "{e}");
+        assert!(matches!(
+            parse_debug("action=diff&still_growing=maybe"),
+            Err(QueryError::BadBool { .. })
+        ));
+        assert!(matches!(
+            parse_debug("action=diff&hide=("),
+            Err(QueryError::BadHide(_))
+        ));
+        assert!(matches!(
+            parse_debug("action=status&view=app"),
+            Err(QueryError::NotFor { .. })
+        ));
     }
 
     #[test]

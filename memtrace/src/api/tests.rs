@@ -32,6 +32,7 @@ use crate::{
     },
     sites::render::{ProfileFormat, Rendered},
     sites::snapshot::{DiffView, SnapshotView},
+    sites::view::SiteOptions,
 };
 
 const TOKEN: &str = "secret123";
@@ -42,6 +43,7 @@ struct Calls {
     baseline: bool,
     last_limit: Option<usize>,
     last_pid: Option<u32>,
+    last_sites: Option<SiteOptions>,
 }
 
 struct Fake {
@@ -173,8 +175,14 @@ impl Backend for Fake {
         }
     }
 
-    fn snapshot(&self, pid: Option<u32>, limit: usize) -> Result<SnapshotView, BackendError> {
+    fn snapshot(
+        &self,
+        pid: Option<u32>,
+        limit: usize,
+        sites: &SiteOptions,
+    ) -> Result<SnapshotView, BackendError> {
         let mut calls = self.calls.lock().unwrap();
+        calls.last_sites = Some(sites.clone());
         if let Some(p) = pid.filter(|&p| p != 42) {
             return Err(BackendError::UnknownPid(p));
         }
@@ -184,6 +192,8 @@ impl Backend for Fake {
         calls.last_pid = pid;
         Ok(SnapshotView {
             taken_unix: 1.0,
+            view: sites.view,
+            unresolved: Default::default(),
             pids: vec![42],
             top_allocations: vec![],
             top_page_faults: vec![],
@@ -192,8 +202,14 @@ impl Backend for Fake {
         })
     }
 
-    fn diff(&self, _pid: Option<u32>, limit: usize) -> Result<DiffView, BackendError> {
+    fn diff(
+        &self,
+        _pid: Option<u32>,
+        limit: usize,
+        sites: &SiteOptions,
+    ) -> Result<DiffView, BackendError> {
         let mut calls = self.calls.lock().unwrap();
+        calls.last_sites = Some(sites.clone());
         if !calls.baseline {
             return Err(BackendError::NoBaseline);
         }
@@ -201,6 +217,9 @@ impl Backend for Fake {
         Ok(DiffView {
             since_unix: 1.0,
             taken_unix: 2.0,
+            view: sites.view,
+            unresolved: Default::default(),
+            still_growing: sites.still_growing,
             pids: vec![42],
             growth: vec![],
             fault_growth: vec![],
@@ -213,8 +232,9 @@ impl Backend for Fake {
         &self,
         pid: Option<u32>,
         format: ProfileFormat,
+        sites: &SiteOptions,
     ) -> Result<Rendered, BackendError> {
-        self.snapshot(pid, 1)?;
+        self.snapshot(pid, 1, sites)?;
         Ok(Rendered {
             content_type: format.content_type(),
             body: format!("snapshot {format:?}").into_bytes(),
@@ -225,8 +245,9 @@ impl Backend for Fake {
         &self,
         pid: Option<u32>,
         format: ProfileFormat,
+        sites: &SiteOptions,
     ) -> Result<Rendered, BackendError> {
-        self.diff(pid, 1)?;
+        self.diff(pid, 1, sites)?;
         Ok(Rendered {
             content_type: format.content_type(),
             body: format!("diff {format:?}").into_bytes(),
@@ -510,6 +531,30 @@ async fn diff_without_snapshot_says_to_take_one() {
         StatusCode::BAD_REQUEST,
         "stop drops the baseline"
     );
+}
+
+#[tokio::test]
+async fn views_reach_the_backend_and_bad_ones_are_refused() {
+    let h = harness(Some(TOKEN));
+    h.get(&with_token("/debug/memory/?action=snapshot&view=traceback"))
+        .await;
+    let (status, body) = h
+        .get(&with_token(
+            "/debug/memory/?action=diff&view=lineno&still_growing=true&hide=json",
+        ))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["view"], "lineno");
+    assert_eq!(body["still_growing"], true);
+    let sites = h.fake.calls.lock().unwrap().last_sites.clone().unwrap();
+    assert_eq!(sites.hide.as_deref(), Some("json"));
+    for bad in ["view=everything", "still_growing=2", "hide=%28"] {
+        let (status, body) = h
+            .get(&with_token(&format!("/debug/memory/?action=diff&{bad}")))
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
+        assert!(body["error"].as_str().is_some(), "{body}");
+    }
 }
 
 #[tokio::test]

@@ -43,6 +43,8 @@ pub enum Command {
         #[arg(long, default_value_t = 10)]
         limit: usize,
         #[command(flatten)]
+        sites: SiteArgs,
+        #[command(flatten)]
         output: OutputArgs,
     },
     /// Growth since the last snapshot or diff, by allocating stack and by mapping.
@@ -53,6 +55,11 @@ pub enum Command {
         pid: Option<u32>,
         #[arg(long, default_value_t = 10)]
         limit: usize,
+        #[command(flatten)]
+        sites: SiteArgs,
+        /// Leave out sites that grew in an earlier diff and not in this one.
+        #[arg(long)]
+        still_growing: bool,
         #[command(flatten)]
         output: OutputArgs,
     },
@@ -164,6 +171,42 @@ impl OutputFormat {
             Self::Folded => Some("folded"),
             Self::Svg => Some("svg"),
         }
+    }
+}
+
+/// How Python sites are grouped and named.
+#[derive(Clone, Debug, Args)]
+pub struct SiteArgs {
+    /// `app`: by the innermost frame of the application's code, with the
+    /// innermost frame beside it; `lineno`: by the innermost line
+    /// (tracemalloc's `lineno`); `traceback`: by the whole stack.
+    #[arg(long, value_parser = ["app", "lineno", "traceback"], default_value = "app")]
+    pub view: String,
+    /// Frames whose `file:line function` matches this regex are not the
+    /// application's (added to the agent's `--hide`).
+    #[arg(long, value_name = "REGEX")]
+    pub hide: Option<String>,
+    /// Files under this prefix are the application's (added to the
+    /// agent's `--app-path`).
+    #[arg(long, value_name = "PREFIX")]
+    pub app_path: Option<String>,
+}
+
+impl SiteArgs {
+    /// The API's query parameters for these options, `&`-prefixed.
+    pub fn query(&self, still_growing: bool) -> String {
+        let mut q = form_urlencoded::Serializer::new(String::new());
+        q.append_pair("view", &self.view);
+        if still_growing {
+            q.append_pair("still_growing", "true");
+        }
+        if let Some(h) = &self.hide {
+            q.append_pair("hide", h);
+        }
+        if let Some(p) = &self.app_path {
+            q.append_pair("app_path", p);
+        }
+        format!("&{}", q.finish())
     }
 }
 

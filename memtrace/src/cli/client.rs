@@ -86,8 +86,9 @@ impl Client {
         action: &str,
         pid: Option<u32>,
         format: &str,
+        sites: &str,
     ) -> Result<Vec<u8>, ClientError> {
-        let mut q = format!("/debug/memory/?action={action}&format={format}");
+        let mut q = format!("/debug/memory/?action={action}&format={format}{sites}");
         if let Some(p) = pid {
             q.push_str(&format!("&pid={p}"));
         }
@@ -120,6 +121,22 @@ impl Client {
             return Err(ClientError::Api { status, message });
         }
         Ok(body)
+    }
+
+    /// `snapshot` or `diff` as JSON, with the site options' query
+    /// (`&view=...`).
+    pub fn debug_sites(
+        &self,
+        action: &str,
+        pid: Option<u32>,
+        limit: usize,
+        sites: &str,
+    ) -> Result<Value, ClientError> {
+        let mut q = format!("/debug/memory/?action={action}&limit={limit}{sites}");
+        if let Some(p) = pid {
+            q.push_str(&format!("&pid={p}"));
+        }
+        self.get(&q)
     }
 
     pub fn debug(
@@ -382,10 +399,24 @@ fn render_sites(title: &str, sites: &Value, bytes_key: &str) -> String {
         .map(|v| {
             v.iter()
                 .map(|s| {
-                    let place = match (s["location"].as_str(), s["module"].as_str()) {
+                    let mut place = match (s["location"].as_str(), s["module"].as_str()) {
                         (Some(l), _) => l.to_string(),
                         (None, Some(m)) => m.rsplit('/').next().unwrap_or(m).to_string(),
                         _ => "?".into(),
+                    };
+                    if let Some(via) = s["via"].as_str() {
+                        place.push_str(&format!("  via {via}"));
+                    }
+                    // An unresolved frame says why.
+                    let unresolved = s["stack"][0]
+                        .as_str()
+                        .filter(|f| f.ends_with(')') && f.starts_with("0x"))
+                        .map(|f| format!("  {}", f.split_once(' ').map_or(f, |(_, r)| r)))
+                        .unwrap_or_default();
+                    let stopped = if s["stopped"] == true {
+                        " (stopped growing)"
+                    } else {
+                        ""
                     };
                     let caller = s["caller"]
                         .as_str()
@@ -401,8 +432,8 @@ fn render_sites(title: &str, sites: &Value, bytes_key: &str) -> String {
                         mb(&s[bytes_key]),
                         count,
                         num(&s["samples"]),
-                        format!("{}{caller}", s["function"].as_str().unwrap_or("?")),
-                        place,
+                        format!("{}{caller}{stopped}", s["function"].as_str().unwrap_or("?")),
+                        format!("{place}{unresolved}"),
                     ]
                 })
                 .collect()
@@ -432,8 +463,9 @@ fn render_mappings(title: &str, maps: &Value, key: &str) -> String {
 /// `memtrace snapshot`
 pub fn render_snapshot(body: &Value) -> String {
     format!(
-        "collection on for pids {}; this snapshot is the baseline for `memtrace diff`\n\n{}\n{}\n{}\n{}",
+        "collection on for pids {}; this snapshot is the baseline for `memtrace diff`\n{}\n\n{}\n{}\n{}\n{}",
         body["pids"],
+        view_line(body),
         render_sites(
             "Live heap by allocating stack",
             &body["top_allocations"],
@@ -445,13 +477,45 @@ pub fn render_snapshot(body: &Value) -> String {
     )
 }
 
+/// The view and the Python frames left unresolved, for the header.
+fn view_line(body: &Value) -> String {
+    let mut line = format!(
+        "Python sites by {}",
+        match body["view"].as_str() {
+            Some("lineno") => "innermost line (tracemalloc's lineno)",
+            Some("traceback") => "whole stack (tracemalloc's traceback)",
+            _ => "the application's innermost frame (--view app)",
+        }
+    );
+    if body["still_growing"] == true {
+        line.push_str("; sites that stopped growing left out");
+    }
+    let unresolved = body["unresolved"]["frames"].as_u64().unwrap_or(0);
+    if unresolved > 0 {
+        let why: Vec<String> = body["unresolved"]["by_reason"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| format!("{v} {}", k.replace('_', " ")))
+                    .collect()
+            })
+            .unwrap_or_default();
+        line.push_str(&format!(
+            "; {unresolved} Python frames unresolved ({})",
+            why.join(", ")
+        ));
+    }
+    line
+}
+
 /// `memtrace diff`
 pub fn render_diff(body: &Value) -> String {
     let secs =
         body["taken_unix"].as_f64().unwrap_or(0.0) - body["since_unix"].as_f64().unwrap_or(0.0);
     format!(
-        "growth over {secs:.0}s for pids {}\n\n{}\n{}\n{}\n{}",
+        "growth over {secs:.0}s for pids {}\n{}\n\n{}\n{}\n{}\n{}",
         body["pids"],
+        view_line(body),
         render_sites(
             "Live heap growth by allocating stack",
             &body["growth"],
@@ -626,6 +690,36 @@ mod tests {
         );
         assert!(out.contains("+200"), "count growth: {out}");
         assert!(out.contains("[heap]"));
+    }
+
+    #[test]
+    fn diff_names_the_app_line_via_the_library_and_marks_stopped_sites() {
+        let body = json!({"since_unix": 100.0, "taken_unix": 160.0, "pids": [11],
+            "view": "app", "still_growing": false,
+            "unresolved": {"frames": 2, "by_reason": {"code_freed": 2}},
+            "growth": [
+                {"function": "quote", "location": "/srv/shop/views.py:42",
+                 "via": "json/encoder.py:258 iterencode", "growth_bytes": 1048576,
+                 "growth_objects": 10, "samples": 10, "stopped": false,
+                 "stack": ["/usr/lib/python3.11/json/encoder.py:258 iterencode"]},
+                {"function": "warm", "location": "/srv/shop/cache.py:9",
+                 "growth_bytes": 0, "growth_objects": 0, "samples": 3, "stopped": true,
+                 "stack": ["0x24d7f600 [python] (code object freed before it was read)"]}],
+            "fault_growth": [], "mapping_call_growth": [], "mappings": []});
+        let out = render_diff(&body);
+        assert!(
+            out.contains("/srv/shop/views.py:42  via json/encoder.py:258 iterencode"),
+            "{out}"
+        );
+        assert!(out.contains("warm (stopped growing)"), "{out}");
+        assert!(
+            out.contains("[python] (code object freed before it was read)"),
+            "{out}"
+        );
+        assert!(
+            out.contains("2 Python frames unresolved (2 code freed)"),
+            "{out}"
+        );
     }
 
     #[test]

@@ -27,6 +27,7 @@ use crate::{
         routes::DEFAULT_MAX_ROUTES,
         selectors::Selectors,
     },
+    sites::view::{AppCode, hide_regex},
 };
 
 /// How requests are delimited.
@@ -505,6 +506,28 @@ pub struct AgentArgs {
     #[arg(long, env = "MEMTRACE_NATIVE_FRAMES", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL", help_heading = "Kernel")]
     pub native_frames: Option<bool>,
 
+    /// Python sites: files under this prefix are the application's code in
+    /// the application view, even in site-packages or the standard library.
+    /// Repeatable.
+    #[arg(
+        long,
+        env = "MEMTRACE_APP_PATH",
+        value_delimiter = ',',
+        value_name = "PREFIX",
+        help_heading = "Kernel"
+    )]
+    pub app_path: Vec<String>,
+
+    /// Python sites: frames whose `file:line function` matches this regex are
+    /// never the application's (nor drawn in its flame graphs). Repeatable.
+    #[arg(
+        long,
+        env = "MEMTRACE_HIDE",
+        value_name = "REGEX",
+        help_heading = "Kernel"
+    )]
+    pub hide: Vec<String>,
+
     /// Do not mount tracefs when it is missing; fail with instructions instead.
     #[arg(long, env = "MEMTRACE_NO_MOUNT_TRACEFS", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL", help_heading = "Kernel")]
     pub no_mount_tracefs: Option<bool>,
@@ -689,7 +712,7 @@ impl AgentArgs {
     /// Fills settings this one leaves unset from `file`.
     pub fn merge_under(&mut self, file: AgentArgs) {
         let cli = self;
-        merge_lists!(cli, file; process_name, exe, pid, cgroup, container);
+        merge_lists!(cli, file; process_name, exe, pid, cgroup, container, app_path, hide);
         merge_options!(cli, file;
             cmdline, request_mode, request_fn, request_begin, request_end, no_http_paths,
             max_routes, metrics_routes, high_memory_mb,
@@ -954,6 +977,16 @@ impl AgentArgs {
             load,
             mount_tracefs: !self.no_mount_tracefs.unwrap_or(false),
             native_frames: self.native_frames.unwrap_or(false),
+            app_code: AppCode {
+                app_paths: self.app_path,
+                hide: self
+                    .hide
+                    .iter()
+                    .map(|h| hide_regex(h))
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| invalid("--hide", e))?,
+                ..AppCode::default()
+            },
             kubelet: match self.kubelet_url {
                 Some(url) => {
                     kubelet::check_url(&url)

@@ -50,6 +50,47 @@ pub struct PythonRuntime {
     pub supported: bool,
     /// Why not, in one line.
     pub unsupported_reason: Option<String>,
+    /// `sys.prefix` of a plain install, found as CPython's `getpath` finds
+    /// it: the nearest directory above the binary holding
+    /// `lib/python3.X/os.py`, as the process sees its files. Its standard
+    /// library is `PREFIX/lib/python3.X/`.
+    pub prefix: Option<PathBuf>,
+}
+
+impl PythonRuntime {
+    /// `X` of `3.X`.
+    pub fn minor(&self) -> Option<u32> {
+        match self.version_hex {
+            Some(hex) => Some((hex >> 16) & 0xff),
+            None => self
+                .version
+                .strip_prefix("3.")?
+                .split('.')
+                .next()?
+                .parse()
+                .ok(),
+        }
+    }
+
+    /// The standard library's directory, with a trailing slash.
+    pub fn stdlib_dir(&self) -> Option<String> {
+        let prefix = self.prefix.as_ref()?.to_str()?.trim_end_matches('/');
+        Some(format!("{prefix}/lib/python3.{}/", self.minor()?))
+    }
+}
+
+/// The prefix of the interpreter `binary` (a path as the process sees it,
+/// read under `root`, the process's root directory): the nearest ancestor
+/// of its directory with `lib/python3.X/os.py`, CPython's landmark.
+pub fn find_prefix(root: &Path, binary: &Path, minor: u32) -> Option<PathBuf> {
+    let landmark = format!("lib/python3.{minor}/os.py");
+    binary.parent()?.ancestors().find_map(|dir| {
+        let relative = dir.strip_prefix("/").unwrap_or(dir);
+        root.join(relative)
+            .join(&landmark)
+            .is_file()
+            .then(|| dir.to_path_buf())
+    })
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -184,6 +225,7 @@ pub fn inspect(shown: &Path, open: &Path) -> Result<PythonRuntime, PythonError> 
         malloc_refs,
         supported: reason.is_none(),
         unsupported_reason: reason,
+        prefix: None,
     })
 }
 
@@ -466,7 +508,13 @@ impl PythonBuilds {
             .seen
             .entry((meta.dev(), meta.ino()))
             .or_insert_with(|| match inspect(&shown, &open) {
-                Ok(runtime) => Some(runtime),
+                Ok(mut runtime) => {
+                    let root = Path::new(&format!("/proc/{pid}/root")).to_path_buf();
+                    runtime.prefix = runtime
+                        .minor()
+                        .and_then(|minor| find_prefix(&root, &shown, minor));
+                    Some(runtime)
+                }
                 Err(e) => {
                     tracing::warn!(pid, error = %e, "cannot inspect the Python interpreter");
                     None

@@ -88,6 +88,7 @@ mod tests {
                     file: None,
                     line: None,
                     module: None,
+                    unresolved: None,
                 })
                 .collect(),
             ..RawSite::default()

@@ -12,3 +12,4 @@ pub mod python;
 pub mod render;
 pub mod snapshot;
 pub mod symbolize;
+pub mod view;

@@ -465,6 +465,7 @@ mod tests {
             file: Some(format!("/src/{func}.c")),
             line: Some(line),
             module: Some("/app/libh.so".into()),
+            unresolved: None,
         }
     }
 

@@ -7,8 +7,8 @@ use std::sync::Mutex;
 
 use memtrace_common::PyFrame;
 
-use super::symbolize::Frame;
-use crate::model::pycode::{CodeCache, CodeLayout, ProcMemory};
+use super::symbolize::{Frame, Unresolved};
+use crate::model::pycode::{CodeCache, CodeLayout, ProcMemory, PyCodeError};
 
 /// The module shown for Python frames.
 pub const PYTHON_MODULE: &str = "[python]";
@@ -28,10 +28,17 @@ impl PythonSymbolizer {
     /// code object is gone (freed since the sample) or unreadable keeps its
     /// address only.
     pub fn frames(&self, pid: u32, layout: &CodeLayout, stack: &[PyFrame]) -> Vec<Frame> {
-        let unresolved =
-            |f: &PyFrame| Frame::unresolved_in(f.code, Some(PYTHON_MODULE.to_string()));
+        let unresolved = |f: &PyFrame, why: Unresolved| Frame {
+            unresolved: Some(why),
+            ..Frame::unresolved_in(f.code, Some(PYTHON_MODULE.to_string()))
+        };
         let Ok(mem) = ProcMemory::open(pid) else {
-            return stack.iter().map(unresolved).collect();
+            let why = if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                Unresolved::Unreadable
+            } else {
+                Unresolved::ProcessGone
+            };
+            return stack.iter().map(|f| unresolved(f, why)).collect();
         };
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         stack
@@ -46,11 +53,23 @@ impl PythonSymbolizer {
                         // tracemalloc says 0 for "no line".
                         line: Some(code.line(f.index).unwrap_or(0)),
                         module: Some(PYTHON_MODULE.to_string()),
+                        unresolved: None,
                     },
-                    Err(_) => unresolved(f),
+                    Err(e) => unresolved(f, why_unresolved(&e)),
                 }
             })
             .collect()
+    }
+
+    /// Reads the code objects of these frames into the cache while they
+    /// are alive, so a later snapshot names them even after they are
+    /// freed (a module's body, run once at import). Returns how many
+    /// frames could not be read.
+    pub fn warm(&self, pid: u32, layout: &CodeLayout, stack: &[PyFrame]) -> usize {
+        self.frames(pid, layout, stack)
+            .iter()
+            .filter(|f| f.unresolved.is_some())
+            .count()
     }
 
     /// Drops a process's code objects (it exited, or collection stopped).
@@ -59,6 +78,32 @@ impl PythonSymbolizer {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .forget(pid);
+    }
+}
+
+/// Why a sampled code object could not be read: its memory is gone or no
+/// longer a code object with the sampled first line (freed, reused), the
+/// process is gone, or its memory is not readable.
+fn why_unresolved(e: &PyCodeError) -> Unresolved {
+    match e {
+        // The mm is gone: reads return nothing.
+        PyCodeError::Read { source, .. }
+            if source.raw_os_error() == Some(libc::ESRCH)
+                || source.kind() == std::io::ErrorKind::UnexpectedEof =>
+        {
+            Unresolved::ProcessGone
+        }
+        PyCodeError::Read { source, .. }
+            if matches!(source.raw_os_error(), Some(libc::EIO) | Some(libc::EFAULT)) =>
+        {
+            // Unmapped since the sample: freed with its arena.
+            Unresolved::CodeFreed
+        }
+        PyCodeError::Stale { .. }
+        | PyCodeError::NotCode { .. }
+        | PyCodeError::BadField { .. }
+        | PyCodeError::BadPointer { .. } => Unresolved::CodeFreed,
+        _ => Unresolved::Unreadable,
     }
 }
 

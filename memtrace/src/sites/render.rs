@@ -6,6 +6,7 @@ use super::{
     flame,
     pprof::{ProfileData, ProfileSource},
     snapshot::RawSite,
+    view::ViewSpec,
 };
 use crate::model::procinfo::CodeMapping;
 
@@ -110,14 +111,29 @@ fn title(source: ProfileSource, diff: bool) -> &'static str {
     }
 }
 
+/// The sites of `source`'s kind with the frames the view draws (pprof
+/// keeps every frame: its own `-focus` and `-hide` do the rest).
+fn flame_sites(sites: &[RawSite], source: ProfileSource, spec: &ViewSpec) -> Vec<RawSite> {
+    sites
+        .iter()
+        .filter(|s| s.kind == source.kind())
+        .map(|s| RawSite {
+            frames: spec.flame_frames(s.pid, &s.frames),
+            ..s.clone()
+        })
+        .collect()
+}
+
 /// One snapshot's sites of `source`'s kind.
 pub fn snapshot(
     format: ProfileFormat,
     source: ProfileSource,
     sites: &[RawSite],
     meta: &ProfileMeta,
+    spec: &ViewSpec,
 ) -> Result<Rendered, RenderError> {
-    let of_kind: Vec<&RawSite> = sites.iter().filter(|s| s.kind == source.kind()).collect();
+    let of_kind = flame_sites(sites, source, spec);
+    let of_kind: Vec<&RawSite> = of_kind.iter().collect();
     Ok(match format {
         ProfileFormat::Pprof => pprof(ProfileData::snapshot(source, sites), meta, false),
         ProfileFormat::Folded => Rendered {
@@ -138,10 +154,14 @@ pub fn diff(
     before: &[RawSite],
     after: &[RawSite],
     meta: &ProfileMeta,
+    spec: &ViewSpec,
 ) -> Result<Rendered, RenderError> {
-    let kind = source.kind();
-    let b: Vec<&RawSite> = before.iter().filter(|s| s.kind == kind).collect();
-    let a: Vec<&RawSite> = after.iter().filter(|s| s.kind == kind).collect();
+    let (b, a) = (
+        flame_sites(before, source, spec),
+        flame_sites(after, source, spec),
+    );
+    let b: Vec<&RawSite> = b.iter().collect();
+    let a: Vec<&RawSite> = a.iter().collect();
     Ok(match format {
         ProfileFormat::Pprof => pprof(ProfileData::diff(source, before, after), meta, true),
         ProfileFormat::Folded => Rendered {

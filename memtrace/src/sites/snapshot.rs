@@ -16,7 +16,8 @@ use serde::Serialize;
 
 use super::{
     python::PYTHON_MODULE,
-    symbolize::{Frame, Symbolizer},
+    symbolize::{Frame, Symbolizer, Unresolved},
+    view::{Naming, SiteView, ViewSpec},
 };
 use crate::model::procinfo::{self, MappingUsage};
 
@@ -111,8 +112,17 @@ pub struct Site {
     pub alloc_bytes: u64,
     pub alloc_objects: u64,
     pub pids: Vec<u32>,
-    /// Innermost first.
+    /// App view: the innermost Python frame, in a few words, when the site
+    /// is named after an outer frame of the application
+    /// (`json/encoder.py:258 iterencode`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub via: Option<String>,
+    /// Innermost first: the largest stack of the site's (a view groups
+    /// several stacks under one frame).
     pub stack: Vec<String>,
+    /// The frames of that stack.
+    #[serde(skip)]
+    pub frames: Vec<Frame>,
 }
 
 /// Libraries whose frames are not "the code that allocated".
@@ -170,9 +180,17 @@ fn shown(f: &Frame) -> String {
     f.display()
 }
 
+/// A site's identity in a view: the whole stack, or its naming frame.
+fn view_key(kind: SiteKind, frames: &[Frame], naming: Naming) -> String {
+    match frames.get(naming.name).filter(|_| naming.by_name) {
+        Some(f) => format!("{kind:?}|{}", shown(f)),
+        None => signature(kind, frames),
+    }
+}
+
 impl Site {
-    fn new(raw: &RawSite) -> Self {
-        let innermost = raw.frames.first();
+    fn new(raw: &RawSite, naming: Naming, spec: &ViewSpec) -> Self {
+        let innermost = raw.frames.get(naming.name);
         let function = innermost.map_or_else(
             || "[unknown]".to_string(),
             |f| {
@@ -181,9 +199,10 @@ impl Site {
                     .unwrap_or_else(|| format!("{:#x}", f.addr))
             },
         );
-        let in_system = innermost
-            .and_then(|f| f.module.as_deref())
-            .is_some_and(is_system_library);
+        let in_system = naming.name == 0
+            && innermost
+                .and_then(|f| f.module.as_deref())
+                .is_some_and(is_system_library);
         let caller = in_system
             .then(|| {
                 raw.frames
@@ -204,11 +223,21 @@ impl Site {
             alloc_bytes: 0,
             alloc_objects: 0,
             pids: Vec::new(),
+            via: naming
+                .via
+                .and_then(|i| raw.frames.get(i))
+                .map(|f| spec.app.short(raw.pid, f)),
             stack: raw
                 .frames
                 .iter()
                 .take(STACK_FRAMES_SHOWN)
                 .map(shown)
+                .collect(),
+            frames: raw
+                .frames
+                .iter()
+                .take(STACK_FRAMES_SHOWN)
+                .cloned()
                 .collect(),
         }
     }
@@ -229,22 +258,29 @@ pub struct MappingTotal {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Snapshot {
     pub taken_unix: f64,
+    pub view: SiteView,
     pub pids: Vec<u32>,
     pub sites: HashMap<String, Site>,
     pub mappings: BTreeMap<u32, Vec<MappingUsage>>,
 }
 
 impl Snapshot {
+    /// Sites grouped as `spec`'s view groups them; a site shows the
+    /// stack of its largest member.
     pub fn build(
         pids: Vec<u32>,
         raw: Vec<RawSite>,
         mappings: BTreeMap<u32, Vec<MappingUsage>>,
+        spec: &ViewSpec,
     ) -> Self {
         let mut sites: HashMap<String, Site> = HashMap::new();
-        for r in raw.iter().filter(|r| pids.contains(&r.pid)) {
+        let mut members: Vec<&RawSite> = raw.iter().filter(|r| pids.contains(&r.pid)).collect();
+        members.sort_by(|a, b| b.bytes.cmp(&a.bytes));
+        for r in members {
+            let naming = spec.naming(r.pid, &r.frames);
             let site = sites
-                .entry(signature(r.kind, &r.frames))
-                .or_insert_with(|| Site::new(r));
+                .entry(view_key(r.kind, &r.frames, naming))
+                .or_insert_with(|| Site::new(r, naming, spec));
             site.bytes += r.bytes;
             site.objects += r.objects;
             site.samples += r.samples;
@@ -259,6 +295,7 @@ impl Snapshot {
             taken_unix: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0.0, |d| d.as_secs_f64()),
+            view: spec.view,
             pids,
             sites,
             mappings,
@@ -305,8 +342,11 @@ impl Snapshot {
     pub fn view(&self, limit: usize) -> SnapshotView {
         let mut mappings = self.mapping_totals();
         mappings.truncate(limit);
+        let shown: Vec<&Site> = self.sites.values().collect();
         SnapshotView {
             taken_unix: self.taken_unix,
+            view: self.view,
+            unresolved: UnresolvedCount::of(&shown),
             pids: self.pids.clone(),
             top_allocations: self.top(&[SiteKind::Malloc], limit),
             top_page_faults: self.top(&[SiteKind::Fault], limit),
@@ -320,6 +360,10 @@ impl Snapshot {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct SnapshotView {
     pub taken_unix: f64,
+    /// How Python sites are grouped and named.
+    pub view: SiteView,
+    /// Python frames of these sites that could not be read, and why.
+    pub unresolved: UnresolvedCount,
     pub pids: Vec<u32>,
     /// Live heap bytes by allocating stack (allocated since collection
     /// began and not freed), largest first.
@@ -332,6 +376,29 @@ pub struct SnapshotView {
     pub mappings: Vec<MappingTotal>,
 }
 
+/// Python frames that stayed addresses, by reason.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct UnresolvedCount {
+    /// Frames (in the sites' stacks) with no name.
+    pub frames: u64,
+    pub by_reason: BTreeMap<Unresolved, u64>,
+}
+
+impl UnresolvedCount {
+    fn of(sites: &[&Site]) -> Self {
+        let mut count = Self::default();
+        for why in sites
+            .iter()
+            .flat_map(|s| &s.frames)
+            .filter_map(|f| f.unresolved)
+        {
+            count.frames += 1;
+            *count.by_reason.entry(why).or_default() += 1;
+        }
+        count
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct SiteGrowth {
     #[serde(flatten)]
@@ -342,6 +409,21 @@ pub struct SiteGrowth {
     /// and their growth: tracemalloc's count and count growth.
     pub objects_before: u64,
     pub growth_objects: i64,
+    /// Grew in an earlier diff and not in this one (warm-up, a cache that
+    /// filled up): listed after the sites still growing.
+    pub stopped: bool,
+    /// When it last grew (the end of that diff), for stopped sites.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_grew_unix: Option<f64>,
+    /// Its growth over the earlier diffs since the snapshot.
+    pub earlier_growth_bytes: u64,
+}
+
+/// Per site (by its key in the view), the growth of each diff since the
+/// snapshot: what tells a site that stopped growing.
+#[derive(Clone, Debug, Default)]
+pub struct GrowthHistory {
+    grew: HashMap<String, (f64, u64)>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -358,6 +440,12 @@ pub struct MappingGrowth {
 pub struct DiffView {
     pub since_unix: f64,
     pub taken_unix: f64,
+    /// How Python sites are grouped and named.
+    pub view: SiteView,
+    /// Python frames of the listed sites that could not be read, and why.
+    pub unresolved: UnresolvedCount,
+    /// Sites that stopped growing were left out (`still_growing`).
+    pub still_growing: bool,
     pub pids: Vec<u32>,
     /// Growth of live heap bytes by allocating stack, largest first.
     pub growth: Vec<SiteGrowth>,
@@ -369,42 +457,71 @@ pub struct DiffView {
     pub mappings: Vec<MappingGrowth>,
 }
 
+/// Growth of the sites of `kinds`: those that grew, largest first, then
+/// those that grew in an earlier diff and not in this one (unless
+/// `still_growing`), by their earlier growth. Records this diff's growth.
 fn site_growth(
     before: &Snapshot,
     after: &Snapshot,
     kinds: &[SiteKind],
-    limit: usize,
+    history: &mut GrowthHistory,
+    still_growing: bool,
 ) -> Vec<SiteGrowth> {
-    let mut v: Vec<SiteGrowth> = after
-        .sites
-        .iter()
-        .filter(|(_, s)| kinds.contains(&s.kind))
-        .map(|(sig, s)| {
-            let (bytes_before, objects_before) = before
-                .sites
-                .get(sig)
-                .map_or((0, 0), |b| (b.bytes, b.objects));
-            SiteGrowth {
-                site: s.clone(),
-                bytes_before,
-                growth_bytes: s.bytes as i64 - bytes_before as i64,
-                objects_before,
-                growth_objects: s.objects as i64 - objects_before as i64,
-            }
-        })
-        .filter(|g| g.growth_bytes > 0)
-        .collect();
-    v.sort_by(|a, b| {
+    let mut grown = Vec::new();
+    let mut stopped = Vec::new();
+    for (key, s) in after.sites.iter().filter(|(_, s)| kinds.contains(&s.kind)) {
+        let (bytes_before, objects_before) = before
+            .sites
+            .get(key)
+            .map_or((0, 0), |b| (b.bytes, b.objects));
+        let growth_bytes = s.bytes as i64 - bytes_before as i64;
+        let earlier = history.grew.get(key).copied();
+        let row = SiteGrowth {
+            site: s.clone(),
+            bytes_before,
+            growth_bytes,
+            objects_before,
+            growth_objects: s.objects as i64 - objects_before as i64,
+            stopped: false,
+            last_grew_unix: None,
+            earlier_growth_bytes: earlier.map_or(0, |(_, b)| b),
+        };
+        if growth_bytes > 0 {
+            let total = row.earlier_growth_bytes + growth_bytes as u64;
+            history.grew.insert(key.clone(), (after.taken_unix, total));
+            grown.push(row);
+        } else if let Some((when, _)) = earlier {
+            stopped.push(SiteGrowth {
+                stopped: true,
+                last_grew_unix: Some(when),
+                ..row
+            });
+        }
+    }
+    grown.sort_by(|a, b| {
         b.growth_bytes
             .cmp(&a.growth_bytes)
             .then_with(|| a.site.function.cmp(&b.site.function))
     });
-    v.truncate(limit);
-    v
+    if !still_growing {
+        stopped.sort_by(|a, b| {
+            b.earlier_growth_bytes
+                .cmp(&a.earlier_growth_bytes)
+                .then_with(|| a.site.function.cmp(&b.site.function))
+        });
+        grown.extend(stopped);
+    }
+    grown
 }
 
 /// Growth from `before` to `after`.
-pub fn diff(before: &Snapshot, after: &Snapshot, limit: usize) -> DiffView {
+pub fn diff(
+    before: &Snapshot,
+    after: &Snapshot,
+    limit: usize,
+    history: &mut GrowthHistory,
+    still_growing: bool,
+) -> DiffView {
     let before_maps: HashMap<String, MappingTotal> = before
         .mapping_totals()
         .into_iter()
@@ -442,13 +559,28 @@ pub fn diff(before: &Snapshot, after: &Snapshot, limit: usize) -> DiffView {
             .then_with(|| a.name.cmp(&b.name))
     });
     mappings.truncate(limit);
+    let mut lists = [
+        &[SiteKind::Malloc][..],
+        &[SiteKind::Fault],
+        &[SiteKind::Mmap, SiteKind::Brk],
+    ]
+    .map(|kinds| site_growth(before, after, kinds, history, still_growing));
+    let listed: Vec<&Site> = lists.iter().flatten().map(|g| &g.site).collect();
+    let unresolved = UnresolvedCount::of(&listed);
+    for list in &mut lists {
+        list.truncate(limit);
+    }
+    let [growth, fault_growth, mapping_call_growth] = lists;
     DiffView {
         since_unix: before.taken_unix,
         taken_unix: after.taken_unix,
+        view: after.view,
+        unresolved,
+        still_growing,
         pids: after.pids.clone(),
-        growth: site_growth(before, after, &[SiteKind::Malloc], limit),
-        fault_growth: site_growth(before, after, &[SiteKind::Fault], limit),
-        mapping_call_growth: site_growth(before, after, &[SiteKind::Mmap, SiteKind::Brk], limit),
+        growth,
+        fault_growth,
+        mapping_call_growth,
         mappings,
     }
 }
@@ -547,6 +679,7 @@ mod tests {
             file: Some(format!("/src/{func}.c")),
             line: Some(line),
             module: Some(module.into()),
+            unresolved: None,
         }
     }
 
@@ -584,6 +717,7 @@ mod tests {
             file: Some("/srv/shop/views.py".into()),
             line: Some(line),
             module: Some(PYTHON_MODULE.into()),
+            unresolved: None,
         }
     }
 
@@ -605,6 +739,7 @@ mod tests {
                 raw(1, SiteKind::Malloc, 4096, other_line),
             ],
             BTreeMap::new(),
+            &ViewSpec::default(),
         );
         assert_eq!(snap.sites.len(), 2, "{:?}", snap.sites.keys());
         let top = &snap.view(10).top_allocations[0];
@@ -628,12 +763,158 @@ mod tests {
         before.objects = 10;
         let mut after = raw(1, SiteKind::Malloc, 5000, stack);
         after.objects = 50;
-        let b = Snapshot::build(vec![1], vec![before], BTreeMap::new());
-        let a = Snapshot::build(vec![1], vec![after], BTreeMap::new());
-        let g = &diff(&b, &a, 10).growth[0];
+        let b = Snapshot::build(vec![1], vec![before], BTreeMap::new(), &ViewSpec::default());
+        let a = Snapshot::build(vec![1], vec![after], BTreeMap::new(), &ViewSpec::default());
+        let g = &diff(&b, &a, 10, &mut GrowthHistory::default(), false).growth[0];
         assert_eq!(
             (g.growth_bytes, g.objects_before, g.growth_objects),
             (4000, 10, 40)
+        );
+    }
+
+    fn py_at(file: &str, func: &str, line: u32) -> Frame {
+        Frame {
+            file: Some(file.into()),
+            ..py_frame(func, line)
+        }
+    }
+
+    /// A view's leak through two library paths, and a cache at its own line.
+    fn app_sites(leak: u64, cache: u64) -> Vec<RawSite> {
+        let json = |line| {
+            vec![
+                py_at("/usr/lib/python3.11/json/encoder.py", "iterencode", line),
+                py_at("/srv/shop/views.py", "quote", 42),
+                py_at(
+                    "/usr/lib/python3/dist-packages/django/core/handlers/base.py",
+                    "_get_response",
+                    197,
+                ),
+            ]
+        };
+        vec![
+            raw(1, SiteKind::Malloc, leak * 3 / 4, json(258)),
+            raw(1, SiteKind::Malloc, leak / 4, json(260)),
+            raw(
+                1,
+                SiteKind::Malloc,
+                cache,
+                vec![py_at("/srv/shop/views.py", "warm_cache", 60)],
+            ),
+        ]
+    }
+
+    fn spec(view: SiteView) -> ViewSpec {
+        let mut spec = ViewSpec {
+            view,
+            ..ViewSpec::default()
+        };
+        spec.app
+            .stdlib
+            .insert(1, vec!["/usr/lib/python3.11/".into()]);
+        spec
+    }
+
+    #[test]
+    fn the_app_view_sums_library_paths_under_the_app_line() {
+        let snap = Snapshot::build(
+            vec![1],
+            app_sites(40_000, 1_000),
+            BTreeMap::new(),
+            &spec(SiteView::App),
+        );
+        let top = &snap.view(10).top_allocations[0];
+        assert_eq!(top.bytes, 40_000);
+        assert_eq!(top.location.as_deref(), Some("/srv/shop/views.py:42"));
+        assert_eq!(top.function, "quote");
+        assert_eq!(top.via.as_deref(), Some("json/encoder.py:258 iterencode"));
+        assert_eq!(
+            top.stack[0],
+            "/usr/lib/python3.11/json/encoder.py:258 iterencode"
+        );
+        let lineno = Snapshot::build(
+            vec![1],
+            app_sites(40_000, 1_000),
+            BTreeMap::new(),
+            &spec(SiteView::Lineno),
+        );
+        let top = &lineno.view(10).top_allocations[0];
+        assert_eq!((top.bytes, top.via.as_deref()), (30_000, None));
+        assert_eq!(
+            top.location.as_deref(),
+            Some("/usr/lib/python3.11/json/encoder.py:258")
+        );
+    }
+
+    #[test]
+    fn sites_that_stopped_growing_are_marked_after_two_diffs() {
+        let s = spec(SiteView::App);
+        let build =
+            |leak, cache| Snapshot::build(vec![1], app_sites(leak, cache), BTreeMap::new(), &s);
+        let mut history = GrowthHistory::default();
+        let first = diff(&build(0, 0), &build(40_000, 8_000), 10, &mut history, false);
+        assert!(
+            first.growth.iter().all(|g| !g.stopped),
+            "{:?}",
+            first.growth
+        );
+        assert_eq!(first.growth.len(), 2);
+        let second = diff(
+            &build(40_000, 8_000),
+            &build(80_000, 8_000),
+            10,
+            &mut history,
+            false,
+        );
+        let names: Vec<(&str, bool)> = second
+            .growth
+            .iter()
+            .map(|g| (g.site.function.as_str(), g.stopped))
+            .collect();
+        assert_eq!(names, [("quote", false), ("warm_cache", true)]);
+        assert_eq!(second.growth[1].earlier_growth_bytes, 8_000);
+        assert!(second.growth[1].last_grew_unix.is_some());
+        let third = diff(
+            &build(80_000, 8_000),
+            &build(90_000, 8_000),
+            10,
+            &mut history,
+            true,
+        );
+        assert_eq!(
+            third.growth.len(),
+            1,
+            "still growing only: {:?}",
+            third.growth
+        );
+        assert!(third.still_growing);
+    }
+
+    #[test]
+    fn unresolved_frames_are_counted_with_their_reason() {
+        let freed = Frame {
+            unresolved: Some(Unresolved::CodeFreed),
+            ..Frame::unresolved_in(0x24d7_f600, Some(PYTHON_MODULE.into()))
+        };
+        let snap = Snapshot::build(
+            vec![1],
+            vec![raw(
+                1,
+                SiteKind::Fault,
+                8192,
+                vec![freed, py_frame("main", 3)],
+            )],
+            BTreeMap::new(),
+            &ViewSpec::default(),
+        );
+        let view = snap.view(10);
+        assert_eq!(view.unresolved.frames, 1);
+        assert_eq!(view.unresolved.by_reason[&Unresolved::CodeFreed], 1);
+        let site = &view.top_page_faults[0];
+        assert_eq!(site.function, "main", "named by the app frame");
+        assert_eq!(
+            site.via.as_deref(),
+            Some("0x24d7f600 [python] (code object freed before it was read)")
         );
     }
 
@@ -784,6 +1065,7 @@ mod tests {
                 raw(3, SiteKind::Malloc, 1 << 30, leak_stack()), // not selected
             ],
             BTreeMap::new(),
+            &ViewSpec::default(),
         );
         let v = s.view(10);
         assert_eq!(v.top_allocations.len(), 1);
@@ -816,6 +1098,7 @@ mod tests {
                 raw(1, SiteKind::Malloc, 40960, scratch_stack()),
             ],
             maps(1 << 20),
+            &ViewSpec::default(),
         );
         let after = Snapshot::build(
             vec![1],
@@ -824,8 +1107,9 @@ mod tests {
                 raw(1, SiteKind::Malloc, 45056, scratch_stack()),
             ],
             maps(1 << 21),
+            &ViewSpec::default(),
         );
-        let d = diff(&before, &after, 10);
+        let d = diff(&before, &after, 10, &mut GrowthHistory::default(), false);
         assert_eq!(d.growth[0].site.function, "leak_memory");
         assert_eq!(d.growth[0].growth_bytes, 409600);
         assert_eq!(d.growth[1].growth_bytes, 4096);
@@ -843,6 +1127,7 @@ mod tests {
             vec![1],
             vec![raw(1, SiteKind::Fault, 4096, frames)],
             BTreeMap::new(),
+            &ViewSpec::default(),
         );
         let site = &s.view(1).top_page_faults[0];
         assert_eq!(site.function, "__memset_avx2");
@@ -859,6 +1144,7 @@ mod tests {
                 raw(1, SiteKind::Malloc, 4096, leak_stack()),
             ],
             BTreeMap::new(),
+            &ViewSpec::default(),
         );
         let v = s.view(10);
         assert_eq!(v.top_allocations.len(), 1);

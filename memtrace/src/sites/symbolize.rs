@@ -87,6 +87,35 @@ pub struct Frame {
     pub line: Option<u32>,
     /// Path of the ELF object the address falls in (`[vdso]` for the vDSO).
     pub module: Option<String>,
+    /// Why a frame the symbolizer should know (a Python code object) stays
+    /// an address: [`Unresolved`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unresolved: Option<Unresolved>,
+}
+
+/// Why a Python frame has only its code object's address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Unresolved {
+    /// Not a live code object any more when it was read: freed (a module's
+    /// body after its import, a function defined per call) before the
+    /// first read, its memory reused.
+    CodeFreed,
+    /// The process's memory could not be read there (unmapped, or
+    /// permissions).
+    Unreadable,
+    /// The process exited before its frames were read.
+    ProcessGone,
+}
+
+impl Unresolved {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::CodeFreed => "code object freed before it was read",
+            Self::Unreadable => "memory not readable",
+            Self::ProcessGone => "process exited before it was read",
+        }
+    }
 }
 
 impl Frame {
@@ -100,6 +129,7 @@ impl Frame {
             file: None,
             line: None,
             module,
+            unresolved: None,
         }
     }
 
@@ -140,10 +170,14 @@ impl fmt::Display for Frame {
         match self.module.as_deref().map(file_name) {
             // Pseudo-modules such as `[vdso]` bring their own brackets.
             Some(module) if module.starts_with('[') && module.ends_with(']') => {
-                write!(f, " {module}")
+                write!(f, " {module}")?
             }
-            Some(module) => write!(f, " [{module}]"),
-            None => f.write_str(" [?]"),
+            Some(module) => write!(f, " [{module}]")?,
+            None => f.write_str(" [?]")?,
+        }
+        match self.unresolved {
+            Some(why) => write!(f, " ({})", why.describe()),
+            None => Ok(()),
         }
     }
 }
@@ -252,6 +286,7 @@ impl Resolved {
             file: self.file.clone(),
             line: self.line,
             module: entry.module().or_else(|| self.module.clone()),
+            unresolved: None,
         }
     }
 }
@@ -1176,6 +1211,7 @@ mod tests {
             file: Some("/src/app/handler.c".into()),
             line: Some(24),
             module: Some("/usr/lib/libfoo.so".into()),
+            unresolved: None,
         };
         assert_eq!(frame.display(), "leak_memory (handler.c:24) [libfoo.so]");
         frame.line = None;
@@ -1188,5 +1224,13 @@ mod tests {
         assert_eq!(unresolved.display(), "0x7f001234 [libc.so.6]");
         let vdso = Frame::unresolved_in(0x1000, Some(VDSO.into()));
         assert_eq!(vdso.display(), "0x1000 [vdso]");
+        let freed = Frame {
+            unresolved: Some(Unresolved::CodeFreed),
+            ..Frame::unresolved_in(0x24d7_f600, Some("[python]".into()))
+        };
+        assert_eq!(
+            freed.display(),
+            "0x24d7f600 [python] (code object freed before it was read)"
+        );
     }
 }
