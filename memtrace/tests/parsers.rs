@@ -96,7 +96,17 @@ impl QueryParser {
 
     fn valid(self) -> &'static [&'static str] {
         match self {
-            Self::Debug => &["action", "limit", "pid", "token", "format"],
+            Self::Debug => &[
+                "action",
+                "limit",
+                "pid",
+                "token",
+                "format",
+                "view",
+                "still_growing",
+                "hide",
+                "app_path",
+            ],
             Self::List => &["limit", "token"],
             Self::TokenOnly => &["token"],
             Self::Pprof => &["pid", "token"],
@@ -260,6 +270,7 @@ fn debug_query() -> impl Strategy<Value = (String, DebugQuery)> {
                 pid: pid.map(|(p, _)| p),
                 token: token.map(|(t, _)| t),
                 format: None,
+                sites: Default::default(),
             };
             (Just(segments).prop_shuffle(), Just(expected), Just(seps))
         })

@@ -310,3 +310,190 @@ fn an_unreadable_interpreter_keeps_native_sites() {
 fn procinfo_alive(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
+
+// ── The application view, on a Django app ───────────────────────────
+
+/// tracemalloc's figures for one `/quote` of the Django fixture: its
+/// innermost line (`lineno`) and the growth grouped by the innermost frame
+/// of the app's own file (`traceback`, grouped by that frame).
+fn django_truth(port: u16, n: u64) -> serde_json::Value {
+    let body = http_get(port, &format!("/tracemalloc?n={n}")).expect("fixture answers");
+    let json = body.split("\r\n\r\n").nth(1).unwrap_or(&body);
+    serde_json::from_str(json.trim()).expect("JSON from the app")
+}
+
+fn location(truth: &serde_json::Value) -> String {
+    format!("{}:{}", truth["file"].as_str().unwrap(), truth["line"])
+}
+
+/// The top site of a diff's heap growth, with its bytes against `truth`
+/// times `reqs` (within 15%).
+fn assert_top_matches(diff: &serde_json::Value, truth: &serde_json::Value, reqs: u64, what: &str) {
+    let top = &diff["growth"][0];
+    assert_eq!(
+        top["location"].as_str(),
+        Some(location(truth).as_str()),
+        "{what}: the top site is tracemalloc's; diff: {diff}"
+    );
+    let want = truth["size_diff"].as_i64().unwrap() as f64 * reqs as f64;
+    let got = top["growth_bytes"].as_i64().unwrap() as f64;
+    eprintln!(
+        "{what}: memtrace {got} B vs tracemalloc {want} B ({:.3})",
+        got / want
+    );
+    assert!(
+        (0.85..=1.15).contains(&(got / want)),
+        "{what}: memtrace {got} bytes, tracemalloc {want}: {top}"
+    );
+}
+
+/// No Python frame stays an address without its reason, in any list.
+fn assert_unresolved_say_why(diff: &serde_json::Value) {
+    let mut counted = 0;
+    for list in ["growth", "fault_growth", "mapping_call_growth"] {
+        for site in diff[list].as_array().into_iter().flatten() {
+            for frame in site["stack"].as_array().into_iter().flatten() {
+                let f = frame.as_str().unwrap_or("");
+                if f.starts_with("0x") && f.contains("[python]") {
+                    counted += 1;
+                    assert!(
+                        f.ends_with("before it was read)") || f.ends_with("not readable)"),
+                        "an unresolved Python frame says why: {f}"
+                    );
+                }
+            }
+        }
+    }
+    assert!(
+        diff["unresolved"]["frames"].as_u64().unwrap_or(0) >= counted,
+        "the header counts them: {counted} shown, {}",
+        diff["unresolved"]
+    );
+}
+
+/// Snapshot; N `/quote` and CACHE_SIZE `/warm`; a diff in the app view
+/// (the view's line, via json's); the same again with the cache full: the
+/// cache's site is marked stopped, and left out with `still_growing`; then
+/// `/quote` alone and a `lineno` diff: json/encoder.py's line, as
+/// tracemalloc's `lineno`.
+fn application_view(addr: SocketAddr, port: u16, pid: u32) {
+    python_ready(addr, pid);
+    const N: u64 = 1000;
+    const REQS: u64 = 10;
+    let truth = django_truth(port, N);
+    assert!(
+        truth["app"]["file"]
+            .as_str()
+            .unwrap()
+            .ends_with("django_app.py"),
+        "{truth}"
+    );
+    let (code, _) = get(addr, &format!("/debug/memory/?action=snapshot&pid={pid}"));
+    assert_eq!(code, 200);
+    let round = || {
+        for i in 0..REQS {
+            http_get(port, &format!("/quote?n={N}")).expect("quote");
+            if i % 2 == 0 {
+                http_get(port, "/warm").expect("warm");
+            }
+        }
+    };
+    round();
+    let (code, first) = get(addr, &format!("/debug/memory/?action=diff&pid={pid}"));
+    assert_eq!(code, 200, "{first}");
+    assert_eq!(first["view"], "app");
+    assert_top_matches(&first, &truth["app"], REQS, "app view");
+    let top = &first["growth"][0];
+    assert!(
+        top["via"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("json/encoder.py:")),
+        "named via json's line: {top}"
+    );
+    assert_eq!(top["function"], "keep_quote", "{top}");
+    assert_unresolved_say_why(&first);
+    let cache = |diff: &serde_json::Value| {
+        diff["growth"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["function"] == "warm")
+            .cloned()
+    };
+    let warm = cache(&first).expect("the cache grew in the first diff");
+    assert_eq!(warm["stopped"], false, "{warm}");
+
+    round();
+    let (_, second) = get(
+        addr,
+        &format!("/debug/memory/?action=diff&pid={pid}&limit=50"),
+    );
+    assert_top_matches(&second, &truth["app"], REQS, "app view, second diff");
+    let warm = cache(&second).expect("the cache's site is listed, marked");
+    assert_eq!(warm["stopped"], true, "the cache stopped growing: {warm}");
+    assert!(warm["last_grew_unix"].as_f64().is_some(), "{warm}");
+    assert_eq!(second["growth"][0]["stopped"], false);
+    assert_unresolved_say_why(&second);
+
+    round();
+    let (_, third) = get(
+        addr,
+        &format!("/debug/memory/?action=diff&pid={pid}&limit=50&still_growing=true"),
+    );
+    assert!(cache(&third).is_none(), "still_growing hides it: {third}");
+
+    for _ in 0..REQS {
+        http_get(port, &format!("/quote?n={N}")).expect("quote");
+    }
+    let (_, lineno) = get(
+        addr,
+        &format!("/debug/memory/?action=diff&pid={pid}&view=lineno"),
+    );
+    assert_eq!(lineno["view"], "lineno");
+    assert_top_matches(&lineno, &truth["lineno"], REQS, "lineno view");
+    assert!(lineno["growth"][0]["via"].is_null(), "{lineno}");
+    let (code, _) = get(addr, "/debug/memory/?action=stop");
+    assert_eq!(code, 200);
+}
+
+#[test]
+fn django_on_gunicorn_names_the_application_line() {
+    let _serial = serial();
+    let (_agent, addr) = start_agent(&["gunicorn"]);
+    let port = free_port();
+    let server = Proc::spawn(
+        Command::new("gunicorn")
+            .args(["--workers", "1", "--worker-class", "sync"])
+            .arg("--bind")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--chdir")
+            .arg(Fixtures::source(""))
+            .arg("django_app:application")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    assert!(wait_port(port, SERVER_START));
+    let worker = wait_children(server.pid(), 1)[0];
+    let status = python_ready(addr, worker);
+    assert_eq!(
+        status["python"]["prefix"], "/usr",
+        "Debian's python3.11 has its prefix at /usr: {status}"
+    );
+    application_view(addr, port, worker);
+}
+
+#[test]
+fn django_on_uwsgi_names_the_application_line() {
+    let _serial = serial();
+    let (_agent, addr) = start_agent(&["uwsgi"]);
+    let port = free_port();
+    let server = uwsgi_app(
+        port,
+        "django_app.py",
+        &["--workers", "1", "--http-socket"],
+        0,
+    );
+    assert!(wait_port(port, SERVER_START));
+    let worker = wait_children(server.pid(), 1)[0];
+    application_view(addr, port, worker);
+}

@@ -23,6 +23,11 @@ const PACKAGES: &[(&str, &str)] = &[
         "/usr/lib/python3/dist-packages/setproctitle/__init__.py",
         "python3-setproctitle",
     ),
+    // The application-view tests serve a Django app (Debian's Django 3.2).
+    (
+        "/usr/lib/python3/dist-packages/django/__init__.py",
+        "python3-django",
+    ),
     ("wrk", "wrk"),
     // The soft-limit and socket-mode tests run real uWSGI, PHP-FPM and nginx.
     ("uwsgi", "uwsgi"),

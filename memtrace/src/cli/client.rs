@@ -411,7 +411,7 @@ fn render_sites(title: &str, sites: &Value, bytes_key: &str) -> String {
                     let unresolved = s["stack"][0]
                         .as_str()
                         .filter(|f| f.ends_with(')') && f.starts_with("0x"))
-                        .map(|f| format!("  {}", f.split_once(' ').map_or(f, |(_, r)| r)))
+                        .and_then(|f| f.rfind(" (").map(|at| format!(" {}", &f[at..])))
                         .unwrap_or_default();
                     let stopped = if s["stopped"] == true {
                         " (stopped growing)"
@@ -713,7 +713,7 @@ mod tests {
         );
         assert!(out.contains("warm (stopped growing)"), "{out}");
         assert!(
-            out.contains("[python] (code object freed before it was read)"),
+            out.contains(":9  (code object freed before it was read)"),
             "{out}"
         );
         assert!(

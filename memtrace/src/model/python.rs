@@ -656,6 +656,41 @@ mod tests {
     use super::*;
 
     #[test]
+    fn prefixes_are_found_like_getpath_under_the_process_root() {
+        let root = std::env::temp_dir().join(format!("memtrace-prefix-{}", std::process::id()));
+        let stdlib = root.join("usr/lib/python3.11");
+        std::fs::create_dir_all(&stdlib).unwrap();
+        std::fs::write(stdlib.join("os.py"), "").unwrap();
+        let found = |binary: &str, minor| find_prefix(&root, Path::new(binary), minor);
+        assert_eq!(
+            found("/usr/bin/python3.11", 11),
+            Some(PathBuf::from("/usr"))
+        );
+        // uWSGI's libpython: two levels below the prefix.
+        assert_eq!(
+            found("/usr/lib/x86_64-linux-gnu/libpython3.11.so.1.0", 11),
+            Some(PathBuf::from("/usr"))
+        );
+        assert_eq!(found("/usr/bin/python3.12", 12), None, "another version");
+        let py = PythonRuntime {
+            version: "3.11.2".into(),
+            version_hex: None,
+            binary: PathBuf::from("/usr/bin/python3.11"),
+            runtime_symbol: None,
+            runtime_size: 0,
+            first_load: 0,
+            debug_offsets: false,
+            code_type_symbol: None,
+            malloc_refs: Vec::new(),
+            supported: true,
+            unsupported_reason: None,
+            prefix: Some(PathBuf::from("/usr")),
+        };
+        assert_eq!(py.stdlib_dir().as_deref(), Some("/usr/lib/python3.11/"));
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
     fn interpreter_files_by_name() {
         let minor = |p: &str| interpreter_file(Path::new(p));
         assert_eq!(minor("/usr/bin/python3.11"), Some(Some(11)));

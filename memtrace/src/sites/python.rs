@@ -55,7 +55,10 @@ impl PythonSymbolizer {
                         module: Some(PYTHON_MODULE.to_string()),
                         unresolved: None,
                     },
-                    Err(e) => unresolved(f, why_unresolved(&e)),
+                    Err(e) => {
+                        tracing::debug!(pid, code = f.code, error = %e, "Python frame unresolved");
+                        unresolved(f, why_unresolved(&e))
+                    }
                 }
             })
             .collect()
@@ -81,29 +84,21 @@ impl PythonSymbolizer {
     }
 }
 
-/// Why a sampled code object could not be read: its memory is gone or no
-/// longer a code object with the sampled first line (freed, reused), the
-/// process is gone, or its memory is not readable.
+/// Why a sampled code object could not be read. The kernel saw a live
+/// code object at that address, so memory that is unmapped there now, or
+/// holds something else (another type, another first line, a string that
+/// is not one), was freed since; only a process that is gone, or memory
+/// this agent may not read, is another reason.
 fn why_unresolved(e: &PyCodeError) -> Unresolved {
-    match e {
+    let PyCodeError::Read { source, .. } = e else {
+        return Unresolved::CodeFreed;
+    };
+    match source.raw_os_error() {
         // The mm is gone: reads return nothing.
-        PyCodeError::Read { source, .. }
-            if source.raw_os_error() == Some(libc::ESRCH)
-                || source.kind() == std::io::ErrorKind::UnexpectedEof =>
-        {
-            Unresolved::ProcessGone
-        }
-        PyCodeError::Read { source, .. }
-            if matches!(source.raw_os_error(), Some(libc::EIO) | Some(libc::EFAULT)) =>
-        {
-            // Unmapped since the sample: freed with its arena.
-            Unresolved::CodeFreed
-        }
-        PyCodeError::Stale { .. }
-        | PyCodeError::NotCode { .. }
-        | PyCodeError::BadField { .. }
-        | PyCodeError::BadPointer { .. } => Unresolved::CodeFreed,
-        _ => Unresolved::Unreadable,
+        Some(libc::ESRCH) => Unresolved::ProcessGone,
+        _ if source.kind() == std::io::ErrorKind::UnexpectedEof => Unresolved::ProcessGone,
+        Some(libc::EACCES) | Some(libc::EPERM) => Unresolved::Unreadable,
+        _ => Unresolved::CodeFreed,
     }
 }
 
@@ -164,6 +159,25 @@ mod tests {
         let names: Vec<_> = joined.iter().map(|f| f.function.clone().unwrap()).collect();
         assert_eq!(names, ["malloc", "PyUnicode_New", "leak", "handler"]);
         assert_eq!(join(natives.clone(), Vec::new(), false), natives);
+    }
+
+    #[test]
+    fn failed_reads_say_why() {
+        let read = |errno| PyCodeError::Read {
+            what: "the code object's type",
+            addr: 0x10,
+            source: std::io::Error::from_raw_os_error(errno),
+        };
+        assert_eq!(why_unresolved(&read(libc::EIO)), Unresolved::CodeFreed);
+        assert_eq!(why_unresolved(&read(libc::EINVAL)), Unresolved::CodeFreed);
+        assert_eq!(why_unresolved(&read(libc::EPERM)), Unresolved::Unreadable);
+        assert_eq!(why_unresolved(&read(libc::ESRCH)), Unresolved::ProcessGone);
+        let stale = PyCodeError::Stale {
+            addr: 0x10,
+            seen: 1,
+            now: 42,
+        };
+        assert_eq!(why_unresolved(&stale), Unresolved::CodeFreed);
     }
 
     #[test]

@@ -275,7 +275,7 @@ impl Snapshot {
     ) -> Self {
         let mut sites: HashMap<String, Site> = HashMap::new();
         let mut members: Vec<&RawSite> = raw.iter().filter(|r| pids.contains(&r.pid)).collect();
-        members.sort_by(|a, b| b.bytes.cmp(&a.bytes));
+        members.sort_by_key(|r| std::cmp::Reverse(r.bytes));
         for r in members {
             let naming = spec.naming(r.pid, &r.frames);
             let site = sites
