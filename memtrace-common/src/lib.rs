@@ -264,6 +264,9 @@ pub struct ProcessEvent {
     /// Exec: 1 when the process was already watched, 2 when the kernel matched
     /// its name against a selector, 0 when reported for the agent to match.
     pub watched: u32,
+    /// Fork: the thread that forked (which request started the child).
+    /// Exec, exit: the thread that exec'd or exited last.
+    pub ptid: u32,
     pub ts_ns: u64,
     pub comm: [u8; TASK_COMM_LEN],
     /// Exec: the path passed to execve; empty otherwise.
@@ -645,7 +648,7 @@ const _: () = {
     assert!(core::mem::size_of::<SiteKey>() == 24);
     assert!(core::mem::size_of::<PyProcInfo>() == 12 * 4);
     assert!(core::mem::size_of::<PyStack>() == 8 + 16 * PY_MAX_FRAMES);
-    assert!(core::mem::size_of::<ProcessEvent>() == 24 + 16 + 256 + 112 + 32);
+    assert!(core::mem::size_of::<ProcessEvent>() == 32 + 16 + 256 + 112 + 32);
     assert!(core::mem::size_of::<RssEvent>() == 24 + 32);
     assert!(core::mem::size_of::<RequestLine>() == 8 + LINE_CAP);
     assert!(core::mem::size_of::<RequestEvent>() == 24 + 24 + 64 + 40 + 8 + LINE_CAP);

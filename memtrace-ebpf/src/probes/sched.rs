@@ -57,6 +57,7 @@ fn emit_process(
         (*ev).tgid = tgid;
         (*ev).ppid = ppid;
         (*ev).watched = watched_how;
+        (*ev).ptid = current().tid;
         (*ev).ts_ns = now_ns();
         (*ev).comm = comm;
         (*ev).filename[0] = 0;

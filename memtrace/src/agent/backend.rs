@@ -8,7 +8,7 @@ use std::{
 use super::{
     drain::EventDrain,
     state::State,
-    views::{agent_status, worker_status},
+    views::{agent_status, worker_detail, worker_status},
 };
 use crate::{
     api::{
@@ -350,7 +350,7 @@ impl Backend for AgentBackend {
         let workers = match pid {
             Some(p) => {
                 let w = state.registry.find(p).ok_or(BackendError::UnknownPid(p))?;
-                vec![worker_status(&state, w, true)]
+                vec![worker_detail(&state, w)]
             }
             None => state
                 .registry
@@ -379,7 +379,7 @@ impl Backend for AgentBackend {
             .registry
             .find(pid)
             .ok_or(BackendError::UnknownPid(pid))?;
-        Ok(worker_status(&state, w, true))
+        Ok(worker_detail(&state, w))
     }
 
     fn requests(&self, pid: u32, limit: usize) -> Result<Vec<RequestRecord>, BackendError> {

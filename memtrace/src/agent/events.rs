@@ -1,6 +1,6 @@
 //! Kernel events into the model: a traced process forked, exec'd or exited,
 //! its RSS moved, or it ended a request.
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use memtrace_common::ProcessEvent;
 use tracing::{info, warn};
@@ -10,6 +10,7 @@ use crate::{
     judge::softlimit::log_recycle,
     kernel::events::{KernelEvent, c_str},
     model::{
+        descendants::{Descendant, MAX_DESCENDANTS},
         procinfo::{self, ProcessView},
         requests::{RequestRecord, WallClock},
         workers::{Origin, Worker},
@@ -31,8 +32,57 @@ impl State {
         }
     }
 
+    /// The worker a new process belongs to as a descendant, if it is one:
+    /// its parent is a descendant, or a worker that is a fork of a traced
+    /// process (a prefork master's worker: forked while traced, or running
+    /// its traced parent's program), or a process that has served requests.
+    /// A traced process that exec'd its own program (a server started by a
+    /// traced shell) is a root: what it forks are its workers.
+    pub(super) fn descendant_owner(&self, ppid: u32) -> Option<u32> {
+        if let Some(owner) = self.descendants.owner_of(ppid) {
+            return Some(owner);
+        }
+        let parent = self.registry.get(ppid)?;
+        let fork_of_traced = parent.origin == Origin::Fork
+            || self
+                .registry
+                .get(parent.ppid)
+                .is_some_and(|gp| parent.exe.is_some() && gp.exe == parent.exe);
+        let serves = parent.requests.seen > 0
+            || self
+                .tracer
+                .proc_stats(ppid)
+                .is_some_and(|s| s.requests_started > 0);
+        (fork_of_traced || serves).then_some(ppid)
+    }
+
     fn on_fork(&mut self, ev: &ProcessEvent) {
-        if self.registry.contains(ev.tgid) {
+        if self.registry.contains(ev.tgid) || self.descendants.contains(ev.tgid) {
+            return;
+        }
+        if let Some(owner) = self.descendant_owner(ev.ppid) {
+            // Watched by the kernel (its own forks, exec and exit come as
+            // events), not a worker.
+            let kept = self.descendants.adopt(Descendant {
+                pid: ev.tgid,
+                owner,
+                ppid: ev.ppid,
+                forked_by: ev.ptid,
+                comm: c_str(&ev.comm),
+                forked_ns: ev.ts_ns,
+                started: SystemTime::now(),
+                rss_bytes: 0,
+            });
+            if !kept {
+                self.tracer.unwatch(ev.tgid);
+                if self.descendants.dropped.is_power_of_two() {
+                    warn!(
+                        dropped = self.descendants.dropped,
+                        max = MAX_DESCENDANTS,
+                        "too many processes below the workers: new ones are not followed"
+                    );
+                }
+            }
             return;
         }
         let view = procinfo::view(ev.tgid).unwrap_or_else(|| ProcessView {
@@ -57,6 +107,11 @@ impl State {
     fn on_exec(&mut self, ev: &ProcessEvent) {
         let pid = ev.tgid;
         let filename = c_str(&ev.filename);
+        if self.descendants.contains(pid) {
+            // Still its worker's, under its new name (a browser, a shell).
+            self.descendants.exec(pid, &c_str(&ev.comm));
+            return;
+        }
         let view = procinfo::view(pid).unwrap_or_else(|| ProcessView {
             pid,
             comm: c_str(&ev.comm),
@@ -103,6 +158,9 @@ impl State {
 
     fn on_exit(&mut self, ev: &ProcessEvent) {
         let pid = ev.tgid;
+        if self.descendants.exit(pid).is_some() {
+            return;
+        }
         self.tracer.detach_alloc_probes(pid);
         // A worker memtrace retired: its exit is timed here, to the event.
         if let Some(recycle) = self.enforcer.worker_exited(pid, Instant::now()) {
@@ -112,6 +170,8 @@ impl State {
         let Some(w) = self.registry.retire(pid, Some((ev.stats, ev.rss))) else {
             return;
         };
+        // Its live descendants are reparented away: orphans.
+        let orphans = self.descendants.worker_exited(pid);
         let lifetime = w
             .exited_at
             .and_then(|t| t.duration_since(w.first_seen).ok())
@@ -127,6 +187,7 @@ impl State {
             brk_grow_bytes = self.tracer.mmap_counted(w.stats.brk_grow_bytes),
             requests = w.stats.requests_ended,
             traced_secs = lifetime.as_secs_f64(),
+            orphans,
             "worker exited"
         );
     }
@@ -136,14 +197,30 @@ impl State {
         let Some(w) = self.registry.get_mut(ev.tgid) else {
             return;
         };
-        let record = RequestRecord::from_event(ev, w.requests.next_seq(), &w.rss, &settings, clock);
+        let mut record =
+            RequestRecord::from_event(ev, w.requests.next_seq(), &w.rss, &settings, clock);
         w.apply_kernel_rss(ev.rss_after, ev.known_after);
-        record.log();
+        // What it left in child processes: started by its thread while it
+        // ran, alive at its end.
+        let started = self
+            .descendants
+            .started_during(ev.tgid, ev.tid, ev.start_ns, ev.end_ns);
+        let rss_of = |pid: u32| procinfo::statm_rss(pid).unwrap_or(0) as i64;
+        record.children = self.descendants.of(ev.tgid).count() as u64;
+        record.children_delta = started.len() as i64;
+        record.children_rss_delta_bytes = started.iter().map(|&p| rss_of(p)).sum();
+        record.log(self.log_plan);
         let rss_mb = record.rss_after_bytes as f64 / MB;
+        let children = record.children as f64;
+        let at = ev.end_ns as f64 / 1e9;
         w.requests.push(record);
-        let detection = w.detector.record_at(rss_mb, ev.end_ns as f64 / 1e9);
+        let detection = w.detector.record_at(rss_mb, at);
+        let child_detection = w.child_detector.record_at(children, at);
         if let Some(d) = detection {
             self.on_detection(ev.tgid, d);
+        }
+        if let Some(d) = child_detection {
+            self.on_child_detection(ev.tgid, d);
         }
     }
 }

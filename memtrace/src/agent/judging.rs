@@ -72,6 +72,50 @@ impl State {
         }
     }
 
+    /// A worker's live descendants grow per request: child processes that
+    /// are never reaped (browsers a view never closed). Logged like a leak
+    /// trend, with the route whose requests start them.
+    pub(super) fn on_child_detection(&mut self, pid: u32, detection: Detection) {
+        let Detection::LeakTrendDetected {
+            slope_mb_per_unit,
+            lower_bound,
+            window,
+            ..
+        } = detection
+        else {
+            return;
+        };
+        let Some(w) = self.registry.get_mut(pid) else {
+            return;
+        };
+        w.child_leak_detections += 1;
+        let route = w.requests.routes.child_route();
+        let children = self.descendants.summary(pid, std::time::SystemTime::now());
+        macro_rules! report {
+            ($level:ident) => {
+                tracing::$level!(
+                    pid,
+                    name = %w.name,
+                    children_per_request = slope_mb_per_unit,
+                    slope_lower_bound = lower_bound,
+                    window,
+                    children = children.count,
+                    children_rss_bytes = children.rss_bytes,
+                    children_names = ?children.names,
+                    detections = w.child_leak_detections,
+                    route = route.as_ref().map(|r| r.0.as_str()),
+                    route_children_per_request = route.as_ref().map(|r| r.1),
+                    "CHILD_LEAK_DETECTED"
+                )
+            };
+        }
+        if w.child_leak_detections == 1 {
+            report!(warn);
+        } else {
+            report!(debug);
+        }
+    }
+
     /// A worker's RSS crossed the soft limit: queue its restart when its
     /// size in the limit's metric is over too, else watch it.
     fn over_soft_limit(&mut self, pid: u32, rss_mb: f64, soft_limit_mb: f64) {

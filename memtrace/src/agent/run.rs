@@ -114,6 +114,8 @@ impl Agent {
             python_builds: Default::default(),
             native_frames: settings.native_frames,
             app_code: settings.app_code.clone(),
+            descendants: Default::default(),
+            log_plan: settings.plan_log_lines,
         };
         let api_listener = match settings.listen {
             Some(addr) => {

@@ -20,6 +20,8 @@ pub struct AgentSettings {
     pub native_frames: bool,
     /// Python sites: `--app-path` and `--hide`.
     pub app_code: AppCode,
+    /// Requests are logged as the plan's text lines (`--log-format plan`).
+    pub plan_log_lines: bool,
     /// How often the ring buffer is drained.
     pub poll_interval: Duration,
     /// How often kernel maps and /proc are read into the worker model.
@@ -53,6 +55,7 @@ impl Default for AgentSettings {
             mount_tracefs: true,
             native_frames: false,
             app_code: AppCode::default(),
+            plan_log_lines: false,
             poll_interval: Duration::from_millis(DEFAULT_POLL_INTERVAL_MS),
             refresh_interval: Duration::from_secs(1),
             rescan_interval: Duration::from_secs(5),

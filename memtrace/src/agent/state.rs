@@ -11,8 +11,8 @@ use crate::{
     judge::{detector::DetectorConfig, softlimit::Enforcer},
     kernel::loader::Tracer,
     model::{
-        kubelet::PodIndex, python::PythonBuilds, requests::RequestSettings, selectors::Selectors,
-        workers::Registry,
+        descendants::Descendants, kubelet::PodIndex, python::PythonBuilds,
+        requests::RequestSettings, selectors::Selectors, workers::Registry,
     },
 };
 
@@ -60,6 +60,10 @@ pub struct State {
     /// What Python sites count as the application's code (`--app-path`,
     /// `--hide`; the prefixes come from each interpreter).
     pub app_code: crate::sites::view::AppCode,
+    /// Processes below the workers, and orphans of dead ones.
+    pub descendants: Descendants,
+    /// Requests are logged as the plan's text lines.
+    pub log_plan: bool,
 }
 
 pub type SharedState = Arc<Mutex<State>>;

@@ -1,16 +1,17 @@
 //! Which processes are traced, and their numbers kept fresh: processes found
 //! in /proc or by events are attached to the model, kernel counters and /proc
 //! read into it, the dead retired, lost events reported.
-use std::path::Path;
+use std::{path::Path, time::SystemTime};
 
 use tracing::{debug, info, warn};
 
 use super::{kubelet::name_pod, state::State};
 use crate::{
-    judge::detector::LeakDetector,
+    judge::detector::{DetectorConfig, LeakDetector},
     kernel::loader::{CollectTier, KernelCounters, PymallocTargets},
     model::{
         cgroups,
+        descendants::Descendant,
         procinfo::{self, FileMappings, ProcessView},
         python::{self, PythonRuntime},
         requests::RequestLog,
@@ -33,6 +34,7 @@ impl State {
         } else {
             self.timed_detector_config.clone()
         });
+        worker.child_detector = LeakDetector::new(child_detector_config(&self.detector_config));
         if let Some(known) = self.registry.get_mut(pid)
             && known.start_time == worker.start_time
         {
@@ -254,6 +256,16 @@ impl State {
                 }
             }
         }
+        // Descendants: their RSS, and which are gone (an exit event lost).
+        for pid in self.descendants.pids() {
+            match procinfo::statm_rss(pid) {
+                Some(bytes) => self.descendants.set_rss(pid, bytes),
+                None => {
+                    self.tracer.unwatch(pid);
+                    self.descendants.exit(pid);
+                }
+            }
+        }
         let counters = self.tracer.counters();
         self.report_drops(&counters);
         self.name_pods();
@@ -284,7 +296,11 @@ impl State {
         let events_complete = self.tracer.counters().ringbuf_drops == 0;
         let views: Vec<ProcessView> = procinfo::all_pids()
             .into_iter()
-            .filter(|&pid| pid != self.agent_pid && !self.registry.contains(pid))
+            .filter(|&pid| {
+                pid != self.agent_pid
+                    && !self.registry.contains(pid)
+                    && !self.descendants.contains(pid)
+            })
             .filter(|&pid| !(events_complete && self.tracer.proc_stats(pid).is_some()))
             .filter_map(procinfo::view)
             .collect();
@@ -303,7 +319,10 @@ impl State {
         loop {
             let before = pending.len();
             pending.retain(|view| {
-                if self.registry.contains(view.ppid) {
+                if let Some(owner) = self.descendant_owner(view.ppid) {
+                    self.adopt_found(view, owner);
+                    false
+                } else if self.registry.contains(view.ppid) {
                     let reason = format!("child of {}", view.ppid);
                     if self.watch_found(view, reason) {
                         added += 1;
@@ -320,6 +339,25 @@ impl State {
         added
     }
 
+    /// A process found below a worker: followed as its descendant (the
+    /// kernel watches it for its forks, exec and exit). Its fork time is
+    /// unknown: no request is said to have started it.
+    fn adopt_found(&mut self, view: &ProcessView, owner: u32) {
+        if self.tracer.watch(view.pid, 0).is_err() {
+            return;
+        }
+        self.descendants.adopt(Descendant {
+            pid: view.pid,
+            owner,
+            ppid: view.ppid,
+            forked_by: 0,
+            comm: view.comm.clone(),
+            forked_ns: 0,
+            started: SystemTime::now(),
+            rss_bytes: procinfo::statm_rss(view.pid).unwrap_or(0),
+        });
+    }
+
     fn watch_found(&mut self, view: &ProcessView, reason: String) -> bool {
         let heap = procinfo::heap_end(view.pid).unwrap_or(0);
         if let Err(e) = self.tracer.watch(view.pid, heap) {
@@ -334,6 +372,21 @@ impl State {
         }
         self.attach(Worker::new(view, Origin::Scan, reason));
         true
+    }
+}
+
+/// Live descendants a worker may gain per request, sustained, before it is a
+/// leak of child processes (one per 50 requests): a request that starts a
+/// helper and waits for it leaves none behind.
+pub const CHILD_SLOPE_PER_REQUEST: f64 = 0.02;
+
+/// The memory detector's window and checks, judging descendants per request
+/// (no soft limit: that is the memory detector's).
+pub fn child_detector_config(memory: &DetectorConfig) -> DetectorConfig {
+    DetectorConfig {
+        slope_threshold_mb: CHILD_SLOPE_PER_REQUEST,
+        soft_limit_mb: f64::MAX,
+        ..memory.clone()
     }
 }
 
@@ -357,5 +410,46 @@ fn log_python(pid: u32, py: &PythonRuntime) {
             reason = %reason,
             "CPython worker memtrace cannot read Python frames of: native sites only"
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::judge::detector::Detection;
+
+    /// The render app's pattern: a child left alive every sixth request.
+    #[test]
+    fn children_left_every_few_requests_are_a_trend() {
+        let memory = DetectorConfig::default()
+            .with_window_size(20)
+            .with_check_interval(10)
+            .with_warmup_samples(4)
+            .with_min_check_gap_secs(0.25);
+        let mut d = LeakDetector::new(child_detector_config(&memory));
+        let mut found = None;
+        for i in 0..48u32 {
+            let children = f64::from(i / 6 + 1);
+            if let Some(det) = d.record_at(children, f64::from(i) * 0.05) {
+                found = Some((i, det));
+                break;
+            }
+        }
+        let Some((
+            at,
+            Detection::LeakTrendDetected {
+                slope_mb_per_unit, ..
+            },
+        )) = found
+        else {
+            panic!("no trend: {:?}", d.get_state());
+        };
+        assert!(
+            (0.1..0.3).contains(&slope_mb_per_unit),
+            "{slope_mb_per_unit} at {at}"
+        );
+        // A flat count is not.
+        let mut flat = LeakDetector::new(child_detector_config(&memory));
+        assert!((0..48u32).all(|i| flat.record_at(3.0, f64::from(i) * 0.05).is_none()));
     }
 }

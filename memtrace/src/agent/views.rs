@@ -90,11 +90,33 @@ pub fn worker_status(state: &State, w: &Worker, with_proc: bool) -> WorkerStatus
         python_gc: w.python_gc,
         python_frames: w.python_code.is_some(),
         pymalloc_probed: w.python_code.is_some() && state.tracer.pymalloc_probed(w.pid),
+        children: state.descendants.summary(w.pid, SystemTime::now()),
+        child_leak_detections: w.child_leak_detections,
     }
 }
 
+/// One worker asked for by pid: its descendants' PSS too (a page-table walk
+/// each, so not in the list views or /metrics).
+pub fn worker_detail(state: &State, w: &Worker) -> WorkerStatus {
+    let mut status = worker_status(state, w, true);
+    if status.children.count > 0 {
+        status.children.pss_bytes = Some(
+            state
+                .descendants
+                .of(w.pid)
+                .filter_map(|d| procinfo::smaps_rollup(d.pid).map(|r| r.pss))
+                .sum(),
+        );
+    }
+    status
+}
+
+/// Orphans listed in the agent's status.
+const ORPHANS_LISTED: usize = 100;
+
 /// The agent itself.
 pub fn agent_status(state: &State) -> AgentStatus {
+    let orphans = state.descendants.orphans(SystemTime::now());
     AgentStatus {
         pid: state.agent_pid,
         version: env!("CARGO_PKG_VERSION"),
@@ -138,5 +160,8 @@ pub fn agent_status(state: &State) -> AgentStatus {
                 })
                 .collect(),
         },
+        orphans_total: orphans.len(),
+        orphans: orphans.into_iter().take(ORPHANS_LISTED).collect(),
+        descendants_dropped: state.descendants.dropped,
     }
 }

@@ -86,6 +86,11 @@ pub const METRIC_NAMES: &[&str] = &[
     "memtrace_worker_mmap_bytes_total",
     "memtrace_worker_brk_grow_bytes_total",
     "memtrace_worker_leak_detections_total",
+    "memtrace_worker_children",
+    "memtrace_worker_children_rss_bytes",
+    "memtrace_worker_children_oldest_age_seconds",
+    "memtrace_worker_child_leak_detections_total",
+    "memtrace_orphans",
     "memtrace_worker_soft_limit_fired",
     "memtrace_worker_routes_overflowed_requests_total",
     "memtrace_route_requests_total",
@@ -211,6 +216,26 @@ pub fn render(status: &StatusView) -> String {
         "LEAK_TREND_DETECTED reports",
         Counter
     );
+    let children = family!(
+        "memtrace_worker_children",
+        "Live processes below the worker (what it started and never reaped)",
+        Gauge
+    );
+    let children_rss = family!(
+        "memtrace_worker_children_rss_bytes",
+        "Resident bytes of the processes below the worker",
+        Gauge
+    );
+    let children_age: Family<WorkerLabels, GaugeF> = family!(
+        "memtrace_worker_children_oldest_age_seconds",
+        "Age of the oldest process below the worker",
+        GaugeF
+    );
+    let child_detections = family!(
+        "memtrace_worker_child_leak_detections",
+        "CHILD_LEAK_DETECTED reports",
+        Counter
+    );
     let fired = family!(
         "memtrace_worker_soft_limit_fired",
         "1 once the worker crossed its soft limit",
@@ -286,6 +311,11 @@ pub fn render(status: &StatusView) -> String {
         Counter
     );
     let workers = single!("memtrace_workers", "Traced live processes", Gauge);
+    let orphans = single!(
+        "memtrace_orphans",
+        "Live processes left behind by dead workers",
+        Gauge
+    );
     let collecting = single!(
         "memtrace_collection_active",
         "1 while allocation-site collection is on",
@@ -372,6 +402,18 @@ pub fn render(status: &StatusView) -> String {
             brk.get_or_create(&labels).inc_by(v);
         }
         detections.get_or_create(&labels).inc_by(w.leak_detections);
+        children
+            .get_or_create(&labels)
+            .set(i64::try_from(w.children.count).unwrap_or(i64::MAX));
+        children_rss
+            .get_or_create(&labels)
+            .set(i64::try_from(w.children.rss_bytes).unwrap_or(i64::MAX));
+        if let Some(age) = w.children.oldest_age_secs {
+            children_age.get_or_create(&labels).set(age);
+        }
+        child_detections
+            .get_or_create(&labels)
+            .inc_by(w.child_leak_detections);
         overflowed
             .get_or_create(&labels)
             .inc_by(w.routes_overflowed_requests);
@@ -426,6 +468,7 @@ pub fn render(status: &StatusView) -> String {
     heap_samples_dropped.inc_by(agent.kernel.live_allocs_dropped);
     events.inc_by(agent.events_received);
     workers.set(agent.workers_alive as i64);
+    orphans.set(agent.orphans_total as i64);
     collecting.set(i64::from(agent.collection_active));
 
     let mut out = String::new();

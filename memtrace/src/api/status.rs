@@ -12,6 +12,7 @@ use crate::{
     kernel::loader::KernelCounters,
     model::{
         cgroups::Placement,
+        descendants::{ChildrenStatus, OrphanStatus},
         python::{GcStats, PythonRuntime},
         routes::{LeakRoute, RoutesView},
         rss::RssBreakdown,
@@ -107,6 +108,11 @@ pub struct WorkerStatus {
     /// they show through the pages they touch).
     pub python_frames: bool,
     pub pymalloc_probed: bool,
+    /// The processes below it: how many, their names, memory and age, and
+    /// how many it left behind as orphans.
+    pub children: ChildrenStatus,
+    /// CHILD_LEAK_DETECTED reports so far.
+    pub child_leak_detections: u64,
 }
 
 /// Soft-limit enforcement, as the API shows it.
@@ -153,6 +159,11 @@ pub struct AgentStatus {
     /// Heap tier: mean bytes between sampled allocations.
     pub heap_sample_bytes: u64,
     pub soft_limit: SoftLimitStatus,
+    /// Processes below dead workers, still alive (at most 100 listed).
+    pub orphans: Vec<OrphanStatus>,
+    pub orphans_total: usize,
+    /// Processes below the workers not followed: the table was full.
+    pub descendants_dropped: u64,
 }
 
 /// `?action=status`: the agent and its workers (or one of them).

@@ -24,6 +24,7 @@ use crate::{
         },
     },
     kernel::loader::KernelCounters,
+    model::descendants::ChildrenStatus,
     model::{
         requests::RequestRecord,
         routes::{RouteTable, RoutesView},
@@ -105,6 +106,15 @@ fn worker(pid: u32) -> WorkerStatus {
         leak_route: None,
         route_views: None,
         collecting: false,
+        children: ChildrenStatus {
+            count: 2,
+            names: [("chrome".to_string(), 2)].into(),
+            rss_bytes: 40 << 20,
+            pss_bytes: None,
+            oldest_age_secs: Some(30.0),
+            orphaned: 0,
+        },
+        child_leak_detections: 1,
     }
 }
 
@@ -139,6 +149,9 @@ impl Backend for Fake {
                     recycles: vec![],
                     counts: vec![],
                 },
+                orphans: vec![],
+                orphans_total: 3,
+                descendants_dropped: 0,
             },
             workers: vec![worker(42)],
         })
@@ -850,6 +863,16 @@ fn metrics_render_the_status_with_soft_limit_recycles() {
         ),
         "{text}"
     );
+    // Descendants: count, memory, age, detections; orphans agent-wide.
+    for series in [
+        "memtrace_worker_children{pid=\"42\",name=\"srv\",role=\"worker\",container=\"\",pod=\"\",namespace=\"\"} 2",
+        "memtrace_worker_children_rss_bytes{pid=\"42\",name=\"srv\",role=\"worker\",container=\"\",pod=\"\",namespace=\"\"} 41943040",
+        "memtrace_worker_children_oldest_age_seconds{pid=\"42\",name=\"srv\",role=\"worker\",container=\"\",pod=\"\",namespace=\"\"} 30.0",
+        "memtrace_worker_child_leak_detections_total{pid=\"42\",name=\"srv\",role=\"worker\",container=\"\",pod=\"\",namespace=\"\"} 1",
+        "memtrace_orphans 3",
+    ] {
+        assert!(text.contains(series), "{series}: {text}");
+    }
 }
 
 /// Per-route series appear only with the routes filled in (--metrics-routes).

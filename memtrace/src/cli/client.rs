@@ -312,6 +312,11 @@ pub fn render_status(body: &Value) -> String {
                     None if d["soft_limit_fired"] == true => "yes".into(),
                     None => "no".into(),
                 },
+                // Processes it started and left running, and their memory.
+                match w["children"]["count"].as_u64() {
+                    Some(n) if n > 0 => format!("{n} ({} MB)", mb(&w["children"]["rss_bytes"])),
+                    _ => "-".into(),
+                },
             ]);
             row
         })
@@ -331,8 +336,30 @@ pub fn render_status(body: &Value) -> String {
         "SLOPE_MB/REQ",
         "TO_LIMIT",
         "LIMIT_HIT",
+        "CHILDREN",
     ]);
     out.push_str(&table(&header, &rows));
+    // Processes the workers left running, by name; orphans of dead ones.
+    for w in &workers {
+        let c = &w["children"];
+        if let Some(names) = c["names"].as_object().filter(|n| !n.is_empty()) {
+            let names: Vec<String> = names.iter().map(|(k, v)| format!("{v} {k}")).collect();
+            out.push_str(&format!(
+                "\nworker {} runs {} processes: {} ({} MB, oldest {})\n",
+                num(&w["pid"]),
+                num(&c["count"]),
+                names.join(", "),
+                mb(&c["rss_bytes"]),
+                human_secs(&c["oldest_age_secs"]),
+            ));
+        }
+    }
+    if agent["orphans_total"].as_u64().unwrap_or(0) > 0 {
+        out.push_str(&format!(
+            "\n{} orphans: processes dead workers left running\n",
+            num(&agent["orphans_total"])
+        ));
+    }
     // The endpoint that carries a detected leak (socket mode, HTTP).
     for w in &workers {
         let r = &w["leak_route"];

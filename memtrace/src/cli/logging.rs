@@ -1,5 +1,7 @@
 //! Structured logs: `tracing` events with fields, printed as JSON lines or
 //! for people, filtered by RUST_LOG-style directives.
+use std::io::IsTerminal as _;
+
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
@@ -10,6 +12,10 @@ pub enum LogFormat {
     /// Human-readable, coloured when writing to a terminal.
     #[default]
     Pretty,
+    /// As `pretty`, with each request as the plan's line: `[ID] | [pid-N] |
+    /// GET /path | duration=12ms | memory=100MB->101MB | delta=+1.0MB |
+    /// browsers=1 | browser_delta=+1 | SPIKE_DETECTED`.
+    Plan,
 }
 
 /// Installs the global subscriber. `filter` is a directive such as `info`
@@ -29,8 +35,13 @@ pub fn init(format: LogFormat, filter: &str) {
                     .with_writer(std::io::stderr),
             )
             .try_init(),
-        LogFormat::Pretty => registry
-            .with(fmt::layer().with_target(false).with_writer(std::io::stderr))
+        LogFormat::Pretty | LogFormat::Plan => registry
+            .with(
+                fmt::layer()
+                    .with_target(false)
+                    .with_ansi(std::io::stderr().is_terminal())
+                    .with_writer(std::io::stderr),
+            )
             .try_init(),
     };
     // A second init (tests, the demo) keeps the first subscriber.

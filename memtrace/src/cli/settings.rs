@@ -1010,6 +1010,7 @@ impl AgentArgs {
             soft_limit,
             listen: parse_listen(self.listen.as_deref())?,
             api_token: crate::api::Token::new(std::env::var(DEBUG_TOKEN_ENV).ok()),
+            plan_log_lines: self.log_format == Some(LogFormat::Plan),
         };
         Ok(ResolvedAgent {
             settings,

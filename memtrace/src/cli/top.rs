@@ -114,6 +114,9 @@ pub struct WorkerRow {
     pub requests_seen: u64,
     pub requests_in_flight: u64,
     pub leak_detections: u64,
+    /// Live processes below it, and their resident bytes.
+    pub children: u64,
+    pub children_rss_bytes: u64,
     /// From `requests_seen` over the last refreshes (up to [`RATE_WINDOW`]).
     pub req_per_sec: Option<f64>,
     /// The agent's `leak_detector` object, as served.
@@ -132,6 +135,8 @@ impl WorkerRow {
             requests_seen: w["requests_seen"].as_u64().unwrap_or(0),
             requests_in_flight: w["requests_in_flight"].as_u64().unwrap_or(0),
             leak_detections: w["leak_detections"].as_u64().unwrap_or(0),
+            children: w["children"]["count"].as_u64().unwrap_or(0),
+            children_rss_bytes: w["children"]["rss_bytes"].as_u64().unwrap_or(0),
             req_per_sec: None,
             detector: w["leak_detector"].clone(),
         })
@@ -408,7 +413,7 @@ impl Model {
 // ---------------------------------------------------------------- rendering
 
 /// Table columns and their widths; the RSS history takes the rest.
-const COLUMNS: [(&str, u16); 11] = [
+const COLUMNS: [(&str, u16); 12] = [
     ("PID", 7),
     ("ROLE", 7),
     ("NAME", 15),
@@ -420,6 +425,7 @@ const COLUMNS: [(&str, u16); 11] = [
     ("REQ/S", 7),
     ("INFL", 4),
     ("TO LIMIT", 9),
+    ("CHILDREN", 10),
 ];
 
 fn mb(bytes: Option<u64>) -> String {
@@ -570,7 +576,7 @@ fn header(model: &Model, width: u16) -> Vec<Line<'static>> {
 }
 
 /// Worker columns left out first, in this order, when the terminal is narrow.
-const OPTIONAL_COLUMNS: [usize; 4] = [1, 4, 5, 7];
+const OPTIONAL_COLUMNS: [usize; 5] = [1, 11, 4, 5, 7];
 const HISTORY_MIN_WIDTH: u16 = 8;
 
 /// The columns of a table that fit in `width`: all of them, or fewer by
@@ -647,6 +653,17 @@ fn worker_cells(model: &Model, w: &WorkerRow) -> Vec<Cell<'static>> {
         Cell::from(opt(w.req_per_sec, 1)),
         Cell::from(w.requests_in_flight.to_string()),
         to_limit,
+        // How many processes it left running, and their memory.
+        if w.children == 0 {
+            Cell::from("-")
+        } else {
+            Cell::from(format!(
+                "{} {:.0}M",
+                w.children,
+                w.children_rss_bytes as f64 / MB
+            ))
+            .style(Style::new().fg(Color::Yellow))
+        },
         // Right-aligned: a narrow cell drops the oldest samples, not the newest.
         Cell::from(Line::from(history).right_aligned()).style(Style::new().fg(Color::Green)),
     ]

@@ -6,9 +6,12 @@
 //! runs ([`python`]), and its code objects: file, function and line of a
 //! sampled Python frame ([`pycode`]).
 //!
+//! What workers start, followed without becoming workers: [`descendants`].
+//!
 //! Imports: `judge::detector` (each worker owns its leak detector); nothing
 //! from the kernel loader, the API or the agent.
 pub mod cgroups;
+pub mod descendants;
 pub mod kubelet;
 pub mod procinfo;
 pub mod pycode;

@@ -120,6 +120,13 @@ pub fn smaps_rollup(pid: u32) -> Option<Rollup> {
     })
 }
 
+/// Resident bytes from /proc/PID/statm (the kernel's RSS counters, one
+/// small read): for processes memtrace does not count itself.
+pub fn statm_rss(pid: u32) -> Option<u64> {
+    let statm = Process::new(pid as i32).ok()?.statm().ok()?;
+    Some(statm.resident * procfs::page_size())
+}
+
 pub fn fd_count(pid: u32) -> Option<usize> {
     Process::new(pid as i32).ok()?.fd_count().ok()
 }

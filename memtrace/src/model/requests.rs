@@ -18,6 +18,10 @@ use super::{
 
 const MB: f64 = 1024.0 * 1024.0;
 
+/// Target of the plan's request lines (`--log-format plan`), which the
+/// logger prints as they are.
+pub const PLAN_TARGET: &str = "memtrace::request";
+
 /// Per-request log thresholds, as the plan's middleware had them.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct RequestSettings {
@@ -113,6 +117,14 @@ pub struct RequestRecord {
     /// async server), so its memory deltas are shared with them.
     pub interleaved: bool,
     pub level: RequestLevel,
+    /// Live processes below the worker when the request was recorded.
+    pub children: u64,
+    /// Processes its thread started during the request and still alive at
+    /// its end (the plan's `browser_delta`), from the kernel's fork and
+    /// exit events.
+    pub children_delta: i64,
+    /// Their resident bytes (/proc/PID/statm) when the request is recorded.
+    pub children_rss_delta_bytes: i64,
 }
 
 /// `PID-SEQ`, written out only when shown: a request costs no allocation.
@@ -226,11 +238,63 @@ impl RequestRecord {
             aborted: ev.status == REQUEST_ABORTED,
             interleaved: ev.status == REQUEST_INTERLEAVED,
             level: RequestLevel::classify(delta_bytes, settings),
+            children: 0,
+            children_delta: 0,
+            children_rss_delta_bytes: 0,
         }
     }
 
-    /// The plan's middleware log line, as a structured event.
-    pub fn log(&self) {
+    /// The plan's log line: `[ID] | [pid-N] | GET /path | duration=12ms |
+    /// memory=100MB->101MB | delta=+1.0MB | browsers=1 | browser_delta=+1`,
+    /// fields it leaves out when 0 left out as it did, and the level's word
+    /// last (`SPIKE_DETECTED`, `HIGH_MEMORY_USAGE`).
+    pub fn plan_line(&self) -> String {
+        let mut parts = vec![
+            format!("[{}]", self.request_id),
+            format!("[pid-{}]", self.pid),
+            format!(
+                "{} {}",
+                self.method.as_deref().unwrap_or("-"),
+                self.path.as_deref().unwrap_or("-")
+            ),
+            format!("duration={:.0}ms", self.duration_ms),
+            format!(
+                "memory={:.0}MB->{:.0}MB",
+                self.rss_before_bytes as f64 / MB,
+                self.rss_after_bytes as f64 / MB
+            ),
+            format!("delta={:+.1}MB", self.delta_bytes as f64 / MB),
+        ];
+        if self.children > 0 {
+            parts.push(format!("browsers={}", self.children));
+        }
+        if self.children_delta != 0 {
+            parts.push(format!("browser_delta={:+}", self.children_delta));
+            parts.push(format!(
+                "children_rss_delta={:+.1}MB",
+                self.children_rss_delta_bytes as f64 / MB
+            ));
+        }
+        match self.level {
+            RequestLevel::SpikeDetected => parts.push("SPIKE_DETECTED".into()),
+            RequestLevel::HighMemoryUsage => parts.push("HIGH_MEMORY_USAGE".into()),
+            RequestLevel::Normal => {}
+        }
+        parts.join(" | ")
+    }
+
+    /// The plan's middleware log line, as a structured event; with `plan`,
+    /// as the plan's own text line.
+    pub fn log(&self, plan: bool) {
+        if plan {
+            let line = self.plan_line();
+            match self.level {
+                RequestLevel::SpikeDetected => tracing::warn!(target: PLAN_TARGET, "{line}"),
+                RequestLevel::HighMemoryUsage => tracing::info!(target: PLAN_TARGET, "{line}"),
+                RequestLevel::Normal => tracing::debug!(target: PLAN_TARGET, "{line}"),
+            }
+            return;
+        }
         macro_rules! emit {
             ($level:ident, $msg:literal) => {
                 tracing::$level!(
@@ -250,6 +314,9 @@ impl RequestRecord {
                     brk_grow_bytes = self.brk_grow_bytes,
                     aborted = self.aborted,
                     interleaved = self.interleaved,
+                    children = self.children,
+                    children_delta = self.children_delta,
+                    children_rss_delta_bytes = self.children_rss_delta_bytes,
                     $msg
                 )
             };
@@ -304,6 +371,8 @@ impl RequestLog {
                 record.delta_bytes,
                 record.interleaved,
             );
+            self.routes
+                .record_children(record.route.as_deref(), record.children_delta);
         }
         if self.records.len() == self.capacity {
             self.records.pop_front();

@@ -148,6 +148,8 @@ pub struct RouteStats {
     pub interleaved: u64,
     /// The last `ROUTE_WINDOW` deltas, oldest first.
     pub recent: VecDeque<i64>,
+    /// Child processes its requests started and left alive.
+    pub children_started: i64,
 }
 
 impl RouteStats {
@@ -248,6 +250,36 @@ impl RouteTable {
                 self.routes.insert(route.to_string(), stats);
             }
         }
+    }
+
+    /// Counts child processes a request of `route` left alive.
+    pub fn record_children(&mut self, route: Option<&str>, started: i64) {
+        let Some(route) = route.filter(|_| started != 0) else {
+            return;
+        };
+        let stats = match self.routes.get_mut(route) {
+            Some(stats) => stats,
+            None => &mut self.other,
+        };
+        stats.children_started += started;
+    }
+
+    /// The route whose requests left the most child processes alive, with
+    /// how many per request.
+    pub fn child_route(&self) -> Option<(String, f64)> {
+        self.iter()
+            .filter(|(_, s)| s.children_started > 0 && s.requests > 0)
+            .max_by(|a, b| {
+                a.1.children_started
+                    .cmp(&b.1.children_started)
+                    .then_with(|| b.0.cmp(a.0))
+            })
+            .map(|(name, s)| {
+                (
+                    name.to_string(),
+                    s.children_started as f64 / s.requests as f64,
+                )
+            })
     }
 
     pub fn len(&self) -> usize {

@@ -78,6 +78,10 @@ pub struct Worker {
     pub detector: LeakDetector,
     /// LEAK_TREND_DETECTED reports so far.
     pub leak_detections: u64,
+    /// The same robust slope over its live descendants after each request.
+    pub child_detector: LeakDetector,
+    /// CHILD_LEAK_DETECTED reports so far.
+    pub child_leak_detections: u64,
     /// Its cgroup, container and pod, read when it was attached.
     pub placement: Option<Placement>,
     /// VmData from /proc at the last refresh: the net of what mmap, munmap,
@@ -122,6 +126,8 @@ impl Worker {
             requests: RequestLog::default(),
             detector: LeakDetector::new(DetectorConfig::default()),
             leak_detections: 0,
+            child_detector: LeakDetector::new(DetectorConfig::default()),
+            child_leak_detections: 0,
             placement: None,
             vm_data: None,
             python: None,
