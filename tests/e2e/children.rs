@@ -376,3 +376,67 @@ fn the_plans_log_line_parses_back() {
     drop(reaper);
     proc.stop(Duration::from_secs(10));
 }
+
+/// `--soft-limit-include-children`: the worker's own RSS stays far below
+/// the limit, its stand-ins take it over; the worker is retired as its
+/// server does it (gunicorn: TERM), and its stand-ins are reported as
+/// orphans.
+#[test]
+fn the_soft_limit_can_count_what_a_worker_started() {
+    let _serial = serial();
+    let (agent, _addr) = agent(&[
+        "--soft-limit-mb",
+        "90",
+        "--soft-limit-include-children",
+        "--soft-limit-min-interval-secs",
+        "0",
+        "--soft-limit-jitter-secs",
+        "0",
+    ]);
+    let port = free_port();
+    let server = render_gunicorn(port, "sync");
+    assert!(wait_port(port, SERVER_START));
+    let worker = wait_children(server.pid(), 1)[0];
+    let mut reaper = Reaper(Vec::new());
+    // About 25 MB of its own, and 21 MB per stand-in: over 90 MB after 4.
+    for _ in 0..5 {
+        http_get(port, "/render").expect("render");
+        http_get(port, "/ok").expect("ok");
+    }
+    reaper.0 = descendants_of(worker);
+    let own_mb = smaps_rss(worker).unwrap_or(0) as f64 / (1 << 20) as f64;
+    assert!(
+        own_mb < 60.0,
+        "the worker alone is under the limit: {own_mb} MB"
+    );
+    let exceeded = agent
+        .wait_log(Duration::from_secs(20), |l| {
+            l["pid"].as_u64() == Some(u64::from(worker))
+                && l["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("SOFT_LIMIT_EXCEEDED"))
+        })
+        .unwrap_or_else(|| panic!("no SOFT_LIMIT_EXCEEDED in {:#?}", agent.logs()));
+    assert!(
+        exceeded["footprint_mb"].as_f64().is_some_and(|f| f > 90.0),
+        "{exceeded}"
+    );
+    assert_eq!(exceeded["children"].as_u64(), Some(reaper.0.len() as u64));
+    let exit = agent
+        .wait_log(Duration::from_secs(45), |l| {
+            l["message"] == "worker exited" && l["pid"].as_u64() == Some(u64::from(worker))
+        })
+        .unwrap_or_else(|| panic!("the worker was not retired: {:#?}", agent.logs()));
+    assert_eq!(
+        exit["orphans"].as_u64(),
+        Some(reaper.0.len() as u64),
+        "{exit}"
+    );
+    // The master replaces it.
+    assert!(
+        wait_for(Duration::from_secs(30), || children_of(server.pid())
+            .iter()
+            .any(|&p| p != worker && !reaper.0.contains(&p))),
+        "gunicorn started a new worker"
+    );
+}

@@ -205,10 +205,13 @@ impl State {
         let started = self
             .descendants
             .started_during(ev.tgid, ev.tid, ev.start_ns, ev.end_ns);
-        let rss_of = |pid: u32| procinfo::statm_rss(pid).unwrap_or(0) as i64;
         record.children = self.descendants.of(ev.tgid).count() as u64;
         record.children_delta = started.len() as i64;
-        record.children_rss_delta_bytes = started.iter().map(|&p| rss_of(p)).sum();
+        for &child in &started {
+            let rss = procinfo::statm_rss(child).unwrap_or(0);
+            self.descendants.set_rss(child, rss);
+            record.children_rss_delta_bytes += rss as i64;
+        }
         record.log(self.log_plan);
         let rss_mb = record.rss_after_bytes as f64 / MB;
         let children = record.children as f64;

@@ -123,7 +123,7 @@ impl State {
         let Some(start_time) = self.registry.get(pid).map(|w| w.start_time) else {
             return;
         };
-        match soft_limit_measure(metric, pid, rss_mb) {
+        match self.soft_limit_measure(metric, pid, rss_mb) {
             Some(measure_mb) if measure_mb > soft_limit_mb => {
                 self.queue_restart(pid, rss_mb, measure_mb, soft_limit_mb);
             }
@@ -168,9 +168,9 @@ impl State {
             else {
                 continue;
             };
-            let rss_mb = w.rss.resident() as f64 / MB;
             let limit = w.detector.get_state().soft_limit_mb;
-            match soft_limit_measure(metric, pid, rss_mb) {
+            let rss_mb = self.footprint_mb(pid);
+            match self.soft_limit_measure(metric, pid, rss_mb) {
                 Some(measure_mb) if measure_mb > limit => {
                     self.queue_restart(pid, rss_mb, measure_mb, limit);
                 }
@@ -298,14 +298,80 @@ impl State {
     }
 }
 
-/// The worker's size in the limit's metric: RSS from the kernel's counters,
-/// PSS or USS from smaps_rollup (None when the worker is gone).
-fn soft_limit_measure(metric: SoftLimitMetric, pid: u32, rss_mb: f64) -> Option<f64> {
-    let rollup = || procinfo::smaps_rollup(pid);
-    match metric {
-        SoftLimitMetric::Rss => Some(rss_mb),
-        SoftLimitMetric::Pss => rollup().map(|r| r.pss as f64 / MB),
-        SoftLimitMetric::Uss => rollup().map(|r| r.uss as f64 / MB),
+impl State {
+    /// The worker's size in the limit's metric: `rss_mb` as given (RSS
+    /// from the kernel's counters, with its descendants' when the limit
+    /// counts them), PSS or USS from smaps_rollup, its descendants' added
+    /// when the limit counts them (None when the worker is gone).
+    fn soft_limit_measure(&self, metric: SoftLimitMetric, pid: u32, rss_mb: f64) -> Option<f64> {
+        let of = |p: u32| {
+            procinfo::smaps_rollup(p).map(|r| match metric {
+                SoftLimitMetric::Pss => r.pss,
+                _ => r.uss,
+            })
+        };
+        match metric {
+            SoftLimitMetric::Rss => Some(rss_mb),
+            SoftLimitMetric::Pss | SoftLimitMetric::Uss => {
+                let own = of(pid)?;
+                let children: u64 = if self.soft_limit_children {
+                    self.descendants.of(pid).filter_map(|d| of(d.pid)).sum()
+                } else {
+                    0
+                };
+                Some((own + children) as f64 / MB)
+            }
+        }
+    }
+
+    /// A worker's RSS in MB, with its descendants' when the soft limit
+    /// counts them (`--soft-limit-include-children`).
+    pub(super) fn footprint_mb(&self, pid: u32) -> f64 {
+        let own = self.registry.get(pid).map_or(0, |w| w.rss.resident());
+        let children: u64 = if self.soft_limit_children {
+            self.descendants.of(pid).map(|d| d.rss_bytes).sum()
+        } else {
+            0
+        };
+        (own + children) as f64 / MB
+    }
+
+    /// `--soft-limit-include-children`: a worker whose RSS with its
+    /// descendants' is over the soft limit is judged as one over it, once
+    /// per worker (its own RSS alone trips the detector's limit as usual).
+    pub(super) fn check_footprints(&mut self) {
+        if !self.soft_limit_children {
+            return;
+        }
+        let over: Vec<(u32, f64, f64)> = self
+            .registry
+            .alive()
+            .filter(|w| !w.footprint_fired && !w.detector.soft_limit_fired())
+            .filter(|w| self.descendants.of(w.pid).next().is_some())
+            .map(|w| {
+                (
+                    w.pid,
+                    self.footprint_mb(w.pid),
+                    w.detector.config().soft_limit_mb,
+                )
+            })
+            .filter(|(_, footprint, limit)| footprint > limit)
+            .collect();
+        for (pid, footprint_mb, limit) in over {
+            if let Some(w) = self.registry.get_mut(pid) {
+                w.footprint_fired = true;
+            }
+            let children = self.descendants.summary(pid, std::time::SystemTime::now());
+            warn!(
+                pid,
+                footprint_mb,
+                children = children.count,
+                children_rss_bytes = children.rss_bytes,
+                soft_limit_mb = limit,
+                "SOFT_LIMIT_EXCEEDED: the worker and the processes it started"
+            );
+            self.over_soft_limit(pid, footprint_mb, limit);
+        }
     }
 }
 

@@ -116,6 +116,7 @@ impl Agent {
             app_code: settings.app_code.clone(),
             descendants: Default::default(),
             log_plan: settings.plan_log_lines,
+            soft_limit_children: settings.soft_limit_include_children,
         };
         let api_listener = match settings.listen {
             Some(addr) => {

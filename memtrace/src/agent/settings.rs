@@ -22,6 +22,9 @@ pub struct AgentSettings {
     pub app_code: AppCode,
     /// Requests are logged as the plan's text lines (`--log-format plan`).
     pub plan_log_lines: bool,
+    /// The soft limit counts each worker's descendants in its metric
+    /// (`--soft-limit-include-children`).
+    pub soft_limit_include_children: bool,
     /// How often the ring buffer is drained.
     pub poll_interval: Duration,
     /// How often kernel maps and /proc are read into the worker model.
@@ -56,6 +59,7 @@ impl Default for AgentSettings {
             native_frames: false,
             app_code: AppCode::default(),
             plan_log_lines: false,
+            soft_limit_include_children: false,
             poll_interval: Duration::from_millis(DEFAULT_POLL_INTERVAL_MS),
             refresh_interval: Duration::from_secs(1),
             rescan_interval: Duration::from_secs(5),

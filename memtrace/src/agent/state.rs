@@ -64,6 +64,8 @@ pub struct State {
     pub descendants: Descendants,
     /// Requests are logged as the plan's text lines.
     pub log_plan: bool,
+    /// The soft limit counts each worker's descendants in its metric.
+    pub soft_limit_children: bool,
 }
 
 pub type SharedState = Arc<Mutex<State>>;

@@ -266,6 +266,7 @@ impl State {
                 }
             }
         }
+        self.check_footprints();
         let counters = self.tracer.counters();
         self.report_drops(&counters);
         self.name_pods();

@@ -528,6 +528,11 @@ pub struct AgentArgs {
     )]
     pub hide: Vec<String>,
 
+    /// Count the processes each worker started (its descendants) in its
+    /// soft-limit metric, as the OOM killer counts the whole cgroup.
+    #[arg(long, env = "MEMTRACE_SOFT_LIMIT_INCLUDE_CHILDREN", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL", help_heading = "Soft limit")]
+    pub soft_limit_include_children: Option<bool>,
+
     /// Do not mount tracefs when it is missing; fail with instructions instead.
     #[arg(long, env = "MEMTRACE_NO_MOUNT_TRACEFS", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL", help_heading = "Kernel")]
     pub no_mount_tracefs: Option<bool>,
@@ -725,6 +730,7 @@ impl AgentArgs {
             heap_max_live, python_frames, native_frames, listen, log_format, log_level, summary_interval_secs, ring_buffer_bytes,
             poll_interval_ms, rss_step_bytes, refresh_interval_ms, rescan_interval_secs,
             no_mount_tracefs, kubelet_url, kubelet_token_file, kubelet_insecure_tls,
+            soft_limit_include_children,
         );
     }
 
@@ -1011,6 +1017,7 @@ impl AgentArgs {
             listen: parse_listen(self.listen.as_deref())?,
             api_token: crate::api::Token::new(std::env::var(DEBUG_TOKEN_ENV).ok()),
             plan_log_lines: self.log_format == Some(LogFormat::Plan),
+            soft_limit_include_children: self.soft_limit_include_children.unwrap_or(false),
         };
         Ok(ResolvedAgent {
             settings,

@@ -37,10 +37,13 @@ pub struct Descendant {
     pub rss_bytes: u64,
 }
 
-/// Every live descendant, by pid, and the orphans of dead workers.
+/// Every live descendant, by worker and pid, and the orphans of dead
+/// workers.
 #[derive(Clone, Debug, Default)]
 pub struct Descendants {
-    live: HashMap<u32, Descendant>,
+    live: BTreeMap<(u32, u32), Descendant>,
+    /// The worker of each live descendant.
+    owners: HashMap<u32, u32>,
     /// Descendants whose worker died before them.
     orphans: HashMap<u32, Descendant>,
     /// Orphans each dead worker left, by its pid.
@@ -84,14 +87,31 @@ fn age_secs(started: SystemTime, now: SystemTime) -> f64 {
 impl Descendants {
     /// The worker a live process descends from, if it is a descendant.
     pub fn owner_of(&self, pid: u32) -> Option<u32> {
-        self.live
+        self.owners
             .get(&pid)
-            .map(|d| d.owner)
+            .copied()
             .or_else(|| self.orphans.get(&pid).map(|d| d.owner))
     }
 
     pub fn contains(&self, pid: u32) -> bool {
-        self.live.contains_key(&pid) || self.orphans.contains_key(&pid)
+        self.owners.contains_key(&pid) || self.orphans.contains_key(&pid)
+    }
+
+    fn live(&self, pid: u32) -> Option<&Descendant> {
+        let owner = *self.owners.get(&pid)?;
+        self.live.get(&(owner, pid))
+    }
+
+    fn get_mut(&mut self, pid: u32) -> Option<&mut Descendant> {
+        match self.owners.get(&pid) {
+            Some(&owner) => self.live.get_mut(&(owner, pid)),
+            None => self.orphans.get_mut(&pid),
+        }
+    }
+
+    fn remove_live(&mut self, pid: u32) -> Option<Descendant> {
+        let owner = self.owners.remove(&pid)?;
+        self.live.remove(&(owner, pid))
     }
 
     /// Keeps a new descendant; false when the table is full.
@@ -104,33 +124,30 @@ impl Descendants {
         if self.orphans.contains_key(&d.ppid) {
             self.orphans.insert(d.pid, d);
         } else {
-            self.live.insert(d.pid, d);
+            self.owners.insert(d.pid, d.owner);
+            self.live.insert((d.owner, d.pid), d);
         }
         true
     }
 
     /// A descendant exec'd another program: its new name.
     pub fn exec(&mut self, pid: u32, comm: &str) {
-        if let Some(d) = self
-            .live
-            .get_mut(&pid)
-            .or_else(|| self.orphans.get_mut(&pid))
-        {
+        if let Some(d) = self.get_mut(pid) {
             comm.clone_into(&mut d.comm);
         }
     }
 
     /// A descendant exited (or was found gone).
     pub fn exit(&mut self, pid: u32) -> Option<Descendant> {
-        self.live.remove(&pid).or_else(|| self.orphans.remove(&pid))
+        self.remove_live(pid).or_else(|| self.orphans.remove(&pid))
     }
 
     /// A worker died: its live descendants become orphans. Returns how many.
     pub fn worker_exited(&mut self, worker: u32) -> u64 {
         let pids: Vec<u32> = self.of(worker).map(|d| d.pid).collect();
-        for pid in &pids {
-            if let Some(d) = self.live.remove(pid) {
-                self.orphans.insert(*pid, d);
+        for &pid in &pids {
+            if let Some(d) = self.remove_live(pid) {
+                self.orphans.insert(pid, d);
             }
         }
         let n = pids.len() as u64;
@@ -144,14 +161,17 @@ impl Descendants {
         n
     }
 
-    /// A worker's live descendants.
+    /// A worker's live descendants (a range of the table: a request's
+    /// look-up walks its own worker's only).
     pub fn of(&self, worker: u32) -> impl Iterator<Item = &Descendant> {
-        self.live.values().filter(move |d| d.owner == worker)
+        self.live
+            .range((worker, 0)..=(worker, u32::MAX))
+            .map(|(_, d)| d)
     }
 
     /// Every live descendant and orphan, for refreshes.
     pub fn pids(&self) -> Vec<u32> {
-        self.live
+        self.owners
             .keys()
             .chain(self.orphans.keys())
             .copied()
@@ -159,11 +179,7 @@ impl Descendants {
     }
 
     pub fn set_rss(&mut self, pid: u32, bytes: u64) {
-        if let Some(d) = self
-            .live
-            .get_mut(&pid)
-            .or_else(|| self.orphans.get_mut(&pid))
-        {
+        if let Some(d) = self.get_mut(pid) {
             d.rss_bytes = bytes;
         }
     }
@@ -187,7 +203,7 @@ impl Descendants {
             if at.ppid == at.owner {
                 return at.forked_by == tid;
             }
-            match self.live.get(&at.ppid) {
+            match self.live(at.ppid) {
                 Some(parent) => at = parent,
                 None => return false,
             }

@@ -82,6 +82,9 @@ pub struct Worker {
     pub child_detector: LeakDetector,
     /// CHILD_LEAK_DETECTED reports so far.
     pub child_leak_detections: u64,
+    /// Its RSS with its descendants' crossed the soft limit
+    /// (`--soft-limit-include-children`), once.
+    pub footprint_fired: bool,
     /// Its cgroup, container and pod, read when it was attached.
     pub placement: Option<Placement>,
     /// VmData from /proc at the last refresh: the net of what mmap, munmap,
@@ -128,6 +131,7 @@ impl Worker {
             leak_detections: 0,
             child_detector: LeakDetector::new(DetectorConfig::default()),
             child_leak_detections: 0,
+            footprint_fired: false,
             placement: None,
             vm_data: None,
             python: None,
