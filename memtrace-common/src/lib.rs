@@ -35,6 +35,10 @@ pub const CGROUP_FILTER_SELECT_ALL: u32 = 2;
 pub const DEFAULT_RING_BYTES: u32 = 4 << 20;
 /// Stack traces kept while allocation-site collection is on.
 pub const MAX_STACKS: u32 = 16_384;
+/// A site's stack id when the kernel's stack map could not take its stack
+/// (the bucket holds another stack, or the map is full): the sample counts,
+/// without native frames.
+pub const STACK_LOST: u32 = u32::MAX;
 /// (process, stack, kind) aggregation slots while collection is on.
 pub const MAX_STACK_SITES: u32 = 65_536;
 /// Live heap allocations tracked while collection is on (malloc probes), over

@@ -204,9 +204,7 @@ pub fn exit(ctx: &RetProbeContext, python: bool) {
         drop_sample(stats);
         return;
     }
-    let Some(stack_id) = user_stack(ctx) else {
-        return;
-    };
+    let stack_id = user_stack(ctx);
     let py_stack = py_stack(cur.tgid);
     let key = AllocKey {
         tgid: cur.tgid,

@@ -8,7 +8,7 @@ use aya_ebpf::{
     programs::{TracePointContext, tracing::StackIdContext},
 };
 use memtrace_common::{
-    PROC_FLAG_COLLECT, SITE_BRK, SITE_FAULT, SITE_MALLOC, SITE_MMAP, SiteCount, SiteKey,
+    PROC_FLAG_COLLECT, SITE_BRK, SITE_FAULT, SITE_MALLOC, SITE_MMAP, STACK_LOST, SiteCount, SiteKey,
 };
 
 use crate::{
@@ -29,22 +29,23 @@ pub fn collecting(tgid: u32) -> Option<*mut memtrace_common::ProcStats> {
 
 #[inline(always)]
 fn add_site(ctx: &TracePointContext, tgid: u32, kind: u32, bytes: u64) {
-    if let Some(stack_id) = user_stack(ctx) {
-        add_to_site(tgid, stack_id, py_stack(tgid), kind, bytes, 1);
-    }
+    add_to_site(tgid, user_stack(ctx), py_stack(tgid), kind, bytes, 1);
 }
 
-/// The current user stack's id, counting failures.
+/// The current user stack's id, counting failures. A stack the map could
+/// not take (its bucket holds another stack, or the map is full) is
+/// `STACK_LOST`: the sample still counts, under its Python frames when it
+/// has some, and its native frames are missing.
 #[inline(always)]
-pub fn user_stack<C: StackIdContext>(ctx: &C) -> Option<u32> {
+pub fn user_stack<C: StackIdContext>(ctx: &C) -> u32 {
     match ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {
         Ok(id) => {
             count(memtrace_common::CTR_STACK_SAMPLES);
-            Some(id as u32)
+            id as u32
         }
         Err(_) => {
             count(memtrace_common::CTR_STACK_ERRORS);
-            None
+            STACK_LOST
         }
     }
 }

@@ -30,10 +30,15 @@ use crate::{
             self, DiffView, GrowthHistory, RawSite, SiteKind, Snapshot, SnapshotView,
             SymbolizerService, scale_heap_sample,
         },
+        symbolize::Frame,
         view::{SiteOptions, SiteView, ViewSpec},
     },
 };
-use memtrace_common::{PyFrame, SiteCount};
+use memtrace_common::{PyFrame, STACK_LOST, SiteCount};
+
+/// The frame of a site whose native stack the kernel could not keep (its
+/// stack map's bucket held another stack): counted in `stack_errors`.
+const LOST_STACK: &str = "[native stack not kept: stack map bucket in use]";
 
 /// What a snapshot keeps for the next diff: everything, unfiltered, so a
 /// diff can select its own workers.
@@ -245,7 +250,13 @@ impl AgentBackend {
                 .filter(|(key, _)| pids.contains(&key.tgid))
                 .filter_map(|(key, count)| {
                     let kind = SiteKind::from_kernel(key.kind)?;
-                    let ips = state.tracer.stack(key.stack_id)?;
+                    // A stack the kernel's map could not take: no native
+                    // frames (its Python frames, if any, still name it).
+                    let ips = if key.stack_id == STACK_LOST {
+                        Vec::new()
+                    } else {
+                        state.tracer.stack(key.stack_id)?
+                    };
                     let site = kernel_site(key.tgid, kind, &count, rate);
                     let python = (key.py_stack != 0)
                         .then(|| {
@@ -262,7 +273,14 @@ impl AgentBackend {
         let raw = kernel
             .into_iter()
             .map(|(pid, site, ips, python)| {
-                let native = self.symbolizer.stack(pid, &ips);
+                let native = if ips.is_empty() {
+                    vec![Frame {
+                        function: Some(LOST_STACK.to_string()),
+                        ..Frame::unresolved(0)
+                    }]
+                } else {
+                    self.symbolizer.stack(pid, &ips)
+                };
                 let python = python.map_or_else(Vec::new, |(layout, stack)| {
                     self.python.frames(pid, &layout, &stack)
                 });

@@ -577,6 +577,11 @@ pub fn render_requests(body: &Value) -> String {
                         num(&r["faults"]),
                         mb(&r["mmap_bytes"]),
                         mb(&r["brk_grow_bytes"]),
+                        // Processes it started and left running.
+                        match r["children_delta"].as_i64() {
+                            Some(0) | None => "-".into(),
+                            Some(n) => format!("{n:+} ({} MB)", mb(&r["children_rss_delta_bytes"])),
+                        },
                         r["level"].as_str().unwrap_or("-").into(),
                     ]
                 })
@@ -585,7 +590,8 @@ pub fn render_requests(body: &Value) -> String {
         .unwrap_or_default();
     table(
         &[
-            "REQUEST", "ROUTE", "MS", "RSS_MB", "DELTA_MB", "FAULTS", "MMAP_MB", "BRK_MB", "LEVEL",
+            "REQUEST", "ROUTE", "MS", "RSS_MB", "DELTA_MB", "FAULTS", "MMAP_MB", "BRK_MB",
+            "CHILDREN", "LEVEL",
         ],
         &rows,
     )
@@ -596,6 +602,20 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn requests_name_the_children_they_left() {
+        let body = json!({"requests": [
+            {"request_id": "7-1", "route": "GET /render", "duration_ms": 25.0,
+             "rss_after_bytes": 1048576, "delta_bytes": 0, "faults": 3,
+             "children_delta": 1, "children_rss_delta_bytes": 20971520, "level": "normal"},
+            {"request_id": "7-2", "route": "GET /ok", "duration_ms": 1.0,
+             "rss_after_bytes": 1048576, "delta_bytes": 0, "faults": 0,
+             "children_delta": 0, "children_rss_delta_bytes": 0, "level": "normal"}]});
+        let out = render_requests(&body);
+        assert!(out.contains("CHILDREN"), "{out}");
+        assert!(out.contains("+1 (20.0 MB)"), "{out}");
+    }
 
     #[test]
     fn tables_align() {
