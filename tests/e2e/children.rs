@@ -262,62 +262,44 @@ fn the_plans_log_line_parses_back() {
     let _serial = serial();
     let port = free_port();
     let api = free_port();
-    let mut proc = Proc::spawn(
-        Command::new(memtrace_bin())
-            .args([
-                "agent",
-                "--process-name",
-                "gunicorn",
-                "--request-mode",
-                "socket",
-                "--log-format",
-                "plan",
-                "--listen",
-            ])
-            .arg(format!("127.0.0.1:{api}"))
-            .env("RUST_LOG", "info,memtrace::request=debug")
-            .env("MEMTRACE_DEBUG_TOKEN", TOKEN)
-            .stderr(Stdio::piped()),
+    let listen = format!("127.0.0.1:{api}");
+    let agent = AgentProcess::start_with_format(
+        &[
+            "agent",
+            "--process-name",
+            "gunicorn",
+            "--request-mode",
+            "socket",
+            "--listen",
+            &listen,
+        ],
+        &[
+            ("RUST_LOG", "info,memtrace::request=debug"),
+            ("MEMTRACE_DEBUG_TOKEN", TOKEN),
+        ],
+        "plan",
     );
-    let stderr = proc.child.stderr.take().unwrap();
-    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-    let sink = lines.clone();
-    std::thread::spawn(move || {
-        use std::io::BufRead as _;
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            sink.lock().unwrap().push(line);
-        }
-    });
-    assert!(wait_for(SERVER_START, || lines
-        .lock()
-        .unwrap()
-        .iter()
-        .any(|l| l.contains("eBPF programs attached"))));
     let server = render_gunicorn(port, "sync");
     assert!(wait_port(port, SERVER_START));
     let worker = wait_children(server.pid(), 1)[0];
-    let _reaper = Reaper(Vec::new());
     http_get(port, "/ok").expect("ok");
     http_get(port, "/render").expect("render");
     let reaper = Reaper(descendants_of(worker));
     http_get(port, "/ok").expect("ok");
-    let addr: SocketAddr = format!("127.0.0.1:{api}").parse().unwrap();
+    let addr: SocketAddr = listen.parse().unwrap();
     let plan_lines = || -> Vec<String> {
-        lines
-            .lock()
-            .unwrap()
+        agent
+            .logs()
             .iter()
+            .filter_map(|l| l["message"].as_str())
             .filter(|l| l.contains(&format!("| [pid-{worker}] |")))
-            .cloned()
+            .map(str::to_string)
             .collect()
     };
     assert!(
         wait_for(Duration::from_secs(10), || plan_lines().len() == 3),
         "three plan lines: {:#?}",
-        lines.lock().unwrap()
+        agent.logs()
     );
     let records = get(addr, &format!("/v1/workers/{worker}/requests?limit=3"))["requests"].clone();
     for line in plan_lines() {
@@ -374,7 +356,6 @@ fn the_plans_log_line_parses_back() {
         }
     }
     drop(reaper);
-    proc.stop(Duration::from_secs(10));
 }
 
 /// `--soft-limit-include-children`: the worker's own RSS stays far below

@@ -181,7 +181,9 @@ fn both_fixtures(addr: SocketAddr, port: u16, pid: u32) {
     compare(addr, port, pid, "small", "n=20000", 5);
 }
 
-fn fixture_gunicorn(port: u16) -> Proc {
+/// Debian's gunicorn, one sync worker, serving `app` (`module:callable`)
+/// of the fixtures.
+fn fixture_gunicorn(port: u16, app: &str) -> Proc {
     Proc::spawn(
         Command::new("gunicorn")
             .args(["--workers", "1", "--worker-class", "sync"])
@@ -189,7 +191,7 @@ fn fixture_gunicorn(port: u16) -> Proc {
             .arg(format!("127.0.0.1:{port}"))
             .arg("--chdir")
             .arg(Fixtures::source(""))
-            .arg("pyleak_app:app")
+            .arg(app)
             .stdout(Stdio::null())
             .stderr(Stdio::null()),
     )
@@ -200,7 +202,7 @@ fn gunicorn_debian_python_311_sites_match_tracemalloc() {
     let _serial = serial();
     let (_agent, addr) = start_agent(&["gunicorn"]);
     let port = free_port();
-    let server = fixture_gunicorn(port);
+    let server = fixture_gunicorn(port, "pyleak_app:app");
     assert!(wait_port(port, SERVER_START));
     let worker = wait_children(server.pid(), 1)[0];
     let status = python_ready(addr, worker);
@@ -487,17 +489,7 @@ fn django_on_gunicorn_names_the_application_line() {
     let _serial = serial();
     let (_agent, addr) = start_django_agent(&["gunicorn"]);
     let port = free_port();
-    let server = Proc::spawn(
-        Command::new("gunicorn")
-            .args(["--workers", "1", "--worker-class", "sync"])
-            .arg("--bind")
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--chdir")
-            .arg(Fixtures::source(""))
-            .arg("django_app:application")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()),
-    );
+    let server = fixture_gunicorn(port, "django_app:application");
     assert!(wait_port(port, SERVER_START));
     let worker = wait_children(server.pid(), 1)[0];
     let status = python_ready(addr, worker);

@@ -285,7 +285,8 @@ pub fn wait_port(port: u16, timeout: Duration) -> bool {
     })
 }
 
-/// The `memtrace` binary running as a child, its JSON log lines collected.
+/// The `memtrace` binary running as a child, its log lines collected (JSON
+/// lines parsed; other lines as `{"message": LINE}`).
 pub struct AgentProcess {
     pub proc: Proc,
     lines: std::sync::Arc<Mutex<Vec<serde_json::Value>>>,
@@ -300,12 +301,18 @@ impl AgentProcess {
 
     /// Like `start`, with extra environment variables.
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::start_with_format(args, env, "json")
+    }
+
+    /// Like `start_with_env`, with another `--log-format` (its lines are
+    /// kept whole as messages).
+    pub fn start_with_format(args: &[&str], env: &[(&str, &str)], format: &str) -> Self {
         use std::io::BufRead as _;
         require_root();
         let mut proc = Proc::spawn(
             Command::new(memtrace_bin())
                 .args(args)
-                .args(["--log-format", "json"])
+                .args(["--log-format", format])
                 .env("RUST_LOG", "info")
                 .envs(env.iter().copied())
                 .stderr(std::process::Stdio::piped()),
@@ -326,7 +333,9 @@ impl AgentProcess {
         let agent = Self { proc, lines };
         assert!(
             agent
-                .wait_log(SERVER_START, |l| l["message"] == "eBPF programs attached")
+                .wait_log(SERVER_START, |l| l["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("eBPF programs attached")))
                 .is_some(),
             "memtrace did not start: {:?}",
             agent.logs()

@@ -64,17 +64,6 @@ impl PythonSymbolizer {
             .collect()
     }
 
-    /// Reads the code objects of these frames into the cache while they
-    /// are alive, so a later snapshot names them even after they are
-    /// freed (a module's body, run once at import). Returns how many
-    /// frames could not be read.
-    pub fn warm(&self, pid: u32, layout: &CodeLayout, stack: &[PyFrame]) -> usize {
-        self.frames(pid, layout, stack)
-            .iter()
-            .filter(|f| f.unresolved.is_some())
-            .count()
-    }
-
     /// Drops a process's code objects (it exited, or collection stopped).
     pub fn forget(&self, pid: u32) {
         self.cache
