@@ -132,7 +132,28 @@ pub struct RequestStart {
     pub munmap_bytes: u64,
     pub brk_grow_bytes: u64,
     pub brk_shrink_bytes: u64,
+    /// Open descriptors of the process, the request's own connection not
+    /// counted (`REQ_FDS_KNOWN` in `known`).
+    pub fds: u32,
+    /// `REQ_*_KNOWN`: which of `fds` and `gc` were read.
+    pub known: u32,
+    /// CPython's GC totals over its generations (`REQ_GC_KNOWN`):
+    /// collections, collected, uncollectable.
+    pub gc: [u64; 3],
 }
+
+/// `RequestStart::known`, `RequestEvent::known`: the descriptor count was
+/// read from the process's descriptor table.
+pub const REQ_FDS_KNOWN: u32 = 1;
+/// CPython's GC statistics were read from the process (its `PY_GC` entry,
+/// at a request end that ran in the process).
+pub const REQ_GC_KNOWN: u32 = 2;
+/// `Config::file_count` flag: the count is a `file_ref_t` (Linux 6.13+),
+/// one less than the references, negative once released.
+pub const FILE_REF_NEW: u32 = 1 << 31;
+/// Descriptor tables up to this many 64-bit words (4096 descriptors) are
+/// counted; a larger one is not.
+pub const FDS_WORDS_MAX: u32 = 64;
 
 /// Per thread of a watched process (keyed by tid in `THREADS`). Only the thread
 /// itself writes its entry, so plain stores are enough.
@@ -184,6 +205,9 @@ pub struct ConnState {
     /// `MmRss::known` of the process's mm when the request began.
     pub known: u32,
     pub _pad: u32,
+    /// The process's `struct files_struct` (its descriptor table), read
+    /// where the request began: its end may run in another context.
+    pub files: u64,
     /// The process's RSS and the reading thread's counters at the start.
     pub req: RequestStart,
     /// Method and path of the request in flight (`--no-http-paths`: empty).
@@ -328,6 +352,16 @@ pub struct RequestEvent {
     pub munmap_bytes: u64,
     pub brk_grow_bytes: u64,
     pub brk_shrink_bytes: u64,
+    /// Open descriptors at the start and the end, the request's own
+    /// connection not counted (valid when `known` has `REQ_FDS_KNOWN`).
+    pub fds_before: u32,
+    pub fds_after: u32,
+    /// `REQ_*_KNOWN` of both ends.
+    pub known: u32,
+    pub _pad: u32,
+    /// GC collections, collected and uncollectable objects during the
+    /// request (`REQ_GC_KNOWN`).
+    pub gc_delta: [u64; 3],
     /// Socket mode: the request's method and path. Last: an
     /// `EVENT_REQUEST_SHORT` record stops before it.
     pub line: RequestLine,
@@ -484,6 +518,21 @@ pub struct Config {
     /// a process on kernels whose sched_process_exit has no `group_dead`.
     pub task_signal: u32,
     pub signal_live: u32,
+    /// Offsets for counting open descriptors (from the kernel's BTF):
+    /// `task_struct.files`, `files_struct.fdt`, `fdtable.max_fds` and
+    /// `fdtable.open_fds`; `task_files` 0: not counted.
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdt_max_fds: u32,
+    pub fdt_open_fds: u32,
+    /// `sock.sk_socket`, `socket.sk`, `socket.file` and the file's
+    /// reference count (`file.f_count`, or `file.f_ref` with
+    /// `FILE_REF_NEW` set): whether a socket still has a descriptor (its
+    /// file is not being released).
+    pub sock_socket: u32,
+    pub socket_sk: u32,
+    pub socket_file: u32,
+    pub file_count: u32,
     pub _pad: u32,
     pub layout: TracepointLayout,
 }
@@ -645,8 +694,8 @@ mod user {
 const _: () = {
     assert!(core::mem::size_of::<ProcStats>() == 13 * 8 + 8);
     assert!(core::mem::size_of::<MmRss>() == 4 * 8 + 8 + 8);
-    assert!(core::mem::size_of::<RequestStart>() == 2 * 8 + 4 * 8 + 5 * 8);
-    assert!(core::mem::size_of::<ThreadState>() == 8 + 5 * 8 + 3 * 8 + 8 + 88 + 32);
+    assert!(core::mem::size_of::<RequestStart>() == 2 * 8 + 4 * 8 + 5 * 8 + 8 + 24);
+    assert!(core::mem::size_of::<ThreadState>() == 8 + 5 * 8 + 3 * 8 + 8 + 120 + 32);
     assert!(core::mem::size_of::<AllocKey>() == 16);
     assert!(core::mem::size_of::<AllocInfo>() == 24);
     assert!(core::mem::size_of::<SiteKey>() == 24);
@@ -655,16 +704,16 @@ const _: () = {
     assert!(core::mem::size_of::<ProcessEvent>() == 32 + 16 + 256 + 112 + 32);
     assert!(core::mem::size_of::<RssEvent>() == 24 + 32);
     assert!(core::mem::size_of::<RequestLine>() == 8 + LINE_CAP);
-    assert!(core::mem::size_of::<RequestEvent>() == 24 + 24 + 64 + 40 + 8 + LINE_CAP);
-    assert!(core::mem::size_of::<Config>() == 24 + 20 + 31 * 4);
+    assert!(core::mem::size_of::<RequestEvent>() == 24 + 24 + 64 + 40 + 16 + 24 + 8 + LINE_CAP);
+    assert!(core::mem::size_of::<Config>() == 24 + 20 + 39 * 4);
     assert!(core::mem::size_of::<SiteCount>() == 32);
-    assert!(core::mem::size_of::<ConnState>() == 6 * 4 + 88 + 8 + LINE_CAP);
+    assert!(core::mem::size_of::<ConnState>() == 6 * 4 + 8 + 120 + 8 + LINE_CAP);
     // The line's bytes are zeroed and read as u64 words.
     assert!(core::mem::offset_of!(ConnState, line) % 8 == 0);
     // Copied into the event a word at a time, and a short record is a whole
     // number of words.
     assert!(core::mem::offset_of!(RequestEvent, line) % 8 == 0);
     assert!(core::mem::offset_of!(RequestEvent, rss_before) % 8 == 0);
-    assert!(REQUEST_SHORT_BYTES == 24 + 24 + 64 + 40);
+    assert!(REQUEST_SHORT_BYTES == 24 + 24 + 64 + 40 + 16 + 24);
     assert!(core::mem::offset_of!(RequestStart, rss) % 8 == 0);
 };

@@ -74,6 +74,12 @@ pub static ALLOCS: HashMap<AllocKey, AllocInfo> = HashMap::with_max_entries(MAX_
 #[map]
 pub static PY_PROCS: HashMap<u32, PyProcInfo> = HashMap::with_max_entries(MAX_PY_PROCS, 0);
 
+/// Python processes whose GC totals a request's ends read, by tgid: the
+/// address of the main interpreter's `generation_stats[3]` (collections,
+/// collected, uncollectable per generation), filled by the agent.
+#[map]
+pub static PY_GC: HashMap<u32, u64> = HashMap::with_max_entries(MAX_PY_PROCS, 0);
+
 /// Python stacks sampled while collection is on, by id (a hash of the
 /// frames; `SiteKey::py_stack` and `AllocInfo::py_stack` refer to them).
 #[map]

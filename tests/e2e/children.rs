@@ -351,8 +351,17 @@ fn the_plans_log_line_parses_back() {
             record["children_delta"].as_i64().unwrap(),
             "{line}"
         );
+        // The stand-in's stdout pipe stays open in the worker: one more
+        // descriptor per render.
+        let fd_delta = value("fd_delta").map(|f| f.parse::<i64>().unwrap());
+        assert_eq!(
+            fd_delta.unwrap_or(0),
+            record["fd_delta"].as_i64().unwrap(),
+            "{line}"
+        );
         if record["path"] == "/render" {
             assert_eq!(browser_delta, Some(1), "{line}");
+            assert_eq!(fd_delta, Some(1), "{line}");
         }
     }
     drop(reaper);

@@ -139,6 +139,14 @@ const SUBSET: &[Case] = &[
         test: "gunicorn_debian_python_311_sites_match_tracemalloc",
         needs: Needs::Any,
     },
+    // Descriptors and GC per request, counted by the kernel at each end
+    // (descriptor table and socket file through BTF, the GC in the
+    // worker's memory), against the app and /proc.
+    Case {
+        binary: "fds_gc",
+        test: "gunicorn_sync_descriptors_and_garbage_per_request",
+        needs: Needs::Any,
+    },
     // One worker recycled at its soft limit.
     Case {
         binary: "recycle",

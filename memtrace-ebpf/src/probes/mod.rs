@@ -1,5 +1,6 @@
 //! One module per hook family.
 mod alloc;
+mod ends;
 mod faults;
 mod http;
 mod mmap;

@@ -14,6 +14,7 @@ use memtrace_common::{
 
 use crate::{
     maps::{CONFIG, EVENTS, THREADS},
+    probes::ends::{EndReads, current_files, read_end, read_start},
     util::{
         atomic_add, copy_words, count, current, field, now_ns, proc_rss, submit_flags,
         thread_state, watched,
@@ -21,7 +22,8 @@ use crate::{
 };
 
 /// Starts a request on this thread. A begin while one is in flight on the
-/// same thread (recursion) only deepens the nesting.
+/// same thread (recursion) only deepens the nesting. `fd`: the connection
+/// accepted for it (-1: none), left out of the descriptor count.
 #[inline(always)]
 fn begin_request(tgid: u32, tid: u32, fd: i64) -> Option<()> {
     let stats = watched(tgid)?;
@@ -51,15 +53,20 @@ fn begin_request(tgid: u32, tid: u32, fd: i64) -> Option<()> {
             munmap_bytes: t.munmap_bytes,
             brk_grow_bytes: t.brk_grow_bytes,
             brk_shrink_bytes: t.brk_shrink_bytes,
+            ..RequestStart::default()
         };
+        read_start(&mut t.req, tgid, current_files(), [fd, -1], 0);
     }
     Some(())
 }
 
 /// Ends the request in flight on this thread, if any, and sends its summary.
 /// `unwind` ends it whatever the nesting depth (the thread is exiting).
+/// `next_fd`: a connection just accepted for the next request (-1: none);
+/// it and the request's own connection are left out of the descriptor
+/// count.
 #[inline(always)]
-pub fn end_request(tgid: u32, tid: u32, status: u32, unwind: bool) -> Option<()> {
+pub fn end_request(tgid: u32, tid: u32, status: u32, unwind: bool, next_fd: i64) -> Option<()> {
     let stats = watched(tgid)?;
     let thread = THREADS.get_ptr_mut(tid)?;
     // SAFETY: pointers from map lookups; only this thread writes its state.
@@ -73,6 +80,11 @@ pub fn end_request(tgid: u32, tid: u32, status: u32, unwind: bool) -> Option<()>
             return Some(());
         }
         t.depth = 0;
+        let ends = if status == REQUEST_OK {
+            read_end(&t.req, tgid, current_files(), [t.req_fd, next_fd], 0, true)
+        } else {
+            EndReads::default()
+        };
         t.req_fd = -1;
         let counter = if status == REQUEST_OK {
             &raw mut (*stats).requests_ended
@@ -88,6 +100,7 @@ pub fn end_request(tgid: u32, tid: u32, status: u32, unwind: bool) -> Option<()>
             known_before: t.req_known,
             start: &t.req,
             deltas: thread_deltas(t, &t.req),
+            ends,
         };
         emit_request(stats, &summary, None);
     }
@@ -119,6 +132,7 @@ pub struct Summary<'a> {
     pub known_before: u32,
     pub start: &'a RequestStart,
     pub deltas: [u64; 5],
+    pub ends: EndReads,
 }
 
 /// Sends a request's summary: its start, the process's RSS now, and the
@@ -190,6 +204,11 @@ unsafe fn write_head(ev: *mut RequestEvent, kind: u32, stats: *mut ProcStats, s:
         (*ev).munmap_bytes = s.deltas[2];
         (*ev).brk_grow_bytes = s.deltas[3];
         (*ev).brk_shrink_bytes = s.deltas[4];
+        (*ev).fds_before = s.start.fds;
+        (*ev).fds_after = s.ends.fds_after;
+        (*ev).known = s.ends.known;
+        (*ev)._pad = 0;
+        (*ev).gc_delta = s.ends.gc_delta;
     }
 }
 
@@ -204,7 +223,7 @@ pub fn request_begin(_ctx: ProbeContext) -> u32 {
 #[uretprobe]
 pub fn request_end_ret(_ctx: RetProbeContext) -> u32 {
     let cur = current();
-    let _ = end_request(cur.tgid, cur.tid, REQUEST_OK, false);
+    let _ = end_request(cur.tgid, cur.tid, REQUEST_OK, false, -1);
     0
 }
 
@@ -212,7 +231,7 @@ pub fn request_end_ret(_ctx: RetProbeContext) -> u32 {
 #[uprobe]
 pub fn request_end(_ctx: ProbeContext) -> u32 {
     let cur = current();
-    let _ = end_request(cur.tgid, cur.tid, REQUEST_OK, false);
+    let _ = end_request(cur.tgid, cur.tid, REQUEST_OK, false, -1);
     0
 }
 
@@ -233,7 +252,7 @@ fn try_accept_exit(ctx: &TracePointContext) -> Result<(), i64> {
     if ret < 0 {
         return Ok(());
     }
-    let _ = end_request(cur.tgid, cur.tid, REQUEST_OK, true);
+    let _ = end_request(cur.tgid, cur.tid, REQUEST_OK, true, ret);
     let _ = begin_request(cur.tgid, cur.tid, ret);
     Ok(())
 }
@@ -256,7 +275,7 @@ fn try_close_enter(ctx: &TracePointContext) -> Result<(), i64> {
     // SAFETY: pointer from a map lookup.
     let (depth, req_fd) = unsafe { ((*thread).depth, (*thread).req_fd) };
     if depth > 0 && req_fd >= 0 && req_fd as u64 == fd {
-        let _ = end_request(cur.tgid, cur.tid, REQUEST_OK, true);
+        let _ = end_request(cur.tgid, cur.tid, REQUEST_OK, true, -1);
     }
     Ok(())
 }

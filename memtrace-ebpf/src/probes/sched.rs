@@ -273,7 +273,7 @@ fn try_sched_process_exit(ctx: &TracePointContext, how: LastThread) -> Result<()
     // A thread leaving mid-request produces an aborted summary, and its
     // state is dropped either way.
     if THREADS.get_ptr(cur.tid).is_some() {
-        end_request(cur.tgid, cur.tid, REQUEST_ABORTED, true);
+        end_request(cur.tgid, cur.tid, REQUEST_ABORTED, true, -1);
         let _ = THREADS.remove(cur.tid);
     }
     if !is_last_thread(ctx, how, &cur)? {

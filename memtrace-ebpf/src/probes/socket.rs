@@ -21,6 +21,7 @@ use memtrace_common::{
 };
 
 use super::{
+    ends::{EndReads, current_files, read_end, read_start, sock_has_fd},
     http::{begin_line, continue_line},
     request::{Summary, emit_request, thread_deltas},
 };
@@ -150,7 +151,7 @@ fn on_recv(cur: &Current, sk: u64, ret: i32, flags: i32) {
             return;
         }
         // The client's next request on a kept-alive connection.
-        CONN_WRITE => end_conn(sk, REQUEST_OK),
+        CONN_WRITE => end_conn(sk, REQUEST_OK, 0),
         _ => {}
     }
     begin_conn(sk, cur, ret, conn);
@@ -204,12 +205,12 @@ fn try_sock_state(ctx: &TracePointContext) -> Result<(), i64> {
                 .get_ptr(&sk)
                 .is_some_and(|c| unsafe { (*c).phase } == CONN_WRITE)
             {
-                end_conn(sk, REQUEST_OK);
+                end_conn(sk, REQUEST_OK, 0);
             }
         }
         TCP_FIN_WAIT1 | TCP_LAST_ACK | TCP_CLOSE => {
             if CONNS.get_ptr(&sk).is_some() {
-                end_conn(sk, REQUEST_OK);
+                end_conn(sk, REQUEST_OK, 0);
                 let _ = CONNS.remove(&sk);
             }
         }
@@ -262,7 +263,7 @@ fn begin_conn(sk: u64, cur: &Current, ret: i32, existing: Option<*mut ConnState>
             && let Some(p) = CONNS.get_ptr_mut(&prev)
         {
             match (*p).phase {
-                CONN_WRITE => end_conn(prev, REQUEST_OK),
+                CONN_WRITE => end_conn(prev, REQUEST_OK, sk),
                 CONN_READ => {
                     (*p).flags |= CONN_INTERLEAVED;
                     flags = CONN_INTERLEAVED;
@@ -286,7 +287,11 @@ fn begin_conn(sk: u64, cur: &Current, ret: i32, existing: Option<*mut ConnState>
             munmap_bytes: t.munmap_bytes,
             brk_grow_bytes: t.brk_grow_bytes,
             brk_shrink_bytes: t.brk_shrink_bytes,
+            ..RequestStart::default()
         };
+        // The process's descriptors but this connection's.
+        c.files = current_files();
+        read_start(&mut c.req, cur.tgid, c.files, [-1, -1], u32::from(sock_has_fd(sk)));
         if CONFIG.load().http_paths != 0 {
             begin_line(&mut c.line, ret);
         } else {
@@ -305,9 +310,12 @@ fn begin_conn(sk: u64, cur: &Current, ret: i32, existing: Option<*mut ConnState>
 }
 
 /// Ends the request in flight on `sk`, if any, and sends its summary. It may
-/// run in any context (a close seen in softirq): everything comes from maps.
+/// run in any context (a close seen in softirq): everything comes from maps,
+/// and the process's memory (its GC) is read only when it runs in the
+/// process. `next`: the connection its thread reads now (0: none); it and
+/// `sk`, while they have descriptors, are not counted as open descriptors.
 #[inline(always)]
-fn end_conn(sk: u64, status: u32) {
+fn end_conn(sk: u64, status: u32, next: u64) {
     let Some(c) = CONNS.get_ptr_mut(&sk) else {
         return;
     };
@@ -347,6 +355,13 @@ fn end_conn(sk: u64, status: u32) {
                 deltas = thread_deltas(&*t, start);
             }
         }
+        let ends = if status == REQUEST_ABORTED {
+            EndReads::default()
+        } else {
+            let less = u32::from(sock_has_fd(sk))
+                + u32::from(next != 0 && next != sk && sock_has_fd(next));
+            read_end(start, c.tgid, c.files, [-1, -1], less, current().tgid == c.tgid)
+        };
         let summary = Summary {
             tgid: c.tgid,
             tid: c.tid,
@@ -354,6 +369,7 @@ fn end_conn(sk: u64, status: u32) {
             known_before: c.known,
             start,
             deltas,
+            ends,
         };
         emit_request(stats, &summary, Some(&c.line));
     }

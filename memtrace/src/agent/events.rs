@@ -12,7 +12,8 @@ use crate::{
     model::{
         descendants::{Descendant, MAX_DESCENDANTS},
         procinfo::{self, ProcessView},
-        requests::{RequestRecord, WallClock},
+        requests::{RequestRecord, Unavailable, WallClock},
+        routes::Kept,
         workers::{Origin, Worker},
     },
 };
@@ -212,18 +213,24 @@ impl State {
             self.descendants.set_rss(child, rss);
             record.children_rss_delta_bytes += rss as i64;
         }
+        record.unavailable = Unavailable::of(ev, w.python_gc_in_kernel);
         record.log(self.log_plan);
         let rss_mb = record.rss_after_bytes as f64 / MB;
         let children = record.children as f64;
+        let fds = record.fds;
         let at = ev.end_ns as f64 / 1e9;
         w.requests.push(record);
         let detection = w.detector.record_at(rss_mb, at);
         let child_detection = w.child_detector.record_at(children, at);
+        let fd_detection = fds.and_then(|n| w.fd_detector.record_at(n as f64, at));
         if let Some(d) = detection {
             self.on_detection(ev.tgid, d);
         }
         if let Some(d) = child_detection {
-            self.on_child_detection(ev.tgid, d);
+            self.on_kept_detection(ev.tgid, Kept::Children, d);
+        }
+        if let Some(d) = fd_detection {
+            self.on_kept_detection(ev.tgid, Kept::Fds, d);
         }
     }
 }

@@ -12,7 +12,7 @@ use crate::{
         softlimit::{OverLimit, Processes, SoftLimitMetric, log_recycle},
     },
     kernel::loader::Tracer,
-    model::{procinfo, workers::Registry},
+    model::{procinfo, routes::Kept, workers::Registry},
 };
 
 impl State {
@@ -72,10 +72,11 @@ impl State {
         }
     }
 
-    /// A worker's live descendants grow per request: child processes that
-    /// are never reaped (browsers a view never closed). Logged like a leak
-    /// trend, with the route whose requests start them.
-    pub(super) fn on_child_detection(&mut self, pid: u32, detection: Detection) {
+    /// A worker's live descendants (child processes never reaped: browsers
+    /// a view never closed) or open descriptors grow per request. Logged
+    /// like a leak trend, as CHILD_LEAK_DETECTED or FD_LEAK_DETECTED, with
+    /// the route whose requests leave them.
+    pub(super) fn on_kept_detection(&mut self, pid: u32, kind: Kept, detection: Detection) {
         let Detection::LeakTrendDetected {
             slope_mb_per_unit,
             lower_bound,
@@ -88,31 +89,56 @@ impl State {
         let Some(w) = self.registry.get_mut(pid) else {
             return;
         };
-        w.child_leak_detections += 1;
-        let route = w.requests.routes.child_route();
-        let children = self.descendants.summary(pid, std::time::SystemTime::now());
-        macro_rules! report {
-            ($level:ident) => {
-                tracing::$level!(
-                    pid,
-                    name = %w.name,
-                    children_per_request = slope_mb_per_unit,
-                    slope_lower_bound = lower_bound,
-                    window,
-                    children = children.count,
-                    children_rss_bytes = children.rss_bytes,
-                    children_names = ?children.names,
-                    detections = w.child_leak_detections,
-                    route = route.as_ref().map(|r| r.0.as_str()),
-                    route_children_per_request = route.as_ref().map(|r| r.1),
-                    "CHILD_LEAK_DETECTED"
-                )
-            };
-        }
-        if w.child_leak_detections == 1 {
-            report!(warn);
-        } else {
-            report!(debug);
+        let route = w.requests.routes.kept_route(kind);
+        let route_name = route.as_ref().map(|r| r.0.as_str());
+        let route_per_request = route.as_ref().map(|r| r.1);
+        match kind {
+            Kept::Children => {
+                w.child_leak_detections += 1;
+                let children = self.descendants.summary(pid, std::time::SystemTime::now());
+                let first = w.child_leak_detections == 1;
+                macro_rules! report {
+                    ($level:ident) => {
+                        tracing::$level!(
+                            pid,
+                            name = %w.name,
+                            children_per_request = slope_mb_per_unit,
+                            slope_lower_bound = lower_bound,
+                            window,
+                            children = children.count,
+                            children_rss_bytes = children.rss_bytes,
+                            children_names = ?children.names,
+                            detections = w.child_leak_detections,
+                            route = route_name,
+                            route_children_per_request = route_per_request,
+                            "CHILD_LEAK_DETECTED"
+                        )
+                    };
+                }
+                if first { report!(warn) } else { report!(debug) }
+            }
+            Kept::Fds => {
+                w.fd_leak_detections += 1;
+                let fds = w.requests.last().and_then(|r| r.fds);
+                let first = w.fd_leak_detections == 1;
+                macro_rules! report {
+                    ($level:ident) => {
+                        tracing::$level!(
+                            pid,
+                            name = %w.name,
+                            fds_per_request = slope_mb_per_unit,
+                            slope_lower_bound = lower_bound,
+                            window,
+                            fds,
+                            detections = w.fd_leak_detections,
+                            route = route_name,
+                            route_fds_per_request = route_per_request,
+                            "FD_LEAK_DETECTED"
+                        )
+                    };
+                }
+                if first { report!(warn) } else { report!(debug) }
+            }
         }
     }
 

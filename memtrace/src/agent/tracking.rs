@@ -35,6 +35,7 @@ impl State {
             self.timed_detector_config.clone()
         });
         worker.child_detector = LeakDetector::new(child_detector_config(&self.detector_config));
+        worker.fd_detector = LeakDetector::new(child_detector_config(&self.detector_config));
         if let Some(known) = self.registry.get_mut(pid)
             && known.start_time == worker.start_time
         {
@@ -158,6 +159,17 @@ impl State {
             && w.python_gc_misses < PYTHON_GC_MISSES
         {
             w.python_gc = self.python_builds.gc_stats(pid, py, runtime);
+            if w.python_gc.is_some() && !w.python_gc_in_kernel {
+                // From now on each request's ends read the GC's totals.
+                let addr = self.python_builds.gc_stats_address(py, runtime);
+                match addr.map(|a| self.tracer.set_python_gc(pid, a)) {
+                    Some(Ok(())) => w.python_gc_in_kernel = true,
+                    Some(Err(e)) => {
+                        debug!(pid, error = %e, "GC totals per request not read (kernel map full?)");
+                    }
+                    None => {}
+                }
+            }
             if w.python_gc.is_none() {
                 w.python_gc_misses += 1;
                 if w.python_gc_misses == PYTHON_GC_MISSES {
@@ -376,13 +388,14 @@ impl State {
     }
 }
 
-/// Live descendants a worker may gain per request, sustained, before it is a
-/// leak of child processes (one per 50 requests): a request that starts a
-/// helper and waits for it leaves none behind.
+/// Live descendants (or open descriptors) a worker may gain per request,
+/// sustained, before it is a leak of child processes (or descriptors): one
+/// per 50 requests. A request that starts a helper and waits for it, or
+/// opens a file and closes it, leaves none behind.
 pub const CHILD_SLOPE_PER_REQUEST: f64 = 0.02;
 
-/// The memory detector's window and checks, judging descendants per request
-/// (no soft limit: that is the memory detector's).
+/// The memory detector's window and checks, judging descendants or
+/// descriptors per request (no soft limit: that is the memory detector's).
 pub fn child_detector_config(memory: &DetectorConfig) -> DetectorConfig {
     DetectorConfig {
         slope_threshold_mb: CHILD_SLOPE_PER_REQUEST,

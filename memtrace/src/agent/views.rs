@@ -92,6 +92,7 @@ pub fn worker_status(state: &State, w: &Worker, with_proc: bool) -> WorkerStatus
         pymalloc_probed: w.python_code.is_some() && state.tracer.pymalloc_probed(w.pid),
         children: state.descendants.summary(w.pid, SystemTime::now()),
         child_leak_detections: w.child_leak_detections,
+        fd_leak_detections: w.fd_leak_detections,
     }
 }
 

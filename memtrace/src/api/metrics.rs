@@ -90,6 +90,8 @@ pub const METRIC_NAMES: &[&str] = &[
     "memtrace_worker_children_rss_bytes",
     "memtrace_worker_children_oldest_age_seconds",
     "memtrace_worker_child_leak_detections_total",
+    "memtrace_worker_fd_leak_detections_total",
+    "memtrace_worker_open_fds",
     "memtrace_orphans",
     "memtrace_worker_soft_limit_fired",
     "memtrace_worker_routes_overflowed_requests_total",
@@ -235,6 +237,16 @@ pub fn render(status: &StatusView) -> String {
         "memtrace_worker_child_leak_detections",
         "CHILD_LEAK_DETECTED reports",
         Counter
+    );
+    let fd_detections = family!(
+        "memtrace_worker_fd_leak_detections",
+        "FD_LEAK_DETECTED reports",
+        Counter
+    );
+    let open_fds: Family<WorkerLabels, Gauge> = family!(
+        "memtrace_worker_open_fds",
+        "Open descriptors of the worker (/proc/PID/fd)",
+        Gauge
     );
     let fired = family!(
         "memtrace_worker_soft_limit_fired",
@@ -414,6 +426,14 @@ pub fn render(status: &StatusView) -> String {
         child_detections
             .get_or_create(&labels)
             .inc_by(w.child_leak_detections);
+        fd_detections
+            .get_or_create(&labels)
+            .inc_by(w.fd_leak_detections);
+        if let Some(fds) = w.fds {
+            open_fds
+                .get_or_create(&labels)
+                .set(i64::try_from(fds).unwrap_or(i64::MAX));
+        }
         overflowed
             .get_or_create(&labels)
             .inc_by(w.routes_overflowed_requests);

@@ -113,6 +113,8 @@ pub struct WorkerStatus {
     pub children: ChildrenStatus,
     /// CHILD_LEAK_DETECTED reports so far.
     pub child_leak_detections: u64,
+    /// FD_LEAK_DETECTED reports so far.
+    pub fd_leak_detections: u64,
 }
 
 /// Soft-limit enforcement, as the API shows it.

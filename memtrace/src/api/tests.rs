@@ -115,6 +115,7 @@ fn worker(pid: u32) -> WorkerStatus {
             orphaned: 0,
         },
         child_leak_detections: 1,
+        fd_leak_detections: 2,
     }
 }
 
@@ -869,6 +870,7 @@ fn metrics_render_the_status_with_soft_limit_recycles() {
         "memtrace_worker_children_rss_bytes{pid=\"42\",name=\"srv\",role=\"worker\",container=\"\",pod=\"\",namespace=\"\"} 41943040",
         "memtrace_worker_children_oldest_age_seconds{pid=\"42\",name=\"srv\",role=\"worker\",container=\"\",pod=\"\",namespace=\"\"} 30.0",
         "memtrace_worker_child_leak_detections_total{pid=\"42\",name=\"srv\",role=\"worker\",container=\"\",pod=\"\",namespace=\"\"} 1",
+        "memtrace_worker_fd_leak_detections_total{pid=\"42\",name=\"srv\",role=\"worker\",container=\"\",pod=\"\",namespace=\"\"} 2",
         "memtrace_orphans 3",
     ] {
         assert!(text.contains(series), "{series}: {text}");

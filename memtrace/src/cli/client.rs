@@ -582,6 +582,18 @@ pub fn render_requests(body: &Value) -> String {
                             Some(0) | None => "-".into(),
                             Some(n) => format!("{n:+} ({} MB)", mb(&r["children_rss_delta_bytes"])),
                         },
+                        // Descriptors it left open; "?" when not counted.
+                        match r["fd_delta"].as_i64() {
+                            Some(0) => "-".into(),
+                            Some(n) => format!("{n:+}"),
+                            None => "?".into(),
+                        },
+                        // Objects gc.garbage gained, and collections run.
+                        match (r["gc_uncollectable_delta"].as_i64(), r["gc_collections_delta"].as_i64()) {
+                            (Some(0), Some(0)) => "-".into(),
+                            (Some(u), Some(c)) => format!("{u:+}/{c}"),
+                            _ => "?".into(),
+                        },
                         r["level"].as_str().unwrap_or("-").into(),
                     ]
                 })
@@ -591,7 +603,7 @@ pub fn render_requests(body: &Value) -> String {
     table(
         &[
             "REQUEST", "ROUTE", "MS", "RSS_MB", "DELTA_MB", "FAULTS", "MMAP_MB", "BRK_MB",
-            "CHILDREN", "LEVEL",
+            "CHILDREN", "FDS", "GC_UNCOLL/RUNS", "LEVEL",
         ],
         &rows,
     )
@@ -608,13 +620,19 @@ mod tests {
         let body = json!({"requests": [
             {"request_id": "7-1", "route": "GET /render", "duration_ms": 25.0,
              "rss_after_bytes": 1048576, "delta_bytes": 0, "faults": 3,
-             "children_delta": 1, "children_rss_delta_bytes": 20971520, "level": "normal"},
+             "children_delta": 1, "children_rss_delta_bytes": 20971520, "fd_delta": 1,
+             "gc_uncollectable_delta": 2, "gc_collections_delta": 1, "level": "normal"},
             {"request_id": "7-2", "route": "GET /ok", "duration_ms": 1.0,
              "rss_after_bytes": 1048576, "delta_bytes": 0, "faults": 0,
-             "children_delta": 0, "children_rss_delta_bytes": 0, "level": "normal"}]});
+             "children_delta": 0, "children_rss_delta_bytes": 0, "fd_delta": null,
+             "gc_uncollectable_delta": 0, "gc_collections_delta": 0, "level": "normal"}]});
         let out = render_requests(&body);
         assert!(out.contains("CHILDREN"), "{out}");
         assert!(out.contains("+1 (20.0 MB)"), "{out}");
+        let render = out.lines().find(|l| l.starts_with("7-1")).unwrap();
+        assert!(render.contains(" +1 ") && render.contains(" +2/1 "), "{out}");
+        let ok = out.lines().find(|l| l.starts_with("7-2")).unwrap();
+        assert!(ok.contains(" ? "), "not counted is not 0: {out}");
     }
 
     #[test]

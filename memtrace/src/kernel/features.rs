@@ -96,6 +96,23 @@ pub struct BtfFacts {
     pub rss_per_thread_cache: bool,
     /// `tcp_recvmsg`'s prototype, where `tcp_sendmsg`'s is `(sk, msg, size)`.
     pub fexit: Option<TcpRecvmsg>,
+    /// Where a process's descriptor table is: per-request `fd_delta`.
+    pub fd_table: Option<FdTable>,
+}
+
+/// Offsets of the members that lead from a task to its open-descriptor
+/// bitmap, and from a socket to whether it still has a descriptor.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FdTable {
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdt_max_fds: u32,
+    pub fdt_open_fds: u32,
+    pub sock_socket: u32,
+    pub socket_sk: u32,
+    pub socket_file: u32,
+    /// `file.f_count`, or `file.f_ref` (Linux 6.13+) with `FILE_REF_NEW`.
+    pub file_count: u32,
 }
 
 /// The capabilities of the running kernel that memtrace's programs use.
@@ -273,6 +290,20 @@ impl KernelFeatures {
         }
     }
 
+    /// Per-request open-descriptor counts (`fd_delta`).
+    pub fn fd_counts(&self) -> Result<(), String> {
+        match (self.btf.fd_table, &self.btf_error) {
+            (Some(_), _) => Ok(()),
+            (None, Some(e)) => Err(format!(
+                "the descriptor table's place in a task comes from the kernel's BTF: {e}"
+            )),
+            (None, None) => Err(
+                "the kernel's BTF lacks task_struct.files, files_struct.fdt, fdtable.open_fds, socket.sk or file.f_ref/f_count"
+                    .into(),
+            ),
+        }
+    }
+
     pub fn cgroup_filter(&self) -> Result<(), String> {
         if !self.ancestor_cgroup_helper {
             Err(
@@ -340,6 +371,12 @@ impl KernelFeatures {
             row(
                 "request mode uprobe",
                 self.uprobe_mode().map(|()| "uprobes".into()),
+            ),
+            row(
+                "request fd counts",
+                self.fd_counts().map(|()| {
+                    "open descriptors at each end, from the descriptor table's bitmap (BTF); tables over 4096 descriptors are not counted".into()
+                }),
             ),
             row(
                 "http path capture",
@@ -436,8 +473,25 @@ fn read_btf(path: &Path) -> Result<BtfFacts, super::btf::BtfError> {
         (Ok(signal), Ok(live)) => Some((signal, live)),
         _ => None,
     };
+    let fd_table = (|| {
+        Some(FdTable {
+            task_files: btf.member_offset("task_struct", "files").ok()?,
+            files_fdt: btf.member_offset("files_struct", "fdt").ok()?,
+            fdt_max_fds: btf.member_offset("fdtable", "max_fds").ok()?,
+            fdt_open_fds: btf.member_offset("fdtable", "open_fds").ok()?,
+            sock_socket: btf.member_offset("sock", "sk_socket").ok()?,
+            socket_sk: btf.member_offset("socket", "sk").ok()?,
+            socket_file: btf.member_offset("socket", "file").ok()?,
+            file_count: btf
+                .member_offset("file", "f_ref")
+                .map(|o| o | memtrace_common::FILE_REF_NEW)
+                .or_else(|_| btf.member_offset("file", "f_count"))
+                .ok()?,
+        })
+    })();
     Ok(BtfFacts {
         access: Some(btf.access),
+        fd_table,
         task_fsbase: btf.member_offset("task_struct", "thread.fsbase").ok(),
         signal_live,
         rss_per_thread_cache: btf.member_offset("task_struct", "rss_stat").is_ok(),

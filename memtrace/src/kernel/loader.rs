@@ -327,6 +327,8 @@ pub struct Tracer {
     alloc_links: std::collections::HashMap<u32, Vec<(&'static str, UProbeLinkId)>>,
     allocs: HashMap<MapData, AllocKey, AllocInfo>,
     py_procs: HashMap<MapData, u32, PyProcInfo>,
+    /// Where each Python worker's GC totals are (`PY_GC`).
+    py_gc: HashMap<MapData, u32, u64>,
     py_stacks: HashMap<MapData, u64, PyStack>,
     /// CPython allocator probes to attach with the C library's, by process.
     pymalloc: std::collections::HashMap<u32, PymallocTargets>,
@@ -536,6 +538,7 @@ fn load_object(
     plan: &Plan,
 ) -> Result<Ebpf, LoadError> {
     let (task_signal, signal_live) = features.btf.signal_live.unwrap_or((0, 0));
+    let fds = features.btf.fd_table.unwrap_or_default();
     let ring = options.ring_buffer_bytes;
     let config = Config {
         agent_tgid,
@@ -551,6 +554,14 @@ fn load_object(
         ring_wake_bytes: ring / 2,
         task_signal,
         signal_live,
+        task_files: fds.task_files,
+        files_fdt: fds.files_fdt,
+        fdt_max_fds: fds.fdt_max_fds,
+        fdt_open_fds: fds.fdt_open_fds,
+        sock_socket: fds.sock_socket,
+        socket_sk: fds.socket_sk,
+        socket_file: fds.socket_file,
+        file_count: fds.file_count,
         _pad: 0,
         layout: features.layout,
     };
@@ -755,6 +766,7 @@ impl Tracer {
         let stacks = take_map(&mut ebpf, "STACKS")?;
         let allocs = take_map(&mut ebpf, "ALLOCS")?;
         let py_procs = take_map(&mut ebpf, "PY_PROCS")?;
+        let py_gc = take_map(&mut ebpf, "PY_GC")?;
         let py_stacks = take_map(&mut ebpf, "PY_STACKS")?;
         let events: RingBuf<MapData> = take_map(&mut ebpf, "EVENTS")?;
 
@@ -772,6 +784,7 @@ impl Tracer {
             alloc_links: std::collections::HashMap::new(),
             allocs,
             py_procs,
+            py_gc,
             py_stacks,
             pymalloc: std::collections::HashMap::new(),
             python_frames: plan.task_fsbase != 0 && plan.py_frames != 0,
@@ -958,7 +971,14 @@ impl Tracer {
     /// program whose interpreter, if any, is set up anew).
     pub fn forget_python(&mut self, tgid: u32) {
         let _ = self.py_procs.remove(&tgid);
+        let _ = self.py_gc.remove(&tgid);
         self.pymalloc.remove(&tgid);
+    }
+
+    /// Lets a request's ends read a Python process's GC totals: `addr` is
+    /// its main interpreter's `generation_stats[3]`.
+    pub fn set_python_gc(&mut self, tgid: u32, addr: u64) -> Result<(), MapError> {
+        self.py_gc.insert(tgid, addr, 0)
     }
 
     /// Whether the programs read Python frames at all.

@@ -553,6 +553,14 @@ impl PythonBuilds {
         gc_stats_at(&bytes, ENABLED_BEFORE_GEN0)
     }
 
+    /// Where `gc_stats` found the GC's `generation_stats[3]` of this build,
+    /// in a process whose `_PyRuntime` is at `runtime` (after a successful
+    /// `gc_stats`).
+    pub fn gc_stats_address(&self, py: &PythonRuntime, runtime: u64) -> Option<u64> {
+        let offset = self.gc_offsets.get(&(py.binary.clone(), py.version_hex))?;
+        runtime.checked_add((offset + STATS_AFTER_GEN0) as u64)
+    }
+
     /// How the kernel reads `pid`'s Python frames. `Ok(None)`: not yet
     /// (the interpreter has not created its thread-state key: just after
     /// exec); `Err`: never, and why.

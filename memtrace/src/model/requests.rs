@@ -6,13 +6,13 @@ use std::{
 };
 
 use memtrace_common::{
-    MM_ANONPAGES, MM_FILEPAGES, MM_SHMEMPAGES, REQUEST_ABORTED, REQUEST_INTERLEAVED, RSS_MEMBERS,
-    RequestEvent,
+    MM_ANONPAGES, MM_FILEPAGES, MM_SHMEMPAGES, REQ_FDS_KNOWN, REQ_GC_KNOWN, REQUEST_ABORTED,
+    REQUEST_INTERLEAVED, RSS_MEMBERS, RequestEvent,
 };
 use serde::Serialize;
 
 use super::{
-    routes::{DEFAULT_MAX_ROUTES, HttpLine, RouteTable},
+    routes::{DEFAULT_MAX_ROUTES, HttpLine, Kept, RouteTable},
     rss::RssBreakdown,
 };
 
@@ -125,6 +125,57 @@ pub struct RequestRecord {
     pub children_delta: i64,
     /// Their resident bytes (/proc/PID/statm) when the request is recorded.
     pub children_rss_delta_bytes: i64,
+    /// Open descriptors of the worker at the request's end and their change
+    /// since its start, the request's own connection not counted: read by
+    /// the kernel from the worker's descriptor table at both ends.
+    pub fds: Option<u64>,
+    pub fd_delta: Option<i64>,
+    /// CPython's GC during the request (over its three generations): read
+    /// by the kernel from the worker's memory at both ends.
+    pub gc_collections_delta: Option<i64>,
+    pub gc_collected_delta: Option<i64>,
+    pub gc_uncollectable_delta: Option<i64>,
+    /// USS change: not measured per request (see `unavailable`).
+    pub uss_delta_bytes: Option<i64>,
+    /// Why each null field above is null.
+    pub unavailable: Unavailable,
+}
+
+/// Why a request's optional field is null: never 0 for "unknown".
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Unavailable {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fd_delta: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gc: Option<&'static str>,
+    pub uss_delta: &'static str,
+}
+
+/// Why a request has no `uss_delta`.
+pub const USS_PER_REQUEST: &str = "USS needs a walk of the worker's page tables (smaps_rollup): it is measured at refresh for the soft limit, not at each request's ends";
+/// Why a request has no `fd_delta`.
+pub const FDS_ABORTED: &str = "the request was aborted (its thread exited or its client left before an answer)";
+pub const FDS_UNREAD: &str = "the kernel could not count the worker's descriptors (no descriptor-table offsets in its BTF, or a table over 4096 descriptors)";
+/// Why a request has no GC deltas.
+pub const GC_NOT_PYTHON: &str = "not a CPython worker whose GC state memtrace located";
+pub const GC_UNREAD: &str = "the request ended outside the worker (its connection closed in the network stack), where the worker's memory cannot be read, or began before its GC's state was located";
+
+impl Unavailable {
+    /// What the kernel left unknown in `ev`; `gc_located`: the worker's GC
+    /// totals are read by the kernel.
+    pub fn of(ev: &RequestEvent, gc_located: bool) -> Self {
+        let aborted = ev.status == REQUEST_ABORTED;
+        Self {
+            fd_delta: (ev.known & REQ_FDS_KNOWN == 0)
+                .then_some(if aborted { FDS_ABORTED } else { FDS_UNREAD }),
+            gc: (ev.known & REQ_GC_KNOWN == 0).then_some(match (gc_located, aborted) {
+                (false, _) => GC_NOT_PYTHON,
+                (true, true) => FDS_ABORTED,
+                (true, false) => GC_UNREAD,
+            }),
+            uss_delta: USS_PER_REQUEST,
+        }
+    }
 }
 
 /// `PID-SEQ`, written out only when shown: a request costs no allocation.
@@ -210,6 +261,7 @@ impl RequestRecord {
         let started = clock.wall(ev.start_ns);
         let counted = |v: u64| settings.mmap_counters.then_some(v);
         let line = HttpLine::from_kernel(&ev.line);
+        let gc = |i: usize| (ev.known & REQ_GC_KNOWN != 0).then_some(ev.gc_delta[i] as i64);
         Self {
             request_id: RequestId { pid: ev.tgid, seq },
             seq,
@@ -241,6 +293,14 @@ impl RequestRecord {
             children: 0,
             children_delta: 0,
             children_rss_delta_bytes: 0,
+            fds: (ev.known & REQ_FDS_KNOWN != 0).then_some(u64::from(ev.fds_after)),
+            fd_delta: (ev.known & REQ_FDS_KNOWN != 0)
+                .then(|| i64::from(ev.fds_after) - i64::from(ev.fds_before)),
+            gc_collections_delta: gc(0),
+            gc_collected_delta: gc(1),
+            gc_uncollectable_delta: gc(2),
+            uss_delta_bytes: None,
+            unavailable: Unavailable::of(ev, false),
         }
     }
 
@@ -265,6 +325,9 @@ impl RequestRecord {
             ),
             format!("delta={:+.1}MB", self.delta_bytes as f64 / MB),
         ];
+        if let Some(uss) = self.uss_delta_bytes {
+            parts.push(format!("uss_delta={:+.1}MB", uss as f64 / MB));
+        }
         if self.children > 0 {
             parts.push(format!("browsers={}", self.children));
         }
@@ -274,6 +337,15 @@ impl RequestRecord {
                 "children_rss_delta={:+.1}MB",
                 self.children_rss_delta_bytes as f64 / MB
             ));
+        }
+        if let Some(fds) = self.fd_delta.filter(|&d| d != 0) {
+            parts.push(format!("fd_delta={fds:+}"));
+        }
+        if let Some(gc) = self.gc_uncollectable_delta.filter(|&d| d != 0) {
+            parts.push(format!("gc_uncollectable_delta={gc:+}"));
+        }
+        if let Some(gc) = self.gc_collections_delta.filter(|&d| d != 0) {
+            parts.push(format!("gc_collections_delta={gc:+}"));
         }
         match self.level {
             RequestLevel::SpikeDetected => parts.push("SPIKE_DETECTED".into()),
@@ -317,6 +389,11 @@ impl RequestRecord {
                     children = self.children,
                     children_delta = self.children_delta,
                     children_rss_delta_bytes = self.children_rss_delta_bytes,
+                    fds = self.fds,
+                    fd_delta = self.fd_delta,
+                    gc_collections_delta = self.gc_collections_delta,
+                    gc_collected_delta = self.gc_collected_delta,
+                    gc_uncollectable_delta = self.gc_uncollectable_delta,
                     $msg
                 )
             };
@@ -371,8 +448,11 @@ impl RequestLog {
                 record.delta_bytes,
                 record.interleaved,
             );
+            let route = record.route.as_deref();
             self.routes
-                .record_children(record.route.as_deref(), record.children_delta);
+                .record_kept(route, Kept::Children, record.children_delta);
+            self.routes
+                .record_kept(route, Kept::Fds, record.fd_delta.unwrap_or(0));
         }
         if self.records.len() == self.capacity {
             self.records.pop_front();
@@ -506,5 +586,60 @@ mod tests {
             log.recent(10).map(|r| r.seq).collect::<Vec<_>>(),
             vec![5, 4, 3]
         );
+    }
+
+    #[test]
+    fn descriptors_and_gc_are_null_with_a_reason_when_unread() {
+        let clock = WallClock::now();
+        let settings = RequestSettings::default();
+        let mut ev = event([0; 4], [0; 4], 0, 0);
+        ev.fds_before = 10;
+        ev.fds_after = 11;
+        ev.gc_delta = [1, 5, 2];
+        ev.known = REQ_FDS_KNOWN | REQ_GC_KNOWN;
+        let r = RequestRecord::from_event(&ev, 1, &RssBreakdown::default(), &settings, &clock);
+        assert_eq!((r.fds, r.fd_delta), (Some(11), Some(1)));
+        assert_eq!(
+            (r.gc_collections_delta, r.gc_collected_delta, r.gc_uncollectable_delta),
+            (Some(1), Some(5), Some(2))
+        );
+        assert!(r.uss_delta_bytes.is_none());
+        let line = r.plan_line();
+        assert!(line.contains(" | fd_delta=+1 | gc_uncollectable_delta=+2 | gc_collections_delta=+1"), "{line}");
+
+        // Nothing read: null, never 0, and why.
+        ev.known = 0;
+        let r = RequestRecord::from_event(&ev, 2, &RssBreakdown::default(), &settings, &clock);
+        assert_eq!((r.fds, r.fd_delta, r.gc_uncollectable_delta), (None, None, None));
+        let why = Unavailable::of(&ev, true);
+        assert_eq!(why.fd_delta, Some(FDS_UNREAD));
+        assert_eq!(why.gc, Some(GC_UNREAD));
+        assert_eq!(Unavailable::of(&ev, false).gc, Some(GC_NOT_PYTHON));
+        ev.status = REQUEST_ABORTED;
+        assert_eq!(Unavailable::of(&ev, true).fd_delta, Some(FDS_ABORTED));
+        assert!(!r.plan_line().contains("fd_delta"));
+    }
+
+    #[test]
+    fn the_route_that_keeps_descriptors_is_named() {
+        let mut log = RequestLog::new(10);
+        for (path, fds) in [("/a", 0), ("/leak", 1), ("/a", 0), ("/leak", 1), ("/b", -1)] {
+            let ev = event([0; 4], [0; 4], 0, 0);
+            let mut r = RequestRecord::from_event(
+                &ev,
+                log.next_seq(),
+                &RssBreakdown::default(),
+                &RequestSettings::default(),
+                &WallClock::now(),
+            );
+            r.route = Some(format!("GET {path}"));
+            r.fd_delta = Some(fds);
+            log.push(r);
+        }
+        assert_eq!(
+            log.routes.kept_route(Kept::Fds),
+            Some(("GET /leak".to_string(), 1.0))
+        );
+        assert_eq!(log.routes.kept_route(Kept::Children), None);
     }
 }

@@ -148,8 +148,16 @@ pub struct RouteStats {
     pub interleaved: u64,
     /// The last `ROUTE_WINDOW` deltas, oldest first.
     pub recent: VecDeque<i64>,
-    /// Child processes its requests started and left alive.
-    pub children_started: i64,
+    /// What its requests left behind, by `Kept`: child processes started
+    /// and alive at their ends, descriptors opened and not closed.
+    pub kept: [i64; 2],
+}
+
+/// Resources a request can leave behind, besides memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kept {
+    Children = 0,
+    Fds = 1,
 }
 
 impl RouteStats {
@@ -252,34 +260,26 @@ impl RouteTable {
         }
     }
 
-    /// Counts child processes a request of `route` left alive.
-    pub fn record_children(&mut self, route: Option<&str>, started: i64) {
-        let Some(route) = route.filter(|_| started != 0) else {
+    /// Counts `n` of `kind` a request of `route` left behind.
+    pub fn record_kept(&mut self, route: Option<&str>, kind: Kept, n: i64) {
+        let Some(route) = route.filter(|_| n != 0) else {
             return;
         };
         let stats = match self.routes.get_mut(route) {
             Some(stats) => stats,
             None => &mut self.other,
         };
-        stats.children_started += started;
+        stats.kept[kind as usize] += n;
     }
 
-    /// The route whose requests left the most child processes alive, with
-    /// how many per request.
-    pub fn child_route(&self) -> Option<(String, f64)> {
+    /// The route whose requests left the most of `kind` behind, with how
+    /// many per request.
+    pub fn kept_route(&self, kind: Kept) -> Option<(String, f64)> {
+        let kept = |s: &RouteStats| s.kept[kind as usize];
         self.iter()
-            .filter(|(_, s)| s.children_started > 0 && s.requests > 0)
-            .max_by(|a, b| {
-                a.1.children_started
-                    .cmp(&b.1.children_started)
-                    .then_with(|| b.0.cmp(a.0))
-            })
-            .map(|(name, s)| {
-                (
-                    name.to_string(),
-                    s.children_started as f64 / s.requests as f64,
-                )
-            })
+            .filter(|(_, s)| kept(s) > 0 && s.requests > 0)
+            .max_by(|a, b| kept(a.1).cmp(&kept(b.1)).then_with(|| b.0.cmp(a.0)))
+            .map(|(name, s)| (name.to_string(), kept(s) as f64 / s.requests as f64))
     }
 
     pub fn len(&self) -> usize {

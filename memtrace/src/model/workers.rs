@@ -82,6 +82,11 @@ pub struct Worker {
     pub child_detector: LeakDetector,
     /// CHILD_LEAK_DETECTED reports so far.
     pub child_leak_detections: u64,
+    /// The same robust slope over its open descriptors after each request.
+    pub fd_detector: LeakDetector,
+    /// FD_LEAK_DETECTED reports so far.
+    pub fd_leak_detections: u64,
+
     /// Its RSS with its descendants' crossed the soft limit
     /// (`--soft-limit-include-children`), once.
     pub footprint_fired: bool,
@@ -99,6 +104,8 @@ pub struct Worker {
     /// Refreshes at which its GC state could not be read (given up at
     /// [`PYTHON_GC_MISSES`], with one log line).
     pub python_gc_misses: u8,
+    /// The kernel reads its GC totals at each request's ends (`PY_GC`).
+    pub python_gc_in_kernel: bool,
     /// Looks for an interpreter so far (libpython is mapped after exec, so
     /// a fresh process is looked at again for its first refreshes).
     pub python_looks: u8,
@@ -131,6 +138,9 @@ impl Worker {
             leak_detections: 0,
             child_detector: LeakDetector::new(DetectorConfig::default()),
             child_leak_detections: 0,
+            fd_detector: LeakDetector::new(DetectorConfig::default()),
+            fd_leak_detections: 0,
+
             footprint_fired: false,
             placement: None,
             vm_data: None,
@@ -138,6 +148,7 @@ impl Worker {
             python_runtime: None,
             python_gc: None,
             python_gc_misses: 0,
+            python_gc_in_kernel: false,
             python_looks: 0,
             python_code: None,
             python_frame_tries: 0,

@@ -1,0 +1,162 @@
+//! What a request's two ends read besides memory: the process's open
+//! descriptors (from its descriptor table) and CPython's GC totals (from the
+//! process's memory, only where the end runs in the process).
+use aya_ebpf::helpers::{bpf_get_current_task, bpf_probe_read_kernel, bpf_probe_read_user};
+use memtrace_common::{FDS_WORDS_MAX, FILE_REF_NEW, REQ_FDS_KNOWN, REQ_GC_KNOWN, RequestStart};
+
+use crate::maps::{CONFIG, PY_GC};
+
+#[inline(always)]
+fn read_kernel<T>(addr: u64) -> Option<T> {
+    // SAFETY: the helper checks the access and fails on a bad address.
+    unsafe { bpf_probe_read_kernel(addr as *const T) }.ok()
+}
+
+/// The current task's `struct files_struct`, if descriptors are counted.
+#[inline(always)]
+pub fn current_files() -> u64 {
+    let offset = CONFIG.load().task_files;
+    if offset == 0 {
+        return 0;
+    }
+    // SAFETY: the helper returns the current task; the read is checked.
+    let task = unsafe { bpf_get_current_task() };
+    read_kernel(task + u64::from(offset)).unwrap_or(0)
+}
+
+/// Open descriptors in `files`, leaving out `skip` (descriptor numbers; -1:
+/// none) when they are open. `None`: not counted (no table, or a table over
+/// `FDS_WORDS_MAX` words).
+#[inline(always)]
+pub fn open_fds(files: u64, skip: [i64; 2]) -> Option<u32> {
+    if files == 0 {
+        return None;
+    }
+    let cfg = CONFIG.load();
+    let fdt: u64 = read_kernel(files + u64::from(cfg.files_fdt))?;
+    let max_fds: u32 = read_kernel(fdt + u64::from(cfg.fdt_max_fds))?;
+    let bits: u64 = read_kernel(fdt + u64::from(cfg.fdt_open_fds))?;
+    let words = max_fds / 64;
+    if words == 0 || words > FDS_WORDS_MAX {
+        return None;
+    }
+    let mut open = 0u32;
+    // No branch in the body but the loop's own: the verifier walks each
+    // iteration once.
+    for i in 0..FDS_WORDS_MAX {
+        if i >= words {
+            break;
+        }
+        let word: u64 = read_kernel(bits + 8 * u64::from(i)).unwrap_or(0);
+        open += word.count_ones();
+    }
+    for fd in skip {
+        if fd >= 0 && (fd as u64) < u64::from(max_fds) {
+            let word: u64 = read_kernel(bits + 8 * (fd as u64 / 64)).unwrap_or(0);
+            open -= u32::from(word & (1u64 << (fd as u64 % 64)) != 0);
+        }
+    }
+    Some(open)
+}
+
+/// Whether socket `sk` still has a descriptor: its socket's file is not
+/// being released (the close of its last descriptor runs the TCP close
+/// inside the file's release, with its reference count gone).
+#[inline(always)]
+pub fn sock_has_fd(sk: u64) -> bool {
+    let cfg = CONFIG.load();
+    if sk == 0 || cfg.task_files == 0 {
+        return false;
+    }
+    let Some(socket) = read_kernel::<u64>(sk + u64::from(cfg.sock_socket)).filter(|&s| s != 0)
+    else {
+        return false;
+    };
+    if read_kernel::<u64>(socket + u64::from(cfg.socket_sk)) != Some(sk) {
+        return false;
+    }
+    let Some(file) = read_kernel::<u64>(socket + u64::from(cfg.socket_file)).filter(|&f| f != 0)
+    else {
+        return false;
+    };
+    let Some(count) = read_kernel::<u64>(file + u64::from(cfg.file_count & !FILE_REF_NEW)) else {
+        return false;
+    };
+    if cfg.file_count & FILE_REF_NEW != 0 {
+        (count as i64) >= 0
+    } else {
+        count >= 1
+    }
+}
+
+/// The process's GC totals (collections, collected, uncollectable over the
+/// three generations), read from the current process: call only where the
+/// current task belongs to `tgid`.
+#[inline(always)]
+pub fn gc_totals(tgid: u32) -> Option<[u64; 3]> {
+    // SAFETY: a value read out of the map.
+    let addr = unsafe { *PY_GC.get(&tgid)? };
+    // SAFETY: the helper checks the access and fails on a bad address.
+    let stats: [u64; 9] = unsafe { bpf_probe_read_user(addr as *const [u64; 9]) }.ok()?;
+    Some([
+        stats[0] + stats[3] + stats[6],
+        stats[1] + stats[4] + stats[7],
+        stats[2] + stats[5] + stats[8],
+    ])
+}
+
+/// Fills the descriptor count and GC totals of a request's start: the open
+/// descriptors but `skip` (numbers) and `less` more (sockets known open).
+#[inline(always)]
+pub fn read_start(req: &mut RequestStart, tgid: u32, files: u64, skip: [i64; 2], less: u32) {
+    req.known = 0;
+    if let Some(n) = open_fds(files, skip) {
+        req.fds = n.saturating_sub(less);
+        req.known |= REQ_FDS_KNOWN;
+    }
+    if let Some(gc) = gc_totals(tgid) {
+        req.gc = gc;
+        req.known |= REQ_GC_KNOWN;
+    }
+}
+
+/// What a request's end adds to its summary: descriptors now and the GC's
+/// growth since its start, each known only where both ends were read.
+#[derive(Clone, Copy, Default)]
+pub struct EndReads {
+    pub fds_after: u32,
+    pub known: u32,
+    pub gc_delta: [u64; 3],
+}
+
+/// Reads a request's end (`skip` and `less` as for the start). `in_process`: the current task belongs to the
+/// request's process (else its memory is not read).
+#[inline(always)]
+pub fn read_end(
+    start: &RequestStart,
+    tgid: u32,
+    files: u64,
+    skip: [i64; 2],
+    less: u32,
+    in_process: bool,
+) -> EndReads {
+    let mut out = EndReads::default();
+    if start.known & REQ_FDS_KNOWN != 0
+        && let Some(n) = open_fds(files, skip)
+    {
+        out.fds_after = n.saturating_sub(less);
+        out.known |= REQ_FDS_KNOWN;
+    }
+    if in_process
+        && start.known & REQ_GC_KNOWN != 0
+        && let Some(gc) = gc_totals(tgid)
+    {
+        out.gc_delta = [
+            gc[0].wrapping_sub(start.gc[0]),
+            gc[1].wrapping_sub(start.gc[1]),
+            gc[2].wrapping_sub(start.gc[2]),
+        ];
+        out.known |= REQ_GC_KNOWN;
+    }
+    out
+}
