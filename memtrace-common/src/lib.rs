@@ -581,8 +581,23 @@ pub struct PyProcInfo {
     /// `co_firstlineno` in code objects.
     pub code_adaptive: u32,
     pub code_firstlineno: u32,
+    /// `PY_FLAG_*`.
+    pub flags: u32,
+    /// `PY_FLAG_TLS`: where the thread's attached `PyThreadState *` is
+    /// (`_Py_tss_tstate`), relative to its fs base (negative, as i32).
+    pub tls_offset: u32,
     pub _pad: u32,
 }
+
+/// `PyProcInfo::flags`: the thread state is the thread-local
+/// `_Py_tss_tstate` at `tls_offset` from the fs base (3.14+), not a pthread
+/// key's slot.
+pub const PY_FLAG_TLS: u32 = 1;
+/// `f_executable` is a tagged `_PyStackRef` (3.14+): mask its low bits.
+pub const PY_FLAG_TAGGED: u32 = 2;
+/// Frames whose `owner` is `owner_cstack` or above are not Python frames
+/// (3.14+: the interpreter's entry frames and the thread's base frame).
+pub const PY_FLAG_OWNER_AT_LEAST: u32 = 4;
 
 /// One Python frame as sampled: the code object, the code unit it was at
 /// (counted from `co_code_adaptive`) and the code's first line, which tells
@@ -699,7 +714,7 @@ const _: () = {
     assert!(core::mem::size_of::<AllocKey>() == 16);
     assert!(core::mem::size_of::<AllocInfo>() == 24);
     assert!(core::mem::size_of::<SiteKey>() == 24);
-    assert!(core::mem::size_of::<PyProcInfo>() == 12 * 4);
+    assert!(core::mem::size_of::<PyProcInfo>() == 14 * 4);
     assert!(core::mem::size_of::<PyStack>() == 8 + 16 * PY_MAX_FRAMES);
     assert!(core::mem::size_of::<ProcessEvent>() == 32 + 16 + 256 + 112 + 32);
     assert!(core::mem::size_of::<RssEvent>() == 24 + 32);

@@ -17,8 +17,12 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext},
 };
 use memtrace_common::{
-    GLIBC_KEYS_1STBLOCK, GLIBC_SPECIFIC_1STBLOCK, PY_MAX_FRAMES, PY_NO_CFRAME, PyFrame, PyProcInfo,
+    GLIBC_KEYS_1STBLOCK, GLIBC_SPECIFIC_1STBLOCK, PY_FLAG_OWNER_AT_LEAST, PY_FLAG_TAGGED,
+    PY_FLAG_TLS, PY_MAX_FRAMES, PY_NO_CFRAME, PyFrame, PyProcInfo,
 };
+
+/// The tag bits of a `_PyStackRef` (3.14+).
+const PY_TAG_BITS: u64 = 3;
 
 use crate::{
     maps::{CONFIG, PY_PROCS, PY_SCRATCH, PY_STACKS, PY_WALK},
@@ -63,7 +67,8 @@ fn read_header(frame: u64, header: &mut [u64; HEADER_WORDS]) -> bool {
 #[inline(always)]
 fn top_frame(info: &PyProcInfo) -> Option<u64> {
     let fsbase_off = CONFIG.load().task_fsbase;
-    if fsbase_off == 0 || info.tss_key >= GLIBC_KEYS_1STBLOCK {
+    let tls = info.flags & PY_FLAG_TLS != 0;
+    if fsbase_off == 0 || (!tls && info.tss_key >= GLIBC_KEYS_1STBLOCK) {
         return None;
     }
     // SAFETY: the helper returns the current task; the read is checked.
@@ -71,7 +76,11 @@ fn top_frame(info: &PyProcInfo) -> Option<u64> {
         let task = bpf_get_current_task() as *const u8;
         bpf_probe_read_kernel(task.add(fsbase_off as usize) as *const u64).ok()?
     };
-    let slot = fsbase + GLIBC_SPECIFIC_1STBLOCK + 16 * info.tss_key as u64 + 8;
+    let slot = if tls {
+        fsbase.wrapping_add(info.tls_offset as i32 as i64 as u64)
+    } else {
+        fsbase + GLIBC_SPECIFIC_1STBLOCK + 16 * info.tss_key as u64 + 8
+    };
     let tstate: u64 = read_user(slot)?;
     if tstate == 0 || read_user::<u64>(tstate + info.thread_id as u64)? != fsbase {
         return None;
@@ -135,8 +144,16 @@ pub fn py_stack(tgid: u32) -> u64 {
         let header = &walk.header;
         let owner = (word(header, info.frame_owner) >> (8 * (info.frame_owner % 8))) & 0xff;
         let previous = word(header, info.frame_previous);
-        if owner as u32 != info.owner_cstack {
-            let code = word(header, info.frame_code);
+        let shim = if info.flags & PY_FLAG_OWNER_AT_LEAST != 0 {
+            owner as u32 >= info.owner_cstack
+        } else {
+            owner as u32 == info.owner_cstack
+        };
+        if !shim {
+            let mut code = word(header, info.frame_code);
+            if info.flags & PY_FLAG_TAGGED != 0 {
+                code &= !PY_TAG_BITS;
+            }
             let instr = word(header, info.frame_instr);
             let start = code + info.code_adaptive as u64;
             // A frame not started yet is one unit before its first

@@ -158,22 +158,27 @@ impl State {
             && py.supported
             && w.python_gc_misses < PYTHON_GC_MISSES
         {
-            w.python_gc = self.python_builds.gc_stats(pid, py, runtime);
-            if w.python_gc.is_some() && !w.python_gc_in_kernel {
-                // From now on each request's ends read the GC's totals.
-                let addr = self.python_builds.gc_stats_address(py, runtime);
-                match addr.map(|a| self.tracer.set_python_gc(pid, a)) {
-                    Some(Ok(())) => w.python_gc_in_kernel = true,
-                    Some(Err(e)) => {
-                        debug!(pid, error = %e, "GC totals per request not read (kernel map full?)");
+            if py.minor().and_then(python::stats_after_gen0).is_none() {
+                w.python_gc_misses = PYTHON_GC_MISSES;
+                warn!(pid, python = %py.version, "CPython 3.15 keeps its GC statistics in ring buffers behind a pointer, which memtrace does not read yet: no GC statistics for this worker");
+            } else {
+                w.python_gc = self.python_builds.gc_stats(pid, py, runtime);
+                if w.python_gc.is_some() && !w.python_gc_in_kernel {
+                    // From now on each request's ends read the GC's totals.
+                    let addr = self.python_builds.gc_stats_address(py, runtime);
+                    match addr.map(|a| self.tracer.set_python_gc(pid, a)) {
+                        Some(Ok(())) => w.python_gc_in_kernel = true,
+                        Some(Err(e)) => {
+                            debug!(pid, error = %e, "GC totals per request not read (kernel map full?)");
+                        }
+                        None => {}
                     }
-                    None => {}
                 }
-            }
-            if w.python_gc.is_none() {
-                w.python_gc_misses += 1;
-                if w.python_gc_misses == PYTHON_GC_MISSES {
-                    warn!(pid, python = %py.version, "the garbage collector's state was not found in _PyRuntime: no GC statistics for this worker");
+                if w.python_gc.is_none() {
+                    w.python_gc_misses += 1;
+                    if w.python_gc_misses == PYTHON_GC_MISSES {
+                        warn!(pid, python = %py.version, "the garbage collector's state was not found in _PyRuntime: no GC statistics for this worker");
+                    }
                 }
             }
         }

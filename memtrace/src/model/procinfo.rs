@@ -149,6 +149,25 @@ pub struct FileMappings {
     maps: std::cell::OnceCell<Vec<procfs::process::MemoryMap>>,
 }
 
+/// The root directory of a chrooted process, as this agent sees it (`None`
+/// for `/`). /proc shows a process's files from the reader's root, so a
+/// chrooted process's paths start with it.
+pub fn chroot_of(pid: u32) -> Option<PathBuf> {
+    std::fs::read_link(format!("/proc/{pid}/root"))
+        .ok()
+        .filter(|r| r != std::path::Path::new("/"))
+}
+
+/// `path` (as /proc shows it to this agent) as the process sees it, under
+/// its root `root`: what to open through /proc/PID/root, and how the
+/// process names its own files (code objects' file names).
+pub fn in_root(root: &std::path::Path, path: &std::path::Path) -> PathBuf {
+    match path.strip_prefix(root) {
+        Ok(inside) => std::path::Path::new("/").join(inside),
+        Err(_) => path.to_path_buf(),
+    }
+}
+
 impl FileMappings {
     pub fn of(pid: u32) -> Self {
         Self {
@@ -162,10 +181,18 @@ impl FileMappings {
         use procfs::process::{MMPermissions, MMapPath};
         self.maps
             .get_or_init(|| {
-                Process::new(self.pid as i32)
+                let mut maps = Process::new(self.pid as i32)
                     .and_then(|p| p.maps())
                     .map(|m| m.0)
-                    .unwrap_or_default()
+                    .unwrap_or_default();
+                if let Some(root) = chroot_of(self.pid) {
+                    for m in &mut maps {
+                        if let MMapPath::Path(p) = &mut m.pathname {
+                            *p = in_root(&root, p);
+                        }
+                    }
+                }
+                maps
             })
             .iter()
             .filter_map(|m| match &m.pathname {

@@ -19,7 +19,7 @@ use std::{collections::HashMap, fs::File, os::unix::fs::FileExt as _, sync::Arc}
 
 /// The oldest and newest minor versions whose code objects and frames
 /// memtrace reads.
-pub const SUPPORTED: (u32, u32) = (11, 13);
+pub const SUPPORTED: (u32, u32) = (11, 15);
 
 /// Reads another process's memory (implemented for `/proc/PID/mem`; tests
 /// may fake it).
@@ -1239,7 +1239,7 @@ mod tests {
             "{e}"
         );
         assert!(matches!(
-            discover(&none, TYPE_AT, 14),
+            discover(&none, TYPE_AT, 16),
             PyCodeError::UnsupportedVersion { .. }
         ));
         assert!(matches!(

@@ -1,9 +1,10 @@
 //! CPython in a traced process: which interpreter it runs (a static
 //! `python3.X` executable, or `libpython3.X.so` as uWSGI and pyenv builds
 //! map it), its exact version from the ELF (`Py_Version`, 3.11+), and
-//! whether memtrace can read its frames (3.11, 3.12 and 3.13, with the
+//! whether memtrace can read its frames (3.11 to 3.15, with the
 //! `_PyRuntime` symbol; on 3.13+ the `_Py_DebugOffsets` cookie
-//! `xdebugpy` at its start).
+//! `xdebugpy` at its start, and on 3.14+ its offsets, validated, and the
+//! thread-local `_Py_tss_tstate` found through `_PyThreadState_GetCurrent`).
 //!
 //! Everything here reads files only: the ELF the process mapped, opened
 //! through `/proc/PID/root` so that a container's own files are read.
@@ -50,11 +51,45 @@ pub struct PythonRuntime {
     pub supported: bool,
     /// Why not, in one line.
     pub unsupported_reason: Option<String>,
+    /// 3.14+: where a thread's `_Py_tss_tstate` is (read from the code of
+    /// `_PyThreadState_GetCurrent`).
+    #[serde(skip)]
+    pub tstate_tls: Option<TlsRef>,
     /// `sys.prefix` of a plain install, found as CPython's `getpath` finds
     /// it: the nearest directory above the binary holding
     /// `lib/python3.X/os.py`, as the process sees its files. Its standard
     /// library is `PREFIX/lib/python3.X/`.
     pub prefix: Option<PathBuf>,
+}
+
+/// How the code reaches a thread-local variable (x86_64).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsRef {
+    /// Local-exec (an executable): a constant offset from the fs base.
+    FsOffset(i32),
+    /// Initial-exec (a shared library): the offset is in a GOT slot at
+    /// this link-time address, filled by the dynamic loader.
+    GotSlot(u64),
+}
+
+/// Finds the thread-local access in a small accessor's code:
+/// `mov %fs:DISP32,%rax` (`64 48 8b 04 25 disp32`), or
+/// `mov GOT(%rip),%rax; mov %fs:(%rax),%rax` (`48 8b 05 disp32`,
+/// `64 48 8b 00`). `addr` is the code's link-time address.
+pub fn tls_access(addr: u64, code: &[u8]) -> Option<TlsRef> {
+    for at in 0..code.len() {
+        let rest = &code[at..];
+        if rest.len() >= 9 && rest[..5] == [0x64, 0x48, 0x8b, 0x04, 0x25] {
+            let disp = i32::from_le_bytes(rest[5..9].try_into().ok()?);
+            return Some(TlsRef::FsOffset(disp));
+        }
+        if rest.len() >= 11 && rest[..3] == [0x48, 0x8b, 0x05] && rest[7..11] == [0x64, 0x48, 0x8b, 0x00] {
+            let disp = i32::from_le_bytes(rest[3..7].try_into().ok()?);
+            let next = addr + at as u64 + 7;
+            return Some(TlsRef::GotSlot(next.wrapping_add(disp as i64 as u64)));
+        }
+    }
+    None
 }
 
 impl PythonRuntime {
@@ -132,7 +167,10 @@ pub fn interpreter_path(pid: u32, maps: &FileMappings) -> Option<PathBuf> {
     if let Some(lib) = mapped {
         return Some(lib.to_path_buf());
     }
-    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+    let mut exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+    if let Some(root) = super::procinfo::chroot_of(pid) {
+        exe = super::procinfo::in_root(&root, &exe);
+    }
     interpreter_file(&exe).map(|_| exe)
 }
 
@@ -197,6 +235,14 @@ pub fn inspect(shown: &Path, open: &Path) -> Result<PythonRuntime, PythonError> 
         .unwrap_or_default();
     let first_load = file.segments().map(|s| s.address()).min().unwrap_or(0);
     let debug_offsets = runtime.is_some_and(|(_, _, b)| b == b"xdebugpy");
+    let tstate_tls = symbol_bytes(&file, "_PyThreadState_GetCurrent", 32)
+        .or_else(|| symbol_bytes(&file, "PyThreadState_GetUnchecked", 32))
+        .and_then(|(addr, _, code)| tls_access(addr, code));
+    // `free_threaded`, the third word of the table (3.13+).
+    let free_threaded = symbol_bytes(&file, "_PyRuntime", 24)
+        .filter(|_| debug_offsets)
+        .and_then(|(_, _, b)| b.get(16..24))
+        .is_some_and(|b| b.iter().any(|&x| x != 0));
     let (lo, hi) = SUPPORTED;
     let reason = match (minor, version_hex, runtime) {
         (None, _, _) => Some("the build does not say which version it is".to_string()),
@@ -210,6 +256,12 @@ pub fn inspect(shown: &Path, open: &Path) -> Result<PythonRuntime, PythonError> 
         (_, _, None) => Some("no _PyRuntime symbol: a stripped build".to_string()),
         (Some(m), _, _) if m >= 13 && !debug_offsets => Some(
             "_PyRuntime does not start with _Py_DebugOffsets (cookie xdebugpy missing)".to_string(),
+        ),
+        _ if free_threaded => Some(format!(
+            "CPython {version} is a free-threaded build (no GIL: mimalloc instead of pymalloc, 32-byte object headers), which memtrace does not read"
+        )),
+        (Some(m), _, _) if m >= 14 && tstate_tls.is_none() => Some(
+            "no thread-local access in _PyThreadState_GetCurrent: the thread state cannot be found".to_string(),
         ),
         _ => None,
     };
@@ -225,6 +277,7 @@ pub fn inspect(shown: &Path, open: &Path) -> Result<PythonRuntime, PythonError> 
         malloc_refs,
         supported: reason.is_none(),
         unsupported_reason: reason,
+        tstate_tls,
         prefix: None,
     })
 }
@@ -253,15 +306,30 @@ pub struct GcStats {
 }
 
 /// `struct gc_generation` (a list head, threshold, count): 24 bytes, and
-/// the layout of `struct _gc_runtime_state` around it, the same in 3.11,
-/// 3.12 and 3.13 (default builds): `enabled` 12 bytes before the first
-/// generation, the three generations, `generation0`, the permanent
-/// generation, then `generation_stats[3]` of (collections, collected,
-/// uncollectable).
+/// the layout of `struct _gc_runtime_state` around it in default (GIL)
+/// builds: `enabled` 12 bytes before the first generation, the three
+/// generations, then (3.11 to 3.13) the `generation0` pointer, the
+/// permanent generation and `generation_stats[3]` of (collections,
+/// collected, uncollectable). 3.14 moved `generation0` to the end; 3.15
+/// keeps the statistics behind a pointer, in ring buffers, which memtrace
+/// does not read.
 const GEN_SIZE: usize = 24;
 const ENABLED_BEFORE_GEN0: usize = 12;
-const STATS_AFTER_GEN0: usize = 3 * GEN_SIZE + 8 + GEN_SIZE;
-const GC_SPAN: usize = STATS_AFTER_GEN0 + 3 * 24;
+
+/// Where `generation_stats[3]` is from the first generation, per minor
+/// version.
+pub fn stats_after_gen0(minor: u32) -> Option<usize> {
+    match minor {
+        11..=13 => Some(3 * GEN_SIZE + 8 + GEN_SIZE),
+        14 => Some(3 * GEN_SIZE + GEN_SIZE),
+        _ => None,
+    }
+}
+
+/// Bytes from the first generation to the end of the statistics.
+fn gc_span(stats_after: usize) -> usize {
+    stats_after + 3 * 24
+}
 
 fn i32_at(b: &[u8], at: usize) -> Option<i32> {
     Some(i32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
@@ -271,8 +339,9 @@ fn i64_at(b: &[u8], at: usize) -> Option<i64> {
     Some(i64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?))
 }
 
-/// Decodes the GC state whose first generation is at `gen0` in `b`.
-pub fn gc_stats_at(b: &[u8], gen0: usize) -> Option<GcStats> {
+/// Decodes the GC state whose first generation is at `gen0` in `b`, its
+/// statistics `stats_after` bytes further.
+pub fn gc_stats_at(b: &[u8], gen0: usize, stats_after: usize) -> Option<GcStats> {
     let enabled = i32_at(b, gen0.checked_sub(ENABLED_BEFORE_GEN0)?)?;
     let mut out = GcStats {
         enabled: enabled == 1,
@@ -281,7 +350,7 @@ pub fn gc_stats_at(b: &[u8], gen0: usize) -> Option<GcStats> {
     for g in 0..3 {
         out.thresholds[g] = i32_at(b, gen0 + g * GEN_SIZE + 16)?;
         out.counts[g] = i32_at(b, gen0 + g * GEN_SIZE + 20)?;
-        let stats = gen0 + STATS_AFTER_GEN0 + g * 24;
+        let stats = gen0 + stats_after + g * 24;
         out.collections[g] = i64_at(b, stats)?;
         out.collected[g] = i64_at(b, stats + 8)?;
         out.uncollectable[g] = i64_at(b, stats + 16)?;
@@ -296,12 +365,13 @@ pub fn gc_stats_at(b: &[u8], gen0: usize) -> Option<GcStats> {
 /// the first process seen (before an application can change thresholds).
 pub fn find_gc(runtime: &[u8], minor: u32) -> Option<usize> {
     let young = if minor >= 13 { 2000 } else { 700 };
+    let stats_after = stats_after_gen0(minor)?;
     // The generations are 8-aligned (they start with pointers).
     let first = ENABLED_BEFORE_GEN0.next_multiple_of(8);
-    (first..runtime.len().saturating_sub(GC_SPAN))
+    (first..runtime.len().saturating_sub(gc_span(stats_after)))
         .step_by(8)
         .find(|&gen0| {
-            let Some(gc) = gc_stats_at(runtime, gen0) else {
+            let Some(gc) = gc_stats_at(runtime, gen0, stats_after) else {
                 return false;
             };
             let heads_are_pointers = (0..3).all(|g| {
@@ -417,6 +487,79 @@ pub fn frame_layout(minor: u32) -> Option<FrameLayout> {
         },
         _ => return None,
     })
+}
+
+/// Frames of 3.14 and later: the entry frames the interpreter pushes are
+/// `FRAME_OWNED_BY_INTERPRETER` (3), the thread's base frame (3.15) 4:
+/// every owner from 3 on is skipped.
+const OWNED_BY_INTERPRETER: u32 = 3;
+/// Bytes of a frame the kernel reads (`FRAME_HEADER` in memtrace-ebpf):
+/// every field it takes must be inside.
+const KERNEL_FRAME_HEADER: u32 = 80;
+
+/// A 3.14+ process's thread-state and frame offsets, from its validated
+/// `_Py_DebugOffsets`, and where each thread's `_Py_tss_tstate` is from its
+/// fs base. `Ok(None)`: not yet (no interpreter or thread yet).
+fn layout_from_table(
+    pid: u32,
+    py: &PythonRuntime,
+    runtime: u64,
+    bias: u64,
+    minor: u32,
+) -> Result<Option<(FrameLayout, i32)>, String> {
+    use super::pydebug::{DebugOffsets, table_size};
+    let version_hex = py.version_hex.ok_or("the build does not say its version")?;
+    let size = table_size(minor).ok_or(format!("no _Py_DebugOffsets layout for 3.{minor}"))?;
+    let Some(bytes) = read_memory(pid, runtime, size) else {
+        return Ok(None);
+    };
+    let table = DebugOffsets::parse(&bytes, version_hex)?;
+    if table.free_threaded {
+        return Err("a free-threaded build, which memtrace does not read".into());
+    }
+    let off = |section: &str, field: &str| table.offset(section, field);
+    let layout = FrameLayout {
+        tss: 0,
+        thread_id: off("thread_state", "thread_id")?,
+        tstate_frame: off("thread_state", "current_frame")?,
+        cframe_frame: memtrace_common::PY_NO_CFRAME,
+        code: off("interpreter_frame", "executable")?,
+        previous: off("interpreter_frame", "previous")?,
+        instr: off("interpreter_frame", "instr_ptr")?,
+        owner: off("interpreter_frame", "owner")?,
+        owner_cstack: OWNED_BY_INTERPRETER,
+        alloc_table: None,
+    };
+    for (name, at) in [
+        ("executable", layout.code),
+        ("previous", layout.previous),
+        ("instr_ptr", layout.instr),
+        ("owner", layout.owner),
+    ] {
+        if at >= KERNEL_FRAME_HEADER {
+            return Err(format!(
+                "_PyInterpreterFrame.{name} is at {at}, past the {KERNEL_FRAME_HEADER} bytes the kernel reads"
+            ));
+        }
+    }
+    // The interpreter exists once its runtime lists one.
+    let head = off("runtime_state", "interpreters_head")?;
+    match read_memory(pid, runtime + u64::from(head), 8) {
+        Some(b) if b.iter().any(|&x| x != 0) => {}
+        _ => return Ok(None),
+    }
+    let tls = match py.tstate_tls.ok_or("no thread-local access to the thread state")? {
+        TlsRef::FsOffset(o) => o,
+        TlsRef::GotSlot(slot) => {
+            let b = read_memory(pid, slot.wrapping_add(bias), 8).ok_or("its TLS GOT slot is unreadable")?;
+            let v = i64::from_le_bytes(b.try_into().unwrap_or([0; 8]));
+            i32::try_from(v).map_err(|_| format!("its TLS offset {v} is not a static TLS offset"))?
+        }
+    };
+    if tls >= 0 {
+        return Err(format!("its thread-state TLS offset {tls} is not below the thread pointer"));
+    }
+    Ok(Some((layout, tls)))
 }
 
 /// The object allocator table's four functions in a process (malloc,
@@ -549,8 +692,13 @@ impl PythonBuilds {
             }
         };
         let start = offset - ENABLED_BEFORE_GEN0;
-        let bytes = read_memory(pid, runtime + start as u64, GC_SPAN + ENABLED_BEFORE_GEN0)?;
-        gc_stats_at(&bytes, ENABLED_BEFORE_GEN0)
+        let stats_after = stats_after_gen0(minor)?;
+        let bytes = read_memory(
+            pid,
+            runtime + start as u64,
+            gc_span(stats_after) + ENABLED_BEFORE_GEN0,
+        )?;
+        gc_stats_at(&bytes, ENABLED_BEFORE_GEN0, stats_after)
     }
 
     /// Where `gc_stats` found the GC's `generation_stats[3]` of this build,
@@ -558,7 +706,8 @@ impl PythonBuilds {
     /// `gc_stats`).
     pub fn gc_stats_address(&self, py: &PythonRuntime, runtime: u64) -> Option<u64> {
         let offset = self.gc_offsets.get(&(py.binary.clone(), py.version_hex))?;
-        runtime.checked_add((offset + STATS_AFTER_GEN0) as u64)
+        let minor = (py.version_hex? >> 16) & 0xff;
+        runtime.checked_add((offset + stats_after_gen0(minor)?) as u64)
     }
 
     /// How the kernel reads `pid`'s Python frames. `Ok(None)`: not yet
@@ -576,21 +725,29 @@ impl PythonBuilds {
             .version_hex
             .map(|h| (h >> 16) & 0xff)
             .ok_or("the build does not say its version")?;
-        let layout = frame_layout(minor).ok_or(format!("no frame layout for 3.{minor}"))?;
-        let Some(tss) = read_memory(pid, runtime + layout.tss, 8) else {
-            return Ok(None);
-        };
-        let initialized = i32::from_le_bytes([tss[0], tss[1], tss[2], tss[3]]);
-        let key = u32::from_le_bytes([tss[4], tss[5], tss[6], tss[7]]);
-        if initialized != 1 {
-            return Ok(None);
-        }
-        if key >= memtrace_common::GLIBC_KEYS_1STBLOCK {
-            return Err(format!(
-                "its thread-state key is {key}, past glibc's first block of 32"
-            ));
-        }
         let bias = runtime.wrapping_sub(py.runtime_symbol.ok_or("no _PyRuntime symbol")?);
+        let (layout, key, tls_offset) = if minor >= 14 {
+            let Some((layout, tls)) = layout_from_table(pid, py, runtime, bias, minor)? else {
+                return Ok(None);
+            };
+            (layout, 0, Some(tls))
+        } else {
+            let layout = frame_layout(minor).ok_or(format!("no frame layout for 3.{minor}"))?;
+            let Some(tss) = read_memory(pid, runtime + layout.tss, 8) else {
+                return Ok(None);
+            };
+            let initialized = i32::from_le_bytes([tss[0], tss[1], tss[2], tss[3]]);
+            let key = u32::from_le_bytes([tss[4], tss[5], tss[6], tss[7]]);
+            if initialized != 1 {
+                return Ok(None);
+            }
+            if key >= memtrace_common::GLIBC_KEYS_1STBLOCK {
+                return Err(format!(
+                    "its thread-state key is {key}, past glibc's first block of 32"
+                ));
+            }
+            (layout, key, None)
+        };
         let code_type = py
             .code_type_symbol
             .ok_or("no PyCode_Type symbol")?
@@ -610,6 +767,13 @@ impl PythonBuilds {
             owner_cstack: layout.owner_cstack,
             code_adaptive: to_u32(code.code_adaptive)?,
             code_firstlineno: to_u32(code.firstlineno)?,
+            flags: if tls_offset.is_some() {
+                use memtrace_common::{PY_FLAG_OWNER_AT_LEAST, PY_FLAG_TAGGED, PY_FLAG_TLS};
+                PY_FLAG_TLS | PY_FLAG_TAGGED | PY_FLAG_OWNER_AT_LEAST
+            } else {
+                0
+            },
+            tls_offset: tls_offset.unwrap_or(0) as u32,
             _pad: 0,
         };
         let pymalloc = self.pymalloc(pid, maps, py, runtime, bias, &layout);
@@ -688,6 +852,7 @@ mod tests {
             runtime_size: 0,
             first_load: 0,
             debug_offsets: false,
+            tstate_tls: None,
             code_type_symbol: None,
             malloc_refs: Vec::new(),
             supported: true,
@@ -879,5 +1044,27 @@ mod tests {
             assert!(py.binary.to_string_lossy().contains("libpython"));
             assert!(frames.info.tss_key < 32);
         }
+    }
+
+    #[test]
+    fn thread_state_tls_is_found_in_the_accessors_code() {
+        // Debian sid's python3.15: endbr64; mov %fs:-0x20,%rax; ret.
+        let le = [0xf3, 0x0f, 0x1e, 0xfa, 0x64, 0x48, 0x8b, 0x04, 0x25, 0xe0, 0xff, 0xff, 0xff, 0xc3];
+        assert_eq!(tls_access(0x79f7a0, &le), Some(TlsRef::FsOffset(-0x20)));
+        // A shared library: mov 0x1000(%rip),%rax; mov %fs:(%rax),%rax.
+        let ie = [0x48, 0x8b, 0x05, 0x00, 0x10, 0x00, 0x00, 0x64, 0x48, 0x8b, 0x00, 0xc3];
+        assert_eq!(tls_access(0x5000, &ie), Some(TlsRef::GotSlot(0x5000 + 7 + 0x1000)));
+        // Anything else (a call to __tls_get_addr): not found.
+        assert_eq!(tls_access(0, &[0xe8, 0, 0, 0, 0, 0xc3]), None);
+        assert_eq!(tls_access(0, &le[..8]), None, "cut short");
+    }
+
+    #[test]
+    fn gc_statistics_follow_each_versions_layout() {
+        assert_eq!(stats_after_gen0(13), Some(104));
+        // 3.14 moved generation0 after the statistics.
+        assert_eq!(stats_after_gen0(14), Some(96));
+        // 3.15: behind a pointer, not read.
+        assert_eq!(stats_after_gen0(15), None);
     }
 }
