@@ -6,7 +6,7 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf, StackTrace},
 };
 use memtrace_common::{
-    AllocInfo, AllocKey, Config, ConnState, DEFAULT_RING_BYTES, LINE_CAP, MAX_ALLOCS, MAX_CONNS,
+    AllocInfo, AllocKey, Config, ConnState, DEFAULT_RING_BYTES, FDS_WORDS_MAX, LINE_CAP, MAX_ALLOCS, MAX_CONNS,
     MAX_MMS, MAX_PROCS, MAX_PY_PROCS, MAX_PY_STACKS, MAX_SELECTOR_CGROUPS, MAX_SELECTOR_COMMS,
     MAX_STACK_SITES, MAX_STACKS, MAX_THREADS, MmRss, NUM_COUNTERS, ProcStats, PyProcInfo, PyStack,
     SiteCount, SiteKey, TASK_COMM_LEN, ThreadState,
@@ -79,6 +79,20 @@ pub static PY_PROCS: HashMap<u32, PyProcInfo> = HashMap::with_max_entries(MAX_PY
 /// collected, uncollectable per generation), filled by the agent.
 #[map]
 pub static PY_GC: HashMap<u32, u64> = HashMap::with_max_entries(MAX_PY_PROCS, 0);
+
+/// A request end's descriptor bitmap and count, and GC statistics (see
+/// `probes::ends`).
+#[map]
+pub static FD_SCRATCH: PerCpuArray<FdScratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-CPU room for counting a descriptor table.
+#[repr(C)]
+pub struct FdScratch {
+    pub words: [u64; FDS_WORDS_MAX as usize],
+    pub open: u64,
+    /// CPython's `generation_stats[3]`, as read.
+    pub gc: [u64; 9],
+}
 
 /// Python stacks sampled while collection is on, by id (a hash of the
 /// frames; `SiteKey::py_stack` and `AllocInfo::py_stack` refer to them).

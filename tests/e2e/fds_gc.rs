@@ -110,8 +110,13 @@ fn leaks_descriptors_and_garbage(worker_class: &str, mode: &str) {
                 .unwrap_or_default();
             records.len() == total
         }),
-        "{} records of {total}",
-        records.len()
+        "{} records of {total}; the agent said: {:#?}",
+        records.len(),
+        agent
+            .logs()
+            .iter()
+            .filter(|l| l["level"] != "DEBUG")
+            .collect::<Vec<_>>()
     );
     // Newest first in the API; the answers are oldest first.
     records.reverse();

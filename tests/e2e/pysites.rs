@@ -515,3 +515,86 @@ fn django_on_uwsgi_names_the_application_line() {
     let worker = wait_children(server.pid(), 1)[0];
     application_view(addr, port, worker);
 }
+
+/// Debian sid's python3.14 and python3.15 (static, as Debian builds them),
+/// chrooted into a sid root like a container: frames read through each
+/// build's `_Py_DebugOffsets` and its thread-local thread state.
+#[test]
+fn debian_sid_python_314_and_315_sites_match_tracemalloc() {
+    let _serial = serial();
+    let Some(root) = sid_root() else {
+        panic!("the Debian sid root is part of the test setup");
+    };
+    let (_agent, addr) = start_agent(&["python3.14", "python3.15"]);
+    for minor in ["3.14", "3.15"] {
+        let port = free_port();
+        let python = format!("/usr/bin/python{minor}");
+        let server = chroot_wsgi_server(&root, &python, "pyleak_app", port);
+        assert!(wait_port(port, SERVER_START), "{minor} serves");
+        let status = python_ready(addr, server.pid());
+        assert_eq!(
+            status["python"]["version"].as_str().map(|v| v.starts_with(minor)),
+            Some(true),
+            "{status}"
+        );
+        let large = compare(addr, port, server.pid(), "large", "n=20&size=100000", 10);
+        assert!(
+            large["location"]
+                .as_str()
+                .is_some_and(|l| l.starts_with("/srv/memtrace-fixtures/")),
+            "named as the process sees its files: {large}"
+        );
+        compare(addr, port, server.pid(), "small", "n=20000", 5);
+    }
+}
+
+/// Builds memtrace cannot read: a future 3.16 and a 3.15 whose table does
+/// not match what it says it is (as a pre-release with another layout).
+/// Each gets its reason in the status and the WARN, and native sites.
+#[test]
+fn unreadable_new_pythons_keep_native_sites() {
+    let _serial = serial();
+    let Some(root) = sid_root() else {
+        panic!("the Debian sid root is part of the test setup");
+    };
+    python_claiming(&root, "/usr/bin/python3.15", "/opt/future/bin/python3.16", 0x0310_00a1);
+    python_claiming(&root, "/usr/bin/python3.15", "/opt/beta/bin/python3.15", 0x030f_00b3);
+    let (_agent, addr) = start_agent(&["python3.16", "python3.15"]);
+    for (python, reason) in [
+        ("/opt/future/bin/python3.16", "newer than 3.15"),
+        ("/opt/beta/bin/python3.15", "_Py_DebugOffsets says version"),
+    ] {
+        // Either the build is refused (unsupported, with its reason) or its
+        // table is (the frames' error).
+        let port = free_port();
+        let server = chroot_wsgi_server(&root, python, "pyleak_app", port);
+        assert!(wait_port(port, SERVER_START), "{python} serves");
+        let pid = server.pid();
+        let mut worker = serde_json::Value::Null;
+        let said = wait_for(Duration::from_secs(15), || {
+            worker = get(addr, &format!("/debug/memory/?action=status&pid={pid}")).1["workers"][0]
+                .clone();
+            let says = |v: &serde_json::Value| v.as_str().is_some_and(|r| r.contains(reason));
+            (worker["python"]["supported"] == false && says(&worker["python"]["unsupported_reason"]))
+                || says(&worker["python_frames_error"])
+        });
+        assert!(said, "{python}: {worker}");
+        assert_eq!(worker["python_frames"], false, "{python}: {worker}");
+        let (code, _) = get(addr, &format!("/debug/memory/?action=snapshot&pid={pid}"));
+        assert_eq!(code, 200);
+        for _ in 0..10 {
+            http_get(port, "/large?n=20&size=100000").expect("leak request");
+        }
+        let (code, diff) = get(addr, &format!("/debug/memory/?action=diff&pid={pid}"));
+        assert_eq!(code, 200);
+        let top = diff["growth"][0].clone();
+        assert!(
+            top["growth_bytes"].as_i64().unwrap_or(0) > 10_000_000,
+            "{python}: the 20 MB leak is a native heap site: {diff}"
+        );
+        assert_ne!(top["module"].as_str(), Some("[python]"), "{top}");
+        assert!(procinfo_alive(pid), "the worker still runs");
+        let (code, _) = get(addr, "/debug/memory/?action=stop");
+        assert_eq!(code, 200);
+    }
+}

@@ -8,7 +8,7 @@ use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::TcpStream,
     path::{Path, PathBuf},
-    process::{Child, Command},
+    process::{Child, Command, Stdio},
     sync::{Mutex, MutexGuard, OnceLock},
     thread,
     time::{Duration, Instant},
@@ -858,4 +858,75 @@ pub fn pyenv_python(minor: &str) -> PathBuf {
         .pop()
         .unwrap_or_else(|| panic!("pyenv has no {minor}"));
     dir.join("bin").join(format!("python{minor}"))
+}
+
+/// The Debian sid root `cargo xtask setup` makes, with python3.14 and
+/// python3.15; `None` (and why, on stderr) when it is missing.
+pub fn sid_root() -> Option<PathBuf> {
+    let root = workspace_root().join("target/py-sid");
+    let ready = ["python3.14", "python3.15"]
+        .iter()
+        .all(|p| root.join("usr/bin").join(p).is_file());
+    if !ready {
+        eprintln!(
+            "no Debian sid root with python3.14 and python3.15 at {}: run `cargo xtask setup` (as root)",
+            root.display()
+        );
+    }
+    ready.then_some(root)
+}
+
+/// Serves `module:app` of the fixtures with the stdlib's wsgiref, by the
+/// interpreter at `python` (a path inside `root`), chrooted into `root`
+/// like a container: the fixtures are copied to /srv/memtrace-fixtures
+/// there.
+pub fn chroot_wsgi_server(root: &Path, python: &str, module: &str, port: u16) -> Proc {
+    let dir = root.join("srv/memtrace-fixtures");
+    std::fs::create_dir_all(&dir).expect("the fixtures' folder in the root");
+    std::fs::copy(
+        Fixtures::source(&format!("{module}.py")),
+        dir.join(format!("{module}.py")),
+    )
+    .expect("the fixture copied into the root");
+    let serve = format!(
+        "import sys, wsgiref.simple_server as s\n\
+         sys.path.insert(0, '/srv/memtrace-fixtures')\n\
+         import {module} as a\n\
+         class Quiet(s.WSGIRequestHandler):\n    def log_message(self, *args): pass\n\
+         s.make_server('127.0.0.1', {port}, a.app, handler_class=Quiet).serve_forever()"
+    );
+    Proc::spawn(
+        Command::new("chroot")
+            .arg(root)
+            .args([python, "-c", &serve])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )
+}
+
+/// A copy of the interpreter at `from` (inside `root`) at `to`, with its
+/// exported `Py_Version` replaced by `version_hex`: a build that says it is
+/// another version than its `_Py_DebugOffsets` (a pre-release whose table
+/// does not validate), or a future one.
+pub fn python_claiming(root: &Path, from: &str, to: &str, version_hex: u32) {
+    use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
+    let source = root.join(from.trim_start_matches('/'));
+    let mut bytes = std::fs::read(&source).expect("the interpreter");
+    let offset = {
+        let file = object::File::parse(&*bytes).expect("an ELF");
+        let symbol = file
+            .dynamic_symbols()
+            .find(|s| s.name() == Ok("Py_Version"))
+            .expect("Py_Version");
+        let section = file
+            .section_by_index(symbol.section_index().expect("defined"))
+            .expect("its section");
+        let (start, _) = section.file_range().expect("in the file");
+        (start + symbol.address() - section.address()) as usize
+    };
+    bytes[offset..offset + 4].copy_from_slice(&version_hex.to_le_bytes());
+    let target = root.join(to.trim_start_matches('/'));
+    std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+    std::fs::write(&target, bytes).expect("the copy");
+    std::fs::set_permissions(&target, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
 }

@@ -148,6 +148,9 @@ enum Mode {
     Socket,
     /// Socket mode with `--no-http-paths`: no request bytes read.
     SocketNoPaths,
+    /// Socket mode with `--no-fd-counts`: no descriptor table read at the
+    /// requests' ends (the GC is read only for Python workers).
+    SocketNoFds,
     Uprobe,
     /// No agent: the kernel's own uprobe and return probe on the request
     /// function (tracefs, nothing recorded), the floor under uprobe mode.
@@ -175,6 +178,7 @@ impl Mode {
             Mode::Accept => "on, accept mode",
             Mode::Socket => "on, socket mode (HTTP paths captured)",
             Mode::SocketNoPaths => "on, socket mode, --no-http-paths",
+            Mode::SocketNoFds => "on, socket mode, --no-fd-counts",
             Mode::Uprobe => "on, uprobe on handle_request",
             Mode::BareUprobes => "off, bare kernel uprobe + return probe (no BPF)",
             Mode::Collect => "on, uprobe + snapshot collection",
@@ -231,6 +235,9 @@ impl Agent {
             }
             Mode::SocketNoPaths => {
                 cmd.args(["--request-mode", "socket", "--no-http-paths"]);
+            }
+            Mode::SocketNoFds => {
+                cmd.args(["--request-mode", "socket", "--no-fd-counts"]);
             }
             Mode::Uprobe | Mode::Collect => {
                 cmd.args(["--request-fn", &handler]);
@@ -1064,7 +1071,8 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
 
     // 3b. What path capture adds to the socket programs.
     eprintln!("socket programs with and without path capture:");
-    socket_program_table(&mut md, &paths, &fixture, opts)?;
+    socket_program_table(&mut md, &paths, &fixture, opts, Mode::SocketNoPaths)?;
+    socket_program_table(&mut md, &paths, &fixture, opts, Mode::SocketNoFds)?;
 
     // 4. Highest rate without drops.
     eprintln!("zero-drop rate:");
@@ -1426,16 +1434,18 @@ fn soak(paths: &Paths, minutes: u64) -> Result<Vec<(f64, f64, u64)>> {
     Ok(samples)
 }
 
-/// Mean ns per run of the socket programs, socket mode with path capture
-/// and without, interleaved rounds, medians: what capture adds per request.
+/// Mean ns per run of the socket programs in socket mode and in `variant`
+/// (socket mode without path capture, or without descriptor counts),
+/// interleaved rounds, medians: what the difference costs per run.
 fn socket_program_table(
     md: &mut String,
     paths: &Paths,
     fixture: &Target,
     opts: &BenchOptions,
+    variant: Mode,
 ) -> Result<()> {
     const PROGRAMS: [&str; 3] = ["sock_recv", "sock_send", "sock_state"];
-    let modes = [Mode::Socket, Mode::SocketNoPaths];
+    let modes = [Mode::Socket, variant];
     // ns per run by mode, program.
     let mut ns = vec![vec![Vec::new(); PROGRAMS.len()]; modes.len()];
     for _ in 0..opts.rounds {
@@ -1448,20 +1458,28 @@ fn socket_program_table(
             }
         }
     }
-    let _ = writeln!(
-        md,
-        "\n## 3b. Socket programs with and without HTTP path capture\n"
-    );
+    let (title, what, column) = match variant {
+        Mode::SocketNoFds => (
+            "3c. Socket programs with and without descriptor counts",
+            "With counts, each request's two ends also read the worker's descriptor table (a pointer chase and one copy of its open-descriptor bitmap) and test whether the connection's socket still has a descriptor.",
+            "--no-fd-counts",
+        ),
+        _ => (
+            "3b. Socket programs with and without HTTP path capture",
+            "With capture, the first read of each request also reads the buffer address from the task's saved syscall registers and copies and scans up to 128 bytes of the request line.",
+            "--no-http-paths",
+        ),
+    };
+    let _ = writeln!(md, "\n## {title}\n");
     let _ = writeln!(
         md,
         "Kernel BPF statistics as in 3, `leaky_server` under wrk (keep-alive, `GET / HTTP/1.1`), socket mode; {} interleaved rounds, \
-         medians. With capture, the first read of each request also reads the buffer address from the task's saved syscall \
-         registers and copies and scans up to 128 bytes of the request line.\n",
+         medians. {what}\n",
         opts.rounds
     );
     let _ = writeln!(
         md,
-        "| program | paths captured, ns per run | --no-http-paths, ns per run | difference |"
+        "| program | socket mode, ns per run | {column}, ns per run | difference |"
     );
     let _ = writeln!(md, "|---|---:|---:|---:|");
     for (p, name) in PROGRAMS.iter().enumerate() {
@@ -1496,6 +1514,7 @@ fn modes_bench(paths: &Paths, opts: &BenchOptions) -> Result<()> {
             Mode::Steady,
             Mode::Accept,
             Mode::Socket,
+            Mode::SocketNoFds,
             Mode::Uprobe,
         ],
     )
@@ -1515,7 +1534,9 @@ fn fixture_bench(paths: &Paths, opts: &BenchOptions, what: &str, modes: &[Mode])
     );
     let results = throughput(paths, &fixture, modes, opts)?;
     throughput_table(&mut md, &results);
-    socket_program_table(&mut md, paths, &fixture, opts)?;
+    for &variant in modes.iter().filter(|m| matches!(m, Mode::SocketNoPaths | Mode::SocketNoFds)) {
+        socket_program_table(&mut md, paths, &fixture, opts, variant)?;
+    }
     print!("{md}");
     Ok(())
 }

@@ -48,6 +48,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("qemu-system-x86_64", "qemu-system-x86"),
     ("/bin/busybox", "busybox-static"),
     ("/sbin/depmod", "kmod"),
+    // The Python 3.14/3.15 tests run in a Debian sid root it makes.
+    ("debootstrap", "debootstrap"),
     // Debian's python3 makes virtualenvs (virtme-ng's, uvicorn's) only with it.
     ("/usr/lib/python3.11/ensurepip/__init__.py", "python3-venv"),
 ];
@@ -111,6 +113,7 @@ pub fn setup(options: &SetupOptions) -> Result<()> {
     step("bpf-linker", ensure_bpf_linker)?;
     step("Debian packages", || ensure_packages(options.apt))?;
     step("uvicorn virtualenv", ensure_uvicorn)?;
+    step("Debian sid root with python3.14 and python3.15", ensure_sid_root)?;
     eprintln!("setup complete in {:.1}s", t.elapsed().as_secs_f64());
     Ok(())
 }
@@ -137,6 +140,40 @@ fn ensure_uvicorn() -> Result<bool> {
             .env("PIP_DISABLE_PIP_VERSION_CHECK", "1"),
     )
     .context("pip could not install uvicorn from PyPI")?;
+    Ok(true)
+}
+
+/// Where the Python 3.14/3.15 tests find Debian sid's interpreters: a
+/// minimal root their apps run in with chroot, like a container.
+pub fn sid_root() -> PathBuf {
+    crate::workspace_root().join("target/py-sid")
+}
+
+/// The Pythons a Debian sid root holds for the tests.
+const SID_PYTHONS: &[&str] = &["python3.14", "python3.15"];
+
+/// A Debian sid root with python3.14 and python3.15 (debootstrap from
+/// Debian's registry, about two minutes), made once and kept.
+fn ensure_sid_root() -> Result<bool> {
+    let root = sid_root();
+    if SID_PYTHONS
+        .iter()
+        .all(|p| root.join("usr/bin").join(p).is_file())
+    {
+        return Ok(false);
+    }
+    let partial = root.with_extension("partial");
+    let _ = std::fs::remove_dir_all(&partial);
+    output(
+        Command::new("debootstrap")
+            .args(["--variant=minbase", &format!("--include={}", SID_PYTHONS.join(","))])
+            .args(["sid"])
+            .arg(&partial)
+            .arg("http://deb.debian.org/debian"),
+    )
+    .context("debootstrap could not make a Debian sid root with python3.14 and python3.15")?;
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::rename(&partial, &root)?;
     Ok(true)
 }
 

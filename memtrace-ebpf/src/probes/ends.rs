@@ -1,10 +1,12 @@
 //! What a request's two ends read besides memory: the process's open
 //! descriptors (from its descriptor table) and CPython's GC totals (from the
 //! process's memory, only where the end runs in the process).
-use aya_ebpf::helpers::{bpf_get_current_task, bpf_probe_read_kernel, bpf_probe_read_user};
+use aya_ebpf::helpers::{
+    bpf_get_current_task, bpf_probe_read_kernel, generated,
+};
 use memtrace_common::{FDS_WORDS_MAX, FILE_REF_NEW, REQ_FDS_KNOWN, REQ_GC_KNOWN, RequestStart};
 
-use crate::maps::{CONFIG, PY_GC};
+use crate::maps::{CONFIG, FD_SCRATCH, PY_GC};
 
 #[inline(always)]
 fn read_kernel<T>(addr: u64) -> Option<T> {
@@ -27,6 +29,12 @@ pub fn current_files() -> u64 {
 /// Open descriptors in `files`, leaving out `skip` (descriptor numbers; -1:
 /// none) when they are open. `None`: not counted (no table, or a table over
 /// `FDS_WORDS_MAX` words).
+///
+/// The bitmap is read in one helper call into per-CPU scratch, and the
+/// count kept there too: each turn of the loop then has one branch (its
+/// end), and every way out of it leaves the verifier the same registers,
+/// so old kernels' verifiers (5.10) do not walk each exit to the end of the
+/// program.
 #[inline(always)]
 pub fn open_fds(files: u64, skip: [i64; 2]) -> Option<u32> {
     if files == 0 {
@@ -40,23 +48,38 @@ pub fn open_fds(files: u64, skip: [i64; 2]) -> Option<u32> {
     if words == 0 || words > FDS_WORDS_MAX {
         return None;
     }
-    let mut open = 0u32;
-    // No branch in the body but the loop's own: the verifier walks each
-    // iteration once.
-    for i in 0..FDS_WORDS_MAX {
-        if i >= words {
-            break;
+    let scratch = FD_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's scratch slot, only this program uses it while it
+    // runs; the read is checked by the helper and fits the buffer.
+    unsafe {
+        let s = &mut *scratch;
+        let len = (words * 8) & (FDS_WORDS_MAX * 8 * 2 - 1);
+        if len == 0 || len > FDS_WORDS_MAX * 8 {
+            return None;
         }
-        let word: u64 = read_kernel(bits + 8 * u64::from(i)).unwrap_or(0);
-        open += word.count_ones();
-    }
-    for fd in skip {
-        if fd >= 0 && (fd as u64) < u64::from(max_fds) {
-            let word: u64 = read_kernel(bits + 8 * (fd as u64 / 64)).unwrap_or(0);
-            open -= u32::from(word & (1u64 << (fd as u64 % 64)) != 0);
+        if generated::bpf_probe_read_kernel(
+            s.words.as_mut_ptr().cast(),
+            len,
+            bits as *const core::ffi::c_void,
+        ) != 0
+        {
+            return None;
         }
+        s.open = 0;
+        for i in 0..FDS_WORDS_MAX as usize {
+            if i >= words as usize {
+                break;
+            }
+            s.open += u64::from(s.words[i].count_ones());
+        }
+        for fd in skip {
+            if fd >= 0 && (fd as u64) < u64::from(max_fds) {
+                let word = s.words[(fd as usize / 64) & (FDS_WORDS_MAX as usize - 1)];
+                s.open -= (word >> (fd as u64 % 64)) & 1;
+            }
+        }
+        Some(s.open as u32)
     }
-    Some(open)
 }
 
 /// Whether socket `sk` still has a descriptor: its socket's file is not
@@ -96,22 +119,31 @@ pub fn sock_has_fd(sk: u64) -> bool {
 pub fn gc_totals(tgid: u32) -> Option<[u64; 3]> {
     // SAFETY: a value read out of the map.
     let addr = unsafe { *PY_GC.get(&tgid)? };
-    // SAFETY: the helper checks the access and fails on a bad address.
-    let stats: [u64; 9] = unsafe { bpf_probe_read_user(addr as *const [u64; 9]) }.ok()?;
-    Some([
-        stats[0] + stats[3] + stats[6],
-        stats[1] + stats[4] + stats[7],
-        stats[2] + stats[5] + stats[8],
-    ])
+    let scratch = FD_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's scratch slot (see `open_fds`); the helper checks
+    // the source and the destination holds the 72 bytes.
+    unsafe {
+        let s = &mut *scratch;
+        if generated::bpf_probe_read_user(
+            s.gc.as_mut_ptr().cast(),
+            core::mem::size_of::<[u64; 9]>() as u32,
+            addr as *const core::ffi::c_void,
+        ) != 0
+        {
+            return None;
+        }
+        let g = &s.gc;
+        Some([g[0] + g[3] + g[6], g[1] + g[4] + g[7], g[2] + g[5] + g[8]])
+    }
 }
 
-/// Fills the descriptor count and GC totals of a request's start: the open
-/// descriptors but `skip` (numbers) and `less` more (sockets known open).
+/// Fills the descriptor count (`fds`: already without the request's own
+/// connection; `None`: not counted) and GC totals of a request's start.
 #[inline(always)]
-pub fn read_start(req: &mut RequestStart, tgid: u32, files: u64, skip: [i64; 2], less: u32) {
+pub fn read_start(req: &mut RequestStart, tgid: u32, fds: Option<u32>) {
     req.known = 0;
-    if let Some(n) = open_fds(files, skip) {
-        req.fds = n.saturating_sub(less);
+    if let Some(n) = fds {
+        req.fds = n;
         req.known |= REQ_FDS_KNOWN;
     }
     if let Some(gc) = gc_totals(tgid) {
@@ -129,22 +161,16 @@ pub struct EndReads {
     pub gc_delta: [u64; 3],
 }
 
-/// Reads a request's end (`skip` and `less` as for the start). `in_process`: the current task belongs to the
-/// request's process (else its memory is not read).
+/// Reads a request's end: `fds` as for the start. `in_process`: the
+/// current task belongs to the request's process (else its memory is not
+/// read).
 #[inline(always)]
-pub fn read_end(
-    start: &RequestStart,
-    tgid: u32,
-    files: u64,
-    skip: [i64; 2],
-    less: u32,
-    in_process: bool,
-) -> EndReads {
+pub fn read_end(start: &RequestStart, tgid: u32, fds: Option<u32>, in_process: bool) -> EndReads {
     let mut out = EndReads::default();
     if start.known & REQ_FDS_KNOWN != 0
-        && let Some(n) = open_fds(files, skip)
+        && let Some(n) = fds
     {
-        out.fds_after = n.saturating_sub(less);
+        out.fds_after = n;
         out.known |= REQ_FDS_KNOWN;
     }
     if in_process

@@ -14,7 +14,7 @@ use memtrace_common::{
 
 use crate::{
     maps::{CONFIG, EVENTS, THREADS},
-    probes::ends::{EndReads, current_files, read_end, read_start},
+    probes::ends::{EndReads, current_files, open_fds, read_end, read_start},
     util::{
         atomic_add, copy_words, count, current, field, now_ns, proc_rss, submit_flags,
         thread_state, watched,
@@ -55,7 +55,7 @@ fn begin_request(tgid: u32, tid: u32, fd: i64) -> Option<()> {
             brk_shrink_bytes: t.brk_shrink_bytes,
             ..RequestStart::default()
         };
-        read_start(&mut t.req, tgid, current_files(), [fd, -1], 0);
+        read_start(&mut t.req, tgid, open_fds(current_files(), [fd, -1]));
     }
     Some(())
 }
@@ -81,7 +81,8 @@ pub fn end_request(tgid: u32, tid: u32, status: u32, unwind: bool, next_fd: i64)
         }
         t.depth = 0;
         let ends = if status == REQUEST_OK {
-            read_end(&t.req, tgid, current_files(), [t.req_fd, next_fd], 0, true)
+            let fds = open_fds(current_files(), [t.req_fd, next_fd]);
+            read_end(&t.req, tgid, fds, true)
         } else {
             EndReads::default()
         };

@@ -21,7 +21,7 @@ use memtrace_common::{
 };
 
 use super::{
-    ends::{EndReads, current_files, read_end, read_start, sock_has_fd},
+    ends::{EndReads, current_files, open_fds, read_end, read_start, sock_has_fd},
     http::{begin_line, continue_line},
     request::{Summary, emit_request, thread_deltas},
 };
@@ -150,11 +150,17 @@ fn on_recv(cur: &Current, sk: u64, ret: i32, flags: i32) {
             }
             return;
         }
-        // The client's next request on a kept-alive connection.
-        CONN_WRITE => end_conn(sk, REQUEST_OK, 0),
         _ => {}
     }
-    begin_conn(sk, cur, ret, conn);
+    // The process's open descriptors, counted once for every request this
+    // read ends and the one it begins (one copy of the count in the
+    // program: old verifiers walk each).
+    let fds = open_fds(current_files(), [-1, -1]);
+    if phase == CONN_WRITE {
+        // The client's next request on a kept-alive connection.
+        end_conn(sk, REQUEST_OK, 0, Some(fds));
+    }
+    begin_conn(sk, cur, ret, conn, fds);
 }
 
 /// Bytes written to TCP socket `sk` by the current (watched) thread.
@@ -197,20 +203,19 @@ fn try_sock_state(ctx: &TracePointContext) -> Result<(), i64> {
                 ignore_conn(sk, cur.tgid);
             }
         }
-        // The client closed after the response: done. (Before it, the
-        // request may still be answered.)
-        TCP_CLOSE_WAIT => {
+        // The client closed after the response: done (before it, the
+        // request may still be answered); or the connection closes. One
+        // call site: old verifiers walk each copy of the end.
+        TCP_CLOSE_WAIT | TCP_FIN_WAIT1 | TCP_LAST_ACK | TCP_CLOSE => {
+            let Some(c) = CONNS.get_ptr(&sk) else {
+                return Ok(());
+            };
+            let closing = newstate != TCP_CLOSE_WAIT;
             // SAFETY: pointer from a map lookup.
-            if CONNS
-                .get_ptr(&sk)
-                .is_some_and(|c| unsafe { (*c).phase } == CONN_WRITE)
-            {
-                end_conn(sk, REQUEST_OK, 0);
+            if closing || unsafe { (*c).phase } == CONN_WRITE {
+                end_conn(sk, REQUEST_OK, 0, None);
             }
-        }
-        TCP_FIN_WAIT1 | TCP_LAST_ACK | TCP_CLOSE => {
-            if CONNS.get_ptr(&sk).is_some() {
-                end_conn(sk, REQUEST_OK, 0);
+            if closing {
                 let _ = CONNS.remove(&sk);
             }
         }
@@ -245,7 +250,13 @@ fn ignore_conn(sk: u64, tgid: u32) {
 /// still being read. A connection already known (keep-alive) is rewritten in
 /// place; a new one is built in this CPU's scratch slot and inserted.
 #[inline(always)]
-fn begin_conn(sk: u64, cur: &Current, ret: i32, existing: Option<*mut ConnState>) -> Option<()> {
+fn begin_conn(
+    sk: u64,
+    cur: &Current,
+    ret: i32,
+    existing: Option<*mut ConnState>,
+    fds: Option<u32>,
+) -> Option<()> {
     let stats = watched(cur.tgid)?;
     let thread = thread_state(cur.tid, cur.tgid)?;
     let conn = match existing {
@@ -263,7 +274,7 @@ fn begin_conn(sk: u64, cur: &Current, ret: i32, existing: Option<*mut ConnState>
             && let Some(p) = CONNS.get_ptr_mut(&prev)
         {
             match (*p).phase {
-                CONN_WRITE => end_conn(prev, REQUEST_OK, sk),
+                CONN_WRITE => end_conn(prev, REQUEST_OK, sk, Some(fds)),
                 CONN_READ => {
                     (*p).flags |= CONN_INTERLEAVED;
                     flags = CONN_INTERLEAVED;
@@ -291,7 +302,8 @@ fn begin_conn(sk: u64, cur: &Current, ret: i32, existing: Option<*mut ConnState>
         };
         // The process's descriptors but this connection's.
         c.files = current_files();
-        read_start(&mut c.req, cur.tgid, c.files, [-1, -1], u32::from(sock_has_fd(sk)));
+        let own = u32::from(sock_has_fd(sk));
+        read_start(&mut c.req, cur.tgid, fds.map(|n| n.saturating_sub(own)));
         if CONFIG.load().http_paths != 0 {
             begin_line(&mut c.line, ret);
         } else {
@@ -314,8 +326,10 @@ fn begin_conn(sk: u64, cur: &Current, ret: i32, existing: Option<*mut ConnState>
 /// and the process's memory (its GC) is read only when it runs in the
 /// process. `next`: the connection its thread reads now (0: none); it and
 /// `sk`, while they have descriptors, are not counted as open descriptors.
+/// `counted`: the process's open descriptors if the caller counted them
+/// (`None`: counted here, from the descriptor table kept at its start).
 #[inline(always)]
-fn end_conn(sk: u64, status: u32, next: u64) {
+fn end_conn(sk: u64, status: u32, next: u64, counted: Option<Option<u32>>) {
     let Some(c) = CONNS.get_ptr_mut(&sk) else {
         return;
     };
@@ -360,7 +374,13 @@ fn end_conn(sk: u64, status: u32, next: u64) {
         } else {
             let less = u32::from(sock_has_fd(sk))
                 + u32::from(next != 0 && next != sk && sock_has_fd(next));
-            read_end(start, c.tgid, c.files, [-1, -1], less, current().tgid == c.tgid)
+            let fds = counted.unwrap_or_else(|| open_fds(c.files, [-1, -1]));
+            read_end(
+                start,
+                c.tgid,
+                fds.map(|n| n.saturating_sub(less)),
+                current().tgid == c.tgid,
+            )
         };
         let summary = Summary {
             tgid: c.tgid,

@@ -251,6 +251,7 @@ impl State {
         if let Some(reason) = failure {
             w.python_frame_tries = u8::MAX;
             warn!(pid, python = %py.version, reason = %reason, "cannot read this worker's Python frames: native sites only");
+            w.python_frames_error = Some(reason);
         }
     }
 

@@ -89,6 +89,7 @@ pub fn worker_status(state: &State, w: &Worker, with_proc: bool) -> WorkerStatus
         python: w.python.clone(),
         python_gc: w.python_gc,
         python_frames: w.python_code.is_some(),
+        python_frames_error: w.python_frames_error.clone(),
         pymalloc_probed: w.python_code.is_some() && state.tracer.pymalloc_probed(w.pid),
         children: state.descendants.summary(w.pid, SystemTime::now()),
         child_leak_detections: w.child_leak_detections,

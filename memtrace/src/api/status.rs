@@ -107,6 +107,9 @@ pub struct WorkerStatus {
     /// (heap tier: objects of 512 bytes or less as heap sites; without it
     /// they show through the pages they touch).
     pub python_frames: bool,
+    /// Why not, when the interpreter was found but its frames cannot be
+    /// read (its build or its `_Py_DebugOffsets`).
+    pub python_frames_error: Option<String>,
     pub pymalloc_probed: bool,
     /// The processes below it: how many, their names, memory and age, and
     /// how many it left behind as orphans.

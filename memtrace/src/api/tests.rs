@@ -99,6 +99,7 @@ fn worker(pid: u32) -> WorkerStatus {
         python: None,
         python_gc: None,
         python_frames: false,
+        python_frames_error: None,
         pymalloc_probed: false,
         leak_detector: LeakDetector::new(DetectorConfig::default()).get_state(),
         routes: 0,

@@ -178,6 +178,11 @@ pub struct AgentArgs {
     #[arg(long, env = "MEMTRACE_NO_HTTP_PATHS", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL", help_heading = "Requests")]
     pub no_http_paths: Option<bool>,
 
+    /// Do not count the worker's open descriptors at each request's ends
+    /// (`fds` and `fd_delta` are then null, and FD_LEAK_DETECTED off).
+    #[arg(long, env = "MEMTRACE_NO_FD_COUNTS", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL", help_heading = "Requests")]
+    pub no_fd_counts: Option<bool>,
+
     /// Routes (method and path with ids collapsed) kept per worker; the
     /// rest are counted under "other" [default: 100].
     #[arg(
@@ -719,7 +724,7 @@ impl AgentArgs {
         let cli = self;
         merge_lists!(cli, file; process_name, exe, pid, cgroup, container, app_path, hide);
         merge_options!(cli, file;
-            cmdline, request_mode, request_fn, request_begin, request_end, no_http_paths,
+            cmdline, request_mode, request_fn, request_begin, request_end, no_http_paths, no_fd_counts,
             max_routes, metrics_routes, high_memory_mb,
             spike_mb, request_history, leak_window_size, leak_check_interval,
             leak_slope_threshold, leak_warmup_requests, leak_sample_interval_secs,
@@ -871,6 +876,7 @@ impl AgentArgs {
                 self.request_end.as_deref(),
             )?,
             http_paths: !self.no_http_paths.unwrap_or(false),
+            fd_counts: !self.no_fd_counts.unwrap_or(false),
         };
         let mb =
             |setting: &'static str, v: Option<f64>, default: f64| -> Result<u64, ConfigError> {

@@ -254,6 +254,9 @@ pub struct LoadOptions {
     /// Socket mode: keep each HTTP/1.x request's method and path (the
     /// first bytes of the request line; `--no-http-paths` turns it off).
     pub http_paths: bool,
+    /// Count each worker's open descriptors at each request's ends
+    /// (`--no-fd-counts` turns it off).
+    pub fd_counts: bool,
     /// What a snapshot collects.
     pub collect: CollectTier,
     /// Mean bytes between sampled heap allocations (0 or 1: every one).
@@ -277,6 +280,7 @@ impl Default for LoadOptions {
             cgroup_filter: memtrace_common::CGROUP_FILTER_OFF,
             mmap_counters: false,
             http_paths: true,
+            fd_counts: true,
             collect: CollectTier::default(),
             heap_sample_bytes: memtrace_common::DEFAULT_HEAP_SAMPLE_BYTES,
             max_live_allocs: DEFAULT_MAX_LIVE_ALLOCS,
@@ -538,7 +542,11 @@ fn load_object(
     plan: &Plan,
 ) -> Result<Ebpf, LoadError> {
     let (task_signal, signal_live) = features.btf.signal_live.unwrap_or((0, 0));
-    let fds = features.btf.fd_table.unwrap_or_default();
+    let fds = features
+        .btf
+        .fd_table
+        .filter(|_| options.fd_counts)
+        .unwrap_or_default();
     let ring = options.ring_buffer_bytes;
     let config = Config {
         agent_tgid,

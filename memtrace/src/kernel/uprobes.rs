@@ -29,11 +29,15 @@ pub struct ProbeTarget {
 /// /proc/PID/root, so containers' own libraries are found).
 pub fn libc_path(pid: u32) -> Option<PathBuf> {
     let maps = Process::new(pid as i32).ok()?.maps().ok()?;
+    // /proc shows a chrooted process's files from this agent's root: the
+    // part under the process's root is its own path.
+    let root = std::fs::read_link(format!("/proc/{pid}/root")).ok();
     maps.0.iter().find_map(|m| match &m.pathname {
         procfs::process::MMapPath::Path(p) => {
             let name = p.file_name()?.to_str()?;
             (name.starts_with("libc.so") || name.starts_with("libc-")).then(|| {
-                let relative = p.strip_prefix("/").unwrap_or(p);
+                let own = root.as_deref().and_then(|r| p.strip_prefix(r).ok());
+                let relative = own.unwrap_or_else(|| p.strip_prefix("/").unwrap_or(p));
                 PathBuf::from(format!("/proc/{pid}/root")).join(relative)
             })
         }

@@ -155,7 +155,7 @@ pub struct Unavailable {
 pub const USS_PER_REQUEST: &str = "USS needs a walk of the worker's page tables (smaps_rollup): it is measured at refresh for the soft limit, not at each request's ends";
 /// Why a request has no `fd_delta`.
 pub const FDS_ABORTED: &str = "the request was aborted (its thread exited or its client left before an answer)";
-pub const FDS_UNREAD: &str = "the kernel could not count the worker's descriptors (no descriptor-table offsets in its BTF, or a table over 4096 descriptors)";
+pub const FDS_UNREAD: &str = "the kernel did not count the worker's descriptors (--no-fd-counts, no descriptor-table offsets in its BTF, or a table over 4096 descriptors)";
 /// Why a request has no GC deltas.
 pub const GC_NOT_PYTHON: &str = "not a CPython worker whose GC state memtrace located";
 pub const GC_UNREAD: &str = "the request ended outside the worker (its connection closed in the network stack), where the worker's memory cannot be read, or began before its GC's state was located";

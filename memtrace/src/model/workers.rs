@@ -114,6 +114,8 @@ pub struct Worker {
     /// Refreshes at which its frames could not be set up yet (given up at
     /// [`PYTHON_GC_MISSES`] too); `u8::MAX`: done, or given up for good.
     pub python_frame_tries: u8,
+    /// Why the kernel does not read its Python frames, once given up.
+    pub python_frames_error: Option<String>,
 }
 
 impl Worker {
@@ -152,6 +154,7 @@ impl Worker {
             python_looks: 0,
             python_code: None,
             python_frame_tries: 0,
+            python_frames_error: None,
         }
     }
 
