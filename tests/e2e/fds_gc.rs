@@ -207,3 +207,102 @@ fn gunicorn_sync_accept_mode_descriptors_and_garbage_per_request() {
 fn gunicorn_gthread_descriptors_and_garbage_per_request() {
     leaks_descriptors_and_garbage("gthread", "socket");
 }
+
+/// asyncio tasks (CPython 3.14+, read through the `_asyncio` module's
+/// debug offsets): Debian sid's python3.14 and python3.15 serve an asyncio
+/// app chrooted into a sid root; `/leak` leaves a task behind per request.
+/// The worker's count against `len(asyncio.all_tasks())` in the app,
+/// `task_delta` +1 on `/leak` and 0 elsewhere, TASK_LEAK_DETECTED naming
+/// the route. Requests are a quarter second apart: the count is read when
+/// the agent records a request, within its drain interval.
+#[test]
+fn asyncio_tasks_of_python_314_and_315_per_request() {
+    let _serial = serial();
+    let Some(root) = sid_root() else {
+        panic!("the Debian sid root is part of the test setup");
+    };
+    for minor in ["3.14", "3.15"] {
+        let api = free_port();
+        let listen = format!("127.0.0.1:{api}");
+        let name = format!("python{minor}");
+        let agent = AgentProcess::start_with_env(
+            &[
+                "agent",
+                "--process-name",
+                &name,
+                "--request-mode",
+                "socket",
+                "--leak-window-size",
+                "20",
+                "--leak-check-interval",
+                "10",
+                "--leak-warmup-requests",
+                "4",
+                "--listen",
+                &listen,
+            ],
+            &[("MEMTRACE_DEBUG_TOKEN", TOKEN)],
+        );
+        let addr: SocketAddr = listen.parse().unwrap();
+        let port = free_port();
+        let port_arg = port.to_string();
+        let server = chroot_fixture(&root, &format!("/usr/bin/{name}"), "asyncio_app", &[&port_arg]);
+        assert!(wait_port(port, SERVER_START), "{minor} serves");
+        let pid = server.pid();
+        let status = |addr| get(addr, &format!("/v1/workers/{pid}"));
+        assert!(
+            wait_for(Duration::from_secs(15), || status(addr)["asyncio_tasks"].is_u64()),
+            "{minor}: tasks never counted: {}",
+            status(addr)
+        );
+        const PATTERN: [&str; 3] = ["/leak", "/ok", "/ok"];
+        const ROUNDS: usize = 10;
+        for _ in 0..ROUNDS {
+            for path in PATTERN {
+                http_get(port, path).expect(path);
+                std::thread::sleep(Duration::from_millis(250));
+            }
+        }
+        let total = ROUNDS * PATTERN.len();
+        let mut records = Vec::new();
+        assert!(wait_for(Duration::from_secs(10), || {
+            records = get(addr, &format!("/v1/workers/{pid}/requests?limit={total}"))["requests"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            records.len() == total
+        }));
+        records.reverse();
+        for (i, r) in records.iter().enumerate() {
+            let path = PATTERN[i % PATTERN.len()];
+            assert_eq!(r["path"].as_str(), Some(path), "{r}");
+            let want = i64::from(path == "/leak");
+            assert_eq!(r["task_delta"].as_i64(), Some(want), "{minor} {path}: {r}");
+        }
+        // The count against the app's own, its /count handler left out.
+        let mut app = 0;
+        let mut ours = None;
+        let equal = wait_for(Duration::from_secs(10), || {
+            let body: serde_json::Value =
+                serde_json::from_str(&http_get(port, "/count").expect("count")).expect("JSON");
+            app = body["tasks"].as_u64().unwrap_or(0);
+            std::thread::sleep(Duration::from_millis(1500));
+            ours = status(addr)["asyncio_tasks"].as_u64();
+            ours == Some(app - 1)
+        });
+        eprintln!("{minor}: memtrace counts {ours:?}, asyncio.all_tasks() {app} with its own handler");
+        assert!(equal, "{minor}: {ours:?} vs {app} - 1");
+        assert_eq!(ours, Some(ROUNDS as u64 + 1), "the leaked tasks and the main task");
+        let line = agent
+            .wait_log(Duration::from_secs(10), |l| l["message"] == "TASK_LEAK_DETECTED")
+            .unwrap_or_else(|| panic!("no TASK_LEAK_DETECTED in {:#?}", agent.logs()));
+        assert_eq!(line["route"], "GET /leak", "{line}");
+        assert_eq!(line["pid"].as_u64(), Some(u64::from(pid)), "{line}");
+        let metrics = http_get(api, "/metrics").expect("metrics");
+        assert!(
+            metrics.lines().any(|l| l.starts_with("memtrace_worker_asyncio_tasks{")
+                && l.contains(&format!("pid=\"{pid}\""))),
+            "{metrics}"
+        );
+    }
+}

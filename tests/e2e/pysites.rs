@@ -598,3 +598,48 @@ fn unreadable_new_pythons_keep_native_sites() {
         assert_eq!(code, 200);
     }
 }
+
+/// The GC of Debian sid's python3.14 and python3.15 (3.15 keeps its
+/// statistics in ring buffers behind a pointer) against `gc.get_stats()`
+/// in the same process, after garbage of each kind.
+#[test]
+fn debian_sid_python_314_and_315_gc_matches_gc_get_stats() {
+    let _serial = serial();
+    let Some(root) = sid_root() else {
+        panic!("the Debian sid root is part of the test setup");
+    };
+    let (_agent, addr) = start_agent(&["python3.14", "python3.15"]);
+    for minor in ["3.14", "3.15"] {
+        let port = free_port();
+        let python = format!("/usr/bin/python{minor}");
+        let server = chroot_wsgi_server(&root, &python, "fd_gc_app", port);
+        assert!(wait_port(port, SERVER_START), "{minor} serves");
+        let pid = server.pid();
+        for _ in 0..3 {
+            http_get(port, "/garbage").expect("garbage");
+        }
+        // The app's own view, then the agent's at its next refresh: equal
+        // (nothing allocates in between but the app's answer).
+        let mut app = serde_json::Value::Null;
+        let mut ours = serde_json::Value::Null;
+        let equal = wait_for(Duration::from_secs(15), || {
+            app = serde_json::from_str(&http_get(port, "/ok").expect("ok")).expect("JSON");
+            std::thread::sleep(Duration::from_millis(1500));
+            ours = get(addr, &format!("/debug/memory/?action=status&pid={pid}")).1["workers"][0]
+                ["python_gc"]
+                .clone();
+            let sum = |k: &str| {
+                ours[k]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(|v| v.as_i64()).sum::<i64>())
+            };
+            ["collections", "collected", "uncollectable"]
+                .iter()
+                .all(|k| sum(k) == app["gc"][k].as_i64())
+        });
+        eprintln!("{minor}: memtrace {ours}, gc.get_stats() totals {}", app["gc"]);
+        assert!(equal, "{minor}: memtrace {ours} vs the app's {}", app["gc"]);
+        assert_eq!(ours["thresholds"], serde_json::json!([2000, 10, 10]), "{ours}");
+        assert!(ours["uncollectable"][2].as_i64() >= Some(6), "{minor}: 3 × 2 uncollectable: {ours}");
+    }
+}

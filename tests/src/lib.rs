@@ -881,13 +881,7 @@ pub fn sid_root() -> Option<PathBuf> {
 /// like a container: the fixtures are copied to /srv/memtrace-fixtures
 /// there.
 pub fn chroot_wsgi_server(root: &Path, python: &str, module: &str, port: u16) -> Proc {
-    let dir = root.join("srv/memtrace-fixtures");
-    std::fs::create_dir_all(&dir).expect("the fixtures' folder in the root");
-    std::fs::copy(
-        Fixtures::source(&format!("{module}.py")),
-        dir.join(format!("{module}.py")),
-    )
-    .expect("the fixture copied into the root");
+    copy_into_root(root, module);
     let serve = format!(
         "import sys, wsgiref.simple_server as s\n\
          sys.path.insert(0, '/srv/memtrace-fixtures')\n\
@@ -899,6 +893,32 @@ pub fn chroot_wsgi_server(root: &Path, python: &str, module: &str, port: u16) ->
         Command::new("chroot")
             .arg(root)
             .args([python, "-c", &serve])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )
+}
+
+/// Copies the fixture `module`.py to /srv/memtrace-fixtures in `root`.
+fn copy_into_root(root: &Path, module: &str) {
+    let dir = root.join("srv/memtrace-fixtures");
+    std::fs::create_dir_all(&dir).expect("the fixtures' folder in the root");
+    std::fs::copy(
+        Fixtures::source(&format!("{module}.py")),
+        dir.join(format!("{module}.py")),
+    )
+    .expect("the fixture copied into the root");
+}
+
+/// Runs the fixture script `module`.py with `args` by the interpreter at
+/// `python` (inside `root`), chrooted into `root`.
+pub fn chroot_fixture(root: &Path, python: &str, module: &str, args: &[&str]) -> Proc {
+    copy_into_root(root, module);
+    Proc::spawn(
+        Command::new("chroot")
+            .arg(root)
+            .arg(python)
+            .arg(format!("/srv/memtrace-fixtures/{module}.py"))
+            .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::null()),
     )

@@ -1,9 +1,7 @@
 //! What a request's two ends read besides memory: the process's open
 //! descriptors (from its descriptor table) and CPython's GC totals (from the
 //! process's memory, only where the end runs in the process).
-use aya_ebpf::helpers::{
-    bpf_get_current_task, bpf_probe_read_kernel, generated,
-};
+use aya_ebpf::helpers::{bpf_get_current_task, bpf_probe_read_kernel, generated};
 use memtrace_common::{FDS_WORDS_MAX, FILE_REF_NEW, REQ_FDS_KNOWN, REQ_GC_KNOWN, RequestStart};
 
 use crate::maps::{CONFIG, FD_SCRATCH, PY_GC};
@@ -26,9 +24,24 @@ pub fn current_files() -> u64 {
     read_kernel(task + u64::from(offset)).unwrap_or(0)
 }
 
+/// A descriptor count that was not taken. Counts travel as plain `u32`s,
+/// not `Option`s: kernels before 5.19 refuse to read a stack slot that one
+/// path left unwritten (an `Option`'s payload on its `None` path).
+pub const FDS_UNKNOWN: u32 = u32::MAX;
+
+/// `count` less `less`, unless it is unknown.
+#[inline(always)]
+pub fn fds_less(count: u32, less: u32) -> u32 {
+    if count == FDS_UNKNOWN {
+        FDS_UNKNOWN
+    } else {
+        count.saturating_sub(less)
+    }
+}
+
 /// Open descriptors in `files`, leaving out `skip` (descriptor numbers; -1:
-/// none) when they are open. `None`: not counted (no table, or a table over
-/// `FDS_WORDS_MAX` words).
+/// none) when they are open. `FDS_UNKNOWN`: not counted (no table, or a
+/// table over `FDS_WORDS_MAX` words).
 ///
 /// The bitmap is read in one helper call into per-CPU scratch, and the
 /// count kept there too: each turn of the loop then has one branch (its
@@ -36,7 +49,12 @@ pub fn current_files() -> u64 {
 /// so old kernels' verifiers (5.10) do not walk each exit to the end of the
 /// program.
 #[inline(always)]
-pub fn open_fds(files: u64, skip: [i64; 2]) -> Option<u32> {
+pub fn open_fds(files: u64, skip: [i64; 2]) -> u32 {
+    count_fds(files, skip).unwrap_or(FDS_UNKNOWN)
+}
+
+#[inline(always)]
+fn count_fds(files: u64, skip: [i64; 2]) -> Option<u32> {
     if files == 0 {
         return None;
     }
@@ -112,15 +130,19 @@ pub fn sock_has_fd(sk: u64) -> bool {
     }
 }
 
-/// The process's GC totals (collections, collected, uncollectable over the
-/// three generations), read from the current process: call only where the
-/// current task belongs to `tgid`.
+/// Writes the process's GC totals (collections, collected, uncollectable
+/// over the three generations) into `out`, read from the current process:
+/// call only where the current task belongs to `tgid`. False: not read.
 #[inline(always)]
-pub fn gc_totals(tgid: u32) -> Option<[u64; 3]> {
+pub fn gc_totals(tgid: u32, out: &mut [u64; 3]) -> bool {
     // SAFETY: a value read out of the map.
-    let addr = unsafe { *PY_GC.get(&tgid)? };
-    let scratch = FD_SCRATCH.get_ptr_mut(0)?;
-    // SAFETY: this CPU's scratch slot (see `open_fds`); the helper checks
+    let Some(addr) = (unsafe { PY_GC.get(&tgid) }).copied() else {
+        return false;
+    };
+    let Some(scratch) = FD_SCRATCH.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: this CPU's scratch slot (see `count_fds`); the helper checks
     // the source and the destination holds the 72 bytes.
     unsafe {
         let s = &mut *scratch;
@@ -130,24 +152,27 @@ pub fn gc_totals(tgid: u32) -> Option<[u64; 3]> {
             addr as *const core::ffi::c_void,
         ) != 0
         {
-            return None;
+            return false;
         }
         let g = &s.gc;
-        Some([g[0] + g[3] + g[6], g[1] + g[4] + g[7], g[2] + g[5] + g[8]])
+        out[0] = g[0] + g[3] + g[6];
+        out[1] = g[1] + g[4] + g[7];
+        out[2] = g[2] + g[5] + g[8];
     }
+    true
 }
 
 /// Fills the descriptor count (`fds`: already without the request's own
-/// connection; `None`: not counted) and GC totals of a request's start.
+/// connection; `FDS_UNKNOWN`: not counted) and GC totals of a request's
+/// start.
 #[inline(always)]
-pub fn read_start(req: &mut RequestStart, tgid: u32, fds: Option<u32>) {
+pub fn read_start(req: &mut RequestStart, tgid: u32, fds: u32) {
     req.known = 0;
-    if let Some(n) = fds {
-        req.fds = n;
+    req.fds = fds;
+    if fds != FDS_UNKNOWN {
         req.known |= REQ_FDS_KNOWN;
     }
-    if let Some(gc) = gc_totals(tgid) {
-        req.gc = gc;
+    if gc_totals(tgid, &mut req.gc) {
         req.known |= REQ_GC_KNOWN;
     }
 }
@@ -165,18 +190,17 @@ pub struct EndReads {
 /// current task belongs to the request's process (else its memory is not
 /// read).
 #[inline(always)]
-pub fn read_end(start: &RequestStart, tgid: u32, fds: Option<u32>, in_process: bool) -> EndReads {
-    let mut out = EndReads::default();
-    if start.known & REQ_FDS_KNOWN != 0
-        && let Some(n) = fds
-    {
-        out.fds_after = n;
+pub fn read_end(start: &RequestStart, tgid: u32, fds: u32, in_process: bool) -> EndReads {
+    let mut out = EndReads {
+        fds_after: fds,
+        known: 0,
+        gc_delta: [0; 3],
+    };
+    if start.known & REQ_FDS_KNOWN != 0 && fds != FDS_UNKNOWN {
         out.known |= REQ_FDS_KNOWN;
     }
-    if in_process
-        && start.known & REQ_GC_KNOWN != 0
-        && let Some(gc) = gc_totals(tgid)
-    {
+    let mut gc = [0u64; 3];
+    if in_process && start.known & REQ_GC_KNOWN != 0 && gc_totals(tgid, &mut gc) {
         out.gc_delta = [
             gc[0].wrapping_sub(start.gc[0]),
             gc[1].wrapping_sub(start.gc[1]),

@@ -21,7 +21,10 @@ use memtrace_common::{
 };
 
 use super::{
-    ends::{EndReads, current_files, open_fds, read_end, read_start, sock_has_fd},
+    ends::{
+        EndReads, FDS_UNKNOWN, current_files, fds_less, open_fds, read_end, read_start,
+        sock_has_fd,
+    },
     http::{begin_line, continue_line},
     request::{Summary, emit_request, thread_deltas},
 };
@@ -30,6 +33,8 @@ use crate::{
     util::{Current, atomic_add, count, current, field, now_ns, proc_rss, thread_state, watched},
 };
 
+/// `end_conn`'s `counted`: count the descriptors there.
+const COUNT_HERE: u32 = FDS_UNKNOWN - 1;
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 const MSG_PEEK: i32 = 2;
@@ -158,7 +163,7 @@ fn on_recv(cur: &Current, sk: u64, ret: i32, flags: i32) {
     let fds = open_fds(current_files(), [-1, -1]);
     if phase == CONN_WRITE {
         // The client's next request on a kept-alive connection.
-        end_conn(sk, REQUEST_OK, 0, Some(fds));
+        end_conn(sk, REQUEST_OK, 0, fds);
     }
     begin_conn(sk, cur, ret, conn, fds);
 }
@@ -213,7 +218,7 @@ fn try_sock_state(ctx: &TracePointContext) -> Result<(), i64> {
             let closing = newstate != TCP_CLOSE_WAIT;
             // SAFETY: pointer from a map lookup.
             if closing || unsafe { (*c).phase } == CONN_WRITE {
-                end_conn(sk, REQUEST_OK, 0, None);
+                end_conn(sk, REQUEST_OK, 0, COUNT_HERE);
             }
             if closing {
                 let _ = CONNS.remove(&sk);
@@ -255,7 +260,7 @@ fn begin_conn(
     cur: &Current,
     ret: i32,
     existing: Option<*mut ConnState>,
-    fds: Option<u32>,
+    fds: u32,
 ) -> Option<()> {
     let stats = watched(cur.tgid)?;
     let thread = thread_state(cur.tid, cur.tgid)?;
@@ -274,7 +279,7 @@ fn begin_conn(
             && let Some(p) = CONNS.get_ptr_mut(&prev)
         {
             match (*p).phase {
-                CONN_WRITE => end_conn(prev, REQUEST_OK, sk, Some(fds)),
+                CONN_WRITE => end_conn(prev, REQUEST_OK, sk, fds),
                 CONN_READ => {
                     (*p).flags |= CONN_INTERLEAVED;
                     flags = CONN_INTERLEAVED;
@@ -303,7 +308,7 @@ fn begin_conn(
         // The process's descriptors but this connection's.
         c.files = current_files();
         let own = u32::from(sock_has_fd(sk));
-        read_start(&mut c.req, cur.tgid, fds.map(|n| n.saturating_sub(own)));
+        read_start(&mut c.req, cur.tgid, fds_less(fds, own));
         if CONFIG.load().http_paths != 0 {
             begin_line(&mut c.line, ret);
         } else {
@@ -327,9 +332,10 @@ fn begin_conn(
 /// process. `next`: the connection its thread reads now (0: none); it and
 /// `sk`, while they have descriptors, are not counted as open descriptors.
 /// `counted`: the process's open descriptors if the caller counted them
-/// (`None`: counted here, from the descriptor table kept at its start).
+/// (`COUNT_HERE`: counted here, from the descriptor table kept at its
+/// start; `FDS_UNKNOWN`: not counted).
 #[inline(always)]
-fn end_conn(sk: u64, status: u32, next: u64, counted: Option<Option<u32>>) {
+fn end_conn(sk: u64, status: u32, next: u64, counted: u32) {
     let Some(c) = CONNS.get_ptr_mut(&sk) else {
         return;
     };
@@ -374,13 +380,12 @@ fn end_conn(sk: u64, status: u32, next: u64, counted: Option<Option<u32>>) {
         } else {
             let less = u32::from(sock_has_fd(sk))
                 + u32::from(next != 0 && next != sk && sock_has_fd(next));
-            let fds = counted.unwrap_or_else(|| open_fds(c.files, [-1, -1]));
-            read_end(
-                start,
-                c.tgid,
-                fds.map(|n| n.saturating_sub(less)),
-                current().tgid == c.tgid,
-            )
+            let fds = if counted == COUNT_HERE {
+                open_fds(c.files, [-1, -1])
+            } else {
+                counted
+            };
+            read_end(start, c.tgid, fds_less(fds, less), current().tgid == c.tgid)
         };
         let summary = Summary {
             tgid: c.tgid,

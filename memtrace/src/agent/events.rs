@@ -12,11 +12,15 @@ use crate::{
     model::{
         descendants::{Descendant, MAX_DESCENDANTS},
         procinfo::{self, ProcessView},
-        requests::{RequestRecord, Unavailable, WallClock},
+        requests::{RequestRecord, TASKS_UNREAD, Unavailable, WallClock},
         routes::Kept,
         workers::{Origin, Worker},
     },
 };
+
+/// Live asyncio tasks past which a worker's tasks are counted at refresh
+/// only, not again for every request (the count walks their list).
+const TASKS_PER_REQUEST_MAX: u64 = 10_000;
 
 impl State {
     pub(super) fn handle(&mut self, ev: KernelEvent, clock: &WallClock) {
@@ -214,15 +218,32 @@ impl State {
             record.children_rss_delta_bytes += rss as i64;
         }
         record.unavailable = Unavailable::of(ev, w.python_gc_in_kernel);
+        // Live asyncio tasks now, and since the last count (3.14+): read
+        // when the agent records the request, not in the kernel.
+        if let (Some(asyncio), Some(py), Some(runtime)) = (w.asyncio, &w.python, w.python_runtime) {
+            let before = w.asyncio_tasks;
+            let now = before
+                .is_none_or(|n| n <= TASKS_PER_REQUEST_MAX)
+                .then(|| self.python_builds.asyncio_tasks(ev.tgid, py, runtime, &asyncio))
+                .flatten();
+            record.tasks = now;
+            record.task_delta = now.zip(before).map(|(n, b)| n as i64 - b as i64);
+            record.unavailable.tasks = now.is_none().then_some(TASKS_UNREAD);
+            if now.is_some() {
+                w.asyncio_tasks = now;
+            }
+        }
         record.log(self.log_plan);
         let rss_mb = record.rss_after_bytes as f64 / MB;
         let children = record.children as f64;
         let fds = record.fds;
+        let tasks = record.tasks;
         let at = ev.end_ns as f64 / 1e9;
         w.requests.push(record);
         let detection = w.detector.record_at(rss_mb, at);
         let child_detection = w.child_detector.record_at(children, at);
         let fd_detection = fds.and_then(|n| w.fd_detector.record_at(n as f64, at));
+        let task_detection = tasks.and_then(|n| w.task_detector.record_at(n as f64, at));
         if let Some(d) = detection {
             self.on_detection(ev.tgid, d);
         }
@@ -231,6 +252,9 @@ impl State {
         }
         if let Some(d) = fd_detection {
             self.on_kept_detection(ev.tgid, Kept::Fds, d);
+        }
+        if let Some(d) = task_detection {
+            self.on_kept_detection(ev.tgid, Kept::Tasks, d);
         }
     }
 }

@@ -117,6 +117,28 @@ impl State {
                 }
                 if first { report!(warn) } else { report!(debug) }
             }
+            Kept::Tasks => {
+                w.task_leak_detections += 1;
+                let tasks = w.asyncio_tasks;
+                let first = w.task_leak_detections == 1;
+                macro_rules! report {
+                    ($level:ident) => {
+                        tracing::$level!(
+                            pid,
+                            name = %w.name,
+                            tasks_per_request = slope_mb_per_unit,
+                            slope_lower_bound = lower_bound,
+                            window,
+                            tasks,
+                            detections = w.task_leak_detections,
+                            route = route_name,
+                            route_tasks_per_request = route_per_request,
+                            "TASK_LEAK_DETECTED"
+                        )
+                    };
+                }
+                if first { report!(warn) } else { report!(debug) }
+            }
             Kept::Fds => {
                 w.fd_leak_detections += 1;
                 let fds = w.requests.last().and_then(|r| r.fds);

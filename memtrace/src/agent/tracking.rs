@@ -13,6 +13,7 @@ use crate::{
         cgroups,
         descendants::Descendant,
         procinfo::{self, FileMappings, ProcessView},
+        pyasyncio::AsyncioOffsets,
         python::{self, PythonRuntime},
         requests::RequestLog,
         rss::RssBreakdown,
@@ -36,6 +37,7 @@ impl State {
         });
         worker.child_detector = LeakDetector::new(child_detector_config(&self.detector_config));
         worker.fd_detector = LeakDetector::new(child_detector_config(&self.detector_config));
+        worker.task_detector = LeakDetector::new(child_detector_config(&self.detector_config));
         if let Some(known) = self.registry.get_mut(pid)
             && known.start_time == worker.start_time
         {
@@ -158,31 +160,29 @@ impl State {
             && py.supported
             && w.python_gc_misses < PYTHON_GC_MISSES
         {
-            if py.minor().and_then(python::stats_after_gen0).is_none() {
-                w.python_gc_misses = PYTHON_GC_MISSES;
-                warn!(pid, python = %py.version, "CPython 3.15 keeps its GC statistics in ring buffers behind a pointer, which memtrace does not read yet: no GC statistics for this worker");
-            } else {
-                w.python_gc = self.python_builds.gc_stats(pid, py, runtime);
-                if w.python_gc.is_some() && !w.python_gc_in_kernel {
-                    // From now on each request's ends read the GC's totals.
-                    let addr = self.python_builds.gc_stats_address(py, runtime);
-                    match addr.map(|a| self.tracer.set_python_gc(pid, a)) {
-                        Some(Ok(())) => w.python_gc_in_kernel = true,
-                        Some(Err(e)) => {
-                            debug!(pid, error = %e, "GC totals per request not read (kernel map full?)");
-                        }
-                        None => {}
+            w.python_gc = self.python_builds.gc_stats(pid, py, runtime);
+            // Where each request's ends can read the GC's totals (not
+            // on 3.15: its statistics are in ring buffers).
+            if w.python_gc.is_some() && !w.python_gc_in_kernel {
+                // From now on each request's ends read the GC's totals.
+                let addr = self.python_builds.gc_stats_address(py, runtime);
+                match addr.map(|a| self.tracer.set_python_gc(pid, a)) {
+                    Some(Ok(())) => w.python_gc_in_kernel = true,
+                    Some(Err(e)) => {
+                        debug!(pid, error = %e, "GC totals per request not read (kernel map full?)");
                     }
+                    None => {}
                 }
-                if w.python_gc.is_none() {
-                    w.python_gc_misses += 1;
-                    if w.python_gc_misses == PYTHON_GC_MISSES {
-                        warn!(pid, python = %py.version, "the garbage collector's state was not found in _PyRuntime: no GC statistics for this worker");
-                    }
+            }
+            if w.python_gc.is_none() {
+                w.python_gc_misses += 1;
+                if w.python_gc_misses == PYTHON_GC_MISSES {
+                    warn!(pid, python = %py.version, "the garbage collector's state was not found in _PyRuntime: no GC statistics for this worker");
                 }
             }
         }
         self.setup_python_frames(pid, &maps);
+        self.refresh_asyncio(pid, &maps);
         let Some(w) = self.registry.get_mut(pid) else {
             return true;
         };
@@ -252,6 +252,38 @@ impl State {
             w.python_frame_tries = u8::MAX;
             warn!(pid, python = %py.version, reason = %reason, "cannot read this worker's Python frames: native sites only");
             w.python_frames_error = Some(reason);
+        }
+    }
+
+    /// A 3.14+ worker's live asyncio tasks: its `_asyncio` module's table
+    /// once the module is loaded (looked for while it is not), then a count
+    /// at every refresh.
+    fn refresh_asyncio(&mut self, pid: u32, maps: &FileMappings) {
+        let Some(w) = self.registry.get_mut(pid) else {
+            return;
+        };
+        let (Some(py), Some(runtime)) = (&w.python, w.python_runtime) else {
+            return;
+        };
+        if !py.supported || py.minor().is_none_or(|m| m < 14) {
+            return;
+        }
+        if w.asyncio_error.is_some() {
+            return;
+        }
+        if w.asyncio.is_none() {
+            match AsyncioOffsets::of_process(pid, maps, &py.binary) {
+                Ok(found) => w.asyncio = found,
+                Err(why) => {
+                    // Once: a table that does not validate stays refused.
+                    warn!(pid, reason = %why, "asyncio tasks not counted");
+                    w.asyncio_error = Some(why);
+                    return;
+                }
+            }
+        }
+        if let (Some(asyncio), Some(py)) = (w.asyncio, &w.python) {
+            w.asyncio_tasks = self.python_builds.asyncio_tasks(pid, py, runtime, &asyncio);
         }
     }
 

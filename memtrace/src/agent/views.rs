@@ -94,6 +94,9 @@ pub fn worker_status(state: &State, w: &Worker, with_proc: bool) -> WorkerStatus
         children: state.descendants.summary(w.pid, SystemTime::now()),
         child_leak_detections: w.child_leak_detections,
         fd_leak_detections: w.fd_leak_detections,
+        asyncio_tasks: w.asyncio_tasks,
+        asyncio_error: w.asyncio_error.clone(),
+        task_leak_detections: w.task_leak_detections,
     }
 }
 

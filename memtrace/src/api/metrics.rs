@@ -92,6 +92,8 @@ pub const METRIC_NAMES: &[&str] = &[
     "memtrace_worker_child_leak_detections_total",
     "memtrace_worker_fd_leak_detections_total",
     "memtrace_worker_open_fds",
+    "memtrace_worker_task_leak_detections_total",
+    "memtrace_worker_asyncio_tasks",
     "memtrace_orphans",
     "memtrace_worker_soft_limit_fired",
     "memtrace_worker_routes_overflowed_requests_total",
@@ -246,6 +248,16 @@ pub fn render(status: &StatusView) -> String {
     let open_fds: Family<WorkerLabels, Gauge> = family!(
         "memtrace_worker_open_fds",
         "Open descriptors of the worker (/proc/PID/fd)",
+        Gauge
+    );
+    let task_detections = family!(
+        "memtrace_worker_task_leak_detections",
+        "TASK_LEAK_DETECTED reports",
+        Counter
+    );
+    let asyncio_tasks: Family<WorkerLabels, Gauge> = family!(
+        "memtrace_worker_asyncio_tasks",
+        "Live asyncio tasks of the worker (CPython 3.14+)",
         Gauge
     );
     let fired = family!(
@@ -429,6 +441,14 @@ pub fn render(status: &StatusView) -> String {
         fd_detections
             .get_or_create(&labels)
             .inc_by(w.fd_leak_detections);
+        task_detections
+            .get_or_create(&labels)
+            .inc_by(w.task_leak_detections);
+        if let Some(tasks) = w.asyncio_tasks {
+            asyncio_tasks
+                .get_or_create(&labels)
+                .set(i64::try_from(tasks).unwrap_or(i64::MAX));
+        }
         if let Some(fds) = w.fds {
             open_fds
                 .get_or_create(&labels)

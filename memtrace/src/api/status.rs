@@ -118,6 +118,12 @@ pub struct WorkerStatus {
     pub child_leak_detections: u64,
     /// FD_LEAK_DETECTED reports so far.
     pub fd_leak_detections: u64,
+    /// Live asyncio tasks (CPython 3.14+, once `_asyncio` is loaded), at
+    /// the last count; and why they are not counted when they cannot be.
+    pub asyncio_tasks: Option<u64>,
+    pub asyncio_error: Option<String>,
+    /// TASK_LEAK_DETECTED reports so far.
+    pub task_leak_detections: u64,
 }
 
 /// Soft-limit enforcement, as the API shows it.

@@ -117,6 +117,9 @@ fn worker(pid: u32) -> WorkerStatus {
         },
         child_leak_detections: 1,
         fd_leak_detections: 2,
+        asyncio_tasks: Some(7),
+        asyncio_error: None,
+        task_leak_detections: 3,
     }
 }
 
@@ -872,6 +875,8 @@ fn metrics_render_the_status_with_soft_limit_recycles() {
         "memtrace_worker_children_oldest_age_seconds{pid=\"42\",name=\"srv\",role=\"worker\",container=\"\",pod=\"\",namespace=\"\"} 30.0",
         "memtrace_worker_child_leak_detections_total{pid=\"42\",name=\"srv\",role=\"worker\",container=\"\",pod=\"\",namespace=\"\"} 1",
         "memtrace_worker_fd_leak_detections_total{pid=\"42\",name=\"srv\",role=\"worker\",container=\"\",pod=\"\",namespace=\"\"} 2",
+        "memtrace_worker_task_leak_detections_total{pid=\"42\",name=\"srv\",role=\"worker\",container=\"\",pod=\"\",namespace=\"\"} 3",
+        "memtrace_worker_asyncio_tasks{pid=\"42\",name=\"srv\",role=\"worker\",container=\"\",pod=\"\",namespace=\"\"} 7",
         "memtrace_orphans 3",
     ] {
         assert!(text.contains(series), "{series}: {text}");

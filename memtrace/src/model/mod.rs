@@ -15,6 +15,7 @@ pub mod descendants;
 pub mod kubelet;
 pub mod procinfo;
 pub mod pycode;
+pub mod pyasyncio;
 pub mod pydebug;
 pub mod python;
 pub mod requests;

@@ -358,6 +358,52 @@ pub fn gc_stats_at(b: &[u8], gen0: usize, stats_after: usize) -> Option<GcStats>
     Some(out)
 }
 
+/// `sizeof(struct gc_stats)` of 3.15 (GIL builds): a young ring of 11
+/// `gc_generation_stats` of 64 bytes and its index, two old rings of 3,
+/// and `update_seq`. The table gives the size the build has; another one
+/// is not read.
+const GC_STATS_315: u64 = 1120;
+/// Each ring: where its items start, how many, where its `int8_t index` is.
+const GC_RINGS_315: [(usize, usize, usize); 3] = [(0, 11, 704), (712, 3, 904), (912, 3, 1104)];
+
+/// 3.15's GC: thresholds and counts in the interpreter's GC state (at the
+/// offset `_Py_DebugOffsets` gives), the statistics behind its pointer, in
+/// ring buffers whose current item is what `gc.get_stats()` shows.
+fn gc_stats_315(pid: u32, py: &PythonRuntime, runtime: u64) -> Option<GcStats> {
+    use super::pydebug::{DebugOffsets, table_size};
+    let word = |b: &[u8], at: usize| i64_at(b, at).map(|v| v as u64);
+    let table = DebugOffsets::parse(
+        &read_memory(pid, runtime, table_size(15)?)?,
+        py.version_hex?,
+    )
+    .ok()?;
+    if table.get("gc", "generation_stats_size")? != GC_STATS_315 {
+        return None;
+    }
+    let head = table.get("runtime_state", "interpreters_head")?;
+    let interp = word(&read_memory(pid, runtime.checked_add(head)?, 8)?, 0)?;
+    let gc = interp.checked_add(table.get("interpreter_state", "gc")?)?;
+    // `int enabled; int debug;` then the three generations.
+    let state = read_memory(pid, gc, 8 + 3 * GEN_SIZE)?;
+    let pointer_at = gc.checked_add(table.get("gc", "generation_stats")?)?;
+    let stats_at = word(&read_memory(pid, pointer_at, 8)?, 0)?;
+    let stats = read_memory(pid, stats_at, GC_STATS_315 as usize)?;
+    let mut out = GcStats {
+        enabled: i32_at(&state, 0)? == 1,
+        ..GcStats::default()
+    };
+    for (g, &(items, len, index_at)) in GC_RINGS_315.iter().enumerate() {
+        out.thresholds[g] = i32_at(&state, 8 + g * GEN_SIZE + 16)?;
+        out.counts[g] = i32_at(&state, 8 + g * GEN_SIZE + 20)?;
+        let index = usize::try_from(*stats.get(index_at)? as i8).ok().filter(|&i| i < len)?;
+        let item = items + index * 64;
+        out.collections[g] = i64_at(&stats, item + 16)?;
+        out.collected[g] = i64_at(&stats, item + 24)?;
+        out.uncollectable[g] = i64_at(&stats, item + 32)?;
+    }
+    Some(out)
+}
+
 /// Finds the GC state in the bytes of `_PyRuntime` (the main interpreter
 /// is embedded in it) by its shape: three generations whose list heads are
 /// pointers, with the default thresholds of this version (700 or 2000, 10,
@@ -681,6 +727,9 @@ impl PythonBuilds {
             return None;
         }
         let minor = py.version_hex.map(|h| (h >> 16) & 0xff)?;
+        if minor == 15 {
+            return gc_stats_315(pid, py, runtime);
+        }
         let key = (py.binary.clone(), py.version_hex);
         let offset = match self.gc_offsets.get(&key) {
             Some(&known) => known,
@@ -708,6 +757,22 @@ impl PythonBuilds {
         let offset = self.gc_offsets.get(&(py.binary.clone(), py.version_hex))?;
         let minor = (py.version_hex? >> 16) & 0xff;
         runtime.checked_add((offset + stats_after_gen0(minor)?) as u64)
+    }
+
+    /// Live asyncio tasks of a 3.14+ process whose `_asyncio` module's
+    /// table is `asyncio` (see `pyasyncio`); `None` when not readable.
+    pub fn asyncio_tasks(
+        &self,
+        pid: u32,
+        py: &PythonRuntime,
+        runtime: u64,
+        asyncio: &super::pyasyncio::AsyncioOffsets,
+    ) -> Option<u64> {
+        use super::pydebug::{DebugOffsets, table_size};
+        let minor = py.minor()?;
+        let table = DebugOffsets::parse(&read_memory(pid, runtime, table_size(minor)?)?, py.version_hex?).ok()?;
+        let mem = super::pycode::ProcMemory::open(pid).ok()?;
+        super::pyasyncio::count_tasks(&mem, &table, runtime, asyncio)
     }
 
     /// How the kernel reads `pid`'s Python frames. `Ok(None)`: not yet

@@ -137,6 +137,10 @@ pub struct RequestRecord {
     pub gc_uncollectable_delta: Option<i64>,
     /// USS change: not measured per request (see `unavailable`).
     pub uss_delta_bytes: Option<i64>,
+    /// Live asyncio tasks of the worker when the agent recorded the
+    /// request, and their change since its previous count (CPython 3.14+).
+    pub tasks: Option<u64>,
+    pub task_delta: Option<i64>,
     /// Why each null field above is null.
     pub unavailable: Unavailable,
 }
@@ -149,7 +153,13 @@ pub struct Unavailable {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gc: Option<&'static str>,
     pub uss_delta: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tasks: Option<&'static str>,
 }
+
+/// Why a request has no `tasks`.
+pub const TASKS_NONE: &str = "no asyncio tasks read: not CPython 3.14+, or its _asyncio module is not loaded";
+pub const TASKS_UNREAD: &str = "its asyncio task lists could not be read, or hold more than 10000 tasks (counted at refresh only)";
 
 /// Why a request has no `uss_delta`.
 pub const USS_PER_REQUEST: &str = "USS needs a walk of the worker's page tables (smaps_rollup): it is measured at refresh for the soft limit, not at each request's ends";
@@ -174,6 +184,7 @@ impl Unavailable {
                 (true, false) => GC_UNREAD,
             }),
             uss_delta: USS_PER_REQUEST,
+            tasks: Some(TASKS_NONE),
         }
     }
 }
@@ -300,6 +311,8 @@ impl RequestRecord {
             gc_collected_delta: gc(1),
             gc_uncollectable_delta: gc(2),
             uss_delta_bytes: None,
+            tasks: None,
+            task_delta: None,
             unavailable: Unavailable::of(ev, false),
         }
     }
@@ -327,6 +340,12 @@ impl RequestRecord {
         ];
         if let Some(uss) = self.uss_delta_bytes {
             parts.push(format!("uss_delta={:+.1}MB", uss as f64 / MB));
+        }
+        if let Some(tasks) = self.tasks {
+            parts.push(format!("tasks={tasks}"));
+        }
+        if let Some(delta) = self.task_delta.filter(|&d| d != 0) {
+            parts.push(format!("task_delta={delta:+}"));
         }
         if self.children > 0 {
             parts.push(format!("browsers={}", self.children));
@@ -394,6 +413,8 @@ impl RequestRecord {
                     gc_collections_delta = self.gc_collections_delta,
                     gc_collected_delta = self.gc_collected_delta,
                     gc_uncollectable_delta = self.gc_uncollectable_delta,
+                    tasks = self.tasks,
+                    task_delta = self.task_delta,
                     $msg
                 )
             };
@@ -453,6 +474,8 @@ impl RequestLog {
                 .record_kept(route, Kept::Children, record.children_delta);
             self.routes
                 .record_kept(route, Kept::Fds, record.fd_delta.unwrap_or(0));
+            self.routes
+                .record_kept(route, Kept::Tasks, record.task_delta.unwrap_or(0));
         }
         if self.records.len() == self.capacity {
             self.records.pop_front();

@@ -149,8 +149,9 @@ pub struct RouteStats {
     /// The last `ROUTE_WINDOW` deltas, oldest first.
     pub recent: VecDeque<i64>,
     /// What its requests left behind, by `Kept`: child processes started
-    /// and alive at their ends, descriptors opened and not closed.
-    pub kept: [i64; 2],
+    /// and alive at their ends, descriptors opened and not closed, asyncio
+    /// tasks still alive.
+    pub kept: [i64; 3],
 }
 
 /// Resources a request can leave behind, besides memory.
@@ -158,6 +159,7 @@ pub struct RouteStats {
 pub enum Kept {
     Children = 0,
     Fds = 1,
+    Tasks = 2,
 }
 
 impl RouteStats {

@@ -11,6 +11,7 @@ use serde::Serialize;
 use super::{
     cgroups::Placement,
     procinfo::ProcessView,
+    pyasyncio::AsyncioOffsets,
     pycode::CodeLayout,
     python::{GcStats, PythonRuntime},
     requests::RequestLog,
@@ -86,6 +87,17 @@ pub struct Worker {
     pub fd_detector: LeakDetector,
     /// FD_LEAK_DETECTED reports so far.
     pub fd_leak_detections: u64,
+    /// The same robust slope over its live asyncio tasks after each request.
+    pub task_detector: LeakDetector,
+    /// TASK_LEAK_DETECTED reports so far.
+    pub task_leak_detections: u64,
+    /// Where its `_asyncio` module keeps the task lists (CPython 3.14+,
+    /// once the module is loaded).
+    pub asyncio: Option<AsyncioOffsets>,
+    /// Live asyncio tasks at the last count (a refresh or a request's end).
+    pub asyncio_tasks: Option<u64>,
+    /// Why its tasks are not counted (a table that does not validate).
+    pub asyncio_error: Option<String>,
 
     /// Its RSS with its descendants' crossed the soft limit
     /// (`--soft-limit-include-children`), once.
@@ -142,6 +154,11 @@ impl Worker {
             child_leak_detections: 0,
             fd_detector: LeakDetector::new(DetectorConfig::default()),
             fd_leak_detections: 0,
+            task_detector: LeakDetector::new(DetectorConfig::default()),
+            task_leak_detections: 0,
+            asyncio: None,
+            asyncio_tasks: None,
+            asyncio_error: None,
 
             footprint_fired: false,
             placement: None,
