@@ -150,16 +150,19 @@ mod tests {
         // 3.14's layout: task {size, name, awaited_by, is_task,
         // awaited_by_is_set, coro, node}, interp {size, head}, thread
         // {size, loop, task, head}.
-        let ok = table([200, 16, 24, 32, 33, 40, 48, 2000, 1000, 1200, 8, 16, 1100]);
+        let ok = table([200, 16, 24, 32, 33, 40, 48, 2000, 1000, 1200, 8, 16, 1104]);
         assert_eq!(
             AsyncioOffsets::parse(&ok),
             Ok(AsyncioOffsets {
                 interp_tasks_head: 1000,
-                thread_tasks_head: 1100
+                thread_tasks_head: 1104
             })
         );
         assert!(AsyncioOffsets::parse(&ok[..100]).is_err());
-        let outside = table([200, 16, 24, 32, 33, 40, 190, 2000, 1000, 1200, 8, 16, 1100]);
+        let outside = table([200, 16, 24, 32, 33, 40, 192, 2000, 1000, 1200, 8, 16, 1104]);
+        assert!(AsyncioOffsets::parse(&outside).is_err());
+        let misaligned = table([200, 16, 24, 32, 33, 40, 48, 2000, 1000, 1200, 8, 16, 1100]);
+        assert!(AsyncioOffsets::parse(&misaligned).is_err());
         assert!(AsyncioOffsets::parse(&outside).is_err());
         let zero = table([0; 13]);
         assert!(AsyncioOffsets::parse(&zero).is_err());
