@@ -317,8 +317,8 @@ METRICS = {
     "memtrace_worker_rss_type_bytes": {"pid", "name", "role", "type"},
     "memtrace_worker_pss_bytes": {"pid", "name", "role"},
     "memtrace_worker_uss_bytes": {"pid", "name", "role"},
-    "memtrace_worker_leak_slope_mb_per_request": {"pid", "name", "role"},
-    "memtrace_worker_leak_slope_mb_per_hour": {"pid", "name", "role"},
+    "memtrace_worker_leak_slope_bytes_per_request": {"pid", "name", "role"},
+    "memtrace_worker_leak_slope_bytes_per_hour": {"pid", "name", "role"},
     "memtrace_worker_forecast_seconds_to_limit": {"pid", "name", "role"},
     "memtrace_worker_requests_total": {"pid", "name", "role"},
     "memtrace_worker_requests_in_flight": {"pid", "name", "role"},
@@ -1060,7 +1060,7 @@ wait("15 successful scrapes", lambda: float(prom("/api/v1/query", query='sum_ove
 errors = []
 # Every series the dashboard knows is exported (the leak slopes and the
 # forecast appear only once a worker has a trend).
-optional = {"memtrace_worker_leak_slope_mb_per_request", "memtrace_worker_leak_slope_mb_per_hour",
+optional = {"memtrace_worker_leak_slope_bytes_per_request", "memtrace_worker_leak_slope_bytes_per_hour",
             "memtrace_worker_forecast_seconds_to_limit"}
 names = set(prom("/api/v1/label/__name__/values", **{"match[]": '{job="memtrace"}'})["data"])
 exported = {n for n in names if n.startswith("memtrace_")}
