@@ -50,6 +50,14 @@ const PACKAGES: &[(&str, &str)] = &[
     ("/sbin/depmod", "kmod"),
     // Debian's python3 makes virtualenvs (virtme-ng's, uvicorn's) only with it.
     ("/usr/lib/python3.11/ensurepip/__init__.py", "python3-venv"),
+    // `cargo xtask dist`: ring's C for the static (musl) binary, the image
+    // (buildah); the install tests run it with podman (runc: bookworm's
+    // crun refuses hybrid cgroup hosts) and scrape it with Prometheus.
+    ("musl-gcc", "musl-tools"),
+    ("buildah", "buildah"),
+    ("podman", "podman"),
+    ("runc", "runc"),
+    ("prometheus", "prometheus"),
 ];
 
 pub struct SetupOptions {
@@ -109,6 +117,8 @@ pub fn setup(options: &SetupOptions) -> Result<()> {
     step("nightly toolchain", ensure_nightly)?;
     step("rust-src for nightly", ensure_rust_src)?;
     step("bpf-linker", ensure_bpf_linker)?;
+    step("musl target (static release binary)", ensure_musl_target)?;
+    step("cargo-deb", ensure_cargo_deb)?;
     step("Debian packages", || ensure_packages(options.apt))?;
     step("uvicorn virtualenv", ensure_uvicorn)?;
     eprintln!("setup complete in {:.1}s", t.elapsed().as_secs_f64());
@@ -257,6 +267,53 @@ fn ensure_bpf_linker() -> Result<bool> {
         bail!(
             "building bpf-linker failed: it needs crates.io and a C++ toolchain (g++); see the output above"
         );
+    }
+    Ok(true)
+}
+
+/// cargo-deb release the package metadata in memtrace/Cargo.toml is written for.
+const CARGO_DEB_VERSION: &str = "3.8.0";
+
+/// The standard library for `dist::TARGET`, from rustup.
+fn ensure_musl_target() -> Result<bool> {
+    let sysroot = output(Command::new("rustc").args(["--print", "sysroot"]))?;
+    let lib = PathBuf::from(sysroot.trim())
+        .join("lib/rustlib")
+        .join(crate::dist::TARGET);
+    if lib.is_dir() {
+        return Ok(false);
+    }
+    let ok = Command::new("rustup")
+        .args(["target", "add", crate::dist::TARGET])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok || !lib.is_dir() {
+        bail!(
+            "`rustup target add {}` failed: `cargo xtask dist` builds a static binary with it",
+            crate::dist::TARGET
+        );
+    }
+    Ok(true)
+}
+
+/// cargo-deb from crates.io, for the .deb of `cargo xtask dist`.
+fn ensure_cargo_deb() -> Result<bool> {
+    if run_ok(Command::new(cargo_home().join("bin/cargo-deb")).arg("--version")) {
+        return Ok(false);
+    }
+    eprintln!("  installing cargo-deb {CARGO_DEB_VERSION} from crates.io (about two minutes)");
+    let ok = Command::new("cargo")
+        .args([
+            "install",
+            "cargo-deb",
+            "--locked",
+            "--version",
+            CARGO_DEB_VERSION,
+        ])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        bail!("`cargo install cargo-deb` failed: it needs crates.io; see the output above");
     }
     Ok(true)
 }
