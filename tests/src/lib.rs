@@ -307,10 +307,16 @@ impl AgentProcess {
     /// Like `start_with_env`, with another `--log-format` (its lines are
     /// kept whole as messages).
     pub fn start_with_format(args: &[&str], env: &[(&str, &str)], format: &str) -> Self {
+        Self::start_program(&memtrace_bin(), args, env, format)
+    }
+
+    /// Like `start_with_format`, with another memtrace binary (an installed
+    /// one, the release in target/dist).
+    pub fn start_program(bin: &Path, args: &[&str], env: &[(&str, &str)], format: &str) -> Self {
         use std::io::BufRead as _;
         require_root();
         let mut proc = Proc::spawn(
-            Command::new(memtrace_bin())
+            Command::new(bin)
                 .args(args)
                 .args(["--log-format", format])
                 .env("RUST_LOG", "info")

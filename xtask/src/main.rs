@@ -248,6 +248,9 @@ fn main() -> Result<()> {
                     "the end-to-end tests load eBPF programs and need root: run `sudo -E cargo xtask test` (or `cargo xtask test --unit` for the unit tests alone)"
                 );
             }
+            // The install tests (tests/e2e/install.rs) take the package,
+            // the image and the binary from target/dist.
+            dist::dist(&dist::DistOptions { image: true })?;
             run(cargo().args(["build", "-p", "memtrace"]))?;
             let mut cmd = cargo();
             cmd.args(["test", "-p", "memtrace-tests", "--", "--test-threads=1"]);
