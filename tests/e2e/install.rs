@@ -13,13 +13,6 @@ use std::{
 use memtrace_tests::*;
 use serde_json::{Value, json};
 
-fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ is in the workspace")
-        .to_path_buf()
-}
-
 /// target/dist, as `cargo xtask dist` left it.
 fn dist() -> PathBuf {
     let dir = workspace_root().join("target/dist");
@@ -82,28 +75,9 @@ fn processes_running(exe: &str) -> Vec<u32> {
 /// when it cannot connect: a published port may accept before the agent
 /// listens).
 fn get(port: u16, path: &str) -> (u16, String) {
-    use std::io::{Read as _, Write as _};
-    let reply = (|| {
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
-        s.set_read_timeout(Some(Duration::from_secs(30)))?;
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-        )?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)?;
-        Ok::<_, std::io::Error>(out)
-    })();
-    match reply {
-        Ok(text) => {
-            let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-            let code = head
-                .split_whitespace()
-                .nth(1)
-                .and_then(|c| c.parse().ok())
-                .unwrap_or(0);
-            (code, body.to_string())
-        }
+    match try_api_get(std::net::SocketAddr::from(([127, 0, 0, 1], port)), path) {
+        Ok((code, Value::String(text))) => (code, text),
+        Ok((code, json)) => (code, json.to_string()),
         Err(e) => (0, e.to_string()),
     }
 }
