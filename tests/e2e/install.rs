@@ -927,6 +927,22 @@ fn prometheus_scrapes_the_agent_and_answers_every_dashboard_panel() {
     });
     assert_eq!(stored, sent as f64, "{requests} vs requests sent");
 
+    // The leak slope Prometheus stored is the leak the app makes.
+    let slopes = prometheus.query(&format!(
+        "memtrace_worker_leak_slope_bytes_per_request{{job=\"memtrace\", pid=~\"{pids}\"}}"
+    ));
+    for s in slopes.as_array().unwrap() {
+        let slope: f64 = s["value"][1].as_str().unwrap().parse().unwrap();
+        assert!(
+            (slope - leak as f64).abs() <= leak as f64 * 0.10,
+            "slope {slope} bytes per request, leak {leak} (±10%): {s}"
+        );
+    }
+    assert!(
+        !slopes.as_array().unwrap().is_empty(),
+        "no leak slope stored"
+    );
+
     // The dashboard's variables, from Prometheus as Grafana asks them.
     let instances = prometheus.label_values("instance", "memtrace_workers");
     assert_eq!(instances, vec![listen.clone()], "variable instance");
