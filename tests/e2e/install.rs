@@ -620,12 +620,13 @@ fn image_runs_as_the_daemonset_runs_it_and_traces_gunicorn() {
     run.args(limits());
     run.arg(format!("--publish=127.0.0.1:{host_port}:{}", pod.port));
     for (k, v) in &pod.env {
-        // The ConfigMap's "none" counts no request: the test asks for socket
-        // mode, as its comment tells an operator to.
-        let v = if k == "MEMTRACE_REQUEST_MODE" {
-            "socket"
-        } else {
-            v.as_str()
+        // Two changes, as the ConfigMap's comments tell an operator: its
+        // "none" counts no request, so socket mode; and a dry run of the
+        // soft limit, since the agent sees every gunicorn on this machine.
+        let v = match k.as_str() {
+            "MEMTRACE_REQUEST_MODE" => "socket",
+            "MEMTRACE_SOFT_LIMIT_ACTION" => "log",
+            _ => v.as_str(),
         };
         run.arg(format!("--env={k}={v}"));
     }
@@ -886,6 +887,14 @@ fn prometheus_scrapes_the_agent_and_answers_every_dashboard_panel() {
         port: prom_port,
     };
     assert!(wait_port(prom_port, SERVER_START), "prometheus listens");
+    // It answers 503 until its storage is open.
+    assert!(
+        poll_every(SERVER_START, Duration::from_millis(250), || get(
+            prom_port, "/-/ready"
+        )
+        .0 == 200),
+        "prometheus is not ready"
+    );
     // Scraped before the traffic: counters are seen at 0 first, so that
     // increase() and rate() see them rise.
     assert!(
