@@ -169,8 +169,7 @@ fn main() -> Result<()> {
             run(cargo().args(["build", "--release", "-p", "memtrace"]))
         }
         Cmd::Dist { no_image } => {
-            // The musl target, cargo-deb and buildah besides the eBPF build.
-            setup::setup(&setup::SetupOptions { apt: true })?;
+            setup::setup_dist(&setup::SetupOptions { apt: true })?;
             dist::dist(&dist::DistOptions { image: !no_image })
         }
         Cmd::Bench {

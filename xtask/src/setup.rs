@@ -50,15 +50,16 @@ const PACKAGES: &[(&str, &str)] = &[
     ("/sbin/depmod", "kmod"),
     // Debian's python3 makes virtualenvs (virtme-ng's, uvicorn's) only with it.
     ("/usr/lib/python3.11/ensurepip/__init__.py", "python3-venv"),
-    // `cargo xtask dist`: ring's C for the static (musl) binary, the image
-    // (buildah); the install tests run it with podman (runc: bookworm's
-    // crun refuses hybrid cgroup hosts) and scrape it with Prometheus.
-    ("musl-gcc", "musl-tools"),
-    ("buildah", "buildah"),
+    // The install tests run the image with podman (runc: bookworm's crun
+    // refuses hybrid cgroup hosts) and scrape the agent with Prometheus.
     ("podman", "podman"),
     ("runc", "runc"),
     ("prometheus", "prometheus"),
 ];
+
+/// What `cargo xtask dist` needs besides the eBPF build: ring's C for the
+/// static (musl) binary, and buildah for the image.
+const DIST_PACKAGES: &[(&str, &str)] = &[("musl-gcc", "musl-tools"), ("buildah", "buildah")];
 
 pub struct SetupOptions {
     /// Install missing Debian packages with apt-get.
@@ -114,15 +115,33 @@ fn step(name: &str, f: impl FnOnce() -> Result<bool>) -> Result<()> {
 pub fn setup(options: &SetupOptions) -> Result<()> {
     let t = Instant::now();
     eprintln!("memtrace setup:");
+    toolchain_steps()?;
+    step("Debian packages", || {
+        ensure_packages(&[PACKAGES, DIST_PACKAGES].concat(), options.apt)
+    })?;
+    step("uvicorn virtualenv", ensure_uvicorn)?;
+    eprintln!("setup complete in {:.1}s", t.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// What `cargo xtask dist` needs, and only that: the toolchain pieces,
+/// musl-tools and buildah.
+pub fn setup_dist(options: &SetupOptions) -> Result<()> {
+    eprintln!("memtrace setup for dist:");
+    toolchain_steps()?;
+    step("Debian packages", || {
+        ensure_packages(DIST_PACKAGES, options.apt)
+    })
+}
+
+/// The eBPF build's nightly, rust-src and bpf-linker; the release's musl
+/// target and cargo-deb.
+fn toolchain_steps() -> Result<()> {
     step("nightly toolchain", ensure_nightly)?;
     step("rust-src for nightly", ensure_rust_src)?;
     step("bpf-linker", ensure_bpf_linker)?;
     step("musl target (static release binary)", ensure_musl_target)?;
-    step("cargo-deb", ensure_cargo_deb)?;
-    step("Debian packages", || ensure_packages(options.apt))?;
-    step("uvicorn virtualenv", ensure_uvicorn)?;
-    eprintln!("setup complete in {:.1}s", t.elapsed().as_secs_f64());
-    Ok(())
+    step("cargo-deb", ensure_cargo_deb)
 }
 
 /// Where the socket-mode tests find uvicorn (from PyPI).
@@ -327,8 +346,8 @@ pub(crate) fn have_command(cmd: &str) -> bool {
         .is_some_and(|paths| env::split_paths(&paths).any(|dir| dir.join(cmd).is_file()))
 }
 
-fn ensure_packages(apt: bool) -> Result<bool> {
-    let missing: Vec<&str> = PACKAGES
+fn ensure_packages(packages: &[(&str, &str)], apt: bool) -> Result<bool> {
+    let missing: Vec<&str> = packages
         .iter()
         .filter(|(cmd, _)| !have_command(cmd))
         .map(|&(_, pkg)| pkg)
