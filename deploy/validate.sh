@@ -17,8 +17,11 @@
 #     with `apt-get download` and unpacked into
 #     ~/.cache/memtrace-deploy-validate/prometheus (not installed: no service,
 #     no user); a prometheus/promtool already on PATH is used instead.
-# Optional: a built agent (MEMTRACE_BIN, or target/{release,debug}/memtrace)
+# Optional: a built agent (MEMTRACE_BIN, or target/{dist,release,debug}/memtrace)
 # is asked to load the settings examples; without one that check is skipped.
+# As root with cargo and buildah, `cargo xtask dist` builds the DaemonSet's
+# image (deploy/container/Containerfile), which is then checked in its
+# oci-archive and, with podman, run.
 #
 #   bash deploy/validate.sh --live   also runs the agent (root, eBPF) on a local
 #                                    test server, scrapes it with a local
@@ -317,8 +320,8 @@ METRICS = {
     "memtrace_worker_rss_type_bytes": {"pid", "name", "role", "type"},
     "memtrace_worker_pss_bytes": {"pid", "name", "role"},
     "memtrace_worker_uss_bytes": {"pid", "name", "role"},
-    "memtrace_worker_leak_slope_mb_per_request": {"pid", "name", "role"},
-    "memtrace_worker_leak_slope_mb_per_hour": {"pid", "name", "role"},
+    "memtrace_worker_leak_slope_bytes_per_request": {"pid", "name", "role"},
+    "memtrace_worker_leak_slope_bytes_per_hour": {"pid", "name", "role"},
     "memtrace_worker_forecast_seconds_to_limit": {"pid", "name", "role"},
     "memtrace_worker_requests_total": {"pid", "name", "role"},
     "memtrace_worker_requests_in_flight": {"pid", "name", "role"},
@@ -698,7 +701,9 @@ EOF
 # starting to trace; flags win over the environment and the file.
 BIN="${MEMTRACE_BIN:-}"
 if [ -z "$BIN" ]; then
-    for b in "$REPO/target/release/memtrace" "$REPO/target/debug/memtrace"; do
+    # The release of `cargo xtask dist` first: the image stage below
+    # rebuilds it in place, so the live stage runs the current sources.
+    for b in "$REPO/target/dist/memtrace" "$REPO/target/release/memtrace" "$REPO/target/debug/memtrace"; do
         if [ -x "$b" ]; then BIN="$b"; break; fi
     done
 fi
@@ -753,6 +758,110 @@ EOF
     check "agent accepts the Kubernetes ConfigMap's settings and the container's kubelet variables" agent_accepts "$WORK/configmap.env" --log-format json
 else
     skip "agent check: no built memtrace binary (set MEMTRACE_BIN, or cargo xtask build)"
+fi
+
+# ---------------------------------------------------------------- image
+section "Image: deploy/container/Containerfile (the DaemonSet's image)"
+IMAGE_REF="$("$PY" - "$K8S" <<'EOF'
+import sys, yaml
+ds = next(d for d in yaml.safe_load_all(open(sys.argv[1])) if d["kind"] == "DaemonSet")
+print(ds["spec"]["template"]["spec"]["containers"][0]["image"])
+EOF
+)"
+VERSION="$(sed -n '/^\[workspace.package\]/,/^\[/s/^version = "\(.*\)"/\1/p' "$REPO/Cargo.toml")"
+check "the DaemonSet's image $IMAGE_REF carries the workspace version $VERSION" test "${IMAGE_REF##*:}" = "$VERSION"
+ARCHIVE="$REPO/target/dist/memtrace-$VERSION.oci.tar"
+if [ "$(id -u)" -eq 0 ] && command -v cargo >/dev/null 2>&1 && command -v buildah >/dev/null 2>&1; then
+    # The whole release (the image needs the static binary); incremental.
+    check "cargo xtask dist builds it with buildah, no registry ($ARCHIVE)" \
+        bash -c "cd '$REPO' && cargo xtask dist >'$WORK/dist.log' 2>&1 || { tail -n 20 '$WORK/dist.log'; exit 1; }; sed -n '/target\/dist:/,\$p' '$WORK/dist.log'"
+else
+    skip "building the image: needs root, cargo and buildah (cargo xtask setup installs buildah); checking $ARCHIVE if present"
+fi
+if [ -f "$ARCHIVE" ]; then
+    check "the archive: one linux/amd64 image, entrypoint the binary, args agent, labels, one layer with only the static binary" \
+        "$PY" - "$ARCHIVE" "$VERSION" <<'EOF'
+import io, json, struct, sys, tarfile
+archive, version = sys.argv[1:3]
+ar = tarfile.open(archive)
+def blob(digest):
+    return ar.extractfile("blobs/" + digest.replace(":", "/")).read()
+errors = []
+def expect(cond, msg):
+    if not cond:
+        errors.append(msg)
+index = json.loads(ar.extractfile("index.json").read())
+expect(len(index["manifests"]) == 1, f"{len(index['manifests'])} manifests")
+m = index["manifests"][0]
+ref = m.get("annotations", {}).get("org.opencontainers.image.ref.name", "")
+expect(ref.endswith(f"memtrace:{version}") or ref == version, f"ref name {ref!r}")
+manifest = json.loads(blob(m["digest"]))
+config = json.loads(blob(manifest["config"]["digest"]))
+c = config.get("config", {})
+expect(config.get("architecture") == "amd64" and config.get("os") == "linux", f"platform {config.get('os')}/{config.get('architecture')}")
+expect(c.get("Entrypoint") == ["/usr/bin/memtrace"], f"entrypoint {c.get('Entrypoint')}")
+expect(c.get("Cmd") == ["agent"], f"cmd {c.get('Cmd')}")
+labels = c.get("Labels", {})
+expect(labels.get("org.opencontainers.image.version") == version, f"version label {labels.get('org.opencontainers.image.version')!r}")
+expect(labels.get("org.opencontainers.image.revision", "unknown") != "unknown", "no revision label")
+layers = manifest["layers"]
+expect(len(layers) == 1, f"{len(layers)} layers")
+layer = tarfile.open(fileobj=io.BytesIO(blob(layers[0]["digest"])), mode="r:*")
+files = {t.name.lstrip("./"): t for t in layer.getmembers() if t.isfile()}
+expect(list(files) == ["usr/bin/memtrace"], f"files in the layer: {sorted(files)}")
+if "usr/bin/memtrace" in files:
+    elf = layer.extractfile(files["usr/bin/memtrace"]).read()
+    expect(elf[:4] == b"\x7fELF" and elf[4] == 2, "not a 64-bit ELF")
+    phoff, = struct.unpack_from("<Q", elf, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
+    types = [struct.unpack_from("<I", elf, phoff + i * phentsize)[0] for i in range(phnum)]
+    expect(3 not in types, "the binary has an interpreter (PT_INTERP): not static")
+    expect(files["usr/bin/memtrace"].mode & 0o111, "the binary is not executable")
+if errors:
+    sys.exit("\n".join(errors))
+print(f"{ref}: linux/amd64, {manifest['layers'][0]['size']} bytes compressed, entrypoint /usr/bin/memtrace agent, revision {labels['org.opencontainers.image.revision']}, static")
+EOF
+    if [ "$(id -u)" -eq 0 ] && command -v podman >/dev/null 2>&1; then
+        image_runs() {
+            local img rc=0 out
+            img="$(podman load -q -i "$ARCHIVE" | sed -n 's/^Loaded image: //p' | tail -n1)"
+            [ -n "$img" ] || { echo "podman load gave no image"; return 1; }
+            # runc: bookworm's crun refuses hosts with hybrid cgroups.
+            # Limits no higher than ours: where root lacks CAP_SYS_RESOURCE
+            # (a container), podman's defaults cannot be set.
+            local -a limits=(--ulimit "nofile=$(ulimit -Hn):$(ulimit -Hn)" --ulimit nproc=4096:4096)
+            out="$(podman --runtime runc run --rm "${limits[@]}" "$img" --version 2>&1)" || rc=$?
+            printf '%s\n' "$out" | head -n 2
+            if [ "$rc" -ne 0 ] || ! printf '%s' "$out" | grep -q "^memtrace $VERSION\$"; then podman rmi -f "$img" >/dev/null 2>&1; return 1; fi
+            # The DaemonSet's args with the ConfigMap's settings: read and
+            # accepted (`--listen bogus` stops it there, as above).
+            "$PY" - "$K8S" >"$WORK/pod.env" <<'EOF'
+import sys, yaml
+for d in yaml.safe_load_all(open(sys.argv[1])):
+    if d["kind"] == "ConfigMap":
+        for k, v in d["data"].items():
+            print(f"{k}={v}")
+EOF
+            # Its --listen value swapped for `bogus` (a flag given twice is
+            # an error).
+            args="$("$PY" -c 'import sys, yaml
+ds = next(d for d in yaml.safe_load_all(open(sys.argv[1])) if d["kind"] == "DaemonSet")
+a = ds["spec"]["template"]["spec"]["containers"][0]["args"]
+a[a.index("--listen") + 1] = "bogus"
+print(" ".join(a))' "$K8S")"
+            rc=0
+            # shellcheck disable=SC2086
+            out="$(podman --runtime runc run --rm "${limits[@]}" --env-file "$WORK/pod.env" "$img" $args 2>&1)" || rc=$?
+            podman rmi -f "$img" >/dev/null 2>&1
+            printf '%s\n' "$out" | head -n 3
+            [ "$rc" -eq 2 ] && printf '%s' "$out" | grep -q -- '--listen: `bogus`'
+        }
+        check "the image runs with podman: --version, and the DaemonSet's args with the ConfigMap accepted" image_runs
+    else
+        skip "running the image: needs root and podman"
+    fi
+else
+    skip "image checks: $ARCHIVE not built"
 fi
 
 # ---------------------------------------------------------------- Grafana
@@ -1014,7 +1123,7 @@ exec setpriv --bounding-set "-all,$caps" --nnp -- "$bin" "$@"
         (cd "$WORK" && exec env -i PATH="$PATH" "${envs[@]}" unshare --mount --propagation private -- \
             sh -c "$sandbox" sandbox "$BIN" "$caps" agent --pid "$wpid" --request-mode accept \
             --listen "127.0.0.1:$aport" --log-format json --summary-interval-secs 0 \
-            --leak-sample-interval-secs 1 >"$WORK/agent.log" 2>&1) &
+            --leak-sample-interval-secs 1 --mmap-counters >"$WORK/agent.log" 2>&1) &
         local apid=$!
         STARTED+=("$apid")
         # Prometheus with the memtrace job of scrape-configs.yml, aimed at it.
@@ -1060,7 +1169,7 @@ wait("15 successful scrapes", lambda: float(prom("/api/v1/query", query='sum_ove
 errors = []
 # Every series the dashboard knows is exported (the leak slopes and the
 # forecast appear only once a worker has a trend).
-optional = {"memtrace_worker_leak_slope_mb_per_request", "memtrace_worker_leak_slope_mb_per_hour",
+optional = {"memtrace_worker_leak_slope_bytes_per_request", "memtrace_worker_leak_slope_bytes_per_hour",
             "memtrace_worker_forecast_seconds_to_limit"}
 names = set(prom("/api/v1/label/__name__/values", **{"match[]": '{job="memtrace"}'})["data"])
 exported = {n for n in names if n.startswith("memtrace_")}

@@ -102,6 +102,13 @@ fn main() -> ExitCode {
             );
             ExitCode::SUCCESS
         }
+        Command::ManPages { dir } => match clap_mangen::generate_to(Cli::command(), &dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(format_args!(
+                "cannot write man pages to {}: {e}",
+                dir.display()
+            )),
+        },
     }
 }
 

@@ -29,7 +29,8 @@ pub fn require_root() {
     );
 }
 
-fn workspace_root() -> PathBuf {
+/// The repository's root.
+pub fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("tests/ is in the workspace")
@@ -307,10 +308,16 @@ impl AgentProcess {
     /// Like `start_with_env`, with another `--log-format` (its lines are
     /// kept whole as messages).
     pub fn start_with_format(args: &[&str], env: &[(&str, &str)], format: &str) -> Self {
+        Self::start_program(&memtrace_bin(), args, env, format)
+    }
+
+    /// Like `start_with_format`, with another memtrace binary (an installed
+    /// one, the release in target/dist).
+    pub fn start_program(bin: &Path, args: &[&str], env: &[(&str, &str)], format: &str) -> Self {
         use std::io::BufRead as _;
         require_root();
         let mut proc = Proc::spawn(
-            Command::new(memtrace_bin())
+            Command::new(bin)
                 .args(args)
                 .args(["--log-format", format])
                 .env("RUST_LOG", "info")
@@ -444,15 +451,23 @@ fn perf_attached(pid: u32) -> Vec<u32> {
 
 /// One GET to the agent's API: status code and JSON body (or the text).
 pub fn api_get(addr: std::net::SocketAddr, path: &str) -> (u16, serde_json::Value) {
-    let mut s = TcpStream::connect(addr).expect("connect to the API");
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    try_api_get(addr, path).unwrap_or_else(|e| panic!("GET {path} from the API at {addr}: {e}"))
+}
+
+/// Like `api_get`, with the error when it cannot connect or read (a port
+/// may be published before the agent behind it listens).
+pub fn try_api_get(
+    addr: std::net::SocketAddr,
+    path: &str,
+) -> std::io::Result<(u16, serde_json::Value)> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
     write!(
         s,
         "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
+    )?;
     let mut out = Vec::new();
-    s.read_to_end(&mut out).expect("read the reply");
+    s.read_to_end(&mut out)?;
     let text = String::from_utf8_lossy(&out).into_owned();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let code = head
@@ -469,7 +484,7 @@ pub fn api_get(addr: std::net::SocketAddr, path: &str) -> (u16, serde_json::Valu
         body.to_string()
     };
     let value = serde_json::from_str(&body).unwrap_or(serde_json::Value::String(body));
-    (code, value)
+    Ok((code, value))
 }
 
 fn dechunk(body: &str) -> String {

@@ -5,9 +5,11 @@
 //! cargo xtask test           unit tests, the end-to-end tests, then the kernel matrix (root)
 //! cargo xtask matrix         end-to-end tests on Debian's 5.10, 6.1, 6.12 and 7.x kernels in QEMU
 //! cargo xtask run -- ARGS    build in release and run `memtrace ARGS`
+//! cargo xtask dist           static binary, .deb, OCI image, man pages, completions in target/dist
 //! cargo xtask bench          benchmarks, written to BENCHMARKS.md
 //! ```
 mod bench;
+mod dist;
 mod layout;
 mod matrix;
 mod setup;
@@ -108,6 +110,13 @@ enum Cmd {
         #[arg(long)]
         untraced_only: bool,
     },
+    /// Build a release into target/dist: the static binary, man pages,
+    /// completions, a .deb (cargo-deb), an OCI image (buildah) and SHA-256 sums.
+    Dist {
+        /// Skip the OCI image (no buildah needed).
+        #[arg(long)]
+        no_image: bool,
+    },
     /// Build in release mode and run memtrace with these arguments.
     Run {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -158,6 +167,10 @@ fn main() -> Result<()> {
         Cmd::Build => {
             ensure_setup()?;
             run(cargo().args(["build", "--release", "-p", "memtrace"]))
+        }
+        Cmd::Dist { no_image } => {
+            setup::setup_dist(&setup::SetupOptions { apt: true })?;
+            dist::dist(&dist::DistOptions { image: !no_image })
         }
         Cmd::Bench {
             rounds,
@@ -234,6 +247,9 @@ fn main() -> Result<()> {
                     "the end-to-end tests load eBPF programs and need root: run `sudo -E cargo xtask test` (or `cargo xtask test --unit` for the unit tests alone)"
                 );
             }
+            // The install tests (tests/e2e/install.rs) take the package,
+            // the image and the binary from target/dist.
+            dist::dist(&dist::DistOptions { image: true })?;
             run(cargo().args(["build", "-p", "memtrace"]))?;
             let mut cmd = cargo();
             cmd.args(["test", "-p", "memtrace-tests", "--", "--test-threads=1"]);

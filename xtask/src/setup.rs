@@ -52,7 +52,16 @@ const PACKAGES: &[(&str, &str)] = &[
     ("debootstrap", "debootstrap"),
     // Debian's python3 makes virtualenvs (virtme-ng's, uvicorn's) only with it.
     ("/usr/lib/python3.11/ensurepip/__init__.py", "python3-venv"),
+    // The install tests run the image with podman (runc: bookworm's crun
+    // refuses hybrid cgroup hosts) and scrape the agent with Prometheus.
+    ("podman", "podman"),
+    ("runc", "runc"),
+    ("prometheus", "prometheus"),
 ];
+
+/// What `cargo xtask dist` needs besides the eBPF build: ring's C for the
+/// static (musl) binary, and buildah for the image.
+const DIST_PACKAGES: &[(&str, &str)] = &[("musl-gcc", "musl-tools"), ("buildah", "buildah")];
 
 pub struct SetupOptions {
     /// Install missing Debian packages with apt-get.
@@ -108,14 +117,34 @@ fn step(name: &str, f: impl FnOnce() -> Result<bool>) -> Result<()> {
 pub fn setup(options: &SetupOptions) -> Result<()> {
     let t = Instant::now();
     eprintln!("memtrace setup:");
-    step("nightly toolchain", ensure_nightly)?;
-    step("rust-src for nightly", ensure_rust_src)?;
-    step("bpf-linker", ensure_bpf_linker)?;
-    step("Debian packages", || ensure_packages(options.apt))?;
+    toolchain_steps()?;
+    step("Debian packages", || {
+        ensure_packages(&[PACKAGES, DIST_PACKAGES].concat(), options.apt)
+    })?;
     step("uvicorn virtualenv", ensure_uvicorn)?;
     step("Debian sid root with python3.14 and python3.15", ensure_sid_root)?;
     eprintln!("setup complete in {:.1}s", t.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// What `cargo xtask dist` needs, and only that: the toolchain pieces,
+/// musl-tools and buildah.
+pub fn setup_dist(options: &SetupOptions) -> Result<()> {
+    eprintln!("memtrace setup for dist:");
+    toolchain_steps()?;
+    step("Debian packages", || {
+        ensure_packages(DIST_PACKAGES, options.apt)
+    })
+}
+
+/// The eBPF build's nightly, rust-src and bpf-linker; the release's musl
+/// target and cargo-deb.
+fn toolchain_steps() -> Result<()> {
+    step("nightly toolchain", ensure_nightly)?;
+    step("rust-src for nightly", ensure_rust_src)?;
+    step("bpf-linker", ensure_bpf_linker)?;
+    step("musl target (static release binary)", ensure_musl_target)?;
+    step("cargo-deb", ensure_cargo_deb)
 }
 
 /// Where the socket-mode tests find uvicorn (from PyPI).
@@ -298,6 +327,53 @@ fn ensure_bpf_linker() -> Result<bool> {
     Ok(true)
 }
 
+/// cargo-deb release the package metadata in memtrace/Cargo.toml is written for.
+const CARGO_DEB_VERSION: &str = "3.8.0";
+
+/// The standard library for `dist::TARGET`, from rustup.
+fn ensure_musl_target() -> Result<bool> {
+    let sysroot = output(Command::new("rustc").args(["--print", "sysroot"]))?;
+    let lib = PathBuf::from(sysroot.trim())
+        .join("lib/rustlib")
+        .join(crate::dist::TARGET);
+    if lib.is_dir() {
+        return Ok(false);
+    }
+    let ok = Command::new("rustup")
+        .args(["target", "add", crate::dist::TARGET])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok || !lib.is_dir() {
+        bail!(
+            "`rustup target add {}` failed: `cargo xtask dist` builds a static binary with it",
+            crate::dist::TARGET
+        );
+    }
+    Ok(true)
+}
+
+/// cargo-deb from crates.io, for the .deb of `cargo xtask dist`.
+fn ensure_cargo_deb() -> Result<bool> {
+    if run_ok(Command::new(cargo_home().join("bin/cargo-deb")).arg("--version")) {
+        return Ok(false);
+    }
+    eprintln!("  installing cargo-deb {CARGO_DEB_VERSION} from crates.io (about two minutes)");
+    let ok = Command::new("cargo")
+        .args([
+            "install",
+            "cargo-deb",
+            "--locked",
+            "--version",
+            CARGO_DEB_VERSION,
+        ])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        bail!("`cargo install cargo-deb` failed: it needs crates.io; see the output above");
+    }
+    Ok(true)
+}
+
 /// A command on PATH, or a file when given as an absolute path.
 pub(crate) fn have_command(cmd: &str) -> bool {
     if cmd.starts_with('/') {
@@ -307,8 +383,8 @@ pub(crate) fn have_command(cmd: &str) -> bool {
         .is_some_and(|paths| env::split_paths(&paths).any(|dir| dir.join(cmd).is_file()))
 }
 
-fn ensure_packages(apt: bool) -> Result<bool> {
-    let missing: Vec<&str> = PACKAGES
+fn ensure_packages(packages: &[(&str, &str)], apt: bool) -> Result<bool> {
+    let missing: Vec<&str> = packages
         .iter()
         .filter(|(cmd, _)| !have_command(cmd))
         .map(|&(_, pkg)| pkg)

@@ -65,6 +65,8 @@ struct WorkerRecycleLabels {
 
 type GaugeF = Gauge<f64, std::sync::atomic::AtomicU64>;
 
+const MIB: f64 = 1024.0 * 1024.0;
+
 /// Every series `render` exports (counters with their `_total`), checked
 /// against the Grafana dashboard by a test.
 pub const METRIC_NAMES: &[&str] = &[
@@ -72,8 +74,8 @@ pub const METRIC_NAMES: &[&str] = &[
     "memtrace_worker_rss_type_bytes",
     "memtrace_worker_pss_bytes",
     "memtrace_worker_uss_bytes",
-    "memtrace_worker_leak_slope_mb_per_request",
-    "memtrace_worker_leak_slope_mb_per_hour",
+    "memtrace_worker_leak_slope_bytes_per_request",
+    "memtrace_worker_leak_slope_bytes_per_hour",
     "memtrace_worker_forecast_seconds_to_limit",
     "memtrace_worker_requests_total",
     "memtrace_worker_requests_in_flight",
@@ -122,6 +124,42 @@ fn role_name(role: Role) -> &'static str {
     }
 }
 
+/// The classic Prometheus text format (0.0.4) of an OpenMetrics exposition:
+/// a counter's HELP and TYPE name its `_total` samples, and there are no
+/// UNIT lines or `# EOF`.
+pub fn to_classic_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
+        match meta {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                let sep = if tail.is_empty() { "" } else { " " };
+                if counters.contains(name) {
+                    out.push_str(&format!("{prefix}{name}_total{sep}{tail}\n"));
+                } else {
+                    out.push_str(&format!("{prefix}{name}{sep}{tail}\n"));
+                }
+            }
+            None => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
 /// Renders every metric for the workers of `status` (the live ones, with
 /// what /proc adds).
 pub fn render(status: &StatusView) -> String {
@@ -154,13 +192,13 @@ pub fn render(status: &StatusView) -> String {
         Gauge
     );
     let slope: Family<WorkerLabels, GaugeF> = family!(
-        "memtrace_worker_leak_slope_mb_per_request",
-        "Robust leak slope at the last check (MB per request; MB per second for workers without request boundaries)",
+        "memtrace_worker_leak_slope_bytes_per_request",
+        "Robust leak slope at the last check (bytes per request; bytes per second for workers without request boundaries)",
         GaugeF
     );
     let slope_hour: Family<WorkerLabels, GaugeF> = family!(
-        "memtrace_worker_leak_slope_mb_per_hour",
-        "Leak slope in MB per hour",
+        "memtrace_worker_leak_slope_bytes_per_hour",
+        "Leak slope in bytes per hour",
         GaugeF
     );
     let forecast: Family<WorkerLabels, GaugeF> = family!(
@@ -378,11 +416,12 @@ pub fn render(status: &StatusView) -> String {
             uss.get_or_create(&labels).set(u as i64);
         }
         let d = &w.leak_detector;
+        // The detector works in MiB; metrics are in base units (bytes).
         if let Some(s) = d.robust_slope {
-            slope.get_or_create(&labels).set(s);
+            slope.get_or_create(&labels).set(s * MIB);
         }
         if let Some(s) = d.slope_mb_per_hour {
-            slope_hour.get_or_create(&labels).set(s);
+            slope_hour.get_or_create(&labels).set(s * MIB);
         }
         if let Some(s) = d.forecast_seconds_to_limit {
             forecast.get_or_create(&labels).set(s);
@@ -536,5 +575,28 @@ mod tests {
                 "the dashboard queries {name}, which memtrace does not export"
             );
         }
+    }
+
+    /// The classic format names a counter's samples in its HELP and TYPE,
+    /// and keeps every sample as it is.
+    #[test]
+    fn classic_text_names_counters_by_their_samples() {
+        let om = "# HELP memtrace_worker_requests Requests ended.\n\
+                  # TYPE memtrace_worker_requests counter\n\
+                  memtrace_worker_requests_total{pid=\"1\"} 3\n\
+                  # HELP memtrace_workers Traced processes.\n\
+                  # TYPE memtrace_workers gauge\n\
+                  # UNIT memtrace_workers processes\n\
+                  memtrace_workers 2\n\
+                  # EOF\n";
+        assert_eq!(
+            to_classic_text(om),
+            "# HELP memtrace_worker_requests_total Requests ended.\n\
+             # TYPE memtrace_worker_requests_total counter\n\
+             memtrace_worker_requests_total{pid=\"1\"} 3\n\
+             # HELP memtrace_workers Traced processes.\n\
+             # TYPE memtrace_workers gauge\n\
+             memtrace_workers 2\n"
+        );
     }
 }

@@ -295,7 +295,8 @@ impl Backend for Fake {
     }
 
     fn metrics(&self) -> String {
-        "# EOF\n".into()
+        "# HELP memtrace_events Events.\n# TYPE memtrace_events counter\nmemtrace_events_total 1\n# EOF\n"
+            .into()
     }
 }
 
@@ -915,4 +916,32 @@ fn metrics_have_route_series_only_when_asked() {
         .unwrap();
     assert!((kept - 32768.0).abs() < 1e-6, "{kept}");
     assert!(line("memtrace_route_grew_ratio").ends_with(" 1.0"));
+}
+
+/// Prometheus asks for OpenMetrics and gets it; curl and promtool get the
+/// classic text format.
+#[tokio::test]
+async fn metrics_negotiate_openmetrics_or_the_classic_format() {
+    let h = harness(None);
+    let (code, body) = h
+        .get_with(
+            "/metrics",
+            &[(
+                "accept",
+                "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
+            )],
+        )
+        .await;
+    assert_eq!(code, StatusCode::OK);
+    let body = body.as_str().unwrap().to_string();
+    assert!(
+        body.ends_with("# EOF\n") && body.contains("# TYPE memtrace_events counter"),
+        "{body}"
+    );
+    let (_, body) = h.get("/metrics").await;
+    let body = body.as_str().unwrap().to_string();
+    assert!(
+        !body.contains("# EOF") && body.contains("# TYPE memtrace_events_total counter"),
+        "{body}"
+    );
 }

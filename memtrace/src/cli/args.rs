@@ -11,8 +11,31 @@ use super::{
     settings::{AgentArgs, ConfigError, invalid, parse_listen},
 };
 
+/// `memtrace -V`: the version and the commit it was built from.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("MEMTRACE_GIT_COMMIT"),
+    ")"
+);
+
+/// `memtrace --version`: the version, the commit, the target and the
+/// kernels this build serves.
+pub fn long_version() -> &'static str {
+    static TEXT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TEXT.get_or_init(|| {
+        format!(
+            "{}\ncommit: {}\ntarget: {}\n{}",
+            env!("CARGO_PKG_VERSION"),
+            env!("MEMTRACE_GIT_COMMIT"),
+            env!("MEMTRACE_BUILD_TARGET"),
+            crate::kernel::features::BUILT_FOR
+        )
+    })
+}
+
 #[derive(Debug, Parser)]
-#[command(name = "memtrace", version, about = "Kernel-level memory tracer for multi-worker servers", long_about = None)]
+#[command(name = "memtrace", version = VERSION, long_version = long_version(), about = "Kernel-level memory tracer for multi-worker servers", long_about = None)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -115,6 +138,10 @@ pub enum Command {
     },
     /// Shell completions: `memtrace completions bash > /etc/bash_completion.d/memtrace`.
     Completions { shell: clap_complete::Shell },
+    /// Man pages (memtrace.1 and one per subcommand) into DIR, for packages
+    /// (`cargo xtask dist`).
+    #[command(hide = true)]
+    ManPages { dir: std::path::PathBuf },
 }
 
 fn parse_interval(s: &str) -> Result<f64, String> {

@@ -31,6 +31,17 @@ const HIDEABLE: &[&str] = &[
     "syscall_tracepoints",
 ];
 
+/// The kernels this build serves and the variants it carries, for
+/// `memtrace --version`; which variant runs is chosen per kernel at start
+/// ([`KernelFeatures::report`], `memtrace check`).
+pub const BUILT_FOR: &str = "\
+kernels: Linux 5.10 or later, x86_64, with BTF, BPF ring buffers, tracepoints and uprobes
+variants built in (the running kernel picks one; `memtrace check` shows which):
+  process exit: group_dead (6.16) | task->signal->live (BTF) | main thread's exit
+  request mode socket: sock:sock_*_length (6.3) | fexit on tcp_recvmsg/tcp_sendmsg (BTF)
+  request modes none, accept, uprobe; HTTP paths (5.15); cgroup filtering (5.14)
+  collect growth, heap, pymalloc; Python frames (BTF mapped 6.16 | copied); mmap counters";
+
 /// How the last thread of an exiting process is told (which variant of the
 /// exit program runs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
