@@ -90,8 +90,16 @@ pub static FD_SCRATCH: PerCpuArray<FdScratch> = PerCpuArray::with_max_entries(1,
 pub struct FdScratch {
     pub words: [u64; FDS_WORDS_MAX as usize],
     pub open: u64,
-    /// CPython's `generation_stats[3]`, as read.
+    /// CPython's `generation_stats[3]`, as read, and their totals
+    /// (collections, collected, uncollectable).
     pub gc: [u64; 9],
+    pub gc_sum: [u64; 3],
+    /// What the request end being sent read (`REQ_*_KNOWN` in
+    /// `end_known`), kept here rather than on the BPF stack: 5.10 allows
+    /// 512 bytes for a program and the functions it calls together.
+    pub end_fds: u32,
+    pub end_known: u32,
+    pub end_gc: [u64; 3],
 }
 
 /// Python stacks sampled while collection is on, by id (a hash of the

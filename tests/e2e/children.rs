@@ -7,11 +7,7 @@
 //! holding 20 MiB) and never closes it; `/ok` starts nothing; `/helper`
 //! runs a child to completion. Real gunicorn, sync and gthread, in socket
 //! mode (routes), through the memtrace binary and its API.
-use std::{
-    net::SocketAddr,
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::{net::SocketAddr, time::Duration};
 
 use memtrace_tests::*;
 
@@ -31,44 +27,18 @@ fn get(addr: SocketAddr, path: &str) -> serde_json::Value {
 /// The agent in socket mode (routes), with a detector that judges after
 /// a few requests; its API on a free port.
 fn agent(extra: &[&str]) -> (AgentProcess, SocketAddr) {
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let mut args = vec![
-        "agent",
-        "--process-name",
-        "gunicorn",
-        "--request-mode",
-        "socket",
-        "--leak-window-size",
-        "20",
-        "--leak-check-interval",
-        "10",
-        "--leak-warmup-requests",
-        "4",
-        "--listen",
-        &listen,
-    ];
-    args.extend_from_slice(extra);
-    let agent = AgentProcess::start_with_env(&args, &[("MEMTRACE_DEBUG_TOKEN", TOKEN)]);
-    (agent, listen.parse().unwrap())
+    judging_agent("gunicorn", "socket", extra, TOKEN)
 }
 
 fn render_gunicorn(port: u16, worker_class: &str) -> Proc {
-    let mut cmd = Command::new("gunicorn");
-    cmd.args(["--workers", "1", "--worker-class", worker_class])
-        .arg("--bind")
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--chdir")
-        .arg(Fixtures::source(""))
-        .env("STANDIN", fixtures().bin("standin"))
-        .env("STANDIN_MIB", STANDIN_MIB.to_string())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    if worker_class == "gthread" {
-        cmd.args(["--threads", "4"]);
-    }
-    cmd.arg("render_app:app");
-    Proc::spawn(&mut cmd)
+    let standin = fixtures().bin("standin");
+    let mib = STANDIN_MIB.to_string();
+    one_worker_gunicorn(
+        port,
+        worker_class,
+        "render_app:app",
+        &[("STANDIN", standin.as_os_str()), ("STANDIN_MIB", mib.as_ref())],
+    )
 }
 
 /// Every process below `pid`, from /proc.

@@ -9,11 +9,7 @@
 //! it (uncollectable: gc.garbage grows by 2). Each answers the GC totals it
 //! measured around its own work. Real gunicorn, sync and gthread, in socket
 //! mode (routes) and accept mode, through the memtrace binary and its API.
-use std::{
-    net::SocketAddr,
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::{net::SocketAddr, time::Duration};
 
 use memtrace_tests::*;
 
@@ -28,20 +24,12 @@ fn get(addr: SocketAddr, path: &str) -> serde_json::Value {
     body
 }
 
+fn agent_for(name: &str, mode: &str) -> (AgentProcess, SocketAddr) {
+    judging_agent(name, mode, &[], TOKEN)
+}
+
 fn app_gunicorn(port: u16, worker_class: &str) -> Proc {
-    let mut cmd = Command::new("gunicorn");
-    cmd.args(["--workers", "1", "--worker-class", worker_class])
-        .arg("--bind")
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--chdir")
-        .arg(Fixtures::source(""))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    if worker_class == "gthread" {
-        cmd.args(["--threads", "4"]);
-    }
-    cmd.arg("fd_gc_app:app");
-    Proc::spawn(&mut cmd)
+    one_worker_gunicorn(port, worker_class, "fd_gc_app:app", &[])
 }
 
 fn json(body: &str) -> serde_json::Value {
@@ -56,27 +44,7 @@ fn open_fds(pid: u32) -> usize {
 
 fn leaks_descriptors_and_garbage(worker_class: &str, mode: &str) {
     let _serial = serial();
-    let api = free_port();
-    let listen = format!("127.0.0.1:{api}");
-    let agent = AgentProcess::start_with_env(
-        &[
-            "agent",
-            "--process-name",
-            "gunicorn",
-            "--request-mode",
-            mode,
-            "--leak-window-size",
-            "20",
-            "--leak-check-interval",
-            "10",
-            "--leak-warmup-requests",
-            "4",
-            "--listen",
-            &listen,
-        ],
-        &[("MEMTRACE_DEBUG_TOKEN", TOKEN)],
-    );
-    let addr: SocketAddr = listen.parse().unwrap();
+    let (agent, addr) = agent_for("gunicorn", mode);
     let port = free_port();
     let server = app_gunicorn(port, worker_class);
     assert!(wait_port(port, SERVER_START));
@@ -182,7 +150,7 @@ fn leaks_descriptors_and_garbage(worker_class: &str, mode: &str) {
     );
     let status = get(addr, &format!("/v1/workers/{worker}"));
     assert!(status["fd_leak_detections"].as_u64() >= Some(1), "{status}");
-    let metrics = http_get(api, "/metrics").expect("metrics");
+    let metrics = http_get(addr.port(), "/metrics").expect("metrics");
     assert!(
         metrics
             .lines()
@@ -218,32 +186,10 @@ fn gunicorn_gthread_descriptors_and_garbage_per_request() {
 #[test]
 fn asyncio_tasks_of_python_314_and_315_per_request() {
     let _serial = serial();
-    let Some(root) = sid_root() else {
-        panic!("the Debian sid root is part of the test setup");
-    };
+    let root = sid_root();
     for minor in ["3.14", "3.15"] {
-        let api = free_port();
-        let listen = format!("127.0.0.1:{api}");
         let name = format!("python{minor}");
-        let agent = AgentProcess::start_with_env(
-            &[
-                "agent",
-                "--process-name",
-                &name,
-                "--request-mode",
-                "socket",
-                "--leak-window-size",
-                "20",
-                "--leak-check-interval",
-                "10",
-                "--leak-warmup-requests",
-                "4",
-                "--listen",
-                &listen,
-            ],
-            &[("MEMTRACE_DEBUG_TOKEN", TOKEN)],
-        );
-        let addr: SocketAddr = listen.parse().unwrap();
+        let (agent, addr) = agent_for(&name, "socket");
         let port = free_port();
         let port_arg = port.to_string();
         let server = chroot_fixture(&root, &format!("/usr/bin/{name}"), "asyncio_app", &[&port_arg]);
@@ -298,7 +244,7 @@ fn asyncio_tasks_of_python_314_and_315_per_request() {
             .unwrap_or_else(|| panic!("no TASK_LEAK_DETECTED in {:#?}", agent.logs()));
         assert_eq!(line["route"], "GET /leak", "{line}");
         assert_eq!(line["pid"].as_u64(), Some(u64::from(pid)), "{line}");
-        let metrics = http_get(api, "/metrics").expect("metrics");
+        let metrics = http_get(addr.port(), "/metrics").expect("metrics");
         assert!(
             metrics.lines().any(|l| l.starts_with("memtrace_worker_asyncio_tasks{")
                 && l.contains(&format!("pid=\"{pid}\""))),

@@ -301,6 +301,12 @@ fn an_unreadable_interpreter_keeps_native_sites() {
     let w = &status["workers"][0];
     assert_eq!(w["python"]["supported"], false, "{w}");
     assert_eq!(w["python_frames"], false, "{w}");
+    assert_native_sites(addr, port, pid, "3.10");
+}
+
+/// A leak of 20 MB of large strings in a worker whose frames are not read:
+/// its top heap site is native, and the worker still runs.
+fn assert_native_sites(addr: SocketAddr, port: u16, pid: u32, what: &str) {
     let (code, _) = get(addr, &format!("/debug/memory/?action=snapshot&pid={pid}"));
     assert_eq!(code, 200);
     for _ in 0..10 {
@@ -311,10 +317,10 @@ fn an_unreadable_interpreter_keeps_native_sites() {
     let top = &diff["growth"][0];
     assert!(
         top["growth_bytes"].as_i64().unwrap_or(0) > 10_000_000,
-        "the 20 MB leak is a native heap site: {diff}"
+        "{what}: the 20 MB leak is a native heap site: {diff}"
     );
-    assert_ne!(top["module"].as_str(), Some("[python]"), "{top}");
-    assert!(procinfo_alive(pid), "the worker still runs");
+    assert_ne!(top["module"].as_str(), Some("[python]"), "{what}: {top}");
+    assert!(procinfo_alive(pid), "{what}: the worker still runs");
 }
 
 fn procinfo_alive(pid: u32) -> bool {
@@ -516,21 +522,26 @@ fn django_on_uwsgi_names_the_application_line() {
     application_view(addr, port, worker);
 }
 
+/// Debian sid's python`minor` serving the fixture `module` (wsgiref),
+/// chrooted into `root`; its port.
+fn sid_server(root: &std::path::Path, minor: &str, module: &str) -> (u16, Proc) {
+    let port = free_port();
+    let python = format!("/usr/bin/python{minor}");
+    let server = chroot_wsgi_server(root, &python, module, port);
+    assert!(wait_port(port, SERVER_START), "{minor} serves");
+    (port, server)
+}
+
 /// Debian sid's python3.14 and python3.15 (static, as Debian builds them),
 /// chrooted into a sid root like a container: frames read through each
 /// build's `_Py_DebugOffsets` and its thread-local thread state.
 #[test]
 fn debian_sid_python_314_and_315_sites_match_tracemalloc() {
     let _serial = serial();
-    let Some(root) = sid_root() else {
-        panic!("the Debian sid root is part of the test setup");
-    };
+    let root = sid_root();
     let (_agent, addr) = start_agent(&["python3.14", "python3.15"]);
     for minor in ["3.14", "3.15"] {
-        let port = free_port();
-        let python = format!("/usr/bin/python{minor}");
-        let server = chroot_wsgi_server(&root, &python, "pyleak_app", port);
-        assert!(wait_port(port, SERVER_START), "{minor} serves");
+        let (port, server) = sid_server(&root, minor, "pyleak_app");
         let status = python_ready(addr, server.pid());
         assert_eq!(
             status["python"]["version"].as_str().map(|v| v.starts_with(minor)),
@@ -554,9 +565,7 @@ fn debian_sid_python_314_and_315_sites_match_tracemalloc() {
 #[test]
 fn unreadable_new_pythons_keep_native_sites() {
     let _serial = serial();
-    let Some(root) = sid_root() else {
-        panic!("the Debian sid root is part of the test setup");
-    };
+    let root = sid_root();
     python_claiming(&root, "/usr/bin/python3.15", "/opt/future/bin/python3.16", 0x0310_00a1);
     python_claiming(&root, "/usr/bin/python3.15", "/opt/beta/bin/python3.15", 0x030f_00b3);
     let (_agent, addr) = start_agent(&["python3.16", "python3.15"]);
@@ -580,20 +589,7 @@ fn unreadable_new_pythons_keep_native_sites() {
         });
         assert!(said, "{python}: {worker}");
         assert_eq!(worker["python_frames"], false, "{python}: {worker}");
-        let (code, _) = get(addr, &format!("/debug/memory/?action=snapshot&pid={pid}"));
-        assert_eq!(code, 200);
-        for _ in 0..10 {
-            http_get(port, "/large?n=20&size=100000").expect("leak request");
-        }
-        let (code, diff) = get(addr, &format!("/debug/memory/?action=diff&pid={pid}"));
-        assert_eq!(code, 200);
-        let top = diff["growth"][0].clone();
-        assert!(
-            top["growth_bytes"].as_i64().unwrap_or(0) > 10_000_000,
-            "{python}: the 20 MB leak is a native heap site: {diff}"
-        );
-        assert_ne!(top["module"].as_str(), Some("[python]"), "{top}");
-        assert!(procinfo_alive(pid), "the worker still runs");
+        assert_native_sites(addr, port, pid, python);
         let (code, _) = get(addr, "/debug/memory/?action=stop");
         assert_eq!(code, 200);
     }
@@ -605,15 +601,10 @@ fn unreadable_new_pythons_keep_native_sites() {
 #[test]
 fn debian_sid_python_314_and_315_gc_matches_gc_get_stats() {
     let _serial = serial();
-    let Some(root) = sid_root() else {
-        panic!("the Debian sid root is part of the test setup");
-    };
+    let root = sid_root();
     let (_agent, addr) = start_agent(&["python3.14", "python3.15"]);
     for minor in ["3.14", "3.15"] {
-        let port = free_port();
-        let python = format!("/usr/bin/python{minor}");
-        let server = chroot_wsgi_server(&root, &python, "fd_gc_app", port);
-        assert!(wait_port(port, SERVER_START), "{minor} serves");
+        let (port, server) = sid_server(&root, minor, "fd_gc_app");
         let pid = server.pid();
         for _ in 0..3 {
             http_get(port, "/garbage").expect("garbage");

@@ -876,19 +876,19 @@ pub fn pyenv_python(minor: &str) -> PathBuf {
 }
 
 /// The Debian sid root `cargo xtask setup` makes, with python3.14 and
-/// python3.15; `None` (and why, on stderr) when it is missing.
-pub fn sid_root() -> Option<PathBuf> {
+/// python3.15 (part of the test setup: missing, the test fails and says
+/// how to make it).
+pub fn sid_root() -> PathBuf {
     let root = workspace_root().join("target/py-sid");
     let ready = ["python3.14", "python3.15"]
         .iter()
         .all(|p| root.join("usr/bin").join(p).is_file());
-    if !ready {
-        eprintln!(
-            "no Debian sid root with python3.14 and python3.15 at {}: run `cargo xtask setup` (as root)",
-            root.display()
-        );
-    }
-    ready.then_some(root)
+    assert!(
+        ready,
+        "no Debian sid root with python3.14 and python3.15 at {}: run `cargo xtask setup` (as root)",
+        root.display()
+    );
+    root
 }
 
 /// Serves `module:app` of the fixtures with the stdlib's wsgiref, by the
@@ -964,4 +964,59 @@ pub fn python_claiming(root: &Path, from: &str, to: &str, version_hex: u32) {
     std::fs::create_dir_all(target.parent().unwrap()).unwrap();
     std::fs::write(&target, bytes).expect("the copy");
     std::fs::set_permissions(&target, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+}
+
+/// The memtrace binary tracing processes named `name` in request mode
+/// `mode`, with a detector that judges after a few requests (window 20,
+/// checks every 10, 4 of warm-up), `extra` arguments, and its API on a
+/// free port behind `token`.
+pub fn judging_agent(
+    name: &str,
+    mode: &str,
+    extra: &[&str],
+    token: &str,
+) -> (AgentProcess, std::net::SocketAddr) {
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut args = vec![
+        "agent",
+        "--process-name",
+        name,
+        "--request-mode",
+        mode,
+        "--leak-window-size",
+        "20",
+        "--leak-check-interval",
+        "10",
+        "--leak-warmup-requests",
+        "4",
+        "--listen",
+        &listen,
+    ];
+    args.extend_from_slice(extra);
+    let agent = AgentProcess::start_with_env(&args, &[("MEMTRACE_DEBUG_TOKEN", token)]);
+    (agent, listen.parse().expect("an address"))
+}
+
+/// Debian's gunicorn with one worker of `worker_class` (gthread: 4
+/// threads) serving `app` (`module:callable`) of the fixtures, with `env`.
+pub fn one_worker_gunicorn(
+    port: u16,
+    worker_class: &str,
+    app: &str,
+    env: &[(&str, &std::ffi::OsStr)],
+) -> Proc {
+    let mut cmd = Command::new("gunicorn");
+    cmd.args(["--workers", "1", "--worker-class", worker_class])
+        .arg("--bind")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--chdir")
+        .arg(Fixtures::source(""))
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if worker_class == "gthread" {
+        cmd.args(["--threads", "4"]);
+    }
+    cmd.arg(app);
+    Proc::spawn(&mut cmd)
 }

@@ -1633,13 +1633,42 @@ fn python_bench(paths: &Paths, opts: &BenchOptions, md: &mut String) -> Result<(
                 .stderr(Stdio::null()),
         )
     };
-    let servers: [PyServer; 2] = [
+    // Debian sid's python3.14 (the root `cargo xtask setup` makes), the
+    // fixture served by the standard library's wsgiref in a chroot: one
+    // process, so the same load and a different server than the rows above.
+    let sid = crate::setup::sid_root();
+    let sid_app = sid.join("srv/memtrace-fixtures");
+    std::fs::create_dir_all(&sid_app)?;
+    std::fs::copy(app_dir.join("pyleak_app.py"), sid_app.join("pyleak_app.py"))?;
+    let python314 = |port: u16, env: &[(&str, &str)]| -> Result<Proc> {
+        let serve = format!(
+            "import sys, wsgiref.simple_server as s\n\
+             sys.path.insert(0, '/srv/memtrace-fixtures')\n\
+             import pyleak_app as a\n\
+             class Quiet(s.WSGIRequestHandler):\n    def log_message(self, *args): pass\n\
+             s.make_server('127.0.0.1', {port}, a.app, handler_class=Quiet).serve_forever()"
+        );
+        Proc::spawn(
+            pinned(SERVER_CPU, "chroot")
+                .arg(&sid)
+                .args(["/usr/bin/python3.14", "-c", &serve])
+                .envs(env.iter().copied())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        )
+    };
+    let servers: [PyServer; 3] = [
         (
             "gunicorn (Debian python3.11: pymalloc inlined, not probed)",
             "gunicorn",
             &gunicorn,
         ),
         ("uWSGI (libpython3.11: pymalloc probed)", "uwsgi", &uwsgi),
+        (
+            "wsgiref on Debian sid's python3.14.10, chrooted (frames through _Py_DebugOffsets; pymalloc inlined, not probed)",
+            "python3.14",
+            &python314,
+        ),
     ];
     let _ = writeln!(md, "\n## 2d. Python allocation sites against tracemalloc\n");
     let _ = writeln!(

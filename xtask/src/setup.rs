@@ -191,6 +191,10 @@ fn ensure_sid_root() -> Result<bool> {
     {
         return Ok(false);
     }
+    if !crate::is_root() {
+        eprintln!("  (debootstrap needs root: the Python 3.14/3.15 tests will say so)");
+        return Ok(false);
+    }
     let partial = root.with_extension("partial");
     let _ = std::fs::remove_dir_all(&partial);
     output(

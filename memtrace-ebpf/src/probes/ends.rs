@@ -2,9 +2,11 @@
 //! descriptors (from its descriptor table) and CPython's GC totals (from the
 //! process's memory, only where the end runs in the process).
 use aya_ebpf::helpers::{bpf_get_current_task, bpf_probe_read_kernel, generated};
-use memtrace_common::{FDS_WORDS_MAX, FILE_REF_NEW, REQ_FDS_KNOWN, REQ_GC_KNOWN, RequestStart};
+use memtrace_common::{
+    FDS_WORDS_MAX, FILE_REF_NEW, REQ_FDS_KNOWN, REQ_GC_KNOWN, RequestEvent, RequestStart,
+};
 
-use crate::maps::{CONFIG, FD_SCRATCH, PY_GC};
+use crate::maps::{CONFIG, FD_SCRATCH, FdScratch, PY_GC};
 
 #[inline(always)]
 fn read_kernel<T>(addr: u64) -> Option<T> {
@@ -130,36 +132,39 @@ pub fn sock_has_fd(sk: u64) -> bool {
     }
 }
 
-/// Writes the process's GC totals (collections, collected, uncollectable
-/// over the three generations) into `out`, read from the current process:
-/// call only where the current task belongs to `tgid`. False: not read.
+/// Reads the process's GC totals (collections, collected, uncollectable
+/// over the three generations) into this CPU's scratch (`gc_sum`), from
+/// the current process: call only where the current task belongs to
+/// `tgid`. False: not read.
 #[inline(always)]
-pub fn gc_totals(tgid: u32, out: &mut [u64; 3]) -> bool {
+fn gc_totals(tgid: u32, s: &mut FdScratch) -> bool {
     // SAFETY: a value read out of the map.
     let Some(addr) = (unsafe { PY_GC.get(&tgid) }).copied() else {
         return false;
     };
-    let Some(scratch) = FD_SCRATCH.get_ptr_mut(0) else {
-        return false;
-    };
-    // SAFETY: this CPU's scratch slot (see `count_fds`); the helper checks
-    // the source and the destination holds the 72 bytes.
-    unsafe {
-        let s = &mut *scratch;
-        if generated::bpf_probe_read_user(
+    // SAFETY: the helper checks the source and the destination holds the
+    // 72 bytes.
+    if unsafe {
+        generated::bpf_probe_read_user(
             s.gc.as_mut_ptr().cast(),
             core::mem::size_of::<[u64; 9]>() as u32,
             addr as *const core::ffi::c_void,
-        ) != 0
-        {
-            return false;
-        }
-        let g = &s.gc;
-        out[0] = g[0] + g[3] + g[6];
-        out[1] = g[1] + g[4] + g[7];
-        out[2] = g[2] + g[5] + g[8];
+        )
+    } != 0
+    {
+        return false;
     }
+    let g = s.gc;
+    s.gc_sum = [g[0] + g[3] + g[6], g[1] + g[4] + g[7], g[2] + g[5] + g[8]];
     true
+}
+
+/// This CPU's scratch slot: only the running program uses it.
+#[inline(always)]
+fn scratch() -> Option<&'static mut FdScratch> {
+    // SAFETY: a per-CPU map value; nothing else runs on this CPU while the
+    // program does.
+    FD_SCRATCH.get_ptr_mut(0).map(|p| unsafe { &mut *p })
 }
 
 /// Fills the descriptor count (`fds`: already without the request's own
@@ -172,41 +177,64 @@ pub fn read_start(req: &mut RequestStart, tgid: u32, fds: u32) {
     if fds != FDS_UNKNOWN {
         req.known |= REQ_FDS_KNOWN;
     }
-    if gc_totals(tgid, &mut req.gc) {
+    if let Some(s) = scratch()
+        && gc_totals(tgid, s)
+    {
+        req.gc = s.gc_sum;
         req.known |= REQ_GC_KNOWN;
     }
 }
 
-/// What a request's end adds to its summary: descriptors now and the GC's
-/// growth since its start, each known only where both ends were read.
-#[derive(Clone, Copy, Default)]
-pub struct EndReads {
-    pub fds_after: u32,
-    pub known: u32,
-    pub gc_delta: [u64; 3],
+/// Reads a request's end into this CPU's scratch, for `emit_request`:
+/// `fds` as for the start. `in_process`: the current task belongs to the
+/// request's process (else its memory is not read).
+#[inline(always)]
+pub fn read_end(start: &RequestStart, tgid: u32, fds: u32, in_process: bool) {
+    let Some(s) = scratch() else {
+        return;
+    };
+    s.end_fds = fds;
+    s.end_known = 0;
+    if start.known & REQ_FDS_KNOWN != 0 && fds != FDS_UNKNOWN {
+        s.end_known |= REQ_FDS_KNOWN;
+    }
+    if in_process && start.known & REQ_GC_KNOWN != 0 && gc_totals(tgid, s) {
+        for i in 0..3 {
+            s.end_gc[i] = s.gc_sum[i].wrapping_sub(start.gc[i]);
+        }
+        s.end_known |= REQ_GC_KNOWN;
+    }
 }
 
-/// Reads a request's end: `fds` as for the start. `in_process`: the
-/// current task belongs to the request's process (else its memory is not
-/// read).
+/// A request end that read nothing (aborted).
 #[inline(always)]
-pub fn read_end(start: &RequestStart, tgid: u32, fds: u32, in_process: bool) -> EndReads {
-    let mut out = EndReads {
-        fds_after: fds,
-        known: 0,
-        gc_delta: [0; 3],
-    };
-    if start.known & REQ_FDS_KNOWN != 0 && fds != FDS_UNKNOWN {
-        out.known |= REQ_FDS_KNOWN;
+pub fn read_nothing() {
+    if let Some(s) = scratch() {
+        s.end_known = 0;
+        s.end_fds = 0;
     }
-    let mut gc = [0u64; 3];
-    if in_process && start.known & REQ_GC_KNOWN != 0 && gc_totals(tgid, &mut gc) {
-        out.gc_delta = [
-            gc[0].wrapping_sub(start.gc[0]),
-            gc[1].wrapping_sub(start.gc[1]),
-            gc[2].wrapping_sub(start.gc[2]),
-        ];
-        out.known |= REQ_GC_KNOWN;
+}
+
+/// Writes what `read_end` (or `read_nothing`) kept into a request event.
+///
+/// # Safety
+/// `ev` points to reserved ring-buffer memory holding a `RequestEvent` up
+/// to its line.
+#[inline(always)]
+pub unsafe fn write_end(ev: *mut RequestEvent) {
+    // SAFETY: the caller's.
+    unsafe {
+        match scratch() {
+            Some(s) => {
+                (*ev).fds_after = s.end_fds;
+                (*ev).known = s.end_known;
+                (*ev).gc_delta = s.end_gc;
+            }
+            None => {
+                (*ev).fds_after = 0;
+                (*ev).known = 0;
+                (*ev).gc_delta = [0; 3];
+            }
+        }
     }
-    out
 }

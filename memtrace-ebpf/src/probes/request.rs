@@ -14,7 +14,7 @@ use memtrace_common::{
 
 use crate::{
     maps::{CONFIG, EVENTS, THREADS},
-    probes::ends::{EndReads, current_files, open_fds, read_end, read_start},
+    probes::ends::{current_files, open_fds, read_end, read_nothing, read_start, write_end},
     util::{
         atomic_add, copy_words, count, current, field, now_ns, proc_rss, submit_flags,
         thread_state, watched,
@@ -80,12 +80,12 @@ pub fn end_request(tgid: u32, tid: u32, status: u32, unwind: bool, next_fd: i64)
             return Some(());
         }
         t.depth = 0;
-        let ends = if status == REQUEST_OK {
+        if status == REQUEST_OK {
             let fds = open_fds(current_files(), [t.req_fd, next_fd]);
-            read_end(&t.req, tgid, fds, true)
+            read_end(&t.req, tgid, fds, true);
         } else {
-            EndReads::default()
-        };
+            read_nothing();
+        }
         t.req_fd = -1;
         let counter = if status == REQUEST_OK {
             &raw mut (*stats).requests_ended
@@ -101,7 +101,6 @@ pub fn end_request(tgid: u32, tid: u32, status: u32, unwind: bool, next_fd: i64)
             known_before: t.req_known,
             start: &t.req,
             deltas: thread_deltas(t, &t.req),
-            ends,
         };
         emit_request(stats, &summary, None);
     }
@@ -133,10 +132,10 @@ pub struct Summary<'a> {
     pub known_before: u32,
     pub start: &'a RequestStart,
     pub deltas: [u64; 5],
-    pub ends: EndReads,
 }
 
-/// Sends a request's summary: its start, the process's RSS now, and the
+/// Sends a request's summary: its start, the process's RSS now, what its
+/// end read (`read_end` or `read_nothing` just before), and the
 /// deltas of the serving thread's counters (faults, mmap, munmap, brk grow,
 /// brk shrink). Without a request line the record stops before the line
 /// (`EVENT_REQUEST_SHORT`): less than half the bytes to write.
@@ -206,10 +205,8 @@ unsafe fn write_head(ev: *mut RequestEvent, kind: u32, stats: *mut ProcStats, s:
         (*ev).brk_grow_bytes = s.deltas[3];
         (*ev).brk_shrink_bytes = s.deltas[4];
         (*ev).fds_before = s.start.fds;
-        (*ev).fds_after = s.ends.fds_after;
-        (*ev).known = s.ends.known;
         (*ev)._pad = 0;
-        (*ev).gc_delta = s.ends.gc_delta;
+        write_end(ev);
     }
 }
 

@@ -22,7 +22,7 @@ use memtrace_common::{
 
 use super::{
     ends::{
-        EndReads, FDS_UNKNOWN, current_files, fds_less, open_fds, read_end, read_start,
+        FDS_UNKNOWN, current_files, fds_less, open_fds, read_end, read_nothing, read_start,
         sock_has_fd,
     },
     http::{begin_line, continue_line},
@@ -375,8 +375,8 @@ fn end_conn(sk: u64, status: u32, next: u64, counted: u32) {
                 deltas = thread_deltas(&*t, start);
             }
         }
-        let ends = if status == REQUEST_ABORTED {
-            EndReads::default()
+        if status == REQUEST_ABORTED {
+            read_nothing();
         } else {
             let less = u32::from(sock_has_fd(sk))
                 + u32::from(next != 0 && next != sk && sock_has_fd(next));
@@ -385,8 +385,8 @@ fn end_conn(sk: u64, status: u32, next: u64, counted: u32) {
             } else {
                 counted
             };
-            read_end(start, c.tgid, fds_less(fds, less), current().tgid == c.tgid)
-        };
+            read_end(start, c.tgid, fds_less(fds, less), current().tgid == c.tgid);
+        }
         let summary = Summary {
             tgid: c.tgid,
             tid: c.tid,
@@ -394,7 +394,6 @@ fn end_conn(sk: u64, status: u32, next: u64, counted: u32) {
             known_before: c.known,
             start,
             deltas,
-            ends,
         };
         emit_request(stats, &summary, Some(&c.line));
     }
