@@ -12,7 +12,7 @@ use crate::{
     model::{
         descendants::{Descendant, MAX_DESCENDANTS},
         procinfo::{self, ProcessView},
-        requests::{RequestRecord, TASKS_UNREAD, Unavailable, WallClock},
+        requests::{RequestRecord, TASKS_FIRST, TASKS_UNREAD, Unavailable, WallClock},
         routes::Kept,
         workers::{Origin, Worker},
     },
@@ -221,14 +221,20 @@ impl State {
         // Live asyncio tasks now, and since the last count (3.14+): read
         // when the agent records the request, not in the kernel.
         if let (Some(asyncio), Some(py), Some(runtime)) = (w.asyncio, &w.python, w.python_runtime) {
-            let before = w.asyncio_tasks;
-            let now = before
+            let before = w.asyncio_request_tasks;
+            let now = w
+                .asyncio_tasks
                 .is_none_or(|n| n <= TASKS_PER_REQUEST_MAX)
                 .then(|| self.python_builds.asyncio_tasks(ev.tgid, py, runtime, &asyncio))
                 .flatten();
             record.tasks = now;
             record.task_delta = now.zip(before).map(|(n, b)| n as i64 - b as i64);
-            record.unavailable.tasks = now.is_none().then_some(TASKS_UNREAD);
+            record.unavailable.tasks = match (now, before) {
+                (None, _) => Some(TASKS_UNREAD),
+                (Some(_), None) => Some(TASKS_FIRST),
+                _ => None,
+            };
+            w.asyncio_request_tasks = now;
             if now.is_some() {
                 w.asyncio_tasks = now;
             }

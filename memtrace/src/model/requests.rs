@@ -159,6 +159,7 @@ pub struct Unavailable {
 
 /// Why a request has no `tasks`.
 pub const TASKS_NONE: &str = "no asyncio tasks read: not CPython 3.14+, or its _asyncio module is not loaded";
+pub const TASKS_FIRST: &str = "task_delta: the worker's first request with a count, nothing to measure it from";
 pub const TASKS_UNREAD: &str = "its asyncio task lists could not be read, or hold more than 10000 tasks (counted at refresh only)";
 
 /// Why a request has no `uss_delta`.

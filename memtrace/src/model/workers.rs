@@ -96,6 +96,10 @@ pub struct Worker {
     pub asyncio: Option<AsyncioOffsets>,
     /// Live asyncio tasks at the last count (a refresh or a request's end).
     pub asyncio_tasks: Option<u64>,
+    /// The count taken when its previous request was recorded: what the
+    /// next request's `task_delta` is measured from (a refresh's count can
+    /// fall between a request's end and its record).
+    pub asyncio_request_tasks: Option<u64>,
     /// Why its tasks are not counted (a table that does not validate).
     pub asyncio_error: Option<String>,
 
@@ -158,6 +162,7 @@ impl Worker {
             task_leak_detections: 0,
             asyncio: None,
             asyncio_tasks: None,
+            asyncio_request_tasks: None,
             asyncio_error: None,
 
             footprint_fired: false,
