@@ -6,10 +6,10 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf, StackTrace},
 };
 use memtrace_common::{
-    AllocInfo, AllocKey, Config, ConnState, DEFAULT_RING_BYTES, FDS_WORDS_MAX, LINE_CAP, MAX_ALLOCS, MAX_CONNS,
-    MAX_MMS, MAX_PROCS, MAX_PY_PROCS, MAX_PY_STACKS, MAX_SELECTOR_CGROUPS, MAX_SELECTOR_COMMS,
-    MAX_STACK_SITES, MAX_STACKS, MAX_THREADS, MmRss, NUM_COUNTERS, ProcStats, PyProcInfo, PyStack,
-    SiteCount, SiteKey, TASK_COMM_LEN, ThreadState,
+    AllocInfo, AllocKey, Config, ConnState, DEFAULT_RING_BYTES, FDS_WORDS_MAX, LINE_CAP,
+    MAX_ALLOCS, MAX_CONNS, MAX_MMS, MAX_PROCS, MAX_PY_PROCS, MAX_PY_STACKS, MAX_SELECTOR_CGROUPS,
+    MAX_SELECTOR_COMMS, MAX_STACK_SITES, MAX_STACKS, MAX_THREADS, MmRss, NUM_COUNTERS, ProcStats,
+    PyProcInfo, PyStack, SiteCount, SiteKey, TASK_COMM_LEN, ThreadState,
 };
 
 /// Watched processes by tgid; presence means watched.

@@ -37,7 +37,10 @@ fn render_gunicorn(port: u16, worker_class: &str) -> Proc {
         port,
         worker_class,
         "render_app:app",
-        &[("STANDIN", standin.as_os_str()), ("STANDIN_MIB", mib.as_ref())],
+        &[
+            ("STANDIN", standin.as_os_str()),
+            ("STANDIN_MIB", mib.as_ref()),
+        ],
     )
 }
 

@@ -93,7 +93,9 @@ fn leaks_descriptors_and_garbage(worker_class: &str, mode: &str) {
     // records are matched by order (the requests were sequential).
     let paths = records.iter().any(|r| r["path"].is_string());
     if !paths {
-        eprintln!("{worker_class}: no request paths (accept mode, or a kernel without path capture): records matched by order");
+        eprintln!(
+            "{worker_class}: no request paths (accept mode, or a kernel without path capture): records matched by order"
+        );
     }
     for ((path, answer), r) in answers.iter().zip(&records) {
         if paths {
@@ -136,7 +138,9 @@ fn leaks_descriptors_and_garbage(worker_class: &str, mode: &str) {
 
     // The detector's slope over descriptors names the route.
     let line = agent
-        .wait_log(Duration::from_secs(10), |l| l["message"] == "FD_LEAK_DETECTED")
+        .wait_log(Duration::from_secs(10), |l| {
+            l["message"] == "FD_LEAK_DETECTED"
+        })
         .unwrap_or_else(|| panic!("no FD_LEAK_DETECTED in {:#?}", agent.logs()));
     assert_eq!(line["pid"].as_u64(), Some(u64::from(worker)), "{line}");
     if paths {
@@ -152,10 +156,10 @@ fn leaks_descriptors_and_garbage(worker_class: &str, mode: &str) {
     assert!(status["fd_leak_detections"].as_u64() >= Some(1), "{status}");
     let metrics = http_get(addr.port(), "/metrics").expect("metrics");
     assert!(
-        metrics
-            .lines()
-            .any(|l| l.starts_with("memtrace_worker_fd_leak_detections_total{")
-                && l.contains(&format!("pid=\"{worker}\""))),
+        metrics.lines().any(
+            |l| l.starts_with("memtrace_worker_fd_leak_detections_total{")
+                && l.contains(&format!("pid=\"{worker}\""))
+        ),
         "{metrics}"
     );
 }
@@ -192,12 +196,18 @@ fn asyncio_tasks_of_python_314_and_315_per_request() {
         let (agent, addr) = agent_for(&name, "socket");
         let port = free_port();
         let port_arg = port.to_string();
-        let server = chroot_fixture(&root, &format!("/usr/bin/{name}"), "asyncio_app", &[&port_arg]);
+        let server = chroot_fixture(
+            &root,
+            &format!("/usr/bin/{name}"),
+            "asyncio_app",
+            &[&port_arg],
+        );
         assert!(wait_port(port, SERVER_START), "{minor} serves");
         let pid = server.pid();
         let status = |addr| get(addr, &format!("/v1/workers/{pid}"));
         assert!(
-            wait_for(Duration::from_secs(15), || status(addr)["asyncio_tasks"].is_u64()),
+            wait_for(Duration::from_secs(15), || status(addr)["asyncio_tasks"]
+                .is_u64()),
             "{minor}: tasks never counted: {}",
             status(addr)
         );
@@ -215,7 +225,10 @@ fn asyncio_tasks_of_python_314_and_315_per_request() {
         let total = ROUNDS * PATTERN.len();
         let mut records = Vec::new();
         assert!(wait_for(Duration::from_secs(10), || {
-            records = get(addr, &format!("/v1/workers/{pid}/requests?limit={}", total + 1))["requests"]
+            records = get(
+                addr,
+                &format!("/v1/workers/{pid}/requests?limit={}", total + 1),
+            )["requests"]
                 .as_array()
                 .cloned()
                 .unwrap_or_default();
@@ -223,7 +236,10 @@ fn asyncio_tasks_of_python_314_and_315_per_request() {
         }));
         records.reverse();
         let first = records.remove(0);
-        assert!(first["task_delta"].is_null(), "nothing to measure from: {first}");
+        assert!(
+            first["task_delta"].is_null(),
+            "nothing to measure from: {first}"
+        );
         assert!(first["unavailable"]["tasks"].is_string(), "{first}");
         for (i, r) in records.iter().enumerate() {
             let path = PATTERN[i % PATTERN.len()];
@@ -242,18 +258,28 @@ fn asyncio_tasks_of_python_314_and_315_per_request() {
             ours = status(addr)["asyncio_tasks"].as_u64();
             ours == Some(app - 1)
         });
-        eprintln!("{minor}: memtrace counts {ours:?}, asyncio.all_tasks() {app} with its own handler");
+        eprintln!(
+            "{minor}: memtrace counts {ours:?}, asyncio.all_tasks() {app} with its own handler"
+        );
         assert!(equal, "{minor}: {ours:?} vs {app} - 1");
-        assert_eq!(ours, Some(ROUNDS as u64 + 1), "the leaked tasks and the main task");
+        assert_eq!(
+            ours,
+            Some(ROUNDS as u64 + 1),
+            "the leaked tasks and the main task"
+        );
         let line = agent
-            .wait_log(Duration::from_secs(10), |l| l["message"] == "TASK_LEAK_DETECTED")
+            .wait_log(Duration::from_secs(10), |l| {
+                l["message"] == "TASK_LEAK_DETECTED"
+            })
             .unwrap_or_else(|| panic!("no TASK_LEAK_DETECTED in {:#?}", agent.logs()));
         assert_eq!(line["route"], "GET /leak", "{line}");
         assert_eq!(line["pid"].as_u64(), Some(u64::from(pid)), "{line}");
         let metrics = http_get(addr.port(), "/metrics").expect("metrics");
         assert!(
-            metrics.lines().any(|l| l.starts_with("memtrace_worker_asyncio_tasks{")
-                && l.contains(&format!("pid=\"{pid}\""))),
+            metrics
+                .lines()
+                .any(|l| l.starts_with("memtrace_worker_asyncio_tasks{")
+                    && l.contains(&format!("pid=\"{pid}\""))),
             "{metrics}"
         );
     }

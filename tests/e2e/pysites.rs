@@ -544,7 +544,9 @@ fn debian_sid_python_314_and_315_sites_match_tracemalloc() {
         let (port, server) = sid_server(&root, minor, "pyleak_app");
         let status = python_ready(addr, server.pid());
         assert_eq!(
-            status["python"]["version"].as_str().map(|v| v.starts_with(minor)),
+            status["python"]["version"]
+                .as_str()
+                .map(|v| v.starts_with(minor)),
             Some(true),
             "{status}"
         );
@@ -566,8 +568,18 @@ fn debian_sid_python_314_and_315_sites_match_tracemalloc() {
 fn unreadable_new_pythons_keep_native_sites() {
     let _serial = serial();
     let root = sid_root();
-    python_claiming(&root, "/usr/bin/python3.15", "/opt/future/bin/python3.16", 0x0310_00a1);
-    python_claiming(&root, "/usr/bin/python3.15", "/opt/beta/bin/python3.15", 0x030f_00b3);
+    python_claiming(
+        &root,
+        "/usr/bin/python3.15",
+        "/opt/future/bin/python3.16",
+        0x0310_00a1,
+    );
+    python_claiming(
+        &root,
+        "/usr/bin/python3.15",
+        "/opt/beta/bin/python3.15",
+        0x030f_00b3,
+    );
     let (_agent, addr) = start_agent(&["python3.16", "python3.15"]);
     for (python, reason) in [
         ("/opt/future/bin/python3.16", "newer than 3.15"),
@@ -584,7 +596,8 @@ fn unreadable_new_pythons_keep_native_sites() {
             worker = get(addr, &format!("/debug/memory/?action=status&pid={pid}")).1["workers"][0]
                 .clone();
             let says = |v: &serde_json::Value| v.as_str().is_some_and(|r| r.contains(reason));
-            (worker["python"]["supported"] == false && says(&worker["python"]["unsupported_reason"]))
+            (worker["python"]["supported"] == false
+                && says(&worker["python"]["unsupported_reason"]))
                 || says(&worker["python_frames_error"])
         });
         assert!(said, "{python}: {worker}");
@@ -628,9 +641,19 @@ fn debian_sid_python_314_and_315_gc_matches_gc_get_stats() {
                 .iter()
                 .all(|k| sum(k) == app["gc"][k].as_i64())
         });
-        eprintln!("{minor}: memtrace {ours}, gc.get_stats() totals {}", app["gc"]);
+        eprintln!(
+            "{minor}: memtrace {ours}, gc.get_stats() totals {}",
+            app["gc"]
+        );
         assert!(equal, "{minor}: memtrace {ours} vs the app's {}", app["gc"]);
-        assert_eq!(ours["thresholds"], serde_json::json!([2000, 10, 10]), "{ours}");
-        assert!(ours["uncollectable"][2].as_i64() >= Some(6), "{minor}: 3 × 2 uncollectable: {ours}");
+        assert_eq!(
+            ours["thresholds"],
+            serde_json::json!([2000, 10, 10]),
+            "{ours}"
+        );
+        assert!(
+            ours["uncollectable"][2].as_i64() >= Some(6),
+            "{minor}: 3 × 2 uncollectable: {ours}"
+        );
     }
 }

@@ -1534,7 +1534,10 @@ fn fixture_bench(paths: &Paths, opts: &BenchOptions, what: &str, modes: &[Mode])
     );
     let results = throughput(paths, &fixture, modes, opts)?;
     throughput_table(&mut md, &results);
-    for &variant in modes.iter().filter(|m| matches!(m, Mode::SocketNoPaths | Mode::SocketNoFds)) {
+    for &variant in modes
+        .iter()
+        .filter(|m| matches!(m, Mode::SocketNoPaths | Mode::SocketNoFds))
+    {
         socket_program_table(&mut md, paths, &fixture, opts, variant)?;
     }
     print!("{md}");

@@ -122,7 +122,10 @@ pub fn setup(options: &SetupOptions) -> Result<()> {
         ensure_packages(&[PACKAGES, DIST_PACKAGES].concat(), options.apt)
     })?;
     step("uvicorn virtualenv", ensure_uvicorn)?;
-    step("Debian sid root with python3.14 and python3.15", ensure_sid_root)?;
+    step(
+        "Debian sid root with python3.14 and python3.15",
+        ensure_sid_root,
+    )?;
     eprintln!("setup complete in {:.1}s", t.elapsed().as_secs_f64());
     Ok(())
 }
@@ -199,7 +202,10 @@ fn ensure_sid_root() -> Result<bool> {
     let _ = std::fs::remove_dir_all(&partial);
     output(
         Command::new("debootstrap")
-            .args(["--variant=minbase", &format!("--include={}", SID_PYTHONS.join(","))])
+            .args([
+                "--variant=minbase",
+                &format!("--include={}", SID_PYTHONS.join(",")),
+            ])
             .args(["sid"])
             .arg(&partial)
             .arg("http://deb.debian.org/debian"),

@@ -225,7 +225,10 @@ impl State {
             let now = w
                 .asyncio_tasks
                 .is_none_or(|n| n <= TASKS_PER_REQUEST_MAX)
-                .then(|| self.python_builds.asyncio_tasks(ev.tgid, py, runtime, &asyncio))
+                .then(|| {
+                    self.python_builds
+                        .asyncio_tasks(ev.tgid, py, runtime, &asyncio)
+                })
                 .flatten();
             record.tasks = now;
             record.task_delta = now.zip(before).map(|(n, b)| n as i64 - b as i64);

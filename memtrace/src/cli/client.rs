@@ -589,7 +589,10 @@ pub fn render_requests(body: &Value) -> String {
                             None => "?".into(),
                         },
                         // Objects gc.garbage gained, and collections run.
-                        match (r["gc_uncollectable_delta"].as_i64(), r["gc_collections_delta"].as_i64()) {
+                        match (
+                            r["gc_uncollectable_delta"].as_i64(),
+                            r["gc_collections_delta"].as_i64(),
+                        ) {
                             (Some(0), Some(0)) => "-".into(),
                             (Some(u), Some(c)) => format!("{u:+}/{c}"),
                             _ => "?".into(),
@@ -602,8 +605,18 @@ pub fn render_requests(body: &Value) -> String {
         .unwrap_or_default();
     table(
         &[
-            "REQUEST", "ROUTE", "MS", "RSS_MB", "DELTA_MB", "FAULTS", "MMAP_MB", "BRK_MB",
-            "CHILDREN", "FDS", "GC_UNCOLL/RUNS", "LEVEL",
+            "REQUEST",
+            "ROUTE",
+            "MS",
+            "RSS_MB",
+            "DELTA_MB",
+            "FAULTS",
+            "MMAP_MB",
+            "BRK_MB",
+            "CHILDREN",
+            "FDS",
+            "GC_UNCOLL/RUNS",
+            "LEVEL",
         ],
         &rows,
     )
@@ -630,7 +643,10 @@ mod tests {
         assert!(out.contains("CHILDREN"), "{out}");
         assert!(out.contains("+1 (20.0 MB)"), "{out}");
         let render = out.lines().find(|l| l.starts_with("7-1")).unwrap();
-        assert!(render.contains(" +1 ") && render.contains(" +2/1 "), "{out}");
+        assert!(
+            render.contains(" +1 ") && render.contains(" +2/1 "),
+            "{out}"
+        );
         let ok = out.lines().find(|l| l.starts_with("7-2")).unwrap();
         assert!(ok.contains(" ? "), "not counted is not 0: {out}");
     }

@@ -9,11 +9,7 @@ use std::path::Path;
 
 use object::{Object as _, ObjectSection as _};
 
-use super::{
-    procinfo::FileMappings,
-    pycode::RemoteMemory,
-    pydebug::DebugOffsets,
-};
+use super::{procinfo::FileMappings, pycode::RemoteMemory, pydebug::DebugOffsets};
 
 /// Bytes of `_Py_AsyncioModuleDebugOffsets`: 13 `u64` (3.14, 3.15).
 const ASYNCIO_DEBUG_SIZE: usize = 13 * 8;
@@ -43,7 +39,9 @@ impl AsyncioOffsets {
         let (interp_size, interp_head) = (w(7), w(8));
         let (thread_size, thread_head) = (w(9), w(12));
         let inside = |size: u64, at: u64| {
-            (1..=1 << 24).contains(&size) && at % 8 == 0 && at.checked_add(16).is_some_and(|e| e <= size)
+            (1..=1 << 24).contains(&size)
+                && at % 8 == 0
+                && at.checked_add(16).is_some_and(|e| e <= size)
         };
         if !inside(task_size, task_node)
             || !inside(interp_size, interp_head)
@@ -62,7 +60,11 @@ impl AsyncioOffsets {
     /// The table of the `_asyncio` module a process has mapped (or built
     /// into its interpreter), read from the file through /proc/PID/root.
     /// `Ok(None)`: the module is not loaded (yet).
-    pub fn of_process(pid: u32, maps: &FileMappings, interpreter: &Path) -> Result<Option<Self>, String> {
+    pub fn of_process(
+        pid: u32,
+        maps: &FileMappings,
+        interpreter: &Path,
+    ) -> Result<Option<Self>, String> {
         let module = maps
             .paths()
             .find(|p| {
@@ -259,7 +261,10 @@ mod tests {
         let mut m = mem.0.clone();
         m.insert(tasks[2], tasks[0]);
         let cyclic = Fake(m);
-        assert_eq!(count_tasks(&cyclic, &table, runtime, &asyncio), Some(MAX_TASKS));
+        assert_eq!(
+            count_tasks(&cyclic, &table, runtime, &asyncio),
+            Some(MAX_TASKS)
+        );
         // An unreadable pointer: no count, not a wrong one.
         let mut m = mem.0.clone();
         m.remove(&tasks[1]);

@@ -13,7 +13,10 @@ pub const COOKIE: &[u8; 8] = b"xdebugpy";
 /// A section and its fields, in the table's order; each is one `u64`.
 type Section = (&'static str, &'static [&'static str]);
 
-const RUNTIME: Section = ("runtime_state", &["size", "finalizing", "interpreters_head"]);
+const RUNTIME: Section = (
+    "runtime_state",
+    &["size", "finalizing", "interpreters_head"],
+);
 const INTERP_314: Section = (
     "interpreter_state",
     &[
@@ -167,8 +170,25 @@ const DEBUGGER: Section = (
 /// the layout from 3.15.0b4 on).
 fn layout(minor: u32) -> Option<&'static [Section]> {
     const V314: &[Section] = &[
-        RUNTIME, INTERP_314, THREAD_314, FRAME, CODE, PYOBJECT, TYPE_314, TUPLE, LIST, SET, DICT,
-        FLOAT, LONG, BYTES, UNICODE_314, GC_314, GEN, LLIST, DEBUGGER,
+        RUNTIME,
+        INTERP_314,
+        THREAD_314,
+        FRAME,
+        CODE,
+        PYOBJECT,
+        TYPE_314,
+        TUPLE,
+        LIST,
+        SET,
+        DICT,
+        FLOAT,
+        LONG,
+        BYTES,
+        UNICODE_314,
+        GC_314,
+        GEN,
+        LLIST,
+        DEBUGGER,
     ];
     const V315: &[Section] = &[
         RUNTIME,
@@ -241,7 +261,9 @@ impl DebugOffsets {
     pub fn parse(bytes: &[u8], version_hex: u32) -> Result<Self, String> {
         let minor = (version_hex >> 16) & 0xff;
         let sections = layout(minor).ok_or_else(|| {
-            format!("no _Py_DebugOffsets layout for CPython 3.{minor} (memtrace knows 3.14 and 3.15)")
+            format!(
+                "no _Py_DebugOffsets layout for CPython 3.{minor} (memtrace knows 3.14 and 3.15)"
+            )
         })?;
         let size = table_size(minor).unwrap_or(0);
         if bytes.len() < size {
@@ -251,7 +273,9 @@ impl DebugOffsets {
             ));
         }
         if &bytes[..8] != COOKIE {
-            return Err("_PyRuntime does not start with _Py_DebugOffsets (cookie xdebugpy missing)".into());
+            return Err(
+                "_PyRuntime does not start with _Py_DebugOffsets (cookie xdebugpy missing)".into(),
+            );
         }
         let word = |i: usize| u64::from_le_bytes(bytes[i * 8..i * 8 + 8].try_into().unwrap());
         let table_version = word(1);
@@ -367,22 +391,42 @@ mod tests {
         assert!(DebugOffsets::parse(&ok, v).is_ok());
         let mut bad_cookie = ok.clone();
         bad_cookie[0] = b'y';
-        assert!(DebugOffsets::parse(&bad_cookie, v).unwrap_err().contains("cookie"));
+        assert!(
+            DebugOffsets::parse(&bad_cookie, v)
+                .unwrap_err()
+                .contains("cookie")
+        );
         // Another version's table.
-        assert!(DebugOffsets::parse(&ok, 0x030e_0bf0).unwrap_err().contains("version"));
+        assert!(
+            DebugOffsets::parse(&ok, 0x030e_0bf0)
+                .unwrap_err()
+                .contains("version")
+        );
         // Short.
         assert!(DebugOffsets::parse(&ok[..500], v).is_err());
         // A zero or huge section size.
         for size in [0, 1 << 40] {
             let t = table(14, v, &[("code_object", "size", size)]);
-            assert!(DebugOffsets::parse(&t, v).unwrap_err().contains("code_object"));
+            assert!(
+                DebugOffsets::parse(&t, v)
+                    .unwrap_err()
+                    .contains("code_object")
+            );
         }
         // A field outside its struct, or misaligned.
         let t = table(14, v, &[("interpreter_frame", "previous", 5000)]);
         assert!(DebugOffsets::parse(&t, v).unwrap_err().contains("previous"));
         let t = table(14, v, &[("thread_state", "current_frame", 13)]);
-        assert!(DebugOffsets::parse(&t, v).unwrap_err().contains("current_frame"));
+        assert!(
+            DebugOffsets::parse(&t, v)
+                .unwrap_err()
+                .contains("current_frame")
+        );
         // Unknown versions.
-        assert!(DebugOffsets::parse(&ok, 0x0310_00a1).unwrap_err().contains("3.16"));
+        assert!(
+            DebugOffsets::parse(&ok, 0x0310_00a1)
+                .unwrap_err()
+                .contains("3.16")
+        );
     }
 }

@@ -83,7 +83,10 @@ pub fn tls_access(addr: u64, code: &[u8]) -> Option<TlsRef> {
             let disp = i32::from_le_bytes(rest[5..9].try_into().ok()?);
             return Some(TlsRef::FsOffset(disp));
         }
-        if rest.len() >= 11 && rest[..3] == [0x48, 0x8b, 0x05] && rest[7..11] == [0x64, 0x48, 0x8b, 0x00] {
+        if rest.len() >= 11
+            && rest[..3] == [0x48, 0x8b, 0x05]
+            && rest[7..11] == [0x64, 0x48, 0x8b, 0x00]
+        {
             let disp = i32::from_le_bytes(rest[3..7].try_into().ok()?);
             let next = addr + at as u64 + 7;
             return Some(TlsRef::GotSlot(next.wrapping_add(disp as i64 as u64)));
@@ -261,7 +264,8 @@ pub fn inspect(shown: &Path, open: &Path) -> Result<PythonRuntime, PythonError> 
             "CPython {version} is a free-threaded build (no GIL: mimalloc instead of pymalloc, 32-byte object headers), which memtrace does not read"
         )),
         (Some(m), _, _) if m >= 14 && tstate_tls.is_none() => Some(
-            "no thread-local access in _PyThreadState_GetCurrent: the thread state cannot be found".to_string(),
+            "no thread-local access in _PyThreadState_GetCurrent: the thread state cannot be found"
+                .to_string(),
         ),
         _ => None,
     };
@@ -395,7 +399,9 @@ fn gc_stats_315(pid: u32, py: &PythonRuntime, runtime: u64) -> Option<GcStats> {
     for (g, &(items, len, index_at)) in GC_RINGS_315.iter().enumerate() {
         out.thresholds[g] = i32_at(&state, 8 + g * GEN_SIZE + 16)?;
         out.counts[g] = i32_at(&state, 8 + g * GEN_SIZE + 20)?;
-        let index = usize::try_from(*stats.get(index_at)? as i8).ok().filter(|&i| i < len)?;
+        let index = usize::try_from(*stats.get(index_at)? as i8)
+            .ok()
+            .filter(|&i| i < len)?;
         let item = items + index * 64;
         out.collections[g] = i64_at(&stats, item + 16)?;
         out.collected[g] = i64_at(&stats, item + 24)?;
@@ -594,16 +600,23 @@ fn layout_from_table(
         Some(b) if b.iter().any(|&x| x != 0) => {}
         _ => return Ok(None),
     }
-    let tls = match py.tstate_tls.ok_or("no thread-local access to the thread state")? {
+    let tls = match py
+        .tstate_tls
+        .ok_or("no thread-local access to the thread state")?
+    {
         TlsRef::FsOffset(o) => o,
         TlsRef::GotSlot(slot) => {
-            let b = read_memory(pid, slot.wrapping_add(bias), 8).ok_or("its TLS GOT slot is unreadable")?;
+            let b = read_memory(pid, slot.wrapping_add(bias), 8)
+                .ok_or("its TLS GOT slot is unreadable")?;
             let v = i64::from_le_bytes(b.try_into().unwrap_or([0; 8]));
-            i32::try_from(v).map_err(|_| format!("its TLS offset {v} is not a static TLS offset"))?
+            i32::try_from(v)
+                .map_err(|_| format!("its TLS offset {v} is not a static TLS offset"))?
         }
     };
     if tls >= 0 {
-        return Err(format!("its thread-state TLS offset {tls} is not below the thread pointer"));
+        return Err(format!(
+            "its thread-state TLS offset {tls} is not below the thread pointer"
+        ));
     }
     Ok(Some((layout, tls)))
 }
@@ -770,7 +783,11 @@ impl PythonBuilds {
     ) -> Option<u64> {
         use super::pydebug::{DebugOffsets, table_size};
         let minor = py.minor()?;
-        let table = DebugOffsets::parse(&read_memory(pid, runtime, table_size(minor)?)?, py.version_hex?).ok()?;
+        let table = DebugOffsets::parse(
+            &read_memory(pid, runtime, table_size(minor)?)?,
+            py.version_hex?,
+        )
+        .ok()?;
         let mem = super::pycode::ProcMemory::open(pid).ok()?;
         super::pyasyncio::count_tasks(&mem, &table, runtime, asyncio)
     }
@@ -1114,11 +1131,18 @@ mod tests {
     #[test]
     fn thread_state_tls_is_found_in_the_accessors_code() {
         // Debian sid's python3.15: endbr64; mov %fs:-0x20,%rax; ret.
-        let le = [0xf3, 0x0f, 0x1e, 0xfa, 0x64, 0x48, 0x8b, 0x04, 0x25, 0xe0, 0xff, 0xff, 0xff, 0xc3];
+        let le = [
+            0xf3, 0x0f, 0x1e, 0xfa, 0x64, 0x48, 0x8b, 0x04, 0x25, 0xe0, 0xff, 0xff, 0xff, 0xc3,
+        ];
         assert_eq!(tls_access(0x79f7a0, &le), Some(TlsRef::FsOffset(-0x20)));
         // A shared library: mov 0x1000(%rip),%rax; mov %fs:(%rax),%rax.
-        let ie = [0x48, 0x8b, 0x05, 0x00, 0x10, 0x00, 0x00, 0x64, 0x48, 0x8b, 0x00, 0xc3];
-        assert_eq!(tls_access(0x5000, &ie), Some(TlsRef::GotSlot(0x5000 + 7 + 0x1000)));
+        let ie = [
+            0x48, 0x8b, 0x05, 0x00, 0x10, 0x00, 0x00, 0x64, 0x48, 0x8b, 0x00, 0xc3,
+        ];
+        assert_eq!(
+            tls_access(0x5000, &ie),
+            Some(TlsRef::GotSlot(0x5000 + 7 + 0x1000))
+        );
         // Anything else (a call to __tls_get_addr): not found.
         assert_eq!(tls_access(0, &[0xe8, 0, 0, 0, 0, 0xc3]), None);
         assert_eq!(tls_access(0, &le[..8]), None, "cut short");

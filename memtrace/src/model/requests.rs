@@ -158,14 +158,17 @@ pub struct Unavailable {
 }
 
 /// Why a request has no `tasks`.
-pub const TASKS_NONE: &str = "no asyncio tasks read: not CPython 3.14+, or its _asyncio module is not loaded";
-pub const TASKS_FIRST: &str = "task_delta: the worker's first request with a count, nothing to measure it from";
+pub const TASKS_NONE: &str =
+    "no asyncio tasks read: not CPython 3.14+, or its _asyncio module is not loaded";
+pub const TASKS_FIRST: &str =
+    "task_delta: the worker's first request with a count, nothing to measure it from";
 pub const TASKS_UNREAD: &str = "its asyncio task lists could not be read, or hold more than 10000 tasks (counted at refresh only)";
 
 /// Why a request has no `uss_delta`.
 pub const USS_PER_REQUEST: &str = "USS needs a walk of the worker's page tables (smaps_rollup): it is measured at refresh for the soft limit, not at each request's ends";
 /// Why a request has no `fd_delta`.
-pub const FDS_ABORTED: &str = "the request was aborted (its thread exited or its client left before an answer)";
+pub const FDS_ABORTED: &str =
+    "the request was aborted (its thread exited or its client left before an answer)";
 pub const FDS_UNREAD: &str = "the kernel did not count the worker's descriptors (--no-fd-counts, no descriptor-table offsets in its BTF, or a table over 4096 descriptors)";
 /// Why a request has no GC deltas.
 pub const GC_NOT_PYTHON: &str = "not a CPython worker whose GC state memtrace located";
@@ -177,8 +180,11 @@ impl Unavailable {
     pub fn of(ev: &RequestEvent, gc_located: bool) -> Self {
         let aborted = ev.status == REQUEST_ABORTED;
         Self {
-            fd_delta: (ev.known & REQ_FDS_KNOWN == 0)
-                .then_some(if aborted { FDS_ABORTED } else { FDS_UNREAD }),
+            fd_delta: (ev.known & REQ_FDS_KNOWN == 0).then_some(if aborted {
+                FDS_ABORTED
+            } else {
+                FDS_UNREAD
+            }),
             gc: (ev.known & REQ_GC_KNOWN == 0).then_some(match (gc_located, aborted) {
                 (false, _) => GC_NOT_PYTHON,
                 (true, true) => FDS_ABORTED,
@@ -624,17 +630,27 @@ mod tests {
         let r = RequestRecord::from_event(&ev, 1, &RssBreakdown::default(), &settings, &clock);
         assert_eq!((r.fds, r.fd_delta), (Some(11), Some(1)));
         assert_eq!(
-            (r.gc_collections_delta, r.gc_collected_delta, r.gc_uncollectable_delta),
+            (
+                r.gc_collections_delta,
+                r.gc_collected_delta,
+                r.gc_uncollectable_delta
+            ),
             (Some(1), Some(5), Some(2))
         );
         assert!(r.uss_delta_bytes.is_none());
         let line = r.plan_line();
-        assert!(line.contains(" | fd_delta=+1 | gc_uncollectable_delta=+2 | gc_collections_delta=+1"), "{line}");
+        assert!(
+            line.contains(" | fd_delta=+1 | gc_uncollectable_delta=+2 | gc_collections_delta=+1"),
+            "{line}"
+        );
 
         // Nothing read: null, never 0, and why.
         ev.known = 0;
         let r = RequestRecord::from_event(&ev, 2, &RssBreakdown::default(), &settings, &clock);
-        assert_eq!((r.fds, r.fd_delta, r.gc_uncollectable_delta), (None, None, None));
+        assert_eq!(
+            (r.fds, r.fd_delta, r.gc_uncollectable_delta),
+            (None, None, None)
+        );
         let why = Unavailable::of(&ev, true);
         assert_eq!(why.fd_delta, Some(FDS_UNREAD));
         assert_eq!(why.gc, Some(GC_UNREAD));
