@@ -53,7 +53,7 @@ pub fn libc_path(pid: u32) -> Option<PathBuf> {
 /// register, so the arguments are the same one instruction later.
 /// Offsets for several functions of one binary, read once.
 pub fn entry_offsets(binary: &Path, symbols: &[&str]) -> Vec<u64> {
-    let Ok(data) = std::fs::read(binary) else {
+    let Ok(data) = crate::bounds::read_object(binary) else {
         return vec![0; symbols.len()];
     };
     let Ok(file) = object::File::parse(&*data) else {
@@ -139,7 +139,7 @@ pub enum UprobeTargetError {
     Read {
         path: PathBuf,
         #[source]
-        source: std::io::Error,
+        source: crate::bounds::ObjectReadError,
     },
     #[error("{path} is not an ELF object memtrace can read: {message}")]
     NotElf { path: PathBuf, message: String },
@@ -187,7 +187,7 @@ pub fn resolve_binary(binary: &Path) -> Result<PathBuf, UprobeTargetError> {
 
 /// Names of the functions an ELF object defines (symtab and dynsym).
 pub fn function_names(path: &Path) -> Result<Vec<String>, UprobeTargetError> {
-    let data = std::fs::read(path).map_err(|source| UprobeTargetError::Read {
+    let data = crate::bounds::read_object(path).map_err(|source| UprobeTargetError::Read {
         path: path.to_path_buf(),
         source,
     })?;

@@ -287,7 +287,7 @@ pub fn code_mappings(pid: u32) -> Vec<CodeMapping> {
 /// The GNU build id of an ELF object, in hex.
 pub fn build_id(path: &std::path::Path) -> Option<String> {
     use object::Object as _;
-    let data = std::fs::read(path).ok()?;
+    let data = crate::bounds::read_object(path).ok()?;
     let file = object::File::parse(&*data).ok()?;
     let id = file.build_id().ok()??;
     Some(id.iter().map(|b| format!("{b:02x}")).collect())

@@ -40,7 +40,7 @@ impl AsyncioOffsets {
         let (thread_size, thread_head) = (w(9), w(12));
         let inside = |size: u64, at: u64| {
             (1..=1 << 24).contains(&size)
-                && at % 8 == 0
+                && at.is_multiple_of(8)
                 && at.checked_add(16).is_some_and(|e| e <= size)
         };
         if !inside(task_size, task_node)
@@ -76,7 +76,7 @@ impl AsyncioOffsets {
         for candidate in module.iter().map(|p| p.as_path()).chain([interpreter]) {
             let relative = candidate.strip_prefix("/").unwrap_or(candidate);
             let open = Path::new(&format!("/proc/{pid}/root")).join(relative);
-            let Ok(data) = std::fs::read(&open) else {
+            let Ok(data) = crate::bounds::read_object(&open) else {
                 continue;
             };
             let Ok(file) = object::File::parse(&*data) else {

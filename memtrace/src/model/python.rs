@@ -88,8 +88,8 @@ pub fn tls_access(addr: u64, code: &[u8]) -> Option<TlsRef> {
             && rest[7..11] == [0x64, 0x48, 0x8b, 0x00]
         {
             let disp = i32::from_le_bytes(rest[3..7].try_into().ok()?);
-            let next = addr + at as u64 + 7;
-            return Some(TlsRef::GotSlot(next.wrapping_add(disp as i64 as u64)));
+            let next = addr.checked_add(at as u64 + 7)?;
+            return Some(TlsRef::GotSlot(next.checked_add_signed(i64::from(disp))?));
         }
     }
     None
@@ -137,7 +137,7 @@ pub enum PythonError {
     Read {
         path: PathBuf,
         #[source]
-        source: std::io::Error,
+        source: crate::bounds::ObjectReadError,
     },
     #[error("{path} is not an ELF object: {message}")]
     NotElf { path: PathBuf, message: String },
@@ -213,11 +213,16 @@ fn symbol_bytes<'a>(
 /// Inspects an interpreter ELF. `shown` is the path as the process names
 /// it; `open` where this agent can read it.
 pub fn inspect(shown: &Path, open: &Path) -> Result<PythonRuntime, PythonError> {
-    let data = std::fs::read(open).map_err(|source| PythonError::Read {
+    let data = crate::bounds::read_object(open).map_err(|source| PythonError::Read {
         path: open.to_path_buf(),
         source,
     })?;
-    let file = object::File::parse(&*data).map_err(|e| PythonError::NotElf {
+    inspect_elf(shown, open, &data)
+}
+
+/// [`inspect`] of an ELF image already read (`open` names it in errors).
+pub fn inspect_elf(shown: &Path, open: &Path, data: &[u8]) -> Result<PythonRuntime, PythonError> {
+    let file = object::File::parse(data).map_err(|e| PythonError::NotElf {
         path: open.to_path_buf(),
         message: e.to_string(),
     })?;
@@ -467,7 +472,9 @@ pub fn rip_targets(addr: u64, code: &[u8]) -> Vec<u64> {
             _ => continue,
         };
         if let Some(d) = disp
-            && let Some(target) = (addr + next as u64).checked_add_signed(d)
+            && let Some(target) = addr
+                .checked_add(next as u64)
+                .and_then(|n| n.checked_add_signed(d))
             && !out.contains(&target)
         {
             out.push(target);
@@ -648,10 +655,10 @@ pub fn address_taken(text: &[u8], text_addr: u64, target: u64) -> usize {
             if abs == Some(v) {
                 return true;
             }
-            let next = text_addr + i as u64 + 4;
+            let next = text_addr.checked_add(i as u64 + 4);
             text[i - 1] & 0xc7 == 0x05
                 && text[i - 2] == 0x8d
-                && next.checked_add_signed(v as i32 as i64) == Some(target)
+                && next.and_then(|n| n.checked_add_signed(v as i32 as i64)) == Some(target)
         })
         .count()
 }
@@ -661,7 +668,7 @@ const INLINED_REFS: usize = 16;
 
 /// Whether the ELF's `.text` inlines the allocator function at `target`.
 fn inlines(open: &Path, target: u64) -> Option<bool> {
-    let data = std::fs::read(open).ok()?;
+    let data = crate::bounds::read_object(open).ok()?;
     let file = object::File::parse(&*data).ok()?;
     let text = file.section_by_name(".text")?;
     let refs = address_taken(text.data().ok()?, text.address(), target);
