@@ -7,9 +7,11 @@
 //! cargo xtask run -- ARGS    build in release and run `memtrace ARGS`
 //! cargo xtask dist           static binary, .deb, OCI image, man pages, completions in target/dist
 //! cargo xtask bench          benchmarks, written to BENCHMARKS.md
+//! cargo xtask fuzz           each parser of foreign data under libFuzzer for a while
 //! ```
 mod bench;
 mod dist;
+mod fuzz;
 mod layout;
 mod matrix;
 mod setup;
@@ -117,6 +119,16 @@ enum Cmd {
         #[arg(long)]
         no_image: bool,
     },
+    /// Fuzz every parser of data memtrace does not control (cargo-fuzz and
+    /// libFuzzer on the nightly toolchain; cargo-fuzz is installed from
+    /// crates.io when missing). Writes target/fuzz/report.md.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only these targets (see memtrace/fuzz/fuzz_targets).
+        targets: Vec<String>,
+    },
     /// Build in release mode and run memtrace with these arguments.
     Run {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -194,6 +206,10 @@ fn main() -> Result<()> {
                 untraced_only,
             })
         }
+        Cmd::Fuzz { seconds, targets } => {
+            ensure_setup()?;
+            fuzz::fuzz(&fuzz::FuzzOptions { seconds, targets }).map(drop)
+        }
         Cmd::Run { args } => {
             ensure_setup()?;
             run(cargo().args(["build", "--release", "-p", "memtrace"]))?;
@@ -242,6 +258,11 @@ fn main() -> Result<()> {
             if unit {
                 return Ok(());
             }
+            // Every fuzz target for a short, fixed budget.
+            fuzz::fuzz(&fuzz::FuzzOptions {
+                seconds: fuzz::CI_SECONDS,
+                targets: Vec::new(),
+            })?;
             if !is_root() {
                 bail!(
                     "the end-to-end tests load eBPF programs and need root: run `sudo -E cargo xtask test` (or `cargo xtask test --unit` for the unit tests alone)"

@@ -373,7 +373,7 @@ fn read_members(
 
 /// Code units `[previous end, end)` share one line (`None`: no location).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct LineRange {
+pub(crate) struct LineRange {
     end: u32,
     line: Option<u32>,
 }
@@ -573,7 +573,7 @@ fn read_bytes(
 /// columns; 14, long form), or not, with no location (15). The bytes after
 /// the line delta (columns, end line) are skipped up to the next entry.
 /// Adjacent entries on one line are merged.
-fn decode_locations(table: &[u8], firstlineno: u32) -> Result<Vec<LineRange>, String> {
+pub(crate) fn decode_locations(table: &[u8], firstlineno: u32) -> Result<Vec<LineRange>, String> {
     let mut out: Vec<LineRange> = Vec::new();
     let mut line = i64::from(firstlineno);
     let mut end: u32 = 0;

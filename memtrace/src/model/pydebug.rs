@@ -316,7 +316,7 @@ impl DebugOffsets {
         for &(section, field, width) in USED {
             let size = self.fields[&(section, "size")];
             let at = self.fields[&(section, field)];
-            if at % width != 0 || at.checked_add(width).is_none_or(|end| end > size) {
+            if !at.is_multiple_of(width) || at.checked_add(width).is_none_or(|end| end > size) {
                 return Err(format!(
                     "_Py_DebugOffsets: {section}.{field} is at {at}, not an aligned {width}-byte field of the {size}-byte struct (a pre-release with another layout?)"
                 ));
@@ -341,27 +341,31 @@ impl DebugOffsets {
     }
 }
 
+/// A table laid out as a 3.`minor` build lays it out (every section 4096
+/// bytes, every field at 8), with the given overrides: for tests and the
+/// fuzz targets.
+pub(crate) fn synthetic_table(minor: u32, version_hex: u32, set: &[(&str, &str, u64)]) -> Vec<u8> {
+    let mut out = COOKIE.to_vec();
+    out.extend(u64::from(version_hex).to_le_bytes());
+    out.extend(0u64.to_le_bytes());
+    for (section, names) in layout(minor).unwrap() {
+        for name in *names {
+            let v = set
+                .iter()
+                .find(|(s, f, _)| s == section && f == name)
+                .map(|&(_, _, v)| v)
+                .unwrap_or(if *name == "size" { 4096 } else { 8 });
+            out.extend(v.to_le_bytes());
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// A table as a 3.14 build lays it out, with the given overrides.
-    pub fn table(minor: u32, version_hex: u32, set: &[(&str, &str, u64)]) -> Vec<u8> {
-        let mut out = COOKIE.to_vec();
-        out.extend(u64::from(version_hex).to_le_bytes());
-        out.extend(0u64.to_le_bytes());
-        for (section, names) in layout(minor).unwrap() {
-            for name in *names {
-                let v = set
-                    .iter()
-                    .find(|(s, f, _)| s == section && f == name)
-                    .map(|&(_, _, v)| v)
-                    .unwrap_or(if *name == "size" { 4096 } else { 8 });
-                out.extend(v.to_le_bytes());
-            }
-        }
-        out
-    }
+    use synthetic_table as table;
 
     #[test]
     fn sizes_are_cpythons() {
