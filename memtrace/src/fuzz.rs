@@ -22,6 +22,7 @@ use crate::{
         python,
         routes::{HttpLine, normalise_path},
     },
+    procmaps,
 };
 
 /// A fuzz target: any bytes in, nothing out; a broken promise panics.
@@ -185,12 +186,13 @@ pub fn python_elf(data: &[u8]) {
 /// files; what a process controls in them is its name (`comm`, 15 bytes,
 /// any but NUL), the paths of the files it maps, and (with a delegated
 /// cgroup or its own mount namespace) cgroup paths and mount points. So
-/// procfs's stat, status and maps parsers get the kernel's layout with
-/// those parts from the input, and memtrace's own line parsers (mounts,
-/// cgroup, NSpid) get the input whole.
+/// procfs's stat and status parsers get the kernel's layout with the name
+/// from the input; memtrace's own parsers (maps and smaps, mounts, cgroup,
+/// NSpid) get the input whole, and maps also with each input line as a
+/// mapped file's path.
 pub fn proc_files(data: &[u8]) {
     use procfs::FromRead as _;
-    use procfs::process::{MemoryMaps, Stat, Status};
+    use procfs::process::{Stat, Status};
     let comm: Vec<u8> = data.iter().copied().filter(|&b| b != 0).take(15).collect();
     let mut stat = b"4242 (".to_vec();
     stat.extend(&comm);
@@ -210,8 +212,10 @@ pub fn proc_files(data: &[u8]) {
     }
     status.extend(b"\nUmask:\t0022\nState:\tS (sleeping)\nTgid:\t4242\nNgid:\t0\nPid:\t4242\nPPid:\t1\nTracerPid:\t0\nUid:\t0\t0\t0\t0\nGid:\t0\t0\t0\t0\nFDSize:\t64\nGroups:\t\nNSpid:\t4242\t7\nVmRSS:\t 1000 kB\nRssAnon:\t 500 kB\nThreads:\t1\n");
     let _ = Status::from_read(&status[..]);
-    // maps: one mapping per input line, its path escaped as seq_path does
-    // (`\n` as `\012`).
+    // maps and smaps: memtrace's own parser takes any bytes. Each input
+    // line also becomes a mapping's path (seq_path escapes `\n`).
+    let _ = procmaps::parse(data);
+    let _ = procmaps::parse_smaps(data);
     let mut maps = Vec::new();
     for (i, path) in data.split(|&b| b == b'\n').take(64).enumerate() {
         let start = 0x1000 * (i as u64 + 1);
@@ -220,9 +224,8 @@ pub fn proc_files(data: &[u8]) {
         maps.extend(path.iter().filter(|&&b| b != 0));
         maps.push(b'\n');
     }
-    if let Ok(parsed) = MemoryMaps::from_read(&maps[..]) {
-        assert!(parsed.0.len() <= 64);
-    }
+    let parsed = procmaps::parse(&maps);
+    assert_eq!(parsed.len(), data.split(|&b| b == b'\n').take(64).count());
     let text = String::from_utf8_lossy(data);
     let _ = cgroups::v2_mount_in(&text);
     if let Some(path) = cgroups::cgroup_path_in(&text) {

@@ -13,9 +13,10 @@
 //! | `agent/`  | the running agent: shared state, event handling, the API's backend | all of the above |
 //! | `cli/`    | the agent's settings, client commands, `memtrace top`, the demo | all of the above |
 //!
-//! `bounds` (limits on data memtrace does not control) and `fuzz` (an entry
-//! point per parser of such data, for `cargo xtask fuzz`) sit beside them;
-//! `bounds` imports nothing of memtrace.
+//! `bounds` (limits on data memtrace does not control), `procmaps` (the
+//! maps and smaps parser) and `fuzz` (an entry point per parser of such
+//! data, for `cargo xtask fuzz`) sit beside them; `bounds` and `procmaps`
+//! import nothing of memtrace.
 //!
 //! Inside a folder, files import each other one way only: no two modules
 //! import each other.
@@ -27,4 +28,5 @@ pub mod fuzz;
 pub mod judge;
 pub mod kernel;
 pub mod model;
+pub mod procmaps;
 pub mod sites;

@@ -12,27 +12,36 @@ use anyhow::{Context as _, Result, bail};
 
 /// Each top-level folder of `memtrace/src` and the folders it may import.
 pub const ALLOWED: &[(&str, &[&str])] = &[
-    // Limits on foreign data: imports nothing, imported by any folder.
+    // Limits on foreign data, and the maps parser: import nothing, imported
+    // by any folder.
     ("bounds", &[]),
-    ("kernel", &["bounds"]),
+    ("procmaps", &[]),
+    ("kernel", &["bounds", "procmaps"]),
     ("judge", &[]),
-    ("model", &["judge", "bounds"]),
-    ("sites", &["model", "bounds"]),
-    ("api", &["kernel", "model", "judge", "sites", "bounds"]),
+    ("model", &["judge", "bounds", "procmaps"]),
+    ("sites", &["model", "bounds", "procmaps"]),
+    (
+        "api",
+        &["kernel", "model", "judge", "sites", "bounds", "procmaps"],
+    ),
     (
         "agent",
-        &["kernel", "model", "judge", "sites", "api", "bounds"],
+        &[
+            "kernel", "model", "judge", "sites", "api", "bounds", "procmaps",
+        ],
     ),
     (
         "cli",
         &[
-            "kernel", "model", "judge", "sites", "api", "agent", "bounds",
+            "kernel", "model", "judge", "sites", "api", "agent", "bounds", "procmaps",
         ],
     ),
     // The fuzz targets' entry points: the parsers wherever they are.
     (
         "fuzz",
-        &["kernel", "model", "judge", "api", "cli", "bounds"],
+        &[
+            "kernel", "model", "judge", "api", "cli", "bounds", "procmaps",
+        ],
     ),
 ];
 

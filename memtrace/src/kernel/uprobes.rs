@@ -5,7 +5,6 @@
 use std::path::{Path, PathBuf};
 
 use object::{Object as _, ObjectSymbol as _, SymbolKind};
-use procfs::process::Process;
 
 /// Where a bare library or program name is looked for.
 const SEARCH_DIRS: &[&str] = &[
@@ -28,20 +27,17 @@ pub struct ProbeTarget {
 /// The C library a process has mapped, as a path memtrace can open (through
 /// /proc/PID/root, so containers' own libraries are found).
 pub fn libc_path(pid: u32) -> Option<PathBuf> {
-    let maps = Process::new(pid as i32).ok()?.maps().ok()?;
+    let maps = crate::procmaps::read(pid)?;
     // /proc shows a chrooted process's files from this agent's root: the
     // part under the process's root is its own path.
     let root = std::fs::read_link(format!("/proc/{pid}/root")).ok();
-    maps.0.iter().find_map(|m| match &m.pathname {
-        procfs::process::MMapPath::Path(p) => {
-            let name = p.file_name()?.to_str()?;
-            (name.starts_with("libc.so") || name.starts_with("libc-")).then(|| {
-                let own = root.as_deref().and_then(|r| p.strip_prefix(r).ok());
-                let relative = own.unwrap_or_else(|| p.strip_prefix("/").unwrap_or(p));
-                PathBuf::from(format!("/proc/{pid}/root")).join(relative)
-            })
-        }
-        _ => None,
+    maps.iter().filter_map(|m| m.file()).find_map(|p| {
+        let name = p.file_name()?.to_str()?;
+        (name.starts_with("libc.so") || name.starts_with("libc-")).then(|| {
+            let own = root.as_deref().and_then(|r| p.strip_prefix(r).ok());
+            let relative = own.unwrap_or_else(|| p.strip_prefix("/").unwrap_or(p));
+            PathBuf::from(format!("/proc/{pid}/root")).join(relative)
+        })
     })
 }
 

@@ -4,6 +4,8 @@
 use std::path::PathBuf;
 
 use procfs::process::Process;
+
+use crate::procmaps::MapPath;
 use serde::Serialize;
 
 /// Identity of a process, read once when it is found.
@@ -134,10 +136,9 @@ pub fn fd_count(pid: u32) -> Option<usize> {
 /// End of the `[heap]` mapping: the program break, page-aligned (glibc moves
 /// it in whole pages). None when the process has no heap yet.
 pub fn heap_end(pid: u32) -> Option<u64> {
-    let maps = Process::new(pid as i32).ok()?.maps().ok()?;
-    maps.0
+    crate::procmaps::read(pid)?
         .iter()
-        .find_map(|m| matches!(m.pathname, procfs::process::MMapPath::Heap).then_some(m.address.1))
+        .find_map(|m| (m.path == MapPath::Heap).then_some(m.end))
 }
 
 /// A process's file mappings, read from `/proc/PID/maps` on the first
@@ -146,7 +147,7 @@ pub fn heap_end(pid: u32) -> Option<u64> {
 /// A process that is gone or unreadable has no mappings.
 pub struct FileMappings {
     pid: u32,
-    maps: std::cell::OnceCell<Vec<procfs::process::MemoryMap>>,
+    maps: std::cell::OnceCell<Vec<crate::procmaps::Mapping>>,
 }
 
 /// The root directory of a chrooted process, as this agent sees it (`None`
@@ -178,16 +179,12 @@ impl FileMappings {
 
     /// (start, end, file offset, executable, path) of every mapping of a file.
     fn files(&self) -> impl Iterator<Item = (u64, u64, u64, bool, &std::path::Path)> {
-        use procfs::process::{MMPermissions, MMapPath};
         self.maps
             .get_or_init(|| {
-                let mut maps = Process::new(self.pid as i32)
-                    .and_then(|p| p.maps())
-                    .map(|m| m.0)
-                    .unwrap_or_default();
+                let mut maps = crate::procmaps::read(self.pid).unwrap_or_default();
                 if let Some(root) = chroot_of(self.pid) {
                     for m in &mut maps {
-                        if let MMapPath::Path(p) = &mut m.pathname {
+                        if let MapPath::File(p) = &mut m.path {
                             *p = in_root(&root, p);
                         }
                     }
@@ -195,16 +192,7 @@ impl FileMappings {
                 maps
             })
             .iter()
-            .filter_map(|m| match &m.pathname {
-                MMapPath::Path(p) => Some((
-                    m.address.0,
-                    m.address.1,
-                    m.offset,
-                    m.perms.contains(MMPermissions::EXECUTE),
-                    p.as_path(),
-                )),
-                _ => None,
-            })
+            .filter_map(|m| Some((m.start, m.end, m.offset, m.executable(), m.file()?)))
     }
 
     /// The paths of the mapped files, in address order, with repeats.
@@ -254,28 +242,24 @@ pub struct CodeMapping {
 /// The executable file mappings of a process, with build ids read from the
 /// objects (through /proc/PID/root, so a container's own files are read).
 pub fn code_mappings(pid: u32) -> Vec<CodeMapping> {
-    use procfs::process::MMapPath;
-    let Some(maps) = Process::new(pid as i32).ok().and_then(|p| p.maps().ok()) else {
+    let Some(maps) = crate::procmaps::read(pid) else {
         return Vec::new();
     };
     let mut build_ids: std::collections::HashMap<PathBuf, Option<String>> = Default::default();
-    maps.0
-        .iter()
-        .filter(|m| m.perms.contains(procfs::process::MMPermissions::EXECUTE))
+    maps.iter()
+        .filter(|m| m.executable())
         .filter_map(|m| {
-            let MMapPath::Path(p) = &m.pathname else {
-                return None;
-            };
+            let p = m.file()?;
             let build_id = build_ids
-                .entry(p.clone())
+                .entry(p.to_path_buf())
                 .or_insert_with(|| {
                     let relative = p.strip_prefix("/").unwrap_or(p);
                     build_id(&PathBuf::from(format!("/proc/{pid}/root")).join(relative))
                 })
                 .clone();
             Some(CodeMapping {
-                start: m.address.0,
-                limit: m.address.1,
+                start: m.start,
+                limit: m.end,
                 file_offset: m.offset,
                 path: p.display().to_string(),
                 build_id,
@@ -295,28 +279,25 @@ pub fn build_id(path: &std::path::Path) -> Option<String> {
 
 /// Per-mapping sizes, anonymous regions grouped together, largest RSS first.
 pub fn mappings(pid: u32) -> Option<Vec<MappingUsage>> {
-    use procfs::process::MMapPath;
-    let maps = Process::new(pid as i32).ok()?.smaps().ok()?;
+    let maps = crate::procmaps::read_smaps(pid)?;
     let mut groups: std::collections::BTreeMap<String, MappingUsage> = Default::default();
-    for m in maps.0 {
-        let name = match &m.pathname {
-            MMapPath::Path(p) => p.display().to_string(),
-            MMapPath::Heap => "[heap]".into(),
-            MMapPath::Stack => "[stack]".into(),
-            MMapPath::TStack(_) => "[stack]".into(),
-            MMapPath::Vdso | MMapPath::Vvar | MMapPath::Vsyscall => "[vdso]".into(),
-            MMapPath::Anonymous => "[anon]".into(),
-            MMapPath::Other(o) => format!("[{o}]"),
-            _ => "[other]".into(),
+    for (m, figures) in maps {
+        let name = match &m.path {
+            MapPath::File(p) => p.display().to_string(),
+            MapPath::Heap => "[heap]".into(),
+            MapPath::Stack => "[stack]".into(),
+            MapPath::Vdso => "[vdso]".into(),
+            MapPath::Anonymous => "[anon]".into(),
+            MapPath::Other(o) => o.clone(),
         };
-        let get = |k: &str| m.extension.map.get(k).copied().unwrap_or(0);
+        let get = |k: &str| figures.get(k).copied().unwrap_or(0);
         let entry = groups.entry(name.clone()).or_insert_with(|| MappingUsage {
             name,
             ..Default::default()
         });
         entry.rss += get("Rss");
         entry.anonymous += get("Anonymous");
-        entry.size += m.address.1 - m.address.0;
+        entry.size += m.end.saturating_sub(m.start);
         entry.regions += 1;
     }
     let mut list: Vec<MappingUsage> = groups.into_values().collect();

@@ -64,6 +64,8 @@ use std::io;
 use std::os::unix::ffi::OsStrExt as _;
 use std::path::PathBuf;
 
+use crate::procmaps::MapPath;
+
 use blazesym::symbolize::evict::{self, Evict};
 use blazesym::symbolize::source::{Process, Source};
 use blazesym::symbolize::{Input, Symbolized};
@@ -359,60 +361,39 @@ enum CacheKey<'m> {
     Process(u64),
 }
 
-/// Parses the contents of `/proc/PID/maps`; lines that do not parse are
-/// skipped (the kernel's format is fixed, so that only guards against a
-/// truncated last line).
+/// Parses the contents of `/proc/PID/maps` (`procmaps`: lines that do not
+/// parse are skipped), reduced to what symbolization needs, in address
+/// order.
 fn parse_maps(data: &[u8]) -> Vec<MapsEntry> {
-    let mut entries: Vec<MapsEntry> = data
-        .split(|&b| b == b'\n')
-        .filter_map(parse_maps_line)
+    let mut entries: Vec<MapsEntry> = crate::procmaps::parse(data)
+        .into_iter()
+        .map(|m| {
+            let relevant = m.readable() || m.executable();
+            let backing = match m.path {
+                MapPath::File(path) => {
+                    let bytes = path.as_os_str().as_bytes();
+                    let bytes = bytes.strip_suffix(b" (deleted)").unwrap_or(bytes);
+                    Backing::File(ObjectKey {
+                        dev: m.dev,
+                        inode: m.inode,
+                        path: PathBuf::from(OsStr::from_bytes(bytes)),
+                    })
+                }
+                MapPath::Vdso => Backing::Vdso,
+                _ => Backing::Other,
+            };
+            MapsEntry {
+                start: m.start,
+                end: m.end,
+                offset: m.offset,
+                relevant,
+                backing,
+            }
+        })
         .collect();
     // The kernel lists mappings in address order; lookups rely on it.
     entries.sort_by_key(|entry| entry.start);
     entries
-}
-
-/// Parses one line: `start-end perms offset major:minor inode   [path]`.
-/// The path may contain spaces, so it is everything after the fifth field.
-fn parse_maps_line(line: &[u8]) -> Option<MapsEntry> {
-    fn hex(field: &[u8]) -> Option<u64> {
-        u64::from_str_radix(std::str::from_utf8(field).ok()?, 16).ok()
-    }
-
-    let mut fields = line.splitn(6, |&b| b == b' ');
-    let range = fields.next()?;
-    let perms = fields.next()?;
-    let offset = hex(fields.next()?)?;
-    let dev = fields.next()?;
-    let inode: u64 = std::str::from_utf8(fields.next()?).ok()?.parse().ok()?;
-    let path = fields.next().unwrap_or_default().trim_ascii();
-
-    let dash = range.iter().position(|&b| b == b'-')?;
-    let start = hex(&range[..dash])?;
-    let end = hex(&range[dash + 1..])?;
-    let colon = dev.iter().position(|&b| b == b':')?;
-    let dev = (hex(&dev[..colon])? << 32) | hex(&dev[colon + 1..])?;
-    let relevant = perms.first() == Some(&b'r') || perms.get(2) == Some(&b'x');
-
-    let backing = if path.starts_with(b"/") {
-        let path = path.strip_suffix(b" (deleted)").unwrap_or(path);
-        Backing::File(ObjectKey {
-            dev,
-            inode,
-            path: PathBuf::from(OsStr::from_bytes(path)),
-        })
-    } else if path == VDSO.as_bytes() {
-        Backing::Vdso
-    } else {
-        Backing::Other
-    };
-    Some(MapsEntry {
-        start,
-        end,
-        offset,
-        relevant,
-        backing,
-    })
 }
 
 /// The entry containing `addr`, if any.
