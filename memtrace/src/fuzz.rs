@@ -93,7 +93,8 @@ impl RemoteMemory for Image<'_> {
 /// Code objects, their strings and line tables, read out of a fake
 /// process image: the first byte picks the minor version and where the
 /// code object is; the rest is the memory. The layout is discovered from
-/// the image when it holds a `PyCode_Type`, else a 3.12 layout is used.
+/// the image when it holds a `PyCode_Type`, else [`SEED_LAYOUT`] (the one
+/// the seeds' code objects are laid out in) is used.
 pub fn python_code(data: &[u8]) {
     let Some((&pick, image)) = data.split_first() else {
         return;
@@ -124,17 +125,39 @@ pub fn python_code(data: &[u8]) {
 fn code_in_image(pick: u8, image: &[u8]) -> Result<CodeInfo, pycode::PyCodeError> {
     let minor = pycode::SUPPORTED.0 + u32::from(pick & 7) % 5;
     let mem = Image(image);
-    let layout = CodeLayout::discover(&mem, IMAGE_BASE, minor).unwrap_or(CodeLayout {
-        filename: 112,
-        qualname: 120,
-        name: 104,
-        linetable: 128,
-        firstlineno: 68,
-        code_adaptive: 200,
-        ascii_data: 40,
-        compact_data: 56,
-    });
+    let layout = CodeLayout::discover(&mem, IMAGE_BASE, minor).unwrap_or(SEED_LAYOUT);
     CodeInfo::read(&mem, &layout, IMAGE_BASE + u64::from(pick >> 3) * 8)
+}
+
+/// Where the fields of a code object are when the image holds no
+/// `PyCode_Type` to discover them from: a plausible layout, not any one
+/// version's, that the seed corpus is written in.
+const SEED_LAYOUT: CodeLayout = CodeLayout {
+    filename: 112,
+    qualname: 120,
+    name: 104,
+    linetable: 128,
+    firstlineno: 68,
+    code_adaptive: 200,
+    ascii_data: 40,
+    compact_data: 56,
+};
+
+/// The task lists' heads when the input is no `.AsyncioDebug` table.
+const SEED_ASYNCIO: AsyncioOffsets = AsyncioOffsets {
+    interp_tasks_head: 16,
+    thread_tasks_head: 16,
+};
+
+/// A 3.14 `_Py_DebugOffsets` with every field at 8 (`synthetic_table`),
+/// parsed once: the task-list walk's offsets.
+fn synthetic_314() -> &'static DebugOffsets {
+    static TABLE: std::sync::OnceLock<DebugOffsets> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        let hex = 0x030e_0af0;
+        DebugOffsets::parse(&pydebug::synthetic_table(14, hex, &[]), hex)
+            .expect("the synthetic table validates")
+    })
 }
 
 /// CPython's tables read out of `_PyRuntime` and the `_asyncio` module:
@@ -153,13 +176,9 @@ pub fn python_tables(data: &[u8]) {
             }
         }
     }
-    let table = DebugOffsets::parse(&pydebug::synthetic_table(14, 0x030e_0af0, &[]), 0x030e_0af0)
-        .expect("the synthetic table validates");
-    let asyncio = asyncio.unwrap_or(AsyncioOffsets {
-        interp_tasks_head: 16,
-        thread_tasks_head: 16,
-    });
-    if let Some(count) = pyasyncio::count_tasks(&Image(data), &table, IMAGE_BASE, &asyncio) {
+    let asyncio = asyncio.unwrap_or(SEED_ASYNCIO);
+    if let Some(count) = pyasyncio::count_tasks(&Image(data), synthetic_314(), IMAGE_BASE, &asyncio)
+    {
         assert!(count <= pyasyncio::MAX_TASKS, "{count} tasks");
     }
 }
@@ -327,14 +346,8 @@ mod tests {
         let seed = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("fuzz/corpus/python_tables/cyclic_task_list");
         let data = std::fs::read(seed).unwrap();
-        let table =
-            DebugOffsets::parse(&pydebug::synthetic_table(14, 0x030e_0af0, &[]), 0x030e_0af0)
-                .unwrap();
-        let asyncio = AsyncioOffsets {
-            interp_tasks_head: 16,
-            thread_tasks_head: 16,
-        };
-        let count = pyasyncio::count_tasks(&Image(&data), &table, IMAGE_BASE, &asyncio);
+        let count =
+            pyasyncio::count_tasks(&Image(&data), synthetic_314(), IMAGE_BASE, &SEED_ASYNCIO);
         assert_eq!(count, Some(pyasyncio::MAX_TASKS));
     }
 

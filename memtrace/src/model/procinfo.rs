@@ -4,9 +4,9 @@
 use std::path::PathBuf;
 
 use procfs::process::Process;
+use serde::Serialize;
 
 use crate::procmaps::MapPath;
-use serde::Serialize;
 
 /// Identity of a process, read once when it is found.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
