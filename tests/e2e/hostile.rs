@@ -47,7 +47,10 @@ fn a_file_mapped_under_a_sysv_like_name_leaves_the_process_readable() {
     assert_eq!(line, "ready");
     let pid = p.pid();
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
-    assert!(maps.contains(&format!(" {}\n", file.0)), "the kernel shows the mapping:\n{maps}");
+    assert!(
+        maps.contains(&format!(" {}\n", file.0)),
+        "the kernel shows the mapping:\n{maps}"
+    );
 
     let mut python = None;
     agent.wait(Duration::from_secs(15), |s| {
@@ -58,9 +61,22 @@ fn a_file_mapped_under_a_sysv_like_name_leaves_the_process_readable() {
     assert!(python.supported, "{python:?}");
 
     let mappings = procinfo::mappings(pid).expect("smaps is read");
-    let ours = mappings.iter().find(|m| m.name == file.0).expect("the file's mapping is listed");
+    let ours = mappings
+        .iter()
+        .find(|m| m.name == file.0)
+        .expect("the file's mapping is listed");
     assert_eq!(ours.size, 8192);
-    assert!(procinfo::code_mappings(pid).iter().any(|m| m.path == "/usr/bin/python3.11"));
-    assert!(uprobes::libc_path(pid).is_some(), "libc is found for the allocator probes");
-    assert!(agent.with(|s| s.registry.get(pid).is_some()), "still traced");
+    assert!(
+        procinfo::code_mappings(pid)
+            .iter()
+            .any(|m| m.path == "/usr/bin/python3.11")
+    );
+    assert!(
+        uprobes::libc_path(pid).is_some(),
+        "libc is found for the allocator probes"
+    );
+    assert!(
+        agent.with(|s| s.registry.get(pid).is_some()),
+        "still traced"
+    );
 }
