@@ -65,6 +65,8 @@ pub struct ProcStats {
     pub faults: u64,
     /// Bytes successfully mapped by mmap(2).
     pub mmap_bytes: u64,
+    /// Successful mmap(2) calls.
+    pub mmap_calls: u64,
     /// Bytes unmapped by successful munmap(2) calls.
     pub munmap_bytes: u64,
     /// Program-break growth and shrink, from brk(2) return values.
@@ -707,7 +709,7 @@ mod user {
 /// Compile-time checks that the shared layouts have no hidden padding: the
 /// sizes below are the sums of the fields.
 const _: () = {
-    assert!(core::mem::size_of::<ProcStats>() == 13 * 8 + 8);
+    assert!(core::mem::size_of::<ProcStats>() == 14 * 8 + 8);
     assert!(core::mem::size_of::<MmRss>() == 4 * 8 + 8 + 8);
     assert!(core::mem::size_of::<RequestStart>() == 2 * 8 + 4 * 8 + 5 * 8 + 8 + 24);
     assert!(core::mem::size_of::<ThreadState>() == 8 + 5 * 8 + 3 * 8 + 8 + 120 + 32);
@@ -716,7 +718,7 @@ const _: () = {
     assert!(core::mem::size_of::<SiteKey>() == 24);
     assert!(core::mem::size_of::<PyProcInfo>() == 14 * 4);
     assert!(core::mem::size_of::<PyStack>() == 8 + 16 * PY_MAX_FRAMES);
-    assert!(core::mem::size_of::<ProcessEvent>() == 32 + 16 + 256 + 112 + 32);
+    assert!(core::mem::size_of::<ProcessEvent>() == 32 + 16 + 256 + 120 + 32);
     assert!(core::mem::size_of::<RssEvent>() == 24 + 32);
     assert!(core::mem::size_of::<RequestLine>() == 8 + LINE_CAP);
     assert!(core::mem::size_of::<RequestEvent>() == 24 + 24 + 64 + 40 + 16 + 24 + 8 + LINE_CAP);

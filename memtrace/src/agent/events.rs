@@ -3,7 +3,7 @@
 use std::time::{Instant, SystemTime};
 
 use memtrace_common::ProcessEvent;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::state::{MB, State};
 use crate::{
@@ -14,6 +14,7 @@ use crate::{
         procinfo::{self, ProcessView},
         requests::{RequestRecord, TASKS_FIRST, TASKS_UNREAD, Unavailable, WallClock},
         routes::Kept,
+        storms,
         workers::{Origin, Worker},
     },
 };
@@ -65,6 +66,7 @@ impl State {
         if self.registry.contains(ev.tgid) || self.descendants.contains(ev.tgid) {
             return;
         }
+        self.count_fork(ev.ppid);
         if let Some(owner) = self.descendant_owner(ev.ppid) {
             // Watched by the kernel (its own forks, exec and exit come as
             // events), not a worker.
@@ -109,9 +111,45 @@ impl State {
         }
     }
 
+    /// Names, once, a process that forks faster than any server.
+    fn count_fork(&mut self, ppid: u32) {
+        let now = Instant::now();
+        let Some(burst) = self.storms.forks.add(ppid, 1, now) else {
+            return;
+        };
+        let name = self.registry.get(ppid).map_or_else(
+            || self.descendants.comm_of(ppid).unwrap_or_default(),
+            |w| w.name.clone(),
+        );
+        warn!(
+            pid = ppid,
+            name = %name,
+            children = burst.in_window(),
+            secs = burst.window_secs(now),
+            limit = storms::FORK_STORM.count,
+            "process forks faster than any server: still followed, its children are logged at debug level from now on"
+        );
+    }
+
+    /// Names, once, a process that execs in a loop.
+    fn count_exec(&mut self, pid: u32, name: &str) {
+        let now = Instant::now();
+        if let Some(burst) = self.storms.execs.add(pid, 1, now) {
+            warn!(
+                pid,
+                name = %name,
+                execs = burst.in_window(),
+                secs = burst.window_secs(now),
+                limit = storms::EXEC_STORM.count,
+                "process execs in a loop: still followed, its new programs are logged at debug level from now on"
+            );
+        }
+    }
+
     fn on_exec(&mut self, ev: &ProcessEvent) {
         let pid = ev.tgid;
         let filename = c_str(&ev.filename);
+        self.count_exec(pid, &c_str(&ev.comm));
         if self.descendants.contains(pid) {
             // Still its worker's, under its new name (a browser, a shell).
             self.descendants.exec(pid, &c_str(&ev.comm));
@@ -129,7 +167,11 @@ impl State {
             (1, Some(reason)) => {
                 self.registry.forget(pid);
                 let worker = Worker::new(&view, Origin::Exec, reason.to_string());
-                info!(pid, name = %view.comm, filename = %filename, "traced process exec'd; following the new program");
+                if self.storms.execs.flagged(pid) {
+                    debug!(pid, name = %view.comm, filename = %filename, "traced process exec'd; following the new program");
+                } else {
+                    info!(pid, name = %view.comm, filename = %filename, "traced process exec'd; following the new program");
+                }
                 self.attach(worker);
             }
             // A traced child became something no selector asks for.
@@ -163,6 +205,10 @@ impl State {
 
     fn on_exit(&mut self, ev: &ProcessEvent) {
         let pid = ev.tgid;
+        // Exit events carry no parent: the model knows it.
+        let ppid = self.registry.get(pid).map_or(0, |w| w.ppid);
+        let quiet = self.storms.quiet(pid, ppid);
+        self.storms.exited(pid);
         if self.descendants.exit(pid).is_some() {
             return;
         }
@@ -181,7 +227,7 @@ impl State {
             .exited_at
             .and_then(|t| t.duration_since(w.first_seen).ok())
             .unwrap_or_default();
-        info!(
+        macro_rules! exited { ($level:ident) => { $level!(
             pid,
             ppid = w.ppid,
             role = ?role,
@@ -194,7 +240,12 @@ impl State {
             traced_secs = lifetime.as_secs_f64(),
             orphans,
             "worker exited"
-        );
+        ) } }
+        if quiet {
+            exited!(debug);
+        } else {
+            exited!(info);
+        }
     }
 
     fn on_request(&mut self, ev: &memtrace_common::RequestEvent, clock: &WallClock) {
@@ -248,7 +299,18 @@ impl State {
         let fds = record.fds;
         let tasks = record.tasks;
         let at = ev.end_ns as f64 / 1e9;
+        let overflowed = w.requests.routes.overflowed;
         w.requests.push(record);
+        if overflowed == 0 && w.requests.routes.overflowed > 0 {
+            // Once per worker: paths no id collapses (a scanner, a client
+            // probing the agent, ids of an unusual shape).
+            warn!(
+                pid = ev.tgid,
+                name = %w.name,
+                max_routes = w.requests.routes.max_routes(),
+                "worker's route table is full: requests of further routes are counted under \"other\" (raise --max-routes if its routes are real)"
+            );
+        }
         let detection = w.detector.record_at(rss_mb, at);
         let child_detection = w.child_detector.record_at(children, at);
         let fd_detection = fds.and_then(|n| w.fd_detector.record_at(n as f64, at));

@@ -117,6 +117,7 @@ impl Agent {
             descendants: Default::default(),
             log_plan: settings.plan_log_lines,
             soft_limit_children: settings.soft_limit_include_children,
+            storms: Default::default(),
         };
         let api_listener = match settings.listen {
             Some(addr) => {

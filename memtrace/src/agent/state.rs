@@ -12,7 +12,7 @@ use crate::{
     kernel::loader::Tracer,
     model::{
         descendants::Descendants, kubelet::PodIndex, python::PythonBuilds,
-        requests::RequestSettings, selectors::Selectors, workers::Registry,
+        requests::RequestSettings, selectors::Selectors, storms::StormWatch, workers::Registry,
     },
 };
 
@@ -66,6 +66,8 @@ pub struct State {
     pub log_plan: bool,
     /// The soft limit counts each worker's descendants in its metric.
     pub soft_limit_children: bool,
+    /// Processes forking, exec'ing or mapping faster than any server.
+    pub storms: StormWatch,
 }
 
 pub type SharedState = Arc<Mutex<State>>;

@@ -1,7 +1,10 @@
 //! Which processes are traced, and their numbers kept fresh: processes found
 //! in /proc or by events are attached to the model, kernel counters and /proc
 //! read into it, the dead retired, lost events reported.
-use std::{path::Path, time::SystemTime};
+use std::{
+    path::Path,
+    time::{Instant, SystemTime},
+};
 
 use tracing::{debug, info, warn};
 
@@ -76,7 +79,10 @@ impl State {
         self.refresh_one(pid);
         let role = self.registry.role(pid);
         let rss = self.registry.get(pid).map_or(0, |w| w.rss.resident());
-        info!(
+        // A storm's children (and an exec loop's images) are logged at
+        // debug level: the storm has its one line.
+        let quiet = self.storms.quiet(pid, ppid);
+        macro_rules! attached { ($level:ident) => { $level!(
             pid,
             ppid,
             role = ?role,
@@ -92,7 +98,12 @@ impl State {
             namespace = placement.pod_namespace.as_deref(),
             ns_pid = placement.ns_pid,
             "worker attached"
-        );
+        ) } }
+        if quiet {
+            attached!(debug);
+        } else {
+            attached!(info);
+        }
     }
 
     /// Gives the kernel's exec filter the cgroups that --cgroup and
@@ -140,7 +151,21 @@ impl State {
         let Some(w) = self.registry.get_mut(pid) else {
             return true;
         };
+        let mapped = stats.mmap_calls.saturating_sub(w.stats.mmap_calls);
+        let collected = stats.flags & memtrace_common::PROC_FLAG_COLLECT != 0;
         w.stats = stats;
+        if collected
+            && let Some(burst) = self.storms.maps.add(pid, mapped, Instant::now())
+        {
+            warn!(
+                pid,
+                name = %w.name,
+                mmap_calls = burst.in_window(),
+                limit = crate::model::storms::MAP_STORM.count,
+                secs = burst.window_secs(Instant::now()),
+                "process maps memory faster than any server while its allocation sites are collected: collection walks the stack of each of its mmap calls, and its mmap sites count every byte mapped, live or not"
+            );
+        }
         if let Some(mm) = mm {
             w.apply_mm(&mm);
         }

@@ -97,6 +97,13 @@ impl Descendants {
         self.owners.contains_key(&pid) || self.orphans.contains_key(&pid)
     }
 
+    /// A descendant's name (comm), live or orphaned.
+    pub fn comm_of(&self, pid: u32) -> Option<String> {
+        self.live(pid)
+            .or_else(|| self.orphans.get(&pid))
+            .map(|d| d.comm.clone())
+    }
+
     fn live(&self, pid: u32) -> Option<&Descendant> {
         let owner = *self.owners.get(&pid)?;
         self.live.get(&(owner, pid))

@@ -7,6 +7,7 @@
 //! sampled Python frame ([`pycode`]).
 //!
 //! What workers start, followed without becoming workers: [`descendants`].
+//! Processes that fork, exec or map faster than any server: [`storms`].
 //!
 //! Imports: `judge::detector` (each worker owns its leak detector); nothing
 //! from the kernel loader, the API or the agent.
@@ -22,4 +23,5 @@ pub mod requests;
 pub mod routes;
 pub mod rss;
 pub mod selectors;
+pub mod storms;
 pub mod workers;

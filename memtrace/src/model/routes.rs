@@ -288,6 +288,10 @@ impl RouteTable {
         self.routes.len()
     }
 
+    pub fn max_routes(&self) -> usize {
+        self.max_routes
+    }
+
     pub fn is_empty(&self) -> bool {
         self.routes.is_empty()
     }
