@@ -65,8 +65,8 @@ pub struct ProcStats {
     pub faults: u64,
     /// Bytes successfully mapped by mmap(2).
     pub mmap_bytes: u64,
-    /// Successful mmap(2) calls.
-    pub mmap_calls: u64,
+    /// mmap(2) calls whose stacks were walked while collection was on.
+    pub collected_mmap_calls: u64,
     /// Bytes unmapped by successful munmap(2) calls.
     pub munmap_bytes: u64,
     /// Program-break growth and shrink, from brk(2) return values.

@@ -49,7 +49,6 @@ fn try_mmap_exit(ctx: &TracePointContext) -> Option<()> {
             return Some(());
         }
         atomic_add(&raw mut (*stats).mmap_bytes, len);
-        atomic_add(&raw mut (*stats).mmap_calls, 1);
         (*thread).mmap_bytes += len;
     }
     Some(())

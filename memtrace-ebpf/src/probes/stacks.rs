@@ -146,7 +146,9 @@ fn try_page_fault_stacks(ctx: &TracePointContext) -> Option<()> {
 #[tracepoint]
 pub fn mmap_stacks(ctx: TracePointContext) -> u32 {
     let cur = current();
-    if collecting(cur.tgid).is_some() {
+    if let Some(stats) = collecting(cur.tgid) {
+        // SAFETY: pointer from a map lookup.
+        unsafe { atomic_add(&raw mut (*stats).collected_mmap_calls, 1) };
         if let Ok(len) = field::<u64>(&ctx, CONFIG.load().layout.mmap_len) {
             add_site(&ctx, cur.tgid, SITE_MMAP, page_align(len));
         }

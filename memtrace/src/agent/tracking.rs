@@ -151,7 +151,9 @@ impl State {
         let Some(w) = self.registry.get_mut(pid) else {
             return true;
         };
-        let mapped = stats.mmap_calls.saturating_sub(w.stats.mmap_calls);
+        let mapped = stats
+            .collected_mmap_calls
+            .saturating_sub(w.stats.collected_mmap_calls);
         let collected = stats.flags & memtrace_common::PROC_FLAG_COLLECT != 0;
         w.stats = stats;
         if collected
