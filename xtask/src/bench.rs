@@ -20,6 +20,8 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::{cargo, run, workspace_root};
 
+mod soak;
+
 const TOKEN: &str = "bench-token";
 /// Rounds at least of the comparisons with few modes (nginx, uprobe mode
 /// against bare uprobes): cheap, and their medians must resolve a few
@@ -46,6 +48,8 @@ pub struct BenchOptions {
     pub uprobe_only: bool,
     /// Only getppid of an untraced process (`untraced_syscalls`).
     pub untraced_only: bool,
+    /// Only the soak (`soak_minutes` of it).
+    pub soak_only: bool,
 }
 
 /// A child process (and its process group), killed on drop.
@@ -836,6 +840,18 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
     if opts.paths_only {
         return paths_bench(&paths, opts);
     }
+    if opts.soak_only {
+        let mut md = format!(
+            "# Soak only ({} minutes; machine {}; commit {}, {})\n\n",
+            opts.soak_minutes,
+            machine(),
+            git_commit(),
+            now_utc()
+        );
+        soak::soak(&paths, opts.soak_minutes, &mut md)?;
+        print!("{md}");
+        return Ok(());
+    }
     if opts.modes_only {
         return modes_bench(&paths, opts);
     }
@@ -1164,22 +1180,7 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
     if opts.soak_minutes > 0 {
         eprintln!("soak ({} min):", opts.soak_minutes);
         let _ = writeln!(md, "\n## 6. Soak\n");
-        let samples = soak(&paths, opts.soak_minutes)?;
-        let _ = writeln!(
-            md,
-            "`leaky_server` with 4 workers (each request leaks 0 and scratches 16 KiB), uprobe mode, wrk in 30 s bursts for {} minutes; \
-             agent RSS sampled between bursts.\n",
-            opts.soak_minutes
-        );
-        let _ = writeln!(md, "| minute | requests so far | agent RSS MB |");
-        let _ = writeln!(md, "|---:|---:|---:|");
-        for (min, reqs, rss) in &samples {
-            let _ = writeln!(
-                md,
-                "| {min:.1} | {reqs:.0} | {:.1} |",
-                *rss as f64 / 1048576.0
-            );
-        }
+        soak::soak(&paths, opts.soak_minutes, &mut md)?;
     }
 
     let _ = writeln!(md, "\n## Targets\n");
@@ -1402,36 +1403,6 @@ fn nginx(dir: &Path, port: u16) -> Result<Proc> {
             .stdout(Stdio::null())
             .stderr(Stdio::null()),
     )
-}
-
-fn soak(paths: &Paths, minutes: u64) -> Result<Vec<(f64, f64, u64)>> {
-    let port = free_port()?;
-    let dir = std::env::temp_dir().join("memtrace-bench-soak");
-    std::fs::create_dir_all(&dir)?;
-    let _server = Proc::spawn(
-        Command::new(paths.fixtures.join("leaky_server"))
-            .args([port.to_string(), "4".into()])
-            .arg(&dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()),
-    )?;
-    wait_until(Duration::from_secs(30), || listening(port));
-    let agent = Agent::start(paths, "leaky_server", Mode::Uprobe, &[])?.expect("on");
-    thread::sleep(Duration::from_secs(2));
-    let start = Instant::now();
-    let mut requests = 0.0;
-    let mut samples = vec![(0.0, 0.0, agent.footprint().1)];
-    while start.elapsed() < Duration::from_secs(minutes * 60) {
-        requests += wrk(&format!("http://127.0.0.1:{port}/"), 30, 1, 4)? * 30.0;
-        let rss = agent.footprint().1;
-        let min = start.elapsed().as_secs_f64() / 60.0;
-        eprintln!(
-            "  {min:.1} min: {requests:.0} requests, agent RSS {:.1} MB",
-            rss as f64 / 1048576.0
-        );
-        samples.push((min, requests, rss));
-    }
-    Ok(samples)
 }
 
 /// Mean ns per run of the socket programs in socket mode and in `variant`

@@ -87,9 +87,14 @@ enum Cmd {
         /// Seconds per load run.
         #[arg(long, default_value_t = 8)]
         seconds: u64,
-        /// Minutes of the soak run (0 skips it).
+        /// Minutes of the soak run (0 skips it): gunicorn in socket mode
+        /// with a leaking route, diffs every 5 minutes, workers recycled at
+        /// a soft limit.
         #[arg(long, default_value_t = 0)]
         soak_minutes: u64,
+        /// Only the soak (with --soak-minutes, default 60).
+        #[arg(long)]
+        soak_only: bool,
         /// Only the cost of HTTP path capture: socket mode with and without
         /// it (fixture throughput and per-program cost), a few minutes.
         #[arg(long)]
@@ -193,8 +198,13 @@ fn main() -> Result<()> {
             python_only,
             uprobe_only,
             untraced_only,
+            soak_only,
         } => {
             ensure_setup()?;
+            let soak_minutes = match (soak_only, soak_minutes) {
+                (true, 0) => 60,
+                (_, m) => m,
+            };
             bench::bench(&bench::BenchOptions {
                 rounds,
                 seconds,
@@ -204,6 +214,7 @@ fn main() -> Result<()> {
                 python_only,
                 uprobe_only,
                 untraced_only,
+                soak_only,
             })
         }
         Cmd::Fuzz { seconds, targets } => {

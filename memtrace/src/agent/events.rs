@@ -251,8 +251,10 @@ impl State {
     fn on_request(&mut self, ev: &memtrace_common::RequestEvent, clock: &WallClock) {
         let settings = self.request_settings;
         let Some(w) = self.registry.get_mut(ev.tgid) else {
+            self.counters.requests_unattributed += 1;
             return;
         };
+        self.counters.requests_recorded += 1;
         let mut record =
             RequestRecord::from_event(ev, w.requests.next_seq(), &w.rss, &settings, clock);
         w.apply_kernel_rss(ev.rss_after, ev.known_after);

@@ -23,6 +23,10 @@ pub(super) const MB: f64 = 1024.0 * 1024.0;
 pub struct AgentCounters {
     pub events_received: u64,
     pub decode_errors: u64,
+    /// Requests recorded, every worker's, exited ones included.
+    pub requests_recorded: u64,
+    /// Request events of a process no longer (or not yet) in the model.
+    pub requests_unattributed: u64,
     /// Ring-buffer drops already reported in the log.
     pub drops_reported: u64,
 }

@@ -131,6 +131,8 @@ pub fn agent_status(state: &State) -> AgentStatus {
         workers_exited: state.registry.exited().count(),
         events_received: state.counters.events_received,
         decode_errors: state.counters.decode_errors,
+        requests_recorded: state.counters.requests_recorded,
+        requests_unattributed: state.counters.requests_unattributed,
         kernel: state.tracer.counters(),
         kernel_release: state.tracer.kernel_release().to_string(),
         kernel_unavailable: state.tracer.unavailable().to_vec(),

@@ -112,6 +112,8 @@ pub const METRIC_NAMES: &[&str] = &[
     "memtrace_heap_samples_dropped_total",
     "memtrace_exec_cgroup_rejected_total",
     "memtrace_events_total",
+    "memtrace_requests_total",
+    "memtrace_requests_unattributed_total",
     "memtrace_workers",
     "memtrace_collection_active",
 ];
@@ -362,6 +364,16 @@ pub fn render(status: &StatusView) -> String {
         Counter
     );
     let events = single!("memtrace_events", "Kernel events received", Counter);
+    let requests_recorded = single!(
+        "memtrace_requests",
+        "Requests recorded, every worker's, exited ones included",
+        Counter
+    );
+    let requests_unattributed = single!(
+        "memtrace_requests_unattributed",
+        "Request events of a process the agent did not trace (any longer)",
+        Counter
+    );
     let heap_samples = single!(
         "memtrace_heap_samples",
         "Heap allocations sampled while the heap tier collected",
@@ -546,6 +558,8 @@ pub fn render(status: &StatusView) -> String {
     heap_samples.inc_by(agent.kernel.heap_samples);
     heap_samples_dropped.inc_by(agent.kernel.live_allocs_dropped);
     events.inc_by(agent.events_received);
+    requests_recorded.inc_by(agent.requests_recorded);
+    requests_unattributed.inc_by(agent.requests_unattributed);
     workers.set(agent.workers_alive as i64);
     orphans.set(agent.orphans_total as i64);
     collecting.set(i64::from(agent.collection_active));

@@ -157,6 +157,10 @@ pub struct AgentStatus {
     pub workers_exited: usize,
     pub events_received: u64,
     pub decode_errors: u64,
+    /// Requests recorded, every worker's, exited ones included.
+    pub requests_recorded: u64,
+    /// Request events of a process the agent did not trace (any longer).
+    pub requests_unattributed: u64,
     pub kernel: KernelCounters,
     /// The running kernel's release.
     pub kernel_release: String,

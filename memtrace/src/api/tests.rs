@@ -139,6 +139,8 @@ impl Backend for Fake {
                 workers_exited: 0,
                 events_received: 0,
                 decode_errors: 0,
+                requests_recorded: 0,
+                requests_unattributed: 0,
                 kernel: KernelCounters::default(),
                 kernel_release: "6.1.0-test".into(),
                 kernel_unavailable: vec!["HTTP path capture is off: test".into()],
