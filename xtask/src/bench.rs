@@ -20,6 +20,7 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::{cargo, run, workspace_root};
 
+mod cost;
 mod soak;
 
 const TOKEN: &str = "bench-token";
@@ -50,6 +51,8 @@ pub struct BenchOptions {
     pub untraced_only: bool,
     /// Only the soak (`soak_minutes` of it).
     pub soak_only: bool,
+    /// Only the cost tables (`cost`).
+    pub cost_only: bool,
 }
 
 /// A child process (and its process group), killed on drop.
@@ -390,6 +393,8 @@ struct Target<'a> {
     start: &'a dyn Fn(u16) -> Result<Proc>,
     threads: u32,
     conns: u32,
+    /// The path wrk asks for.
+    path: &'static str,
 }
 
 impl<'a> Target<'a> {
@@ -403,7 +408,30 @@ impl<'a> Target<'a> {
             start,
             threads: 1,
             conns: FIXTURE_WORKERS,
+            path: "/",
         }
+    }
+
+    /// A Python server started by `start`, loaded by one wrk thread over
+    /// `conns` connections.
+    fn python(
+        name: &'static str,
+        process_name: &'static str,
+        start: &'a dyn Fn(u16) -> Result<Proc>,
+        conns: u32,
+    ) -> Self {
+        Self {
+            name,
+            process_name,
+            start,
+            threads: 1,
+            conns,
+            path: "/",
+        }
+    }
+
+    fn with_path(self, path: &'static str) -> Self {
+        Self { path, ..self }
     }
 }
 
@@ -515,7 +543,7 @@ fn throughput(
                 }
             }
             let rps = wrk(
-                &format!("http://127.0.0.1:{port}/"),
+                &format!("http://127.0.0.1:{port}{}", t.path),
                 opts.seconds,
                 t.threads,
                 t.conns,
@@ -840,6 +868,19 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
     if opts.paths_only {
         return paths_bench(&paths, opts);
     }
+    if opts.cost_only {
+        let mut md = format!(
+            "# Cost per request, paired on one server instance ({} rounds of {} s; machine {}; commit {}, {})\n\n",
+            opts.rounds,
+            opts.seconds,
+            machine(),
+            git_commit(),
+            now_utc()
+        );
+        cost::cost(&paths, opts, &mut md)?;
+        print!("{md}");
+        return Ok(());
+    }
     if opts.soak_only {
         let mut md = format!(
             "# Soak only ({} minutes; machine {}; commit {}, {})\n\n",
@@ -945,13 +986,7 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
                 .stderr(Stdio::null()),
         )
     };
-    let gunicorn_target = Target {
-        name: "gunicorn",
-        process_name: "gunicorn",
-        start: &gunicorn,
-        threads: 1,
-        conns: 4,
-    };
+    let gunicorn_target = Target::python("gunicorn", "gunicorn", &gunicorn, 4);
     let gmodes = [
         Mode::Off,
         Mode::Steady,
@@ -980,13 +1015,7 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
             port,
         )
     };
-    let nginx_target = Target {
-        name: "nginx",
-        process_name: "nginx",
-        start: &nginx_start,
-        threads: 1,
-        conns: 8,
-    };
+    let nginx_target = Target::python("nginx", "nginx", &nginx_start, 8);
     // Runs of nginx spread by ±8% here (one process of the node among
     // others): more rounds of its two modes, whose medians then resolve a
     // few percent.

@@ -95,6 +95,12 @@ enum Cmd {
         /// Only the soak (with --soak-minutes, default 60).
         #[arg(long)]
         soak_only: bool,
+        /// Only the cost per request: server and agent CPU per request and
+        /// throughput, paired with memtrace off on one server instance,
+        /// with steal time (the fixture, gunicorn sync and gthread,
+        /// uvicorn, a 64 MiB-per-request app).
+        #[arg(long)]
+        cost_only: bool,
         /// Only the cost of HTTP path capture: socket mode with and without
         /// it (fixture throughput and per-program cost), a few minutes.
         #[arg(long)]
@@ -199,6 +205,7 @@ fn main() -> Result<()> {
             uprobe_only,
             untraced_only,
             soak_only,
+            cost_only,
         } => {
             ensure_setup()?;
             let soak_minutes = match (soak_only, soak_minutes) {
@@ -215,6 +222,7 @@ fn main() -> Result<()> {
                 uprobe_only,
                 untraced_only,
                 soak_only,
+                cost_only,
             })
         }
         Cmd::Fuzz { seconds, targets } => {
