@@ -156,9 +156,7 @@ impl State {
             .saturating_sub(w.stats.collected_mmap_calls);
         let collected = stats.flags & memtrace_common::PROC_FLAG_COLLECT != 0;
         w.stats = stats;
-        if collected
-            && let Some(burst) = self.storms.maps.add(pid, mapped, Instant::now())
-        {
+        if collected && let Some(burst) = self.storms.maps.add(pid, mapped, Instant::now()) {
             warn!(
                 pid,
                 name = %w.name,
