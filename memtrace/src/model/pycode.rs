@@ -399,6 +399,14 @@ impl CodeInfo {
     /// anything that is not a live code object: an unmapped or NULL
     /// pointer, an object whose type is not `code`, strings or tables of
     /// nonsense size or shape.
+    /// Bytes this entry holds on the heap and in place.
+    pub fn footprint(&self) -> usize {
+        std::mem::size_of::<Self>()
+            + self.filename.capacity()
+            + self.qualname.capacity()
+            + self.lines.capacity() * std::mem::size_of::<LineRange>()
+    }
+
     pub fn read(
         mem: &impl RemoteMemory,
         layout: &CodeLayout,
@@ -645,13 +653,17 @@ fn read_signed_varint(table: &[u8], at: usize) -> Result<i64, String> {
 /// Entries kept per generation: two generations bound the cache at twice
 /// this. A code object's entry is a few hundred bytes.
 const CACHE_GENERATION: usize = 8192;
+/// Bytes kept per generation: a hostile process's code objects may each
+/// carry names of 4096 characters and a line table of a million entries.
+const CACHE_GENERATION_BYTES: usize = 16 << 20;
 
 /// Code objects already read, per (pid, address), validated by the
 /// `co_firstlineno` the kernel saw with the address: a different one means
 /// the address was freed and reused, so it is read again.
 ///
 /// Bounded by two generations: new entries go to the recent one; when it
-/// is full it becomes the older one (the previous older one is dropped),
+/// is full (entries or bytes) it becomes the older one (the previous older
+/// one is dropped),
 /// and a hit in the older generation moves back to the recent one. Code
 /// objects in use stay; those no longer sampled age out.
 #[derive(Debug)]
@@ -659,6 +671,9 @@ pub struct CodeCache {
     recent: HashMap<(u32, u64), Arc<CodeInfo>>,
     older: HashMap<(u32, u64), Arc<CodeInfo>>,
     generation: usize,
+    /// Bytes of the recent generation's entries, and its budget.
+    recent_bytes: usize,
+    generation_bytes: usize,
 }
 
 impl Default for CodeCache {
@@ -668,17 +683,25 @@ impl Default for CodeCache {
 }
 
 impl CodeCache {
-    /// A cache of at most 16384 code objects.
+    /// A cache of at most 16384 code objects and about 32 MiB.
     pub fn new() -> Self {
-        Self::with_generation(CACHE_GENERATION)
+        Self::with_limits(CACHE_GENERATION, CACHE_GENERATION_BYTES)
     }
 
     /// A cache of at most `2 * generation` entries.
     pub fn with_generation(generation: usize) -> Self {
+        Self::with_limits(generation, CACHE_GENERATION_BYTES)
+    }
+
+    /// A cache of at most `2 * generation` entries and about `2 * bytes`
+    /// bytes (one entry may go past).
+    pub fn with_limits(generation: usize, bytes: usize) -> Self {
         Self {
             recent: HashMap::new(),
             older: HashMap::new(),
             generation: generation.max(1),
+            recent_bytes: 0,
+            generation_bytes: bytes,
         }
     }
 
@@ -720,16 +743,32 @@ impl CodeCache {
     }
 
     fn insert(&mut self, key: (u32, u64), info: Arc<CodeInfo>) {
-        if self.recent.len() >= self.generation && !self.recent.contains_key(&key) {
+        let full = self.recent.len() >= self.generation
+            || self.recent_bytes + info.footprint() > self.generation_bytes;
+        if full && !self.recent.contains_key(&key) && !self.recent.is_empty() {
             self.older = std::mem::take(&mut self.recent);
+            self.recent_bytes = 0;
         }
-        self.recent.insert(key, info);
+        self.recent_bytes += info.footprint();
+        if let Some(old) = self.recent.insert(key, info) {
+            self.recent_bytes = self.recent_bytes.saturating_sub(old.footprint());
+        }
     }
 
     /// Drops a process's entries (it exited: its addresses mean nothing).
     pub fn forget(&mut self, pid: u32) {
         self.recent.retain(|&(p, _), _| p != pid);
         self.older.retain(|&(p, _), _| p != pid);
+        self.recent_bytes = self.recent.values().map(|i| i.footprint()).sum();
+    }
+
+    /// Bytes the entries hold (both generations).
+    pub fn bytes(&self) -> usize {
+        self.recent
+            .values()
+            .chain(self.older.values())
+            .map(|i| i.footprint())
+            .sum()
     }
 
     /// Entries held.
@@ -1424,6 +1463,27 @@ mod tests {
             cache.get(1, &nothing, &layout, CODE_AT, 40).is_err(),
             "a cold one ages out"
         );
+    }
+
+    #[test]
+    fn the_cache_is_bounded_in_bytes_too() {
+        let layout = fake_layout();
+        let mem = fake_python();
+        let one = CodeInfo::read(&mem, &layout, CODE_AT).expect("read").footprint();
+        // Room for three entries a generation, whatever the entry count.
+        let mut cache = CodeCache::with_limits(1000, 3 * one);
+        for pid in 0..50 {
+            cache.get(pid, &mem, &layout, CODE_AT, 40).expect("read");
+            assert!(cache.bytes() <= 6 * one, "{} bytes", cache.bytes());
+        }
+        assert!(cache.len() <= 6, "{}", cache.len());
+        // One entry larger than a generation is still kept (alone).
+        let mut tiny = CodeCache::with_limits(1000, 1);
+        tiny.get(1, &mem, &layout, CODE_AT, 40).expect("read");
+        tiny.get(2, &mem, &layout, CODE_AT, 40).expect("read");
+        assert_eq!(tiny.len(), 2, "the new one, and the previous as older");
+        tiny.get(3, &mem, &layout, CODE_AT, 40).expect("read");
+        assert_eq!(tiny.len(), 2);
     }
 
     // ---- Real interpreters on this machine ----
