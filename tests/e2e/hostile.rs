@@ -1,9 +1,9 @@
 //! Processes that lie to the agent, or shape what it reads: it keeps
 //! tracing them and everything else.
 use std::{
+    io::{BufRead as _, BufReader},
     net::SocketAddr,
     path::Path,
-    io::{BufRead as _, BufReader},
     process::{Command, Stdio},
     time::Duration,
 };
@@ -156,7 +156,11 @@ fn drive_distinct(port: u16, total: usize, concurrency: usize) {
 /// Requests counted by the agent for each of `pids`, from its API.
 fn counted(addr: SocketAddr, pids: &[u32]) -> u64 {
     pids.iter()
-        .map(|p| get(addr, &format!("/v1/workers/{p}"))["requests_seen"].as_u64().unwrap_or(0))
+        .map(|p| {
+            get(addr, &format!("/v1/workers/{p}"))["requests_seen"]
+                .as_u64()
+                .unwrap_or(0)
+        })
         .sum()
 }
 
@@ -173,7 +177,12 @@ fn footprint(pid: u32) -> (u64, u64, f64) {
             * 1024
     };
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
     let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
     (kb("VmRSS:"), kb("VmHWM:"), ticks / 100.0)
 }
@@ -362,12 +371,22 @@ fn a_mapping_storm_while_collecting_is_named_and_bounded() {
         .as_array()
         .into_iter()
         .flatten()
-        .find(|s| s["kind"] == "mmap" && s["pids"].as_array().is_some_and(|p| p.contains(&pid.into())))
+        .find(|s| {
+            s["kind"] == "mmap"
+                && s["pids"]
+                    .as_array()
+                    .is_some_and(|p| p.contains(&pid.into()))
+        })
         .unwrap_or_else(|| panic!("the storm's mmap site: {diff}"))
         .clone();
     let calls = site["objects"].as_u64().unwrap();
-    eprintln!("{pairs} map/unmap pairs in {MAP_SECS} s, {calls} counted at its site since the snapshot");
-    assert!(calls > 0 && calls <= pairs, "{calls} calls of {pairs}: {site}");
+    eprintln!(
+        "{pairs} map/unmap pairs in {MAP_SECS} s, {calls} counted at its site since the snapshot"
+    );
+    assert!(
+        calls > 0 && calls <= pairs,
+        "{calls} calls of {pairs}: {site}"
+    );
     get(addr, "/debug/memory/?action=stop");
     bounds.check("mapping storm", COLLECTING_PEAK_BYTES, STORM_CPU_SECS);
     assert!(
@@ -396,3 +415,209 @@ const COLLECTING_PEAK_BYTES: u64 = 128 << 20;
 /// CPU seconds the agent may spend on one storm and the real server's
 /// load beside it (the debug build; README states the release's).
 const STORM_CPU_SECS: f64 = 20.0;
+
+/// Seconds the fake CPython allocates for: longer than the test needs.
+const FAKE_SECS: u64 = 40;
+/// `MAX_STR_CHARS` of the code-object reader: the longest `co_qualname` or
+/// `co_filename` it reads.
+const MAX_NAME: usize = memtrace::model::pycode::MAX_STR_CHARS as usize;
+/// CPU seconds the agent may spend tracing the fake and collecting its
+/// sites for the test's 15 s (the debug build spends about 0.6).
+const FAKE_CPU_SECS: f64 = 2.0;
+
+/// The frames of a site's stack as the JSON shows them: a Python frame
+/// read is `FILE:LINE NAME`, one not read `0xADDR [python] (reason)`.
+fn stack_of(site: &serde_json::Value) -> Vec<String> {
+    site["stack"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|f| f.as_str())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Frames of each stack of a folded diff (`root;...;leaf before after`),
+/// which has every frame where the JSON shows the first 16.
+fn folded_depths(folded: &str) -> Vec<usize> {
+    folded
+        .lines()
+        .filter_map(|l| l.rsplitn(3, ' ').nth(2))
+        .map(|stack| stack.split(';').count())
+        .collect()
+}
+
+/// Every site of a diff (heap, faults, mapping calls) that names `pid`.
+fn sites_of(diff: &serde_json::Value, pid: u32) -> Vec<serde_json::Value> {
+    ["growth", "fault_growth", "mapping_call_growth"]
+        .iter()
+        .flat_map(|list| diff[list].as_array().cloned().unwrap_or_default())
+        .filter(|s| {
+            s["pids"]
+                .as_array()
+                .is_some_and(|p| p.contains(&pid.into()))
+        })
+        .collect()
+}
+
+/// A process named like the server maps a fake `libpython3.11.so.1.0`
+/// (tests/fixtures/fake_libpython.c) whose frames and code objects lie: a
+/// frame chain that cycles, a frame that is its own previous, a code
+/// object name and a line table of 2^40 bytes, an "ASCII" file name of
+/// bytes that are not, a file name and a code object in unmapped memory,
+/// and a name of exactly the reader's bound. The agent detects it as
+/// CPython 3.11, the kernel walks its frames and probes its object
+/// allocator, and the agent reads its code objects while allocation sites
+/// are collected: it stays within its bounds, every stack has at most
+/// `PY_MAX_FRAMES` Python frames, no name is longer than the bound, what it
+/// cannot read says why, and its log names the fake in a few lines.
+#[test]
+fn fake_cpython_whose_memory_lies_is_read_within_bounds() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let (agent, addr) = judging_agent("uwsgi", "socket", &["--collect", "pymalloc"], TOKEN);
+    let bounds = Bounds::start(&agent);
+    let link = dir.path().join("uwsgi");
+    std::os::unix::fs::symlink(fixtures().bin("fake_python"), &link).unwrap();
+    let mut fake = Proc::spawn(
+        Command::new(&link)
+            .arg(FAKE_SECS.to_string())
+            .stdout(Stdio::piped()),
+    );
+    let out = fake.child.stdout.take().unwrap();
+    let mut lines = BufReader::new(out).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "ready");
+    let pid = fake.pid();
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    assert!(
+        maps.contains("/libpython3.11.so.1.0\n"),
+        "the fake interpreter is mapped:\n{maps}"
+    );
+
+    // Detected as CPython 3.11.4 and readable: the kernel reads its frames
+    // and probes its allocator table's functions.
+    let mut status = serde_json::Value::Null;
+    let ready = wait_for(Duration::from_secs(30), || {
+        let (code, body) = api_get(addr, &format!("/v1/workers/{pid}?token={TOKEN}"));
+        status = body;
+        code == 200 && status["python_frames"] == true
+    });
+    assert!(ready, "the fake's frames are never read: {status}");
+    let python = &status["python"];
+    assert_eq!(python["version"], "3.11.4", "{status}");
+    assert_eq!(python["supported"], true, "{status}");
+    assert!(
+        python["binary"]
+            .as_str()
+            .is_some_and(|b| b.ends_with("/libpython3.11.so.1.0")),
+        "{status}"
+    );
+    assert_eq!(status["python_frames_error"], serde_json::Value::Null);
+    // Its GC state, found by shape in the fake `_PyRuntime`.
+    let gc = &status["python_gc"]["thresholds"];
+    assert_eq!(*gc, serde_json::json!([700, 10, 10]), "{status}");
+
+    get(addr, &format!("/debug/memory/?action=snapshot&pid={pid}"));
+    let started = std::time::Instant::now();
+    let mut diffs = Vec::new();
+    for wait in [6, 4] {
+        std::thread::sleep(Duration::from_secs(wait));
+        diffs.push(get(
+            addr,
+            &format!("/debug/memory/?action=diff&pid={pid}&view=traceback&limit=100"),
+        ));
+    }
+    // Every frame of each stack, where the JSON shows 16.
+    std::thread::sleep(Duration::from_secs(2));
+    let folded = get(
+        addr,
+        &format!("/debug/memory/?action=diff&pid={pid}&view=traceback&format=folded"),
+    );
+    let collected = started.elapsed();
+    let probed = get(addr, &format!("/v1/workers/{pid}"))["pymalloc_probed"].clone();
+    get(addr, "/debug/memory/?action=stop");
+    bounds.check("fake CPython", COLLECTING_PEAK_BYTES, FAKE_CPU_SECS);
+    assert_eq!(probed, true, "its PyObject_Malloc table is probed");
+
+    let sites: Vec<serde_json::Value> = diffs.iter().flat_map(|d| sites_of(d, pid)).collect();
+    assert!(!sites.is_empty(), "sites of the fake: {:?}", diffs.last());
+    let frames: Vec<String> = sites.iter().flat_map(stack_of).collect();
+    let unresolved: Vec<&String> = frames.iter().filter(|f| f.contains(" [python]")).collect();
+    let longest = frames.iter().map(|f| f.chars().count()).max().unwrap_or(0);
+    let depths = folded_depths(folded.as_str().unwrap_or_default());
+    let deepest = depths.iter().copied().max().unwrap_or(0);
+    eprintln!(
+        "fake CPython: {} sites in {:.1} s, {} frames shown ({} unresolved: {}), {} folded stacks, deepest {deepest}, longest frame {longest} chars",
+        sites.len(),
+        collected.as_secs_f64(),
+        frames.len(),
+        unresolved.len(),
+        diffs[0]["unresolved"],
+        depths.len(),
+    );
+    // The kernel walked its frames and the agent read its code objects:
+    // the good one by name and line, the longest name whole.
+    assert!(
+        frames.iter().any(|f| f == "/srv/fake/app.py:52 handler"),
+        "the fake's good code object, read: {frames:?}"
+    );
+    let long_name = format!("/srv/fake/app.py:62 {}", "n".repeat(MAX_NAME));
+    assert!(
+        frames.contains(&long_name),
+        "a name of exactly {MAX_NAME} characters, read whole"
+    );
+    // Cycles end at PY_MAX_FRAMES: the two-frame cycle and the frame that
+    // is its own previous fill a stack, no more.
+    assert_eq!(deepest, memtrace_common::PY_MAX_FRAMES, "{folded}");
+    // No name beyond the bound: a function and a file name of at most
+    // MAX_NAME characters each, and the frame's few other characters.
+    assert!(
+        longest <= 2 * MAX_NAME + 64,
+        "a frame of {longest} characters"
+    );
+    // The names of 2^40 characters, the line table of 2^40 bytes, the file
+    // names that are not ASCII or not mapped and the unmapped code object
+    // are addresses with a reason; no byte of the bad names shows.
+    assert!(!unresolved.is_empty(), "{frames:?}");
+    for f in &frames {
+        assert!(f.is_ascii(), "garbage read as a name: {f}");
+    }
+    for f in &unresolved {
+        assert!(
+            f.ends_with(')'),
+            "an unresolved frame without its reason: {f}"
+        );
+    }
+    let counted: u64 = diffs
+        .iter()
+        .map(|d| d["unresolved"]["frames"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(
+        counted > 0,
+        "unresolved frames counted: {:?}",
+        diffs[0]["unresolved"]
+    );
+
+    // Still answering, and the fake named in one line for its code
+    // objects, and a few warnings at most in all.
+    assert_eq!(
+        get(addr, &format!("/v1/workers/{pid}"))["pid"].as_u64(),
+        Some(u64::from(pid))
+    );
+    let warned: Vec<serde_json::Value> = agent
+        .logs()
+        .into_iter()
+        .filter(|l| l["pid"].as_u64() == Some(u64::from(pid)) && l["level"] == "WARN")
+        .collect();
+    eprintln!("{} warnings name the fake: {warned:?}", warned.len());
+    assert!(warned.len() <= 3, "{warned:#?}");
+    let named = warned
+        .iter()
+        .filter(|l| {
+            l["message"].as_str().is_some_and(|m| {
+                m.starts_with("this process's Python code objects do not validate")
+            })
+        })
+        .count();
+    assert_eq!(named, 1, "{warned:#?}");
+}

@@ -17,10 +17,21 @@ pub const PYTHON_MODULE: &str = "[python]";
 /// when native frames are shown.
 const EVAL_FUNCTIONS: &[&str] = &["_PyEval_EvalFrameDefault", "_PyEval_EvalFrame"];
 
+/// Code objects of `code` type whose fields do not validate, per process,
+/// before the process is named in a warning. A freed code object's memory
+/// holds another object (not a code object, or another first line); a
+/// live one with a name of 2^40 characters is a process that lies.
+const BAD_FIELDS_WARN: u32 = 16;
+/// Processes whose bad code objects are counted at once.
+const BAD_FIELDS_PROCESSES: usize = 4096;
+
 /// Code objects read so far, shared by snapshots and diffs.
 #[derive(Debug, Default)]
 pub struct PythonSymbolizer {
     cache: Mutex<CodeCache>,
+    /// Code objects with fields that do not validate, per process (at most
+    /// `u32::MAX` once warned).
+    bad_fields: Mutex<std::collections::HashMap<u32, u32>>,
 }
 
 impl PythonSymbolizer {
@@ -57,11 +68,37 @@ impl PythonSymbolizer {
                     },
                     Err(e) => {
                         tracing::debug!(pid, code = f.code, error = %e, "Python frame unresolved");
+                        if matches!(e, PyCodeError::BadField { .. }) {
+                            self.bad_field(pid, &e);
+                        }
                         unresolved(f, why_unresolved(&e))
                     }
                 }
             })
             .collect()
+    }
+
+    /// Counts a code object of `pid` whose fields do not validate; names
+    /// the process in one warning when there are many.
+    fn bad_field(&self, pid: u32, e: &PyCodeError) {
+        let mut bad = self.bad_fields.lock().unwrap_or_else(|e| e.into_inner());
+        if !bad.contains_key(&pid) && bad.len() >= BAD_FIELDS_PROCESSES {
+            return;
+        }
+        let n = bad.entry(pid).or_insert(0);
+        if *n == u32::MAX {
+            return;
+        }
+        *n += 1;
+        if *n >= BAD_FIELDS_WARN {
+            *n = u32::MAX;
+            tracing::warn!(
+                pid,
+                bad = BAD_FIELDS_WARN,
+                example = %e,
+                "this process's Python code objects do not validate (it lies, or is not CPython): their frames show as addresses"
+            );
+        }
     }
 
     /// Drops a process's code objects (it exited, or collection stopped).
@@ -70,6 +107,10 @@ impl PythonSymbolizer {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .forget(pid);
+        self.bad_fields
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&pid);
     }
 }
 
@@ -167,6 +208,27 @@ mod tests {
             now: 42,
         };
         assert_eq!(why_unresolved(&stale), Unresolved::CodeFreed);
+    }
+
+    #[test]
+    fn a_process_whose_code_objects_do_not_validate_is_counted_once() {
+        let s = PythonSymbolizer::default();
+        let e = PyCodeError::BadField {
+            code: 0x10,
+            what: "co_qualname",
+            addr: 0x20,
+            reason: "a str of 1099511627776 characters".into(),
+        };
+        for _ in 0..BAD_FIELDS_WARN - 1 {
+            s.bad_field(7, &e);
+        }
+        assert_eq!(s.bad_fields.lock().unwrap()[&7], BAD_FIELDS_WARN - 1);
+        s.bad_field(7, &e);
+        assert_eq!(s.bad_fields.lock().unwrap()[&7], u32::MAX, "warned");
+        s.bad_field(7, &e);
+        assert_eq!(s.bad_fields.lock().unwrap()[&7], u32::MAX, "once");
+        s.forget(7);
+        assert!(s.bad_fields.lock().unwrap().is_empty());
     }
 
     #[test]
