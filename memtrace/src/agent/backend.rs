@@ -241,11 +241,22 @@ impl AgentBackend {
         // addresses, and Python frames with the layout to read them.
         type Kernel = (u32, RawSite, Vec<u64>, Option<(CodeLayout, Vec<PyFrame>)>);
         let (kernel, keep_native): (Vec<Kernel>, bool) = {
-            let state = self.lock();
+            let mut state = self.lock();
+            let all = state.tracer.sites();
+            // Workers that exited while collection went on (recycled ones):
+            // their sites, samples and symbolization caches go.
+            let dead: std::collections::HashSet<u32> = all
+                .iter()
+                .map(|(key, _)| key.tgid)
+                .filter(|&tgid| !state.registry.contains(tgid))
+                .collect();
+            state.tracer.forget_sites_of(&dead);
+            for &pid in &dead {
+                self.symbolizer.forget(pid);
+                self.python.forget(pid);
+            }
             let rate = state.tracer.heap_sample_bytes();
-            let sites = state
-                .tracer
-                .sites()
+            let sites = all
                 .into_iter()
                 .filter(|(key, _)| pids.contains(&key.tgid))
                 .filter_map(|(key, count)| {

@@ -1308,6 +1308,34 @@ impl Tracer {
         self.sites.iter().filter_map(Result::ok).collect()
     }
 
+    /// Drops the sites and live heap samples of processes that exited
+    /// (`dead`), while collection goes on: their memory is gone, and their
+    /// entries would fill the maps over a long collection with recycled
+    /// workers. Stacks are shared between processes and stay.
+    pub fn forget_sites_of(&mut self, dead: &std::collections::HashSet<u32>) {
+        if dead.is_empty() {
+            return;
+        }
+        let keys: Vec<SiteKey> = self
+            .sites
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| dead.contains(&k.tgid))
+            .collect();
+        for key in keys {
+            let _ = self.sites.remove(&key);
+        }
+        let blocks: Vec<AllocKey> = self
+            .allocs
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| dead.contains(&k.tgid))
+            .collect();
+        for key in blocks {
+            let _ = self.allocs.remove(&key);
+        }
+    }
+
     fn clear_sites(&mut self) {
         let keys: Vec<SiteKey> = self.sites.keys().filter_map(Result::ok).collect();
         for key in keys {

@@ -1469,7 +1469,9 @@ mod tests {
     fn the_cache_is_bounded_in_bytes_too() {
         let layout = fake_layout();
         let mem = fake_python();
-        let one = CodeInfo::read(&mem, &layout, CODE_AT).expect("read").footprint();
+        let one = CodeInfo::read(&mem, &layout, CODE_AT)
+            .expect("read")
+            .footprint();
         // Room for three entries a generation, whatever the entry count.
         let mut cache = CodeCache::with_limits(1000, 3 * one);
         for pid in 0..50 {

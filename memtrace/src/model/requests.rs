@@ -466,6 +466,15 @@ impl RequestLog {
         self.seen + 1
     }
 
+    /// Keeps only the last `n` records, and gives back the room of the
+    /// rest (a worker that exited: its history is for a post-mortem).
+    pub fn keep_last(&mut self, n: usize) {
+        let extra = self.records.len().saturating_sub(n);
+        self.records.drain(..extra);
+        self.records.shrink_to_fit();
+        self.capacity = n.max(1);
+    }
+
     pub fn push(&mut self, record: RequestRecord) {
         self.seen += 1;
         if record.aborted {
@@ -615,6 +624,14 @@ mod tests {
         assert_eq!(
             log.recent(10).map(|r| r.seq).collect::<Vec<_>>(),
             vec![5, 4, 3]
+        );
+        // An exited worker's log keeps its last records and its counts.
+        log.keep_last(2);
+        assert_eq!(log.len(), 2);
+        assert_eq!((log.seen, log.aborted), (5, 1));
+        assert_eq!(
+            log.recent(10).map(|r| r.seq).collect::<Vec<_>>(),
+            vec![5, 4]
         );
     }
 

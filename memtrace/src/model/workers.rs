@@ -235,9 +235,16 @@ pub struct Registry {
     max_exited: usize,
 }
 
+/// Exited workers kept for the API, the newest.
+pub const EXITED_KEPT: usize = 64;
+/// Request records an exited worker keeps (its routes and counters stay
+/// whole): a server that recycles its workers must not make the agent
+/// grow by a worker's whole history each time.
+pub const EXITED_HISTORY: usize = 32;
+
 impl Default for Registry {
     fn default() -> Self {
-        Self::new(256)
+        Self::new(EXITED_KEPT)
     }
 }
 
@@ -326,6 +333,7 @@ impl Registry {
     ) -> Option<&Worker> {
         let mut w = self.alive.remove(&pid)?;
         w.exited_at = Some(SystemTime::now());
+        w.requests.keep_last(EXITED_HISTORY);
         if let Some((stats, rss)) = final_stats {
             w.stats = stats;
             if rss.iter().any(|&v| v != 0) {

@@ -26,7 +26,9 @@ const LEAK_BYTES: u64 = 64 << 10;
 /// A worker over this RSS is recycled (gunicorn: SIGTERM to the worker).
 const SOFT_LIMIT_MB: u64 = 60;
 const WORKERS: u32 = 4;
-/// Minutes between two diffs (the first is a snapshot).
+/// Minutes between two diffs; the snapshot is taken after the first
+/// minute, so that collection's caches have filled before the RSS must be
+/// flat.
 const DIFF_EVERY_MIN: u64 = 5;
 /// Minutes after which the agent's RSS must stay flat.
 const WARM_MIN: f64 = 5.0;
@@ -136,7 +138,7 @@ pub(super) fn soak(paths: &Paths, minutes: u64, md: &mut String) -> Result<()> {
         if let Some(wait) = due.checked_duration_since(Instant::now()) {
             thread::sleep(wait);
         }
-        let diff = if minute % DIFF_EVERY_MIN == 0 {
+        let diff = if minute == 1 || minute % DIFF_EVERY_MIN == 0 {
             let t = Instant::now();
             let action = if snapshot_taken { "diff" } else { "snapshot" };
             let body = http_get(
@@ -231,7 +233,7 @@ fn write_table(md: &mut String, minutes: u64, samples: &[Sample]) {
         "Debian's gunicorn, {WORKERS} sync workers, `tests/fixtures/wsgi_app.py`; socket mode; a client paced at {RATE} requests a second \
          (a connection each), one in {LEAK_EVERY} to `/leak/{LEAK_BYTES}` (kept for ever), for {minutes} minutes. \
          Soft limit {SOFT_LIMIT_MB} MB RSS (gunicorn: SIGTERM to the worker, at most one every 20 s). \
-         A snapshot at minute {DIFF_EVERY_MIN}, then a diff every {DIFF_EVERY_MIN} minutes (collection stays on from the snapshot). \
+         A snapshot after the first minute, then a diff every {DIFF_EVERY_MIN} minutes (collection stays on from the snapshot). \
          Counted: `memtrace_requests_total` (every worker's, recycled ones included).\n"
     );
     let _ = writeln!(
