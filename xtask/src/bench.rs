@@ -212,15 +212,22 @@ struct Agent {
 
 impl Agent {
     fn start(paths: &Paths, name: &str, mode: Mode, extra: &[&str]) -> Result<Option<Self>> {
+        Self::start_selecting(paths, &["--process-name", name], mode, extra)
+    }
+
+    /// Like `start`, choosing processes with `selector` (`--pid N`, ...).
+    fn start_selecting(
+        paths: &Paths,
+        selector: &[&str],
+        mode: Mode,
+        extra: &[&str],
+    ) -> Result<Option<Self>> {
         if matches!(mode, Mode::Off | Mode::BareUprobes) {
             return Ok(None);
         }
         let port = free_port()?;
         let mut cmd = Command::new(&paths.memtrace);
-        cmd.args([
-            "agent",
-            "--process-name",
-            name,
+        cmd.arg("agent").args(selector).args([
             "--log-format",
             "json",
             "--summary-interval-secs",

@@ -98,7 +98,7 @@ impl Load {
 pub(super) fn soak(paths: &Paths, minutes: u64, md: &mut String) -> Result<()> {
     let port = free_port()?;
     let app_dir = crate::workspace_root().join("tests/fixtures");
-    let _server = Proc::spawn(
+    let server = Proc::spawn(
         std::process::Command::new("gunicorn")
             .args(["--workers", &WORKERS.to_string(), "--worker-class", "sync"])
             .args(["--graceful-timeout", "5", "--bind"])
@@ -113,9 +113,12 @@ pub(super) fn soak(paths: &Paths, minutes: u64, md: &mut String) -> Result<()> {
         bail!("gunicorn did not listen");
     }
     let soft_limit = SOFT_LIMIT_MB.to_string();
-    let agent = Agent::start(
+    // By the master's pid (and its descendants): other gunicorns on the
+    // machine (a test run) are neither counted nor recycled.
+    let master = server.pid().to_string();
+    let agent = Agent::start_selecting(
         paths,
-        "gunicorn",
+        &["--pid", &master],
         Mode::Socket,
         &[
             "--soft-limit-mb",
@@ -230,7 +233,7 @@ pub(super) fn soak(paths: &Paths, minutes: u64, md: &mut String) -> Result<()> {
 fn write_table(md: &mut String, minutes: u64, samples: &[Sample]) {
     let _ = writeln!(
         md,
-        "Debian's gunicorn, {WORKERS} sync workers, `tests/fixtures/wsgi_app.py`; socket mode; a client paced at {RATE} requests a second \
+        "Debian's gunicorn, {WORKERS} sync workers, `tests/fixtures/wsgi_app.py`, traced by its master's pid; socket mode; a client paced at {RATE} requests a second \
          (a connection each), one in {LEAK_EVERY} to `/leak/{LEAK_BYTES}` (kept for ever), for {minutes} minutes. \
          Soft limit {SOFT_LIMIT_MB} MB RSS (gunicorn: SIGTERM to the worker, at most one every 20 s). \
          A snapshot after the first minute, then a diff every {DIFF_EVERY_MIN} minutes (collection stays on from the snapshot). \
