@@ -153,6 +153,12 @@ fn drive_distinct(port: u16, total: usize, concurrency: usize) {
     }
 }
 
+/// Whether the agent's API knows `pid` (a 404 until it is attached).
+fn traced(addr: SocketAddr, pid: u64) -> bool {
+    let (code, body) = api_get(addr, &format!("/v1/workers/{pid}?token={TOKEN}"));
+    code == 200 && body["pid"].as_u64() == Some(pid)
+}
+
 /// Requests counted by the agent for each of `pids`, from its API.
 fn counted(addr: SocketAddr, pids: &[u32]) -> u64 {
     pids.iter()
@@ -340,9 +346,10 @@ fn an_exec_loop_is_named_once_and_the_real_workers_counted() {
         "{followed} execs logged one by one"
     );
     // Still followed: its last image is the one traced.
-    assert!(wait_for(Duration::from_secs(10), || {
-        get(addr, &format!("/v1/workers/{pid}"))["pid"].as_u64() == Some(pid)
-    }));
+    assert!(
+        wait_for(Duration::from_secs(10), || traced(addr, pid)),
+        "{pid} is traced"
+    );
 }
 
 /// A process named like the server maps, touches and unmaps 64 KiB as fast
@@ -356,9 +363,10 @@ fn a_mapping_storm_while_collecting_is_named_and_bounded() {
     let (agent, addr, _server, port, workers) = traced_gunicorn(&[]);
     let mut mapper = hostile(dir.path(), "gunicorn", "mmap", MAP_SECS);
     let pid = u64::from(mapper.pid());
-    assert!(wait_for(Duration::from_secs(10), || {
-        get(addr, &format!("/v1/workers/{pid}"))["pid"].as_u64() == Some(pid)
-    }));
+    assert!(
+        wait_for(Duration::from_secs(10), || traced(addr, pid)),
+        "{pid} is traced"
+    );
     let bounds = Bounds::start(&agent);
     get(addr, "/debug/memory/?action=snapshot");
     let load = std::thread::spawn(move || drive(port, "/during", 500, 2));
