@@ -74,7 +74,8 @@ fn assert_counted_exactly(agent: &AgentHarness, pids: &[u32], sent: u64) {
     assert_eq!(
         (seen, aborted),
         (sent, 0),
-        "requests counted (and aborted) vs sent"
+        "requests counted (and aborted) vs sent ({})",
+        counting_report(agent)
     );
 }
 

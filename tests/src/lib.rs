@@ -407,6 +407,52 @@ pub fn bpf_fds(pid: u32) -> BpfFds {
     out
 }
 
+/// Runs the kernel skipped of the programs `pid` holds, because another
+/// BPF program was running on that CPU (an interrupt's program inside a
+/// task's): fdinfo's `recursion_misses` (5.12+), by program name, where
+/// not zero.
+pub fn recursion_misses(pid: u32) -> Vec<(String, u64)> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return Vec::new();
+    };
+    let mut misses: Vec<(u32, u64)> = dir
+        .filter_map(Result::ok)
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .filter(|info| !info.contains("link_id:"))
+        .filter_map(|info| {
+            let field = |name: &str| {
+                info.lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+            };
+            Some((field("prog_id:")? as u32, field("recursion_misses:")?))
+        })
+        .filter(|&(_, n)| n > 0)
+        .collect();
+    misses.sort_unstable();
+    misses.dedup();
+    let names: std::collections::HashMap<u32, String> = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter_map(|p| Some((p.id(), p.name_as_str()?.to_string())))
+        .collect();
+    misses
+        .into_iter()
+        .map(|(id, n)| (names.get(&id).cloned().unwrap_or_else(|| id.to_string()), n))
+        .collect()
+}
+
+/// What may explain requests an in-process agent did not count: request
+/// events of untraced processes, the kernel's counters (ring buffer drops,
+/// full maps), and programs the kernel skipped.
+pub fn counting_report(agent: &AgentHarness) -> String {
+    let (unattributed, kernel) =
+        agent.with(|s| (s.counters.requests_unattributed, s.tracer.counters()));
+    format!(
+        "unattributed request events {unattributed}; kernel {kernel:?}; skipped runs {:?}",
+        recursion_misses(std::process::id())
+    )
+}
+
 /// Which of these program ids the kernel still has loaded.
 pub fn still_loaded(ids: &[u32]) -> Vec<u32> {
     aya::programs::loaded_programs()
@@ -532,7 +578,12 @@ pub fn assert_counted_exactly(agent: &AgentHarness, pids: &[u32], sent: u64) {
     });
     std::thread::sleep(Duration::from_millis(300));
     seen = agent.with(|s| requests_seen(s, pids));
-    assert_eq!(seen, sent, "requests counted by memtrace vs sent");
+    assert_eq!(
+        seen,
+        sent,
+        "requests counted by memtrace vs sent ({})",
+        counting_report(agent)
+    );
 }
 
 pub fn mean(values: &[i64]) -> f64 {
