@@ -98,8 +98,21 @@ impl Load {
 pub(super) fn soak(paths: &Paths, minutes: u64, md: &mut String) -> Result<()> {
     let port = free_port()?;
     let app_dir = crate::workspace_root().join("tests/fixtures");
+    // Debian's gunicorn as `python3 -m gunicorn`, with its process titles
+    // off (setproctitle hidden): no process of it is named `gunicorn`, so
+    // agents that trace gunicorn by name on this machine (a test run) do
+    // not see it, and the soak's agent, selecting it by pid, sees nothing
+    // else. memtrace still knows it for gunicorn by its command line.
+    let stub = std::env::temp_dir().join("memtrace-soak-no-titles");
+    std::fs::create_dir_all(&stub)?;
+    std::fs::write(
+        stub.join("setproctitle.py"),
+        "raise ImportError('process titles off for the soak')\n",
+    )?;
     let server = Proc::spawn(
-        std::process::Command::new("gunicorn")
+        std::process::Command::new("/usr/bin/python3")
+            .args(["-m", "gunicorn"])
+            .env("PYTHONPATH", &stub)
             .args(["--workers", &WORKERS.to_string(), "--worker-class", "sync"])
             .args(["--graceful-timeout", "5", "--bind"])
             .arg(format!("127.0.0.1:{port}"))
@@ -233,7 +246,7 @@ pub(super) fn soak(paths: &Paths, minutes: u64, md: &mut String) -> Result<()> {
 fn write_table(md: &mut String, minutes: u64, samples: &[Sample]) {
     let _ = writeln!(
         md,
-        "Debian's gunicorn, {WORKERS} sync workers, `tests/fixtures/wsgi_app.py`, traced by its master's pid; socket mode; a client paced at {RATE} requests a second \
+        "Debian's gunicorn (`python3 -m gunicorn`), {WORKERS} sync workers, `tests/fixtures/wsgi_app.py`, traced by its master's pid; socket mode; a client paced at {RATE} requests a second \
          (a connection each), one in {LEAK_EVERY} to `/leak/{LEAK_BYTES}` (kept for ever), for {minutes} minutes. \
          Soft limit {SOFT_LIMIT_MB} MB RSS (gunicorn: SIGTERM to the worker, at most one every 20 s). \
          A snapshot after the first minute, then a diff every {DIFF_EVERY_MIN} minutes (collection stays on from the snapshot). \
