@@ -323,20 +323,12 @@ struct Diffed {
 }
 
 /// Gives back to the system the heap a snapshot or diff freed, when it is
-/// dropped (declare it first, so that it drops last). glibc keeps freed
-/// memory in its per-thread arenas, so an agent symbolizing recycled
-/// workers' stacks grew by a few MB an hour with nothing live in them; musl
-/// (the static release) returns memory by itself.
+/// dropped (declare it first, so that it drops last): see `trim_heap`.
 struct TrimHeap;
 
 impl Drop for TrimHeap {
     fn drop(&mut self) {
-        #[cfg(target_env = "gnu")]
-        // SAFETY: malloc_trim only releases free memory of the allocator's
-        // own arenas.
-        unsafe {
-            libc::malloc_trim(0);
-        }
+        super::state::trim_heap();
     }
 }
 

@@ -221,6 +221,7 @@ impl State {
         let Some(w) = self.registry.retire(pid, Some((ev.stats, ev.rss))) else {
             return;
         };
+        self.heap_dirty = true;
         // Its live descendants are reparented away: orphans.
         let orphans = self.descendants.worker_exited(pid);
         let lifetime = w

@@ -118,6 +118,7 @@ impl Agent {
             log_plan: settings.plan_log_lines,
             soft_limit_children: settings.soft_limit_include_children,
             storms: Default::default(),
+            heap_dirty: false,
         };
         let api_listener = match settings.listen {
             Some(addr) => {

@@ -321,6 +321,7 @@ impl State {
                 self.tracer.unwatch(pid);
                 if let Some(w) = self.registry.retire(pid, None) {
                     info!(pid, name = %w.name, "worker exited (noticed in /proc)");
+                    self.heap_dirty = true;
                 }
                 continue;
             }
@@ -348,6 +349,10 @@ impl State {
         self.sample_timed_detectors();
         self.check_soft_limit_watch();
         self.enforce();
+        // At most once a refresh, however many workers left since.
+        if std::mem::take(&mut self.heap_dirty) {
+            super::state::trim_heap();
+        }
     }
 
     pub(super) fn report_drops(&mut self, counters: &KernelCounters) {
