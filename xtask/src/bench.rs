@@ -227,18 +227,15 @@ impl Agent {
         }
         let port = free_port()?;
         let mut cmd = Command::new(&paths.memtrace);
-        cmd.arg("agent").args(selector).args([
-            "--log-format",
-            "json",
-            "--summary-interval-secs",
-            "0",
-        ])
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .args(extra)
-        .env("MEMTRACE_DEBUG_TOKEN", TOKEN)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        cmd.arg("agent")
+            .args(selector)
+            .args(["--log-format", "json", "--summary-interval-secs", "0"])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(extra)
+            .env("MEMTRACE_DEBUG_TOKEN", TOKEN)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
         let handler = format!("{}:handle_request", paths.handler().display());
         match mode {
             Mode::Accept | Mode::AcceptCollect => {
