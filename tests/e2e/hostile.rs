@@ -203,6 +203,16 @@ fn lines_about(agent: &AgentProcess, prefix: &str) -> Vec<u64> {
         .collect()
 }
 
+/// Waits for the line starting with `prefix`, and checks that it is the
+/// only one and names `pid`.
+fn assert_named_once(agent: &AgentProcess, prefix: &str, pid: u64) {
+    let named = agent.wait_log(Duration::from_secs(10), |l| {
+        l["message"].as_str().is_some_and(|m| m.starts_with(prefix))
+    });
+    assert!(named.is_some(), "no line `{prefix}…`: {:#?}", agent.logs());
+    assert_eq!(lines_about(agent, prefix), [pid], "{prefix}");
+}
+
 /// What the agent used while a storm ran, against the bounds README states.
 struct Bounds {
     pid: u32,
@@ -281,17 +291,7 @@ fn fork_and_path_storms_leave_the_real_workers_counted_exactly() {
     assert_counted(addr, &workers, 20 + PATHS as u64 + 200);
     bounds.check("fork and path storms", AGENT_PEAK_BYTES, STORM_CPU_SECS);
 
-    let forker_pid = u64::from(forker.pid());
-    assert!(
-        agent
-            .wait_log(Duration::from_secs(10), |l| l["message"]
-                .as_str()
-                .is_some_and(|m| m.starts_with("process forks faster"))
-                && l["pid"].as_u64() == Some(forker_pid))
-            .is_some(),
-        "the forking process is named"
-    );
-    assert_eq!(lines_about(&agent, "process forks faster"), [forker_pid]);
+    assert_named_once(&agent, "process forks faster", u64::from(forker.pid()));
     let attached = lines_about(&agent, "worker attached").len() as u64;
     assert!(
         attached <= memtrace::model::storms::FORK_STORM.count + 10,
@@ -328,15 +328,7 @@ fn an_exec_loop_is_named_once_and_the_real_workers_counted() {
     assert_counted(addr, &workers, 20 + 500);
     bounds.check("exec loop", AGENT_PEAK_BYTES, STORM_CPU_SECS);
     let pid = u64::from(looper.pid());
-    assert!(
-        agent
-            .wait_log(Duration::from_secs(10), |l| l["message"]
-                .as_str()
-                .is_some_and(|m| m.starts_with("process execs in a loop")))
-            .is_some(),
-        "the exec loop is named"
-    );
-    assert_eq!(lines_about(&agent, "process execs in a loop"), [pid]);
+    assert_named_once(&agent, "process execs in a loop", pid);
     let followed = lines_about(&agent, "traced process exec'd")
         .into_iter()
         .filter(|&p| p == pid)
@@ -397,15 +389,7 @@ fn a_mapping_storm_while_collecting_is_named_and_bounded() {
     );
     get(addr, "/debug/memory/?action=stop");
     bounds.check("mapping storm", COLLECTING_PEAK_BYTES, STORM_CPU_SECS);
-    assert!(
-        agent
-            .wait_log(Duration::from_secs(10), |l| l["message"]
-                .as_str()
-                .is_some_and(|m| m.starts_with("process maps memory faster")))
-            .is_some(),
-        "the mapping storm is named: {pairs} pairs"
-    );
-    assert_eq!(lines_about(&agent, "process maps memory faster"), [pid]);
+    assert_named_once(&agent, "process maps memory faster", pid);
 }
 
 /// Children the fork storm makes, distinct paths the client sends, execs
