@@ -472,7 +472,7 @@ impl RequestLog {
         let extra = self.records.len().saturating_sub(n);
         self.records.drain(..extra);
         self.records.shrink_to_fit();
-        self.capacity = n.max(1);
+        self.capacity = self.capacity.min(n).max(1);
     }
 
     pub fn push(&mut self, record: RequestRecord) {
