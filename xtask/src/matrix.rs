@@ -320,9 +320,11 @@ pub fn matrix(options: &MatrixOptions) -> Result<()> {
 /// Tests that failed on a kernel run once more, in a fresh guest: under
 /// emulation on a shared host a timing-bound test can miss by one (a request
 /// counted late). A test that passes the second time passes, and the report
-/// keeps its first failure; one that fails again fails the kernel. A retry
-/// whose guest stops before running its tests is not a second run: it gets
-/// one more guest.
+/// keeps its first failure; one that fails again fails the kernel. A guest
+/// that stops before its tests finish (TCG guests have, now and then, with
+/// nothing in their logs) ran nothing for the rest: they run in a fresh
+/// guest too. A retry whose guest stops before running its tests is not a
+/// second run: it gets one more guest.
 fn retry_failed(
     spec: &'static KernelSpec,
     kernel: &Kernel,
@@ -330,13 +332,18 @@ fn retry_failed(
     run: &RunSettings,
     mut first: KernelReport,
 ) -> Result<KernelReport> {
+    let stopped = first.problem.clone();
     let failed: Vec<(String, String)> = first
         .tests
         .iter()
-        .filter(|t| matches!(t.outcome, Outcome::Failed | Outcome::TimedOut))
+        .filter(|t| match t.outcome {
+            Outcome::Failed | Outcome::TimedOut => true,
+            Outcome::NotRun => stopped.is_some(),
+            _ => false,
+        })
         .map(|t| (t.binary.clone(), t.name.clone()))
         .collect();
-    if failed.is_empty() || first.problem.is_some() {
+    if failed.is_empty() {
         return Ok(first);
     }
     let again: Vec<Step> = plan
@@ -356,9 +363,14 @@ fn retry_failed(
         })
         .collect();
     eprintln!(
-        "matrix: {}: {} test(s) failed; running them once more",
+        "matrix: {}: {} test(s) failed{}; running them once more",
         spec.label,
-        failed.len()
+        failed.len(),
+        if stopped.is_some() {
+            " or did not run (the guest stopped early)"
+        } else {
+            ""
+        }
     );
     // A retry guest that stops before its tests finish (it happened once
     // on 7.3 under TCG, 22 s into the test, with nothing in its log) ran
@@ -380,6 +392,18 @@ fn retry_failed(
         }
         retry = run_kernel(spec, kernel, &again, run, &format!("{}-retry2", spec.label))?;
     }
+    Ok(merge_retry(first, &retry, stopped.as_deref()))
+}
+
+/// The first run's report with what its retry ran: a test that did not run
+/// (its guest stopped early: `stopped`) takes the retry's outcome, one that
+/// failed passes if it passed the second time. Once every test has run, the
+/// stop no longer fails the kernel (it stays in the tests' notes).
+fn merge_retry(
+    mut first: KernelReport,
+    retry: &KernelReport,
+    stopped: Option<&str>,
+) -> KernelReport {
     for t in &mut first.tests {
         let Some(second) = retry
             .tests
@@ -388,7 +412,17 @@ fn retry_failed(
         else {
             continue;
         };
-        if second.outcome == Outcome::Passed {
+        if t.outcome == Outcome::NotRun {
+            // Its only run is the second guest's.
+            let why = stopped.unwrap_or_default();
+            t.outcome = second.outcome;
+            t.seconds = second.seconds;
+            t.note = Some(format!(
+                "run in a second guest: the first stopped before it ran ({})\n{}",
+                why.lines().next().unwrap_or(""),
+                second.note.as_deref().unwrap_or("")
+            ));
+        } else if second.outcome == Outcome::Passed {
             t.note = Some(format!(
                 "failed once, passed on retry ({:.1} s); the first failure:\n{}",
                 second.seconds.unwrap_or_default(),
@@ -397,7 +431,12 @@ fn retry_failed(
             t.outcome = Outcome::Passed;
         }
     }
-    Ok(first)
+    // Every test the stopped guest left has run since: the kernel is
+    // judged on the tests (the stop stays in their notes).
+    if stopped.is_some() && !first.tests.iter().any(|t| t.outcome == Outcome::NotRun) {
+        first.problem = None;
+    }
+    first
 }
 
 /// One matrix at a time: runs share `target/matrix`, and two TCG guests on a
@@ -1619,6 +1658,72 @@ fn write_results(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn report(tests: &[(&str, Outcome)], problem: Option<&str>) -> KernelReport {
+        KernelReport {
+            label: "6.12",
+            from: "trixie",
+            package: "linux-image".into(),
+            release: "6.12".into(),
+            boot_seconds: None,
+            run_seconds: None,
+            vm_seconds: None,
+            tests: tests
+                .iter()
+                .map(|&(name, outcome)| TestReport {
+                    binary: "kernels".into(),
+                    name: name.into(),
+                    outcome,
+                    seconds: Some(1.0),
+                    note: None,
+                })
+                .collect(),
+            check: None,
+            check_note: None,
+            problem: problem.map(str::to_string),
+            console: None,
+        }
+    }
+
+    #[test]
+    fn tests_a_stopped_guest_left_run_in_the_next_and_judge_the_kernel() {
+        let stop = "the guest stopped before the test script finished";
+        let first = report(
+            &[
+                ("a", Outcome::Passed),
+                ("b", Outcome::NotRun),
+                ("c", Outcome::NotRun),
+            ],
+            Some(stop),
+        );
+        let retry = report(&[("b", Outcome::Passed), ("c", Outcome::Passed)], None);
+        let merged = merge_retry(first, &retry, Some(stop));
+        assert!(merged.passed(), "{}", merged.text());
+        assert!(merged.tests[1].note.as_deref().unwrap().contains(stop));
+        // A test the second guest fails still fails the kernel.
+        let first = report(
+            &[("a", Outcome::Passed), ("b", Outcome::NotRun)],
+            Some(stop),
+        );
+        let retry = report(&[("b", Outcome::Failed)], None);
+        assert!(!merge_retry(first, &retry, Some(stop)).passed());
+        // A second guest that stopped too leaves the rest not run.
+        let first = report(
+            &[("b", Outcome::NotRun), ("c", Outcome::NotRun)],
+            Some(stop),
+        );
+        let retry = report(
+            &[("b", Outcome::Passed), ("c", Outcome::NotRun)],
+            Some(stop),
+        );
+        let merged = merge_retry(first, &retry, Some(stop));
+        assert!(!merged.passed());
+        assert!(merged.tests[1].outcome == Outcome::NotRun);
+        // A failure that passes on retry passes; the kernel had no stop.
+        let first = report(&[("a", Outcome::Failed)], None);
+        let retry = report(&[("a", Outcome::Passed)], None);
+        assert!(merge_retry(first, &retry, None).passed());
+    }
 
     #[test]
     fn releases_order_by_their_numbers() {
