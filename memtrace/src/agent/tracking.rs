@@ -156,13 +156,14 @@ impl State {
             .saturating_sub(w.stats.collected_mmap_calls);
         let collected = stats.flags & memtrace_common::PROC_FLAG_COLLECT != 0;
         w.stats = stats;
-        if collected && let Some(burst) = self.storms.maps.add(pid, mapped, Instant::now()) {
+        let now = Instant::now();
+        if collected && let Some(burst) = self.storms.maps.add(pid, mapped, now) {
             warn!(
                 pid,
                 name = %w.name,
                 mmap_calls = burst.in_window(),
                 limit = crate::model::storms::MAP_STORM.count,
-                secs = burst.window_secs(Instant::now()),
+                secs = burst.window_secs(now),
                 "process maps memory faster than any server while its allocation sites are collected: collection walks the stack of each of its mmap calls, and its mmap sites count every byte mapped, live or not"
             );
         }
