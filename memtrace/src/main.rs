@@ -241,6 +241,8 @@ fn write_output(path: &std::path::Path, body: &[u8]) -> ExitCode {
 }
 
 fn run_agent(args: AgentArgs) -> ExitCode {
+    // Before any thread: the allocator of a process that runs for months.
+    memtrace::agent::heap::tune();
     let resolved = match args.with_config_file().and_then(|a| a.resolve()) {
         Ok(r) => r,
         Err(e) => return usage_error(e),

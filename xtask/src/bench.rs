@@ -283,9 +283,22 @@ impl Agent {
     }
 
     fn metric(&self, name: &str) -> Option<f64> {
+        self.metric_with(name, "")
+    }
+
+    /// The first sample of `name` whose labels contain `labels` (e.g.
+    /// `state="free"`).
+    fn metric_with(&self, name: &str, labels: &str) -> Option<f64> {
         let text = http_get(self.port, "/metrics").ok()?;
         text.lines()
-            .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+            .find(|l| {
+                l.strip_prefix(name).is_some_and(|rest| {
+                    rest.starts_with([' ', '{'])
+                        && rest
+                            .split_once(' ')
+                            .is_some_and(|(l, _)| l.contains(labels))
+                })
+            })
             .and_then(|l| l.rsplit(' ').next())
             .and_then(|v| v.parse().ok())
     }

@@ -323,12 +323,12 @@ struct Diffed {
 }
 
 /// Gives back to the system the heap a snapshot or diff freed, when it is
-/// dropped (declare it first, so that it drops last): see `trim_heap`.
+/// dropped (declare it first, so that it drops last): see `heap::trim`.
 struct TrimHeap;
 
 impl Drop for TrimHeap {
     fn drop(&mut self) {
-        super::state::trim_heap();
+        super::heap::trim();
     }
 }
 

@@ -13,6 +13,7 @@ pub mod backend;
 pub mod background;
 pub mod drain;
 mod events;
+pub mod heap;
 mod judging;
 pub mod kubelet;
 pub mod run;

@@ -76,21 +76,6 @@ pub struct State {
     pub(super) heap_dirty: bool,
 }
 
-/// Gives the allocator's free memory back to the system. glibc keeps what
-/// was freed in its per-thread arenas: a server that recycles its workers
-/// (each one's request history and detectors freed, a new one allocated)
-/// or a diff that symbolized thousands of stacks left the agent a few MB
-/// larger each time, with nothing live in them. musl (the static release)
-/// returns memory by itself.
-pub fn trim_heap() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim only releases free memory of the allocator's own
-    // arenas.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
 pub type SharedState = Arc<Mutex<State>>;
 
 pub(super) fn lock(state: &SharedState) -> MutexGuard<'_, State> {

@@ -352,7 +352,7 @@ impl State {
         self.enforce();
         // At most once a refresh, however many workers left since.
         if std::mem::take(&mut self.heap_dirty) {
-            super::state::trim_heap();
+            super::heap::trim();
         }
     }
 

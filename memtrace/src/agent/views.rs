@@ -170,5 +170,6 @@ pub fn agent_status(state: &State) -> AgentStatus {
         orphans_total: orphans.len(),
         orphans: orphans.into_iter().take(ORPHANS_LISTED).collect(),
         descendants_dropped: state.descendants.dropped,
+        memory: super::heap::usage(),
     }
 }

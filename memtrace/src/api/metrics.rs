@@ -49,6 +49,11 @@ struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HeapLabels {
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RecycleLabels {
     server: String,
     state: String,
@@ -116,6 +121,8 @@ pub const METRIC_NAMES: &[&str] = &[
     "memtrace_requests_unattributed_total",
     "memtrace_workers",
     "memtrace_collection_active",
+    "memtrace_agent_resident_bytes",
+    "memtrace_agent_heap_bytes",
 ];
 
 fn role_name(role: Role) -> &'static str {
@@ -395,6 +402,16 @@ pub fn render(status: &StatusView) -> String {
         "1 while allocation-site collection is on",
         Gauge
     );
+    let resident = single!(
+        "memtrace_agent_resident_bytes",
+        "The agent's own resident set",
+        Gauge
+    );
+    let heap: Family<HeapLabels, Gauge> = family!(
+        "memtrace_agent_heap_bytes",
+        "The agent's heap (glibc builds): live blocks (in_use) and freed memory the allocator keeps (free)",
+        Gauge
+    );
 
     for w in &status.workers {
         let place = w.placement.clone().unwrap_or_default();
@@ -563,6 +580,16 @@ pub fn render(status: &StatusView) -> String {
     workers.set(agent.workers_alive as i64);
     orphans.set(agent.orphans_total as i64);
     collecting.set(i64::from(agent.collection_active));
+    resident.set(i64::try_from(agent.memory.resident_bytes).unwrap_or(i64::MAX));
+    for (state, bytes) in [
+        ("in_use", agent.memory.heap_in_use_bytes),
+        ("free", agent.memory.heap_free_bytes),
+    ] {
+        if let Some(bytes) = bytes {
+            heap.get_or_create(&HeapLabels { state })
+                .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        }
+    }
 
     let mut out = String::new();
     // Writing to a String cannot fail.

@@ -179,6 +179,8 @@ pub struct AgentStatus {
     pub orphans_total: usize,
     /// Processes below the workers not followed: the table was full.
     pub descendants_dropped: u64,
+    /// The agent's own memory.
+    pub memory: crate::agent::heap::Usage,
 }
 
 /// `?action=status`: the agent and its workers (or one of them).

@@ -43,6 +43,10 @@ struct Sample {
     drops: u64,
     recycles: u64,
     rss: u64,
+    /// The agent's live heap blocks, and the free memory its allocator
+    /// keeps (glibc builds; 0 when not reported).
+    heap_in_use: u64,
+    heap_free: u64,
     cpu_secs: f64,
     /// The diff (or snapshot) taken at this minute: milliseconds, sites.
     diff: Option<(f64, usize)>,
@@ -147,6 +151,11 @@ pub(super) fn soak(paths: &Paths, minutes: u64, md: &mut String) -> Result<()> {
     let threads = load.start(port, 2);
     let start = Instant::now();
     let metric = |name: &str| agent.metric(name).unwrap_or(0.0) as u64;
+    let heap = |state: &str| {
+        agent
+            .metric_with("memtrace_agent_heap_bytes", &format!("state=\"{state}\""))
+            .unwrap_or(0.0) as u64
+    };
     let mut samples: Vec<Sample> = Vec::new();
     let mut snapshot_taken = false;
     for minute in 1..=minutes {
@@ -182,18 +191,22 @@ pub(super) fn soak(paths: &Paths, minutes: u64, md: &mut String) -> Result<()> {
             drops: metric("memtrace_ringbuf_drops_total"),
             recycles: metric("memtrace_soft_limit_recycles_total"),
             rss,
+            heap_in_use: heap("in_use"),
+            heap_free: heap("free"),
             cpu_secs,
             diff,
         };
         eprintln!(
-            "  {:.1} min: {} sent ({} failed), {} counted, {} drops, {} recycles, agent RSS {:.1} MB",
+            "  {:.1} min: {} sent ({} failed), {} counted, {} drops, {} recycles, agent RSS {:.1} MB (heap {:.1} in use, {:.1} free)",
             sample.minute,
             sample.sent,
             sample.failed,
             sample.counted,
             sample.drops,
             sample.recycles,
-            rss as f64 / 1048576.0
+            rss as f64 / 1048576.0,
+            sample.heap_in_use as f64 / 1048576.0,
+            sample.heap_free as f64 / 1048576.0,
         );
         samples.push(sample);
     }
@@ -254,9 +267,12 @@ fn write_table(md: &mut String, minutes: u64, samples: &[Sample]) {
     );
     let _ = writeln!(
         md,
-        "| minute | answered | failed | counted | events dropped | recycles | agent RSS MB | agent CPU % (last minute) | diff |"
+        "| minute | answered | failed | counted | events dropped | recycles | agent RSS MB | heap in use MB | heap free MB | agent CPU % (last minute) | diff |"
     );
-    let _ = writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    let _ = writeln!(
+        md,
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+    );
     let mut last = (0.0, 0.0);
     for s in samples {
         let cpu = (s.cpu_secs - last.1) / ((s.minute - last.0) * 60.0).max(1e-9) * 100.0;
@@ -266,7 +282,7 @@ fn write_table(md: &mut String, minutes: u64, samples: &[Sample]) {
             .map_or(String::new(), |(ms, n)| format!("{ms:.0} ms, {n} sites"));
         let _ = writeln!(
             md,
-            "| {:.1} | {} | {} | {}{} | {} | {} | {:.1} | {cpu:.2} | {diff} |",
+            "| {:.1} | {} | {} | {}{} | {} | {} | {:.1} | {:.1} | {:.1} | {cpu:.2} | {diff} |",
             s.minute,
             s.sent,
             s.failed,
@@ -278,7 +294,9 @@ fn write_table(md: &mut String, minutes: u64, samples: &[Sample]) {
             },
             s.drops,
             s.recycles,
-            s.rss as f64 / 1048576.0
+            s.rss as f64 / 1048576.0,
+            s.heap_in_use as f64 / 1048576.0,
+            s.heap_free as f64 / 1048576.0,
         );
     }
 }
