@@ -486,6 +486,14 @@ impl LeakDetector {
         theil_sen(&xs, &ys)
     }
 
+    /// Gives back the sample window of a worker that exited: its judgement
+    /// (the last check, its slopes, the high-water mark, the counts) stays;
+    /// no sample will come, and a server that recycles its workers must not
+    /// make the agent grow by a window a detector each time.
+    pub fn release_window(&mut self) {
+        self.window = VecDeque::new();
+    }
+
     /// Highest RSS seen, in MB (0.0 before the first sample).
     pub fn high_water_mark(&self) -> f64 {
         self.high_water_mark

@@ -238,8 +238,9 @@ pub struct Registry {
 /// Exited workers kept for the API, the newest.
 pub const EXITED_KEPT: usize = 64;
 /// Request records an exited worker keeps (its routes and counters stay
-/// whole): a server that recycles its workers must not make the agent
-/// grow by a worker's whole history each time.
+/// whole, its detectors' judgements too, without their sample windows): a
+/// server that recycles its workers must not make the agent grow by a
+/// worker's whole history each time.
 pub const EXITED_HISTORY: usize = 32;
 
 impl Default for Registry {
@@ -334,6 +335,14 @@ impl Registry {
         let mut w = self.alive.remove(&pid)?;
         w.exited_at = Some(SystemTime::now());
         w.requests.keep_last(EXITED_HISTORY);
+        for detector in [
+            &mut w.detector,
+            &mut w.child_detector,
+            &mut w.fd_detector,
+            &mut w.task_detector,
+        ] {
+            detector.release_window();
+        }
         if let Some((stats, rss)) = final_stats {
             w.stats = stats;
             if rss.iter().any(|&v| v != 0) {
@@ -427,5 +436,25 @@ mod tests {
         assert_eq!(r.exited().map(|w| w.pid).collect::<Vec<_>>(), vec![4, 5]);
         assert!(r.find(5).is_some());
         assert!(r.find(1).is_none());
+    }
+
+    #[test]
+    fn an_exited_worker_keeps_its_judgement_not_its_windows() {
+        let mut r = Registry::default();
+        let mut w = Worker::new(&view(10, 1, 5), Origin::Fork, "w".into());
+        for k in 0..400 {
+            // 1 MB a request: a leak every check judges.
+            w.detector.record(f64::from(k));
+        }
+        let alive = w.detector.get_state();
+        assert_eq!(alive.window_size, 200);
+        assert!(alive.slope.is_some_and(|s| (s - 1.0).abs() < 1e-9));
+        r.add(w);
+        let exited = r.retire(10, None).unwrap().detector.get_state();
+        assert_eq!(exited.window_size, 0);
+        assert_eq!(exited.slope, alive.slope);
+        assert_eq!(exited.robust_slope, alive.robust_slope);
+        assert_eq!(exited.request_count, 400);
+        assert_eq!(exited.high_water_mark, 399.0);
     }
 }
