@@ -479,8 +479,18 @@ pub struct TracepointLayout {
     pub state_skaddr: u32,
     pub state_newstate: u32,
     pub state_family: u32,
-    pub _pad: u32,
+    /// Nonzero when the socket events are laid out as [`SOCK_IO_FIXED`] and
+    /// [`SOCK_STATE_FIXED`] say: the programs then load their fields
+    /// straight from the record instead of one helper call each.
+    pub sock_fixed: u32,
 }
+
+/// sock:sock_recv_length and sock:sock_send_length as every kernel that has
+/// them lays them out (6.3 to 7.x): `sk`, `family`, `ret`, `flags`.
+pub const SOCK_IO_FIXED: [u32; 4] = [8, 16, 20, 24];
+/// sock:inet_sock_set_state as every kernel memtrace serves lays it out
+/// (5.10 to 7.x): `skaddr`, `newstate`, `family`.
+pub const SOCK_STATE_FIXED: [u32; 3] = [8, 20, 28];
 
 /// A field offset of an event this kernel does not have.
 pub const LAYOUT_ABSENT: u32 = u32::MAX;

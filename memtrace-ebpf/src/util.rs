@@ -6,7 +6,7 @@ use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     programs::TracePointContext,
 };
-use memtrace_common::{MmRss, ProcStats, RSS_MEMBERS, ThreadState};
+use memtrace_common::{ProcStats, RSS_MEMBERS, ThreadState};
 
 use crate::maps::{CONFIG, COUNTERS, EVENTS, MM_RSS, PROCS, THREADS};
 
@@ -91,21 +91,31 @@ pub fn thread_state(tid: u32, tgid: u32) -> Option<*mut ThreadState> {
     THREADS.get_ptr_mut(tid)
 }
 
-/// The RSS counters of a watched process's mm, or zeros and a zero mask.
+/// Writes the RSS counters of a watched process's mm to `dst` (zeros if
+/// unknown) and returns which are known (a zero mask if none).
 #[inline(always)]
-pub fn proc_rss(stats: *const ProcStats) -> ([i64; RSS_MEMBERS], u32) {
+pub fn proc_rss(stats: *const ProcStats, dst: *mut [i64; RSS_MEMBERS]) -> u32 {
     // SAFETY: pointer from a map lookup.
     let mm_id = unsafe { (*stats).mm_id };
-    if mm_id == 0 {
-        return ([0; RSS_MEMBERS], 0);
-    }
-    match MM_RSS.get_ptr(mm_id) {
-        // SAFETY: pointer from a map lookup.
-        Some(mm) => unsafe {
-            let mm: &MmRss = &*mm;
-            (mm.bytes, mm.known)
-        },
-        None => ([0; RSS_MEMBERS], 0),
+    let mm = if mm_id == 0 {
+        None
+    } else {
+        MM_RSS.get_ptr(mm_id)
+    };
+    // SAFETY: `dst` is in map or ring-buffer memory (the caller's); `mm`
+    // from a map lookup. Word copies: an array assignment becomes a
+    // byte-at-a-time `memmove` call on BPF.
+    unsafe {
+        match mm {
+            Some(mm) => {
+                copy_words(dst, &raw const (*mm).bytes);
+                (*mm).known
+            }
+            None => {
+                zero_words(dst);
+                0
+            }
+        }
     }
 }
 
@@ -149,6 +159,26 @@ pub fn field<T>(ctx: &TracePointContext, offset: u32) -> Result<T, i64> {
     // SAFETY: bpf_probe_read_kernel checks the access; a bad offset reads
     // an error, not memory outside the record.
     unsafe { ctx.read_at::<T>(offset as usize) }.map_err(|e| e as i64)
+}
+
+/// A field of a tracepoint's record at a fixed offset, loaded straight from
+/// the context: the verifier lets tracepoint programs load from their
+/// context at constant, size-aligned offsets, which costs a load where
+/// [`field`] costs a helper call. `OFFSET` must be a multiple of the
+/// field's size.
+#[inline(always)]
+pub fn fixed_field<T: Copy, const OFFSET: usize>(ctx: &TracePointContext) -> T {
+    // SAFETY: the record is at least as long as the layouts the callers
+    // check at load time (the agent sets `sock_fixed` only then); the
+    // verifier checks the load.
+    unsafe {
+        core::ptr::read_volatile(
+            aya_ebpf::EbpfContext::as_ptr(ctx)
+                .cast::<u8>()
+                .add(OFFSET)
+                .cast::<T>(),
+        )
+    }
 }
 
 /// Page-aligns a byte count the way mmap/munmap round lengths.

@@ -53,6 +53,8 @@ pub struct BenchOptions {
     pub soak_only: bool,
     /// Only the cost tables (`cost`).
     pub cost_only: bool,
+    /// Only the socket programs' kernel statistics of the cost tables.
+    pub programs_only: bool,
 }
 
 /// A child process (and its process group), killed on drop.
@@ -670,20 +672,32 @@ fn program_costs(
     mode: Mode,
     opts: &BenchOptions,
 ) -> Result<Vec<(String, u64, f64)>> {
+    program_costs_run(paths, t, mode, opts).map(|(costs, _)| costs)
+}
+
+/// [`program_costs`], and the requests the load run made.
+fn program_costs_run(
+    paths: &Paths,
+    t: &Target,
+    mode: Mode,
+    opts: &BenchOptions,
+) -> Result<(Vec<(String, u64, f64)>, f64)> {
     let stats = Path::new("/proc/sys/kernel/bpf_stats_enabled");
     let before = std::fs::read_to_string(stats).unwrap_or_else(|_| "0".into());
     std::fs::write(stats, "1").context("enable kernel.bpf_stats_enabled (root)")?;
     let result = (|| {
         let port = free_port()?;
         let _server = (t.start)(port)?;
-        wait_until(Duration::from_secs(30), || listening(port));
+        if !wait_until(Duration::from_secs(60), || listening(port)) {
+            bail!("{} did not listen on {port}", t.name);
+        }
         let agent = Agent::start(paths, t.process_name, mode, &[])?.expect("on");
         thread::sleep(Duration::from_secs(1));
         if mode == Mode::Collect {
             agent.snapshot()?;
         }
-        wrk(
-            &format!("http://127.0.0.1:{port}/"),
+        let rps = wrk(
+            &format!("http://127.0.0.1:{port}{}", t.path),
             opts.seconds,
             t.threads,
             t.conns,
@@ -698,7 +712,7 @@ fn program_costs(
             })
             .collect();
         costs.sort_by_key(|c| std::cmp::Reverse(c.1));
-        Ok(costs)
+        Ok((costs, rps * opts.seconds as f64))
     })();
     let _ = std::fs::write(stats, before.trim());
     result
@@ -885,16 +899,21 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
     if opts.paths_only {
         return paths_bench(&paths, opts);
     }
-    if opts.cost_only {
+    if opts.cost_only || opts.programs_only {
         let mut md = format!(
-            "# Cost per request, paired on one server instance ({} rounds of {} s; machine {}; commit {}, {})\n\n",
+            "# {} ({} rounds of {} s; machine {}; commit {}, {})\n\n",
+            if opts.programs_only {
+                "Socket programs per run and per request"
+            } else {
+                "Cost per request, paired on one server instance"
+            },
             opts.rounds,
             opts.seconds,
             machine(),
             git_commit(),
             now_utc()
         );
-        cost::cost(&paths, opts, &mut md)?;
+        cost::cost(&paths, opts, &mut md, opts.programs_only)?;
         print!("{md}");
         return Ok(());
     }

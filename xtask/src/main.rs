@@ -101,6 +101,11 @@ enum Cmd {
         /// uvicorn, a 64 MiB-per-request app).
         #[arg(long)]
         cost_only: bool,
+        /// Only the socket programs' kernel statistics (ns per run, runs
+        /// per request) on the fixture, gunicorn sync and gthread, and
+        /// uvicorn, a few minutes.
+        #[arg(long)]
+        programs_only: bool,
         /// Only the cost of HTTP path capture: socket mode with and without
         /// it (fixture throughput and per-program cost), a few minutes.
         #[arg(long)]
@@ -206,6 +211,7 @@ fn main() -> Result<()> {
             untraced_only,
             soak_only,
             cost_only,
+            programs_only,
         } => {
             ensure_setup()?;
             let soak_minutes = match (soak_only, soak_minutes) {
@@ -223,6 +229,7 @@ fn main() -> Result<()> {
                 untraced_only,
                 soak_only,
                 cost_only,
+                programs_only,
             })
         }
         Cmd::Fuzz { seconds, targets } => {

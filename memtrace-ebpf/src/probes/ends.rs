@@ -6,7 +6,10 @@ use memtrace_common::{
     FDS_WORDS_MAX, FILE_REF_NEW, REQ_FDS_KNOWN, REQ_GC_KNOWN, RequestEvent, RequestStart,
 };
 
-use crate::maps::{CONFIG, FD_SCRATCH, FdScratch, PY_GC};
+use crate::{
+    maps::{CONFIG, FD_SCRATCH, FdScratch, PY_GC},
+    util::{copy_words, zero_words},
+};
 
 #[inline(always)]
 fn read_kernel<T>(addr: u64) -> Option<T> {
@@ -154,8 +157,11 @@ fn gc_totals(tgid: u32, s: &mut FdScratch) -> bool {
     {
         return false;
     }
-    let g = s.gc;
-    s.gc_sum = [g[0] + g[3] + g[6], g[1] + g[4] + g[7], g[2] + g[5] + g[8]];
+    // Element by element: an array assignment becomes a byte-at-a-time
+    // `memmove` call on BPF.
+    for i in 0..3 {
+        s.gc_sum[i] = s.gc[i] + s.gc[3 + i] + s.gc[6 + i];
+    }
     true
 }
 
@@ -180,8 +186,12 @@ pub fn read_start(req: &mut RequestStart, tgid: u32, fds: u32) {
     if let Some(s) = scratch()
         && gc_totals(tgid, s)
     {
-        req.gc = s.gc_sum;
+        // SAFETY: `req` and the scratch slot are map values, 8-byte aligned.
+        unsafe { copy_words(&raw mut req.gc, &raw const s.gc_sum) };
         req.known |= REQ_GC_KNOWN;
+    } else {
+        // SAFETY: as above.
+        unsafe { zero_words(&raw mut req.gc) };
     }
 }
 
@@ -228,12 +238,12 @@ pub unsafe fn write_end(ev: *mut RequestEvent) {
             Some(s) => {
                 (*ev).fds_after = s.end_fds;
                 (*ev).known = s.end_known;
-                (*ev).gc_delta = s.end_gc;
+                copy_words(&raw mut (*ev).gc_delta, &raw const s.end_gc);
             }
             None => {
                 (*ev).fds_after = 0;
                 (*ev).known = 0;
-                (*ev).gc_delta = [0; 3];
+                zero_words(&raw mut (*ev).gc_delta);
             }
         }
     }

@@ -35,7 +35,6 @@ fn begin_request(tgid: u32, tid: u32, fd: i64) -> Option<()> {
             t.depth += 1;
             return Some(());
         }
-        let (rss, known) = proc_rss(stats);
         // Sequence number in start order. Two threads of one process starting
         // at the same instant can read the same value (no fetch-and-add on
         // this ISA level); the agent numbers requests exactly as they end.
@@ -43,18 +42,8 @@ fn begin_request(tgid: u32, tid: u32, fd: i64) -> Option<()> {
         atomic_add(&raw mut (*stats).requests_started, 1);
         t.depth = 1;
         t.req_fd = fd;
-        t.req_known = known;
-        t.req = RequestStart {
-            start_ns: now_ns(),
-            seq,
-            rss,
-            faults: t.faults,
-            mmap_bytes: t.mmap_bytes,
-            munmap_bytes: t.munmap_bytes,
-            brk_grow_bytes: t.brk_grow_bytes,
-            brk_shrink_bytes: t.brk_shrink_bytes,
-            ..RequestStart::default()
-        };
+        t.req_known = proc_rss(stats, &raw mut t.req.rss);
+        set_start(&raw mut t.req, seq, thread);
         read_start(&mut t.req, tgid, open_fds(current_files(), [fd, -1]));
     }
     Some(())
@@ -109,6 +98,27 @@ pub fn end_request(tgid: u32, tid: u32, status: u32, unwind: bool, next_fd: i64)
 
 /// What a thread's counters (faults, mmap, munmap, brk grow, brk shrink)
 /// grew by since a request started.
+/// Fills a request's start from the thread's counters (all but `rss`, which
+/// `proc_rss` writes, and the descriptors and GC totals, which `read_start`
+/// does). Field by field: a struct assignment here became byte-at-a-time
+/// `memset`/`memmove` calls on BPF.
+///
+/// # Safety
+/// Both point into map values (`req` may lie inside `t`).
+#[inline(always)]
+pub unsafe fn set_start(req: *mut RequestStart, seq: u64, t: *const ThreadState) {
+    // SAFETY: the caller's.
+    unsafe {
+        (*req).start_ns = now_ns();
+        (*req).seq = seq;
+        (*req).faults = (*t).faults;
+        (*req).mmap_bytes = (*t).mmap_bytes;
+        (*req).munmap_bytes = (*t).munmap_bytes;
+        (*req).brk_grow_bytes = (*t).brk_grow_bytes;
+        (*req).brk_shrink_bytes = (*t).brk_shrink_bytes;
+    }
+}
+
 #[inline(always)]
 pub fn thread_deltas(t: &ThreadState, start: &RequestStart) -> [u64; 5] {
     [
@@ -185,7 +195,6 @@ pub fn emit_request(stats: *mut ProcStats, summary: &Summary, line: Option<&Requ
 /// `REQUEST_SHORT_BYTES`; nothing at or after `line` is touched.
 #[inline(always)]
 unsafe fn write_head(ev: *mut RequestEvent, kind: u32, stats: *mut ProcStats, s: &Summary) {
-    let (rss_after, known_after) = proc_rss(stats);
     // SAFETY: the caller's.
     unsafe {
         (*ev).kind = kind;
@@ -193,12 +202,11 @@ unsafe fn write_head(ev: *mut RequestEvent, kind: u32, stats: *mut ProcStats, s:
         (*ev).tid = s.tid;
         (*ev).status = s.status;
         (*ev).known_before = s.known_before;
-        (*ev).known_after = known_after;
+        (*ev).known_after = proc_rss(stats, &raw mut (*ev).rss_after);
         (*ev).seq = s.start.seq;
         (*ev).start_ns = s.start.start_ns;
         (*ev).end_ns = now_ns();
         copy_words(&raw mut (*ev).rss_before, &raw const s.start.rss);
-        (*ev).rss_after = rss_after;
         (*ev).faults = s.deltas[0];
         (*ev).mmap_bytes = s.deltas[1];
         (*ev).munmap_bytes = s.deltas[2];

@@ -15,13 +15,13 @@ use aya_ebpf::{
 use memtrace_common::{
     CGROUP_FILTER_OFF, CGROUP_FILTER_SELECT_ALL, CTR_CGROUP_REJECTED, EVENT_EXEC, EVENT_EXIT,
     EVENT_FORK, MAX_CGROUP_LEVELS, PROC_FLAG_COLLECT, ProcStats, ProcessEvent, REQUEST_ABORTED,
-    RSS_MEMBERS, TASK_COMM_LEN,
+    TASK_COMM_LEN,
 };
 
 use crate::{
     maps::{CONFIG, EVENTS, PROCS, SELECTOR_CGROUPS, SELECTOR_COMMS, THREADS},
     probes::request::end_request,
-    util::{Current, count, current, field, now_ns, proc_rss, submit_flags, watched},
+    util::{Current, count, current, field, now_ns, proc_rss, submit_flags, watched, zero_words},
 };
 
 const CLONE_THREAD: u64 = 0x0001_0000;
@@ -62,7 +62,7 @@ fn emit_process(
         (*ev).comm = comm;
         (*ev).filename[0] = 0;
         (*ev).stats = ProcStats::default();
-        (*ev).rss = [0; RSS_MEMBERS];
+        zero_words(&raw mut (*ev).rss);
         match extra {
             Extra::None => {}
             Extra::Filename(offset) => {
@@ -75,7 +75,7 @@ fn emit_process(
             }
             Extra::Final(stats) => {
                 (*ev).stats = stats;
-                (*ev).rss = proc_rss(&stats).0;
+                proc_rss(&stats, &raw mut (*ev).rss);
             }
         }
     }

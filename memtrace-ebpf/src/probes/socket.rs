@@ -17,7 +17,8 @@ use aya_ebpf::{
 };
 use memtrace_common::{
     CONN_IDLE, CONN_IGNORE, CONN_INTERLEAVED, CONN_READ, CONN_WRITE, ConnState, LINE_METHOD,
-    LINE_NONE, LINE_PATH, REQUEST_ABORTED, REQUEST_INTERLEAVED, REQUEST_OK, RequestStart,
+    LINE_NONE, LINE_PATH, REQUEST_ABORTED, REQUEST_INTERLEAVED, REQUEST_OK, SOCK_IO_FIXED,
+    SOCK_STATE_FIXED,
 };
 
 use super::{
@@ -26,11 +27,13 @@ use super::{
         sock_has_fd,
     },
     http::{begin_line, continue_line},
-    request::{Summary, emit_request, thread_deltas},
+    request::{Summary, emit_request, set_start, thread_deltas},
 };
 use crate::{
     maps::{CONFIG, CONN_SCRATCH, CONNS, THREADS},
-    util::{Current, atomic_add, count, current, field, now_ns, proc_rss, thread_state, watched},
+    util::{
+        Current, atomic_add, count, current, field, fixed_field, proc_rss, thread_state, watched,
+    },
 };
 
 /// `end_conn`'s `counted`: count the descriptors there.
@@ -44,21 +47,83 @@ const TCP_CLOSE: i32 = 7;
 const TCP_CLOSE_WAIT: i32 = 8;
 const TCP_LAST_ACK: i32 = 9;
 
-/// (sock address, bytes, flags) of a TCP read or write, or None.
+const IO_SK: usize = SOCK_IO_FIXED[0] as usize;
+const IO_FAMILY: usize = SOCK_IO_FIXED[1] as usize;
+const IO_RET: usize = SOCK_IO_FIXED[2] as usize;
+const IO_FLAGS: usize = SOCK_IO_FIXED[3] as usize;
+const STATE_SKADDR: usize = SOCK_STATE_FIXED[0] as usize;
+const STATE_NEWSTATE: usize = SOCK_STATE_FIXED[1] as usize;
+const STATE_FAMILY: usize = SOCK_STATE_FIXED[2] as usize;
+
+/// (sock address, bytes, flags) of a TCP read or write, or None. The
+/// fields are loaded straight from the record where the kernel lays it out
+/// as every kernel so far does, and read by helper calls at the offsets
+/// tracefs gave otherwise.
 #[inline(always)]
 fn tcp_io(ctx: &TracePointContext) -> Result<Option<(u64, i32, i32)>, i64> {
     let layout = CONFIG.load().layout;
-    let ret: i32 = field(ctx, layout.sock_ret)?;
+    let fixed = layout.sock_fixed != 0;
+    let ret: i32 = if fixed {
+        fixed_field::<i32, IO_RET>(ctx)
+    } else {
+        field(ctx, layout.sock_ret)?
+    };
     if ret <= 0 {
         return Ok(None);
     }
-    let family: u16 = field(ctx, layout.sock_family)?;
+    let family: u16 = if fixed {
+        fixed_field::<u16, IO_FAMILY>(ctx)
+    } else {
+        field(ctx, layout.sock_family)?
+    };
     if family != AF_INET && family != AF_INET6 {
         return Ok(None);
+    }
+    if fixed {
+        return Ok(Some((
+            fixed_field::<u64, IO_SK>(ctx),
+            ret,
+            fixed_field::<i32, IO_FLAGS>(ctx),
+        )));
     }
     let sk: u64 = field(ctx, layout.sock_sk)?;
     let flags: i32 = field(ctx, layout.sock_flags)?;
     Ok(Some((sk, ret, flags)))
+}
+
+/// (sock address, new state) of an IPv4/IPv6 socket's state change, or
+/// None for other families.
+#[inline(always)]
+fn state_change(ctx: &TracePointContext) -> Result<Option<(u64, i32)>, i64> {
+    let layout = CONFIG.load().layout;
+    let fixed = layout.sock_fixed != 0;
+    let newstate: i32 = if fixed {
+        fixed_field::<i32, STATE_NEWSTATE>(ctx)
+    } else {
+        field(ctx, layout.state_newstate)?
+    };
+    // Most changes of the node's sockets (established, time-wait, ...)
+    // are of no interest: out before anything else is read.
+    if !matches!(
+        newstate,
+        TCP_SYN_SENT | TCP_CLOSE_WAIT | TCP_FIN_WAIT1 | TCP_LAST_ACK | TCP_CLOSE
+    ) {
+        return Ok(None);
+    }
+    let family: u16 = if fixed {
+        fixed_field::<u16, STATE_FAMILY>(ctx)
+    } else {
+        field(ctx, layout.state_family)?
+    };
+    if family != AF_INET && family != AF_INET6 {
+        return Ok(None);
+    }
+    let sk: u64 = if fixed {
+        fixed_field::<u64, STATE_SKADDR>(ctx)
+    } else {
+        field(ctx, layout.state_skaddr)?
+    };
+    Ok(Some((sk, newstate)))
 }
 
 #[tracepoint]
@@ -160,12 +225,13 @@ fn on_recv(cur: &Current, sk: u64, ret: i32, flags: i32) {
     // The process's open descriptors, counted once for every request this
     // read ends and the one it begins (one copy of the count in the
     // program: old verifiers walk each).
-    let fds = open_fds(current_files(), [-1, -1]);
+    let files = current_files();
+    let fds = open_fds(files, [-1, -1]);
     if phase == CONN_WRITE {
         // The client's next request on a kept-alive connection.
         end_conn(sk, REQUEST_OK, 0, fds);
     }
-    begin_conn(sk, cur, ret, conn, fds);
+    begin_conn(sk, cur, ret, conn, (files, fds));
 }
 
 /// Bytes written to TCP socket `sk` by the current (watched) thread.
@@ -193,13 +259,9 @@ pub fn sock_state(ctx: TracePointContext) -> u32 {
 }
 
 fn try_sock_state(ctx: &TracePointContext) -> Result<(), i64> {
-    let layout = CONFIG.load().layout;
-    let family: u16 = field(ctx, layout.state_family)?;
-    if family != AF_INET && family != AF_INET6 {
+    let Some((sk, newstate)) = state_change(ctx)? else {
         return Ok(());
-    }
-    let newstate: i32 = field(ctx, layout.state_newstate)?;
-    let sk: u64 = field(ctx, layout.state_skaddr)?;
+    };
     match newstate {
         TCP_SYN_SENT => {
             // In connect(), in the caller's context.
@@ -254,13 +316,15 @@ fn ignore_conn(sk: u64, tgid: u32) {
 /// it was answered (the thread moved on), or is marked interleaved if it was
 /// still being read. A connection already known (keep-alive) is rewritten in
 /// place; a new one is built in this CPU's scratch slot and inserted.
+/// `files`: the process's descriptor table, and `fds` its open descriptors
+/// counted there.
 #[inline(always)]
 fn begin_conn(
     sk: u64,
     cur: &Current,
     ret: i32,
     existing: Option<*mut ConnState>,
-    fds: u32,
+    (files, fds): (u64, u32),
 ) -> Option<()> {
     let stats = watched(cur.tgid)?;
     let thread = thread_state(cur.tid, cur.tgid)?;
@@ -287,26 +351,15 @@ fn begin_conn(
                 _ => {}
             }
         }
-        let (rss, known) = proc_rss(stats);
         let seq = (*stats).requests_started;
         let c = &mut *conn;
         c.tgid = cur.tgid;
         c.tid = cur.tid;
         c.flags = flags;
-        c.known = known;
-        c.req = RequestStart {
-            start_ns: now_ns(),
-            seq,
-            rss,
-            faults: t.faults,
-            mmap_bytes: t.mmap_bytes,
-            munmap_bytes: t.munmap_bytes,
-            brk_grow_bytes: t.brk_grow_bytes,
-            brk_shrink_bytes: t.brk_shrink_bytes,
-            ..RequestStart::default()
-        };
+        c.known = proc_rss(stats, &raw mut c.req.rss);
+        set_start(&raw mut c.req, seq, thread);
         // The process's descriptors but this connection's.
-        c.files = current_files();
+        c.files = files;
         let own = u32::from(sock_has_fd(sk));
         read_start(&mut c.req, cur.tgid, fds_less(fds, own));
         if CONFIG.load().http_paths != 0 {

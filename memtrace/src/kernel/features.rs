@@ -26,6 +26,7 @@ pub const HIDE_ENV: &str = "MEMTRACE_HIDE_KERNEL_FEATURES";
 const HIDEABLE: &[&str] = &[
     "group_dead",
     "sock_tracepoints",
+    "sock_fixed_layout",
     "btf",
     "task_btf_helpers",
     "syscall_tracepoints",
@@ -174,6 +175,9 @@ impl KernelFeatures {
         }
         if hide("sock_tracepoints") {
             layout.sock_sk = LAYOUT_ABSENT;
+        }
+        if hide("sock_fixed_layout") {
+            layout.sock_fixed = 0;
         }
         if hide("syscall_tracepoints") {
             layout.sys_exit_ret = LAYOUT_ABSENT;

@@ -292,9 +292,15 @@ impl Tracefs {
                 s.get("family", 2)?,
             ])
         };
-        let [sock_sk, sock_family, sock_ret, sock_flags] = io().unwrap_or([absent; 4]);
-        let [state_skaddr, state_newstate, state_family] = state().unwrap_or([absent; 3]);
+        let io = io().unwrap_or([absent; 4]);
+        let state = state().unwrap_or([absent; 3]);
+        let [sock_sk, sock_family, sock_ret, sock_flags] = io;
+        let [state_skaddr, state_newstate, state_family] = state;
+        // Kernels before 6.3 read with fexit programs: only the state
+        // event's layout matters there.
+        let io_fixed = io == memtrace_common::SOCK_IO_FIXED || io == [absent; 4];
         TracepointLayout {
+            sock_fixed: u32::from(io_fixed && state == memtrace_common::SOCK_STATE_FIXED),
             sock_sk,
             sock_family,
             sock_ret,

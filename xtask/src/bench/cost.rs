@@ -12,7 +12,7 @@ use anyhow::{Result, bail};
 
 use super::{
     Agent, BenchOptions, Mode, Paths, Proc, SERVER_CPU, Target, free_port, listening, median,
-    pinned, wait_until, wrk,
+    pinned, program_costs_run, wait_until, wrk,
 };
 
 /// A run whose CPUs lost more than this share to steal is not kept.
@@ -233,6 +233,54 @@ fn table(md: &mut String, t: &Target, what: &str, all: &[Pairs]) {
     }
 }
 
+/// The socket programs, as the kernel times them.
+const SOCKET_PROGRAMS: [&str; 3] = ["sock_recv", "sock_send", "sock_state"];
+
+/// The kernel's statistics of the socket programs in socket mode: `rounds`
+/// load runs of their own (the statistics cost two clock reads a run, so
+/// they stay off in the paired runs), medians of ns per run and of runs per
+/// request.
+fn socket_programs(md: &mut String, paths: &Paths, t: &Target, opts: &BenchOptions) -> Result<()> {
+    let mut ns = vec![Vec::new(); SOCKET_PROGRAMS.len()];
+    let mut per_request = vec![Vec::new(); SOCKET_PROGRAMS.len()];
+    for round in 0..opts.rounds {
+        let (costs, requests) = program_costs_run(paths, t, Mode::Socket, opts)?;
+        for (p, name) in SOCKET_PROGRAMS.iter().enumerate() {
+            if let Some(&(_, runs, mean)) = costs.iter().find(|c| c.0 == *name) {
+                ns[p].push(mean);
+                per_request[p].push(runs as f64 / requests.max(1.0));
+            }
+        }
+        eprintln!(
+            "  {} programs round {}: {}",
+            t.name,
+            round + 1,
+            costs
+                .iter()
+                .filter(|c| SOCKET_PROGRAMS.contains(&c.0.as_str()))
+                .map(|(n, runs, mean)| format!("{n} {mean:.0} ns × {runs}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nSocket programs ({} runs with `kernel.bpf_stats_enabled=1`, medians):\n",
+        opts.rounds
+    );
+    let _ = writeln!(
+        md,
+        "| program | ns per run | runs per request | ns per request |"
+    );
+    let _ = writeln!(md, "|---|---:|---:|---:|");
+    for (p, name) in SOCKET_PROGRAMS.iter().enumerate() {
+        let run = median(&mut ns[p]);
+        let runs = median(&mut per_request[p]);
+        let _ = writeln!(md, "| {name} | {run:.0} | {runs:.2} | {:.0} |", run * runs);
+    }
+    Ok(())
+}
+
 /// A Python server command pinned to the server CPU, quiet.
 fn python_server(program: &Path, args: &[&str], app_dir: &Path) -> Command {
     let mut cmd = pinned(SERVER_CPU, program);
@@ -244,8 +292,15 @@ fn python_server(program: &Path, args: &[&str], app_dir: &Path) -> Command {
 }
 
 /// The cost tables (`--cost-only`): the fixture, gunicorn sync and gthread,
-/// uvicorn, and an app that allocates and drops 64 MiB per request.
-pub(super) fn cost(paths: &Paths, opts: &BenchOptions, md: &mut String) -> Result<()> {
+/// uvicorn, and an app that allocates and drops 64 MiB per request, each
+/// with its socket programs' kernel statistics. `programs_only`: only
+/// those statistics, for the servers socket mode serves.
+pub(super) fn cost(
+    paths: &Paths,
+    opts: &BenchOptions,
+    md: &mut String,
+    programs_only: bool,
+) -> Result<()> {
     let root = crate::workspace_root();
     let app_dir = root.join("tests/fixtures");
     let uvicorn = crate::setup::uvicorn_venv().join("bin/uvicorn");
@@ -305,6 +360,14 @@ pub(super) fn cost(paths: &Paths, opts: &BenchOptions, md: &mut String) -> Resul
             "Debian's gunicorn, 4 sync workers, `array_app.py`: each request fills and drops a 64 MiB bytearray (16,384 first-touch page faults).",
         ),
     ];
+    if programs_only {
+        for (t, what) in targets.iter().take(4) {
+            eprintln!("socket programs: {}", t.name);
+            let _ = writeln!(md, "\n### {}\n\n{what}", t.name);
+            socket_programs(md, paths, t, opts)?;
+        }
+        return Ok(());
+    }
     let _ = writeln!(
         md,
         "Each configuration is paired with a run with memtrace off on the same server instance (the agent started and stopped between them), {} rounds of {} s; \
@@ -319,6 +382,7 @@ pub(super) fn cost(paths: &Paths, opts: &BenchOptions, md: &mut String) -> Resul
         eprintln!("cost: {}", t.name);
         let all = measure(paths, t, &modes, opts)?;
         table(md, t, what, &all);
+        socket_programs(md, paths, t, opts)?;
     }
     Ok(())
 }
