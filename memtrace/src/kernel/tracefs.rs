@@ -400,4 +400,55 @@ print fmt: \"mm_id=%u curr=%d type=%s size=%ldB\", REC->mm_id, REC->curr
         );
         assert!(f.fields.is_empty());
     }
+
+    /// A tracefs with the three socket events, `family` of the read and
+    /// write events at `io_family`.
+    fn fake_socket_events(io_family: u32) -> (std::path::PathBuf, Tracefs) {
+        let root = std::env::temp_dir().join(format!(
+            "memtrace-tracefs-{}-{io_family}",
+            std::process::id()
+        ));
+        let io = format!(
+            "format:\n\tfield:void * sk;\toffset:8;\tsize:8;\tsigned:0;\n\
+             \tfield:__u16 family;\toffset:{io_family};\tsize:2;\tsigned:0;\n\
+             \tfield:int ret;\toffset:20;\tsize:4;\tsigned:1;\n\
+             \tfield:int flags;\toffset:24;\tsize:4;\tsigned:1;\n"
+        );
+        let state = "format:\n\tfield:const void * skaddr;\toffset:8;\tsize:8;\tsigned:0;\n\
+             \tfield:int oldstate;\toffset:16;\tsize:4;\tsigned:1;\n\
+             \tfield:int newstate;\toffset:20;\tsize:4;\tsigned:1;\n\
+             \tfield:__u16 family;\toffset:28;\tsize:2;\tsigned:0;\n";
+        for (name, text) in [
+            ("sock_recv_length", io.as_str()),
+            ("sock_send_length", io.as_str()),
+            ("inet_sock_set_state", state),
+        ] {
+            let dir = root.join("events/sock").join(name);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("format"), text).unwrap();
+        }
+        (root.clone(), Tracefs { root })
+    }
+
+    #[test]
+    fn socket_fields_load_straight_only_at_the_layout_every_kernel_has() {
+        let (dir, fixed) = fake_socket_events(16);
+        let l = fixed.socket_layout();
+        assert_eq!(
+            [l.sock_sk, l.sock_family, l.sock_ret, l.sock_flags],
+            memtrace_common::SOCK_IO_FIXED
+        );
+        assert_eq!(
+            [l.state_skaddr, l.state_newstate, l.state_family],
+            memtrace_common::SOCK_STATE_FIXED
+        );
+        assert_eq!(l.sock_fixed, 1);
+        std::fs::remove_dir_all(dir).unwrap();
+        // A kernel that moved a field: the programs read at tracefs's
+        // offsets, with helper calls.
+        let (dir, moved) = fake_socket_events(18);
+        let l = moved.socket_layout();
+        assert_eq!((l.sock_family, l.sock_fixed), (18, 0));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 }
