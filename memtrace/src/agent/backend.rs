@@ -322,12 +322,15 @@ struct Diffed {
     mappings: BTreeMap<u32, Vec<MappingUsage>>,
 }
 
-/// Gives back to the system the heap a snapshot or diff freed, when it is
-/// dropped (declare it first, so that it drops last): see `heap::trim`.
-struct TrimHeap;
+/// When dropped (declare it first, so that it drops last): releases what
+/// the symbolizer parsed for a snapshot, diff or profile (its finished
+/// frames stay), and gives back to the system the heap they freed: see
+/// `heap::trim`.
+struct TrimHeap<'a>(&'a SymbolizerService);
 
-impl Drop for TrimHeap {
+impl Drop for TrimHeap<'_> {
     fn drop(&mut self) {
+        self.0.release();
         super::heap::trim();
     }
 }
@@ -445,7 +448,7 @@ impl Backend for AgentBackend {
         limit: usize,
         sites: &SiteOptions,
     ) -> Result<SnapshotView, BackendError> {
-        let _trim = TrimHeap;
+        let _trim = TrimHeap(&self.symbolizer);
         let taken = self.take_snapshot(pid)?;
         let spec = self.view_spec(&taken.pids, sites)?;
         Ok(Snapshot::build(taken.pids, taken.raw, taken.mappings, &spec).view(limit))
@@ -457,7 +460,7 @@ impl Backend for AgentBackend {
         limit: usize,
         sites: &SiteOptions,
     ) -> Result<DiffView, BackendError> {
-        let _trim = TrimHeap;
+        let _trim = TrimHeap(&self.symbolizer);
         let d = self.take_diff(pid)?;
         let spec = self.view_spec(&d.pids, sites)?;
         let mut old = Snapshot::build(d.pids.clone(), d.before, d.before_mappings, &spec);
@@ -480,7 +483,7 @@ impl Backend for AgentBackend {
         format: ProfileFormat,
         sites: &SiteOptions,
     ) -> Result<Rendered, BackendError> {
-        let _trim = TrimHeap;
+        let _trim = TrimHeap(&self.symbolizer);
         let taken = self.take_snapshot(pid)?;
         let spec = self.view_spec(&taken.pids, sites)?;
         let meta = self.profile_meta(&taken.pids, None);
@@ -494,7 +497,7 @@ impl Backend for AgentBackend {
         format: ProfileFormat,
         sites: &SiteOptions,
     ) -> Result<Rendered, BackendError> {
-        let _trim = TrimHeap;
+        let _trim = TrimHeap(&self.symbolizer);
         let d = self.take_diff(pid)?;
         let spec = self.view_spec(&d.pids, sites)?;
         let meta = self.profile_meta(&d.pids, Some(d.since_unix));
@@ -510,7 +513,7 @@ impl Backend for AgentBackend {
     }
 
     fn heap_profile(&self, pid: Option<u32>) -> Result<Rendered, BackendError> {
-        let _trim = TrimHeap;
+        let _trim = TrimHeap(&self.symbolizer);
         let pids = {
             let mut state = self.lock();
             let pids = Self::select(&state, pid)?;
@@ -531,7 +534,7 @@ impl Backend for AgentBackend {
     }
 
     fn stop(&self) -> Result<StopView, BackendError> {
-        let _trim = TrimHeap;
+        let _trim = TrimHeap(&self.symbolizer);
         let mut state = self.lock();
         let detached = state.tracer.stop_collection();
         *self.lock_baseline() = None;

@@ -444,7 +444,7 @@ mod tests {
         let mut w = Worker::new(&view(10, 1, 5), Origin::Fork, "w".into());
         for k in 0..400 {
             // 1 MB a request: a leak every check judges.
-            w.detector.record(f64::from(k));
+            let _ = w.detector.record(f64::from(k));
         }
         let alive = w.detector.get_state();
         assert_eq!(alive.window_size, 200);

@@ -593,7 +593,8 @@ pub fn read_mappings(pids: &[u32]) -> BTreeMap<u32, Vec<MappingUsage>> {
 }
 
 /// blazesym's symbolizer cannot move between threads, so it lives on one
-/// of its own and is asked through a channel; its cache survives snapshots.
+/// of its own and is asked through a channel; its frame cache survives
+/// snapshots, what blazesym parsed is released after each.
 pub struct SymbolizerService {
     jobs: mpsc::Sender<Job>,
 }
@@ -605,6 +606,8 @@ enum Job {
         reply: mpsc::Sender<Vec<Frame>>,
     },
     Forget(u32),
+    /// Drop what blazesym parsed; answer when done.
+    Release(mpsc::Sender<()>),
 }
 
 impl SymbolizerService {
@@ -627,6 +630,10 @@ impl SymbolizerService {
                             let _ = reply.send(frames);
                         }
                         Job::Forget(pid) => symbolizer.forget(pid),
+                        Job::Release(done) => {
+                            symbolizer.release_parsed();
+                            let _ = done.send(());
+                        }
                     }
                 }
             })
@@ -664,6 +671,15 @@ impl SymbolizerService {
 
     pub fn forget(&self, pid: u32) {
         let _ = self.jobs.send(Job::Forget(pid));
+    }
+
+    /// Drops what blazesym parsed (see [`Symbolizer::release_parsed`]) and
+    /// returns once it is freed, so that the heap can be trimmed after.
+    pub fn release(&self) {
+        let (done, rx) = mpsc::channel();
+        if self.jobs.send(Job::Release(done)).is_ok() {
+            let _ = rx.recv();
+        }
     }
 }
 

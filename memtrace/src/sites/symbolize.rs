@@ -18,7 +18,8 @@
 //! file and line, and demangles Rust and C++ names. blazesym keeps every
 //! parsed ELF/DWARF file in memory keyed by the file's identity (device,
 //! inode, size, mtime), so all processes running the same binary share one
-//! parsed copy.
+//! parsed copy, until [`Symbolizer::release_parsed`] drops it (the agent
+//! does after each snapshot, diff or profile).
 //!
 //! On top of that, [`Symbolizer::symbolize_cached`] keeps its own cache of
 //! finished frames keyed by *(object, file offset)*, where the object is the
@@ -481,7 +482,18 @@ impl Default for Symbolizer {
 impl Symbolizer {
     /// Creates a symbolizer with empty caches.
     pub fn new() -> Self {
-        let inner = blazesym::symbolize::Symbolizer::builder()
+        Self {
+            inner: Self::blazesym(),
+            map_files: true,
+            objects: HashMap::new(),
+            processes: HashMap::new(),
+            hits: 0,
+            misses: 0,
+        }
+    }
+
+    fn blazesym() -> blazesym::symbolize::Symbolizer {
+        blazesym::symbolize::Symbolizer::builder()
             .enable_code_info(true)
             // Needed even though frames do not list inlined functions: only
             // with it does blazesym attribute the line to the function the
@@ -489,14 +501,20 @@ impl Symbolizer {
             // innermost inlined function.
             .enable_inlined_fns(true)
             .enable_demangling(true)
-            .build();
-        Self {
-            inner,
-            map_files: true,
-            objects: HashMap::new(),
-            processes: HashMap::new(),
-            hits: 0,
-            misses: 0,
+            .build()
+    }
+
+    /// Drops what blazesym parsed (symbol tables, DWARF line programs and
+    /// units, open files) and keeps the finished frames: addresses seen
+    /// before still resolve from the frame cache, and only new ones make
+    /// blazesym parse their objects again. A long-lived agent asked for a
+    /// diff every few minutes would otherwise hold the parsed debug
+    /// information of every binary it ever symbolized (several MB for a
+    /// CPython with debug info), growing a little with each diff.
+    pub fn release_parsed(&mut self) {
+        self.inner = Self::blazesym();
+        for state in self.processes.values_mut() {
+            state.blazesym_paths.clear();
         }
     }
 
@@ -954,6 +972,36 @@ mod tests {
         // Empty input does not look at the process.
         assert!(symbolizer.symbolize(pid, &[]).expect("empty").is_empty());
         symbolizer.forget(pid);
+    }
+
+    #[test]
+    fn released_parse_keeps_the_frames_and_new_addresses_still_resolve() {
+        let mut symbolizer = Symbolizer::new();
+        let seen = [c_target_addr(), malloc_addr()];
+        let first = symbolizer.symbolize_cached(own_pid(), &seen).unwrap();
+        let misses = symbolizer.stats().misses;
+        symbolizer.release_parsed();
+        // Seen before: from the frame cache, blazesym not asked.
+        assert_eq!(
+            symbolizer.symbolize_cached(own_pid(), &seen).unwrap(),
+            first
+        );
+        assert_eq!(symbolizer.stats().misses, misses);
+        assert_eq!(symbolizer.stats().cached_frames, 2);
+        // New: blazesym parses again, and resolves it.
+        let new = symbolizer
+            .symbolize_cached(own_pid(), &[rust_target_addr()])
+            .unwrap();
+        assert_eq!(symbolizer.stats().misses, misses + 1);
+        assert!(
+            new[0]
+                .function
+                .as_deref()
+                .is_some_and(|f| f.contains("rust_test_target")),
+            "{new:?}"
+        );
+        symbolizer.forget(own_pid());
+        assert_eq!(symbolizer.stats().cached_objects, 0);
     }
 
     #[test]
