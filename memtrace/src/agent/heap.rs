@@ -11,6 +11,8 @@
 //! release) maps large blocks itself and returns memory on free: none of
 //! this applies there, and [`usage`] says nothing.
 
+use crate::api::status::AgentMemory;
+
 /// Arenas glibc may create: the agent has a handful of threads that
 /// allocate (the event loop, the API, the symbolizer), not a pool that
 /// contends.
@@ -55,19 +57,8 @@ pub fn trim() {
     }
 }
 
-/// The agent's memory: resident, and what its heap holds.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct Usage {
-    /// The agent's resident set (`/proc/self/statm`).
-    pub resident_bytes: u64,
-    /// Bytes of live heap blocks (glibc: arenas and large mappings).
-    pub heap_in_use_bytes: Option<u64>,
-    /// Free memory the allocator keeps in its arenas, not given back.
-    pub heap_free_bytes: Option<u64>,
-}
-
 /// What the agent holds now.
-pub fn usage() -> Usage {
+pub fn usage() -> AgentMemory {
     let resident_bytes = std::fs::read_to_string("/proc/self/statm")
         .ok()
         .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
@@ -76,16 +67,16 @@ pub fn usage() -> Usage {
     {
         // SAFETY: mallinfo2 only reads the allocator's counters.
         let info = unsafe { libc::mallinfo2() };
-        Usage {
+        AgentMemory {
             resident_bytes,
             heap_in_use_bytes: Some((info.uordblks + info.hblkhd) as u64),
             heap_free_bytes: Some(info.fordblks as u64),
         }
     }
     #[cfg(not(target_env = "gnu"))]
-    Usage {
+    AgentMemory {
         resident_bytes,
-        ..Usage::default()
+        ..AgentMemory::default()
     }
 }
 

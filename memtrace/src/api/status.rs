@@ -180,7 +180,19 @@ pub struct AgentStatus {
     /// Processes below the workers not followed: the table was full.
     pub descendants_dropped: u64,
     /// The agent's own memory.
-    pub memory: crate::agent::heap::Usage,
+    pub memory: AgentMemory,
+}
+
+/// The agent's memory: resident, and what its heap holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct AgentMemory {
+    /// The agent's resident set (`/proc/self/statm`).
+    pub resident_bytes: u64,
+    /// Bytes of live heap blocks (glibc: arenas and large mappings); null
+    /// where the allocator does not say (the static musl release).
+    pub heap_in_use_bytes: Option<u64>,
+    /// Free memory the allocator keeps in its arenas, not given back.
+    pub heap_free_bytes: Option<u64>,
 }
 
 /// `?action=status`: the agent and its workers (or one of them).

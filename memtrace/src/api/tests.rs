@@ -159,7 +159,7 @@ impl Backend for Fake {
                 orphans: vec![],
                 orphans_total: 3,
                 descendants_dropped: 0,
-                memory: crate::agent::heap::Usage::default(),
+                memory: crate::api::status::AgentMemory::default(),
             },
             workers: vec![worker(42)],
         })
