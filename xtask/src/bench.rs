@@ -665,13 +665,16 @@ fn uprobe_floor(paths: &Paths, opts: &BenchOptions, md: &mut String) -> Result<V
     Ok(results)
 }
 
+/// (program name, runs, mean ns per run) of each program that ran.
+type ProgramCosts = Vec<(String, u64, f64)>;
+
 /// Per-program cost from the kernel's BPF statistics during a load run.
 fn program_costs(
     paths: &Paths,
     t: &Target,
     mode: Mode,
     opts: &BenchOptions,
-) -> Result<Vec<(String, u64, f64)>> {
+) -> Result<ProgramCosts> {
     program_costs_run(paths, t, mode, opts).map(|(costs, _)| costs)
 }
 
@@ -681,7 +684,7 @@ fn program_costs_run(
     t: &Target,
     mode: Mode,
     opts: &BenchOptions,
-) -> Result<(Vec<(String, u64, f64)>, f64)> {
+) -> Result<(ProgramCosts, f64)> {
     let stats = Path::new("/proc/sys/kernel/bpf_stats_enabled");
     let before = std::fs::read_to_string(stats).unwrap_or_else(|_| "0".into());
     std::fs::write(stats, "1").context("enable kernel.bpf_stats_enabled (root)")?;
@@ -704,7 +707,7 @@ fn program_costs_run(
         )?;
         let ids = held_programs(agent.proc.pid());
         let names = program_names()?;
-        let mut costs: Vec<(String, u64, f64)> = ids
+        let mut costs: ProgramCosts = ids
             .into_iter()
             .filter_map(|(id, run_ns, runs)| {
                 let name = names.iter().find(|(i, _)| *i == id)?.1.clone();
