@@ -565,6 +565,11 @@ pub fn diff(
         &[SiteKind::Mmap, SiteKind::Brk],
     ]
     .map(|kinds| site_growth(before, after, kinds, history, still_growing));
+    // Only sites that still exist can show as stopped: the rest go, or the
+    // history would keep every site of every worker that ever exited (a
+    // recycled worker's Python frames whose code objects were freed are
+    // named by address, new with each worker).
+    history.grew.retain(|key, _| after.sites.contains_key(key));
     let listed: Vec<&Site> = lists.iter().flatten().map(|g| &g.site).collect();
     let unresolved = UnresolvedCount::of(&listed);
     for list in &mut lists {
@@ -904,6 +909,40 @@ mod tests {
             third.growth
         );
         assert!(third.still_growing);
+    }
+
+    #[test]
+    fn the_growth_history_keeps_only_sites_that_still_exist() {
+        let s = ViewSpec::default();
+        // Each recycled worker's leaking site is named by the address of a
+        // code object freed before it was read: a new site each time.
+        let worker = |pid: u32, bytes| {
+            let freed = Frame {
+                unresolved: Some(Unresolved::CodeFreed),
+                ..Frame::unresolved_in(0x1000 * u64::from(pid), Some(PYTHON_MODULE.into()))
+            };
+            Snapshot::build(
+                vec![pid],
+                vec![raw(pid, SiteKind::Malloc, bytes, vec![freed])],
+                BTreeMap::new(),
+                &s,
+            )
+        };
+        let mut history = GrowthHistory::default();
+        for pid in 1..=100 {
+            let grown = diff(&worker(pid, 0), &worker(pid, 4096), 10, &mut history, false);
+            assert_eq!(grown.growth.len(), 1);
+            assert!(history.grew.len() <= 1, "{} sites kept", history.grew.len());
+        }
+        // A site that is still there and stopped growing shows as stopped.
+        let stopped = diff(
+            &worker(100, 4096),
+            &worker(100, 4096),
+            10,
+            &mut history,
+            false,
+        );
+        assert!(stopped.growth.iter().all(|g| g.stopped) && stopped.growth.len() == 1);
     }
 
     #[test]
