@@ -568,16 +568,39 @@ pub fn drive(port: u16, path: &str, total: usize, concurrency: usize) {
         t.join().expect("load thread");
     }
 }
+/// Runs of this process's BPF programs the kernel skipped
+/// (`recursion_misses`: the program was already running on that CPU).
+/// The 7.3 guest under emulation skips a few runs of `accept_exit` and
+/// `close_enter` now and then (1 and 3 in one CI run, with 19 of 20
+/// requests counted); each skipped run can lose one request's start or
+/// end, and nothing memtrace does can bring it back.
+pub fn skipped_runs() -> u64 {
+    recursion_misses(std::process::id())
+        .iter()
+        .map(|(_, n)| n)
+        .sum()
+}
+
 /// Waits for the agent to count exactly `sent` requests over `pids`, and
-/// checks no extra one shows up afterwards.
+/// checks no extra one shows up afterwards. A request is missing only if
+/// the kernel says it skipped a program run (see [`skipped_runs`]): then
+/// the count must be short by no more than the runs skipped.
 pub fn assert_counted_exactly(agent: &AgentHarness, pids: &[u32], sent: u64) {
     let mut seen = 0;
     wait_for(Duration::from_secs(60), || {
         seen = agent.with(|s| requests_seen(s, pids));
-        seen >= sent
+        seen >= sent.saturating_sub(skipped_runs())
     });
     std::thread::sleep(Duration::from_millis(300));
     seen = agent.with(|s| requests_seen(s, pids));
+    let skipped = skipped_runs();
+    if seen < sent && sent - seen <= skipped {
+        eprintln!(
+            "counted {seen} of {sent}: the kernel skipped {skipped} program runs ({})",
+            counting_report(agent)
+        );
+        return;
+    }
     assert_eq!(
         seen,
         sent,
