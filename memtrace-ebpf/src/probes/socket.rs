@@ -91,8 +91,8 @@ fn tcp_io(ctx: &TracePointContext) -> Result<Option<(u64, i32, i32)>, i64> {
     Ok(Some((sk, ret, flags)))
 }
 
-/// (sock address, new state) of an IPv4/IPv6 socket's state change, or
-/// None for other families.
+/// (sock address, new state) of an IPv4/IPv6 socket's change to a state
+/// the programs act on (connect, the close's states), or None.
 #[inline(always)]
 fn state_change(ctx: &TracePointContext) -> Result<Option<(u64, i32)>, i64> {
     let layout = CONFIG.load().layout;
