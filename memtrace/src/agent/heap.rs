@@ -11,7 +11,7 @@
 //! release) maps large blocks itself and returns memory on free: none of
 //! this applies there, and [`usage`] says nothing.
 
-use crate::api::status::AgentMemory;
+use crate::{api::status::AgentMemory, model::procinfo};
 
 /// Arenas glibc may create: the agent has a handful of threads that
 /// allocate (the event loop, the API, the symbolizer), not a pool that
@@ -59,10 +59,7 @@ pub fn trim() {
 
 /// What the agent holds now.
 pub fn usage() -> AgentMemory {
-    let resident_bytes = std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .map_or(0, |pages| pages * page_size());
+    let resident_bytes = procinfo::statm_rss(std::process::id()).unwrap_or(0);
     #[cfg(target_env = "gnu")]
     {
         // SAFETY: mallinfo2 only reads the allocator's counters.
@@ -78,12 +75,6 @@ pub fn usage() -> AgentMemory {
         resident_bytes,
         ..AgentMemory::default()
     }
-}
-
-fn page_size() -> u64 {
-    // SAFETY: sysconf has no preconditions.
-    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    u64::try_from(size).unwrap_or(4096)
 }
 
 #[cfg(test)]
