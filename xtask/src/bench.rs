@@ -665,6 +665,9 @@ fn uprobe_floor(paths: &Paths, opts: &BenchOptions, md: &mut String) -> Result<V
     Ok(results)
 }
 
+/// The socket programs, as the kernel times them.
+const SOCKET_PROGRAMS: [&str; 3] = ["sock_recv", "sock_send", "sock_state"];
+
 /// (program name, runs, mean ns per run) of each program that ran.
 type ProgramCosts = Vec<(String, u64, f64)>;
 
@@ -1483,14 +1486,13 @@ fn socket_program_table(
     opts: &BenchOptions,
     variant: Mode,
 ) -> Result<()> {
-    const PROGRAMS: [&str; 3] = ["sock_recv", "sock_send", "sock_state"];
     let modes = [Mode::Socket, variant];
     // ns per run by mode, program.
-    let mut ns = vec![vec![Vec::new(); PROGRAMS.len()]; modes.len()];
+    let mut ns = vec![vec![Vec::new(); SOCKET_PROGRAMS.len()]; modes.len()];
     for _ in 0..opts.rounds {
         for (m, &mode) in modes.iter().enumerate() {
             let costs = program_costs(paths, fixture, mode, opts)?;
-            for (p, name) in PROGRAMS.iter().enumerate() {
+            for (p, name) in SOCKET_PROGRAMS.iter().enumerate() {
                 if let Some((_, _, v)) = costs.iter().find(|c| c.0 == *name) {
                     ns[m][p].push(*v);
                 }
@@ -1521,7 +1523,7 @@ fn socket_program_table(
         "| program | socket mode, ns per run | {column}, ns per run | difference |"
     );
     let _ = writeln!(md, "|---|---:|---:|---:|");
-    for (p, name) in PROGRAMS.iter().enumerate() {
+    for (p, name) in SOCKET_PROGRAMS.iter().enumerate() {
         let on = median(&mut ns[0][p].clone());
         let off = median(&mut ns[1][p].clone());
         let _ = writeln!(md, "| {name} | {on:.0} | {off:.0} | {:+.0} |", on - off);

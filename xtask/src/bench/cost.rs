@@ -11,8 +11,8 @@ use std::{fmt::Write as _, path::Path, process::Command, thread, time::Duration}
 use anyhow::{Result, bail};
 
 use super::{
-    Agent, BenchOptions, Mode, Paths, Proc, SERVER_CPU, Target, free_port, listening, median,
-    pinned, program_costs_run, wait_until, wrk,
+    Agent, BenchOptions, Mode, Paths, Proc, SERVER_CPU, SOCKET_PROGRAMS, Target, free_port,
+    listening, median, pinned, program_costs_run, wait_until, wrk,
 };
 
 /// A run whose CPUs lost more than this share to steal is not kept.
@@ -232,9 +232,6 @@ fn table(md: &mut String, t: &Target, what: &str, all: &[Pairs]) {
         );
     }
 }
-
-/// The socket programs, as the kernel times them.
-const SOCKET_PROGRAMS: [&str; 3] = ["sock_recv", "sock_send", "sock_state"];
 
 /// The kernel's statistics of the socket programs in socket mode: `rounds`
 /// load runs of their own (the statistics cost two clock reads a run, so
