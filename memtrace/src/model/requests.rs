@@ -466,13 +466,15 @@ impl RequestLog {
         self.seen + 1
     }
 
-    /// Keeps only the last `n` records, and gives back the room of the
-    /// rest (a worker that exited: its history is for a post-mortem).
+    /// For a worker that exited (its history is for a post-mortem): keeps
+    /// only the last `n` records and its routes' counts and figures (see
+    /// [`RouteTable::freeze`]), and gives back the room of the rest.
     pub fn keep_last(&mut self, n: usize) {
         let extra = self.records.len().saturating_sub(n);
         self.records.drain(..extra);
         self.records.shrink_to_fit();
         self.capacity = self.capacity.min(n).max(1);
+        self.routes.freeze();
     }
 
     pub fn push(&mut self, record: RequestRecord) {

@@ -152,6 +152,35 @@ pub struct RouteStats {
     /// and alive at their ends, descriptors opened and not closed, asyncio
     /// tasks still alive.
     pub kept: [i64; 3],
+    /// The window's figures, kept when its worker exited and the window
+    /// went (see [`RouteTable::freeze`]).
+    frozen: Option<WindowFigures>,
+}
+
+/// What a route's window of recent deltas says.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct WindowFigures {
+    median: f64,
+    kept_per_request: Option<KeptPerRequest>,
+    len: usize,
+}
+
+impl WindowFigures {
+    fn of(recent: &VecDeque<i64>) -> Self {
+        let window: Vec<i64> = recent.iter().copied().collect();
+        let mut sorted = window.clone();
+        sorted.sort_unstable();
+        let median = match sorted.len() {
+            0 => 0.0,
+            n if n % 2 == 1 => sorted[n / 2] as f64,
+            n => (sorted[n / 2 - 1] as f64 + sorted[n / 2] as f64) / 2.0,
+        };
+        Self {
+            median,
+            kept_per_request: kept_per_request(&window),
+            len: window.len(),
+        }
+    }
 }
 
 /// Resources a request can leave behind, besides memory.
@@ -175,7 +204,23 @@ impl RouteStats {
     }
 
     pub fn kept_per_request(&self) -> Option<KeptPerRequest> {
-        kept_per_request(&self.recent.iter().copied().collect::<Vec<_>>())
+        match &self.frozen {
+            Some(f) => f.kept_per_request,
+            None => kept_per_request(&self.recent.iter().copied().collect::<Vec<_>>()),
+        }
+    }
+
+    fn figures(&self) -> WindowFigures {
+        self.frozen
+            .unwrap_or_else(|| WindowFigures::of(&self.recent))
+    }
+
+    /// Keeps the window's figures and gives its room back.
+    fn freeze(&mut self) {
+        if self.frozen.is_none() {
+            self.frozen = Some(WindowFigures::of(&self.recent));
+        }
+        self.recent = VecDeque::new();
     }
 }
 
@@ -328,6 +373,18 @@ impl RouteTable {
         carrier(kept).map(|(name, k)| (name.to_string(), k))
     }
 
+    /// For a worker that exited: each route keeps its counts and what its
+    /// window said (median, bytes kept per request), not the window (1.6 KB
+    /// a route, up to `max_routes` routes, for each of the exited workers
+    /// kept).
+    pub fn freeze(&mut self) {
+        for stats in self.routes.values_mut() {
+            stats.freeze();
+        }
+        self.other.freeze();
+        self.routes.shrink_to_fit();
+    }
+
     pub fn view(&self) -> RoutesView {
         let mut routes: Vec<RouteView> = self.iter().map(|(name, s)| route_view(name, s)).collect();
         routes.sort_by(|a, b| {
@@ -352,14 +409,7 @@ impl RouteTable {
 }
 
 fn route_view(name: &str, s: &RouteStats) -> RouteView {
-    let window: Vec<i64> = s.recent.iter().copied().collect();
-    let mut sorted = window.clone();
-    sorted.sort_unstable();
-    let median = match sorted.len() {
-        0 => 0.0,
-        n if n % 2 == 1 => sorted[n / 2] as f64,
-        n => (sorted[n / 2 - 1] as f64 + sorted[n / 2] as f64) / 2.0,
-    };
+    let figures = s.figures();
     let per = |x: u64| {
         if s.requests == 0 {
             0.0
@@ -375,10 +425,10 @@ fn route_view(name: &str, s: &RouteStats) -> RouteView {
         } else {
             s.delta_sum as f64 / s.requests as f64
         },
-        median_delta_bytes: median,
+        median_delta_bytes: figures.median,
         grew_share: per(s.grew),
-        kept_per_request: kept_per_request(&window),
-        window: window.len(),
+        kept_per_request: figures.kept_per_request,
+        window: figures.len,
         interleaved_share: per(s.interleaved),
     }
 }

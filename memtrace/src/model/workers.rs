@@ -241,7 +241,7 @@ pub const EXITED_KEPT: usize = 64;
 /// whole, its detectors' judgements too, without their sample windows): a
 /// server that recycles its workers must not make the agent grow by a
 /// worker's whole history each time.
-pub const EXITED_HISTORY: usize = 32;
+pub const EXITED_HISTORY: usize = 8;
 
 impl Default for Registry {
     fn default() -> Self {
