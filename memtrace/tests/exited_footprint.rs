@@ -95,12 +95,7 @@ fn busy_worker(pid: u32, routes: usize) -> Worker {
         r.route = Some(format!("GET /api/v1/resource{route}/:id"));
         r.delta_bytes = (k % 7) as i64 * 4096;
         w.requests.push(r);
-        for d in [
-            &mut w.detector,
-            &mut w.child_detector,
-            &mut w.fd_detector,
-            &mut w.task_detector,
-        ] {
+        for d in w.detectors_mut() {
             let _ = d.record(k as f64);
         }
     }

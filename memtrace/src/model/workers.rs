@@ -135,6 +135,16 @@ pub struct Worker {
 }
 
 impl Worker {
+    /// Its four detectors: memory, child processes, descriptors, tasks.
+    pub fn detectors_mut(&mut self) -> [&mut LeakDetector; 4] {
+        [
+            &mut self.detector,
+            &mut self.child_detector,
+            &mut self.fd_detector,
+            &mut self.task_detector,
+        ]
+    }
+
     pub fn new(view: &ProcessView, origin: Origin, reason: String) -> Self {
         Self {
             pid: view.pid,
@@ -335,12 +345,7 @@ impl Registry {
         let mut w = self.alive.remove(&pid)?;
         w.exited_at = Some(SystemTime::now());
         w.requests.keep_last(EXITED_HISTORY);
-        for detector in [
-            &mut w.detector,
-            &mut w.child_detector,
-            &mut w.fd_detector,
-            &mut w.task_detector,
-        ] {
+        for detector in w.detectors_mut() {
             detector.release_window();
         }
         if let Some((stats, rss)) = final_stats {
