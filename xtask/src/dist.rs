@@ -28,6 +28,22 @@ pub struct DistOptions {
     pub image: bool,
 }
 
+/// Builds the release binary (static, musl) and returns its path, not
+/// stripped. What users install, and what the soak runs.
+pub fn build_static() -> Result<PathBuf> {
+    let mut build = cargo();
+    build.args(["build", "--release", "-p", "memtrace", "--target", TARGET]);
+    // ring's C and assembly for musl.
+    if std::env::var_os("CC_x86_64_unknown_linux_musl").is_none() {
+        build.env("CC_x86_64_unknown_linux_musl", "musl-gcc");
+    }
+    run(&mut build)?;
+    Ok(workspace_root()
+        .join("target")
+        .join(TARGET)
+        .join("release/memtrace"))
+}
+
 /// `target/dist/`.
 pub fn dist_dir() -> PathBuf {
     workspace_root().join("target/dist")
@@ -52,14 +68,7 @@ pub fn dist(options: &DistOptions) -> Result<()> {
     let version = workspace_version()?;
 
     // The binary.
-    let mut build = cargo();
-    build.args(["build", "--release", "-p", "memtrace", "--target", TARGET]);
-    // ring's C and assembly for musl.
-    if std::env::var_os("CC_x86_64_unknown_linux_musl").is_none() {
-        build.env("CC_x86_64_unknown_linux_musl", "musl-gcc");
-    }
-    run(&mut build)?;
-    let built = root.join("target").join(TARGET).join("release/memtrace");
+    let built = build_static()?;
     let bin = dist.join("memtrace");
     // Symbols of the agent itself are not needed (it symbolizes others).
     run(Command::new("strip").arg("-o").arg(&bin).arg(&built))?;

@@ -43,6 +43,8 @@ struct Sample {
     drops: u64,
     recycles: u64,
     rss: u64,
+    /// The anonymous part of `rss` (the rest is the binary's own pages).
+    anon: u64,
     /// The agent's live heap blocks, and the free memory its allocator
     /// keeps (glibc builds; 0 when not reported).
     heap_in_use: u64,
@@ -98,8 +100,26 @@ impl Load {
     }
 }
 
+/// `RssAnon` of a process, in bytes (0 if it is gone).
+fn rss_anon(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("RssAnon:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
 /// Runs the soak for `minutes` and appends its section to `md`.
 pub(super) fn soak(paths: &Paths, minutes: u64, md: &mut String) -> Result<()> {
+    // The soak runs what users install (`cargo xtask dist`, the package and
+    // the image): the static binary, whose allocator is musl's.
+    let paths = &Paths {
+        memtrace: crate::dist::build_static()?,
+        fixtures: paths.fixtures.clone(),
+    };
     let port = free_port()?;
     let app_dir = crate::workspace_root().join("tests/fixtures");
     // Debian's gunicorn as `python3 -m gunicorn`, with its process titles
@@ -191,13 +211,14 @@ pub(super) fn soak(paths: &Paths, minutes: u64, md: &mut String) -> Result<()> {
             drops: metric("memtrace_ringbuf_drops_total"),
             recycles: metric("memtrace_soft_limit_recycles_total"),
             rss,
+            anon: rss_anon(agent.proc.pid()),
             heap_in_use: heap("in_use"),
             heap_free: heap("free"),
             cpu_secs,
             diff,
         };
         eprintln!(
-            "  {:.1} min: {} sent ({} failed), {} counted, {} drops, {} recycles, agent RSS {:.1} MB (heap {:.1} in use, {:.1} free)",
+            "  {:.1} min: {} sent ({} failed), {} counted, {} drops, {} recycles, agent RSS {:.1} MB ({:.1} anonymous)",
             sample.minute,
             sample.sent,
             sample.failed,
@@ -205,8 +226,7 @@ pub(super) fn soak(paths: &Paths, minutes: u64, md: &mut String) -> Result<()> {
             sample.drops,
             sample.recycles,
             rss as f64 / 1048576.0,
-            sample.heap_in_use as f64 / 1048576.0,
-            sample.heap_free as f64 / 1048576.0,
+            sample.anon as f64 / 1048576.0,
         );
         samples.push(sample);
     }
@@ -259,7 +279,7 @@ pub(super) fn soak(paths: &Paths, minutes: u64, md: &mut String) -> Result<()> {
 fn write_table(md: &mut String, minutes: u64, samples: &[Sample]) {
     let _ = writeln!(
         md,
-        "Debian's gunicorn (`python3 -m gunicorn`), {WORKERS} sync workers, `tests/fixtures/wsgi_app.py`, traced by its master's pid; socket mode; a client paced at {RATE} requests a second \
+        "The agent is the release binary (`cargo xtask dist`'s, static, musl's allocator). Debian's gunicorn (`python3 -m gunicorn`), {WORKERS} sync workers, `tests/fixtures/wsgi_app.py`, traced by its master's pid; socket mode; a client paced at {RATE} requests a second \
          (a connection each), one in {LEAK_EVERY} to `/leak/{LEAK_BYTES}` (kept for ever), for {minutes} minutes. \
          Soft limit {SOFT_LIMIT_MB} MB RSS (gunicorn: SIGTERM to the worker, at most one every 20 s). \
          A snapshot after the first minute, then a diff every {DIFF_EVERY_MIN} minutes (collection stays on from the snapshot). \
@@ -267,11 +287,11 @@ fn write_table(md: &mut String, minutes: u64, samples: &[Sample]) {
     );
     let _ = writeln!(
         md,
-        "| minute | answered | failed | counted | events dropped | recycles | agent RSS MB | heap in use MB | heap free MB | agent CPU % (last minute) | diff |"
+        "| minute | answered | failed | counted | events dropped | recycles | agent RSS MB | of it anonymous MB | heap in use MB | heap free MB | agent CPU % (last minute) | diff |"
     );
     let _ = writeln!(
         md,
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
     );
     let mut last = (0.0, 0.0);
     for s in samples {
@@ -282,7 +302,7 @@ fn write_table(md: &mut String, minutes: u64, samples: &[Sample]) {
             .map_or(String::new(), |(ms, n)| format!("{ms:.0} ms, {n} sites"));
         let _ = writeln!(
             md,
-            "| {:.1} | {} | {} | {}{} | {} | {} | {:.1} | {:.1} | {:.1} | {cpu:.2} | {diff} |",
+            "| {:.1} | {} | {} | {}{} | {} | {} | {:.1} | {:.1} | {} | {} | {cpu:.2} | {diff} |",
             s.minute,
             s.sent,
             s.failed,
@@ -295,8 +315,18 @@ fn write_table(md: &mut String, minutes: u64, samples: &[Sample]) {
             s.drops,
             s.recycles,
             s.rss as f64 / 1048576.0,
-            s.heap_in_use as f64 / 1048576.0,
-            s.heap_free as f64 / 1048576.0,
+            s.anon as f64 / 1048576.0,
+            heap_mb(s.heap_in_use),
+            heap_mb(s.heap_free),
         );
+    }
+}
+
+/// A heap figure in MB; musl's allocator reports none.
+fn heap_mb(bytes: u64) -> String {
+    if bytes == 0 {
+        "—".into()
+    } else {
+        format!("{:.1}", bytes as f64 / 1048576.0)
     }
 }
