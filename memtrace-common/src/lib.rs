@@ -61,7 +61,10 @@ pub const PROC_FLAG_COLLECT: u32 = 1;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ProcStats {
-    /// User page faults (exceptions:page_fault_user) taken by any thread.
+    /// User page faults taken by any thread: counted by
+    /// exceptions:page_fault_user where the kernel's fault counters cannot
+    /// be read (`Config::task_min_flt` 0); otherwise written only at exit,
+    /// from those counters, and read from `/proc` while the process lives.
     pub faults: u64,
     /// Bytes successfully mapped by mmap(2).
     pub mmap_bytes: u64,
@@ -165,7 +168,14 @@ pub struct ThreadState {
     pub tgid: u32,
     /// Request nesting depth: a recursive begin counts once.
     pub depth: u32,
+    /// Faults counted by exceptions:page_fault_user (only where the task's
+    /// own counters are not read: `Config::task_min_flt` 0).
     pub faults: u64,
+    /// The thread's `task_struct`, whose fault counters a request's ends
+    /// read (also from another thread's context: a socket closed in
+    /// softirq). Valid while this entry exists: it is removed at the
+    /// thread's exit.
+    pub task: u64,
     pub mmap_bytes: u64,
     pub munmap_bytes: u64,
     pub brk_grow_bytes: u64,
@@ -545,6 +555,15 @@ pub struct Config {
     pub socket_sk: u32,
     pub socket_file: u32,
     pub file_count: u32,
+    /// Offsets of `task_struct.min_flt`/`maj_flt` and
+    /// `signal_struct.min_flt`/`maj_flt` (from the kernel's BTF): the
+    /// kernel's own fault counters, read at a request's two ends and at a
+    /// process's exit instead of a program on every fault. `task_min_flt`
+    /// 0: not read (exceptions:page_fault_user counts).
+    pub task_min_flt: u32,
+    pub task_maj_flt: u32,
+    pub signal_min_flt: u32,
+    pub signal_maj_flt: u32,
     pub _pad: u32,
     pub layout: TracepointLayout,
 }
@@ -722,7 +741,7 @@ const _: () = {
     assert!(core::mem::size_of::<ProcStats>() == 14 * 8 + 8);
     assert!(core::mem::size_of::<MmRss>() == 4 * 8 + 8 + 8);
     assert!(core::mem::size_of::<RequestStart>() == 2 * 8 + 4 * 8 + 5 * 8 + 8 + 24);
-    assert!(core::mem::size_of::<ThreadState>() == 8 + 5 * 8 + 3 * 8 + 8 + 120 + 32);
+    assert!(core::mem::size_of::<ThreadState>() == 8 + 6 * 8 + 3 * 8 + 8 + 120 + 32);
     assert!(core::mem::size_of::<AllocKey>() == 16);
     assert!(core::mem::size_of::<AllocInfo>() == 24);
     assert!(core::mem::size_of::<SiteKey>() == 24);
@@ -732,7 +751,7 @@ const _: () = {
     assert!(core::mem::size_of::<RssEvent>() == 24 + 32);
     assert!(core::mem::size_of::<RequestLine>() == 8 + LINE_CAP);
     assert!(core::mem::size_of::<RequestEvent>() == 24 + 24 + 64 + 40 + 16 + 24 + 8 + LINE_CAP);
-    assert!(core::mem::size_of::<Config>() == 24 + 20 + 39 * 4);
+    assert!(core::mem::size_of::<Config>() == 24 + 20 + 43 * 4);
     assert!(core::mem::size_of::<SiteCount>() == 32);
     assert!(core::mem::size_of::<ConnState>() == 6 * 4 + 8 + 120 + 8 + LINE_CAP);
     // The line's bytes are zeroed and read as u64 words.

@@ -2,8 +2,7 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    helpers::{bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns},
     programs::TracePointContext,
 };
 use memtrace_common::{ProcStats, RSS_MEMBERS, ThreadState};
@@ -74,18 +73,26 @@ pub fn watched(tgid: u32) -> Option<*mut ProcStats> {
     PROCS.get_ptr_mut(tgid)
 }
 
-/// The thread's state, created on first use.
+/// The thread's state, created on first use. `tid` is the current thread's.
+/// A state left by a thread of another process that had this tid (one no
+/// longer watched when it exited) is started afresh.
 #[inline(always)]
 pub fn thread_state(tid: u32, tgid: u32) -> Option<*mut ThreadState> {
     if let Some(state) = THREADS.get_ptr_mut(tid) {
-        return Some(state);
+        // SAFETY: pointer from a map lookup.
+        if unsafe { (*state).tgid } == tgid {
+            return Some(state);
+        }
     }
     let fresh = ThreadState {
         tgid,
+        // Callers pass the current thread's tid.
+        // SAFETY: helper without preconditions.
+        task: unsafe { bpf_get_current_task() },
         req_fd: -1,
         ..ThreadState::default()
     };
-    if THREADS.insert(tid, fresh, BPF_NOEXIST as u64).is_err() {
+    if THREADS.insert(tid, fresh, 0).is_err() {
         count(memtrace_common::CTR_THREADS_FULL);
     }
     THREADS.get_ptr_mut(tid)

@@ -223,10 +223,12 @@ fn real_gunicorn_counts_60_of_60_and_the_256k_leak_in_the_best_mode() {
         RequestProbes::Accept
     };
     eprintln!("request mode: {mode:?}");
+    // The second run also counts faults with a program on every fault, as
+    // a kernel without BTF does.
     let layouts: &[&str] = if mode == RequestProbes::Socket {
-        &["", "sock_fixed_layout"]
+        &["", "sock_fixed_layout,task_fault_counters"]
     } else {
-        &[""]
+        &["", "task_fault_counters"]
     };
     for hidden in layouts {
         let _serial = serial();
@@ -264,6 +266,15 @@ fn gunicorn_counts_and_leak(mode: RequestProbes) {
     assert_counted_exactly(&agent, &workers, (sent + more) as u64);
     let deltas = recent_deltas(&agent, &workers, sent + more);
     assert_mean_within(&deltas, leak, 0.10, "gunicorn leak 256 KiB");
+    // Each request faults the leak's fresh pages in, and a few more.
+    let faults = recent_of(&agent, &workers, sent + more, |r| r.faults);
+    let mean = faults.iter().sum::<u64>() as f64 / faults.len().max(1) as f64;
+    let pages = leak as f64 / 4096.0;
+    eprintln!("faults per request: mean {mean:.1}, leak {pages} pages");
+    assert!(
+        mean >= pages * 0.95 && mean <= pages * 1.5 + 64.0,
+        "faults per request: mean {mean:.1} for a leak of {pages} pages"
+    );
     // The leak detector's slope finds it too.
     assert_slope(&agent, &workers, leak as u64, "gunicorn leak 256 KiB");
 }

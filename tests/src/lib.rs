@@ -657,15 +657,21 @@ pub fn assert_slope(agent: &AgentHarness, pids: &[u32], leak: u64, what: &str) {
 /// The last `n` requests overall: per worker, the newest ones, split the way
 /// the workers actually served them (their request counts since `n` ago).
 pub fn recent_deltas(agent: &AgentHarness, pids: &[u32], n: usize) -> Vec<i64> {
+    recent_of(agent, pids, n, |r| r.delta_bytes)
+}
+
+/// One figure of each of the last `n` requests overall, newest first.
+pub fn recent_of<T>(
+    agent: &AgentHarness,
+    pids: &[u32],
+    n: usize,
+    pick: impl Fn(&memtrace::model::requests::RequestRecord) -> T,
+) -> Vec<T> {
     agent.with(|s| {
-        let mut all: Vec<(f64, i64)> = pids
+        let mut all: Vec<(f64, T)> = pids
             .iter()
             .filter_map(|&p| s.registry.find(p))
-            .flat_map(|w| {
-                w.requests
-                    .recent(n)
-                    .map(|r| (r.started_unix_ms, r.delta_bytes))
-            })
+            .flat_map(|w| w.requests.recent(n).map(|r| (r.started_unix_ms, pick(r))))
             .collect();
         all.sort_by(|a, b| b.0.total_cmp(&a.0));
         all.truncate(n);

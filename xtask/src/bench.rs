@@ -49,6 +49,8 @@ pub struct BenchOptions {
     pub uprobe_only: bool,
     /// Only getppid of an untraced process (`untraced_syscalls`).
     pub untraced_only: bool,
+    /// Only first-touch faults of a traced process (`fault_costs`).
+    pub faults_only: bool,
     /// Only the soak (`soak_minutes` of it).
     pub soak_only: bool,
     /// Only the cost tables (`cost`).
@@ -151,6 +153,9 @@ enum Mode {
     Off,
     /// Agent on, no request boundaries: faults, RSS, mmap/brk, lifecycle.
     Steady,
+    /// Steady, with faults counted by a program on every fault (what a
+    /// kernel without BTF runs) instead of read from the task's counters.
+    SteadyFaultProgram,
     Accept,
     /// Socket request mode: socket tracepoints, no syscall tracepoint;
     /// HTTP method and path captured (the default).
@@ -184,6 +189,7 @@ impl Mode {
         match self {
             Mode::Off => "memtrace off",
             Mode::Steady => "on, no request boundaries",
+            Mode::SteadyFaultProgram => "on, a program on every fault (task_fault_counters hidden)",
             Mode::Accept => "on, accept mode",
             Mode::Socket => "on, socket mode (HTTP paths captured)",
             Mode::SocketNoPaths => "on, socket mode, --no-http-paths",
@@ -263,6 +269,9 @@ impl Agent {
             }
             Mode::HeapEvery => {
                 cmd.args(["--collect", "heap", "--heap-sample-bytes", "1"]);
+            }
+            Mode::SteadyFaultProgram => {
+                cmd.env("MEMTRACE_HIDE_KERNEL_FEATURES", "task_fault_counters");
             }
             Mode::Off | Mode::Steady | Mode::BareUprobes => {}
         }
@@ -955,6 +964,17 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
         print!("{md}");
         return Ok(());
     }
+    if opts.faults_only {
+        let rounds = opts.rounds.max(FEW_MODES_ROUNDS);
+        let mut md = format!(
+            "# First-touch faults of a traced process only ({rounds} rounds; commit {}, {})\n\n",
+            git_commit(),
+            now_utc()
+        );
+        faults_table(&mut md, &fault_costs(&paths, rounds)?);
+        print!("{md}");
+        return Ok(());
+    }
     if opts.python_only {
         let mut md = format!(
             "# Python sites against tracemalloc only ({} rounds of {} s; commit {})\n",
@@ -1084,6 +1104,7 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
     eprintln!("per-operation costs:");
     let untraced = untraced_syscalls(&paths, opts.rounds.max(FEW_MODES_ROUNDS))?;
     let micro = micro_costs(&paths, opts.rounds)?;
+    let faults = fault_costs(&paths, opts.rounds.max(FEW_MODES_ROUNDS))?;
     python_bench(&paths, opts, &mut md)?;
 
     let _ = writeln!(md, "\n## 2b. Per-operation cost\n");
@@ -1114,6 +1135,14 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
         untraced[0].len()
     );
     untraced_table(&mut md, &untraced);
+    let _ = writeln!(
+        md,
+        "\nFirst-touch faults of the traced fixture with its faults counted from the kernel's per-task counters (read at \
+         requests' ends and at exit; what `on` above runs where the kernel's BTF has them) and by a program on every fault \
+         (`MEMTRACE_HIDE_KERNEL_FEATURES=task_fault_counters`, what a kernel without BTF runs); {} rounds.\n",
+        faults[0].len()
+    );
+    faults_table(&mut md, &faults);
 
     // 2c. The heap tier's probes, per malloc/free.
     eprintln!("heap probe cost:");
@@ -1435,16 +1464,58 @@ fn untraced_syscalls(paths: &Paths, rounds: usize) -> Result<[Vec<f64>; 3]> {
 /// configuration's speed against the off run of its own round (off ns / on
 /// ns), median over rounds.
 fn untraced_table(out: &mut String, ns: &[Vec<f64>; 3]) {
+    paired_table(
+        out,
+        "getppid, untraced process",
+        [
+            "memtrace off",
+            "on, socket mode",
+            "on, socket mode + --mmap-counters",
+        ],
+        ns,
+    );
+}
+
+/// ns per first-touch page fault of a traced process, in round order:
+/// memtrace off, on (no request boundaries), and on with a program on every
+/// fault.
+fn fault_costs(paths: &Paths, rounds: usize) -> Result<[Vec<f64>; 3]> {
+    let modes = [Mode::Off, Mode::Steady, Mode::SteadyFaultProgram];
+    let mut v = [Vec::new(), Vec::new(), Vec::new()];
+    for _ in 0..rounds {
+        for (i, &mode) in modes.iter().enumerate() {
+            v[i].push(micro_once(paths, "faults", "512", mode, true, &[])?);
+        }
+    }
+    eprintln!(
+        "  first-touch fault: speed ratio to off {:.3} on, {:.3} with a program on every fault",
+        paired_ratio(&v[0], &v[1]),
+        paired_ratio(&v[0], &v[2])
+    );
+    Ok(v)
+}
+
+fn faults_table(out: &mut String, ns: &[Vec<f64>; 3]) {
+    paired_table(
+        out,
+        "first-touch fault, traced process",
+        [
+            Mode::Off.label(),
+            "on, the kernel's fault counters read",
+            Mode::SteadyFaultProgram.label(),
+        ],
+        ns,
+    );
+}
+
+/// ns medians, the runs, and each configuration's speed against the off
+/// run of its own round (off ns / its ns), median over rounds.
+fn paired_table(out: &mut String, what: &str, labels: [&str; 3], ns: &[Vec<f64>; 3]) {
     let _ = writeln!(
         out,
-        "| getppid, untraced process | median ns | runs, in round order | ratio of speed to off (median of rounds) |"
+        "| {what} | median ns | runs, in round order | ratio of speed to off (median of rounds) |"
     );
     let _ = writeln!(out, "|---|---:|---|---:|");
-    let labels = [
-        "memtrace off",
-        "on, socket mode",
-        "on, socket mode + --mmap-counters",
-    ];
     for (label, runs) in labels.iter().zip(ns) {
         runs_row(out, label, runs, 1, paired_ratio(&ns[0], runs));
     }

@@ -127,6 +127,11 @@ enum Cmd {
         /// off and on, a few minutes.
         #[arg(long)]
         untraced_only: bool,
+        /// Only first-touch page faults of a traced process: memtrace off,
+        /// on (the kernel's fault counters read), and on with a program on
+        /// every fault, a few minutes.
+        #[arg(long)]
+        faults_only: bool,
     },
     /// Build a release into target/dist: the static binary, man pages,
     /// completions, a .deb (cargo-deb), an OCI image (buildah) and SHA-256 sums.
@@ -209,6 +214,7 @@ fn main() -> Result<()> {
             python_only,
             uprobe_only,
             untraced_only,
+            faults_only,
             soak_only,
             cost_only,
             programs_only,
@@ -227,6 +233,7 @@ fn main() -> Result<()> {
                 python_only,
                 uprobe_only,
                 untraced_only,
+                faults_only,
                 soak_only,
                 cost_only,
                 programs_only,

@@ -17,6 +17,37 @@ fn read_kernel<T>(addr: u64) -> Option<T> {
     unsafe { bpf_probe_read_kernel(addr as *const T) }.ok()
 }
 
+/// Faults (minor plus major) a task took, from the kernel's own counters
+/// at `min_off`/`maj_off` of `obj` (a `task_struct` or a `signal_struct`);
+/// 0 if they cannot be read.
+#[inline(always)]
+pub fn fault_counters(obj: u64, min_off: u32, maj_off: u32) -> u64 {
+    let min: u64 = read_kernel(obj + u64::from(min_off)).unwrap_or(0);
+    let maj: u64 = read_kernel(obj + u64::from(maj_off)).unwrap_or(0);
+    min.wrapping_add(maj)
+}
+
+/// Faults of the whole thread group, for the last thread's exit: its own
+/// counters plus those its exited threads left in `signal_struct`. A thread
+/// that left at the same moment and is not yet folded in is missed.
+#[inline(always)]
+pub fn exiting_group_faults() -> Option<u64> {
+    let cfg = CONFIG.load();
+    if cfg.task_min_flt == 0 {
+        return None;
+    }
+    // SAFETY: the helper returns the current task; reads are checked.
+    let task = unsafe { bpf_get_current_task() };
+    let signal: u64 = read_kernel(task + u64::from(cfg.task_signal)).filter(|&s| s != 0)?;
+    Some(
+        fault_counters(task, cfg.task_min_flt, cfg.task_maj_flt).wrapping_add(fault_counters(
+            signal,
+            cfg.signal_min_flt,
+            cfg.signal_maj_flt,
+        )),
+    )
+}
+
 /// The current task's `struct files_struct`, if descriptors are counted.
 #[inline(always)]
 pub fn current_files() -> u64 {

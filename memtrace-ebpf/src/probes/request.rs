@@ -14,7 +14,9 @@ use memtrace_common::{
 
 use crate::{
     maps::{CONFIG, EVENTS, THREADS},
-    probes::ends::{current_files, open_fds, read_end, read_nothing, read_start, write_end},
+    probes::ends::{
+        current_files, fault_counters, open_fds, read_end, read_nothing, read_start, write_end,
+    },
     util::{
         atomic_add, copy_words, count, current, field, now_ns, proc_rss, submit_flags,
         thread_state, watched,
@@ -111,7 +113,7 @@ pub unsafe fn set_start(req: *mut RequestStart, seq: u64, t: *const ThreadState)
     unsafe {
         (*req).start_ns = now_ns();
         (*req).seq = seq;
-        (*req).faults = (*t).faults;
+        (*req).faults = thread_faults(&*t);
         (*req).mmap_bytes = (*t).mmap_bytes;
         (*req).munmap_bytes = (*t).munmap_bytes;
         (*req).brk_grow_bytes = (*t).brk_grow_bytes;
@@ -119,10 +121,21 @@ pub unsafe fn set_start(req: *mut RequestStart, seq: u64, t: *const ThreadState)
     }
 }
 
+/// The faults a thread has taken: the kernel's own counters of its task
+/// where they are read, else what exceptions:page_fault_user counted.
+#[inline(always)]
+fn thread_faults(t: &ThreadState) -> u64 {
+    let cfg = CONFIG.load();
+    if cfg.task_min_flt == 0 || t.task == 0 {
+        return t.faults;
+    }
+    fault_counters(t.task, cfg.task_min_flt, cfg.task_maj_flt)
+}
+
 #[inline(always)]
 pub fn thread_deltas(t: &ThreadState, start: &RequestStart) -> [u64; 5] {
     [
-        t.faults - start.faults,
+        thread_faults(t).wrapping_sub(start.faults),
         t.mmap_bytes - start.mmap_bytes,
         t.munmap_bytes - start.munmap_bytes,
         t.brk_grow_bytes - start.brk_grow_bytes,

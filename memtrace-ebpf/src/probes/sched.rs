@@ -20,7 +20,7 @@ use memtrace_common::{
 
 use crate::{
     maps::{CONFIG, EVENTS, PROCS, SELECTOR_CGROUPS, SELECTOR_COMMS, THREADS},
-    probes::request::end_request,
+    probes::{ends::exiting_group_faults, request::end_request},
     util::{Current, count, current, field, now_ns, proc_rss, submit_flags, watched, zero_words},
 };
 
@@ -280,7 +280,10 @@ fn try_sched_process_exit(ctx: &TracePointContext, how: LastThread) -> Result<()
         return Ok(());
     }
     // SAFETY: pointer from a map lookup; copied before the entry is removed.
-    let final_stats = unsafe { *stats };
+    let mut final_stats = unsafe { *stats };
+    if let Some(faults) = exiting_group_faults() {
+        final_stats.faults = faults;
+    }
     // Whoever removes the entry reports the exit: with `signal->live`, two
     // threads exiting at once can both read 0.
     if PROCS.remove(cur.tgid).is_err() {

@@ -380,6 +380,7 @@ fn log_kernel(features: &KernelFeatures, tracer: &Tracer) {
         kernel = %features.release,
         exit = %how("process tracking"),
         rss = %how("rss accounting"),
+        faults = %how("page fault counts"),
         "kernel features probed"
     );
     if !features.hidden.is_empty() {

@@ -30,6 +30,7 @@ const HIDEABLE: &[&str] = &[
     "btf",
     "task_btf_helpers",
     "syscall_tracepoints",
+    "task_fault_counters",
 ];
 
 /// The kernels this build serves and the variants it carries, for
@@ -110,6 +111,21 @@ pub struct BtfFacts {
     pub fexit: Option<TcpRecvmsg>,
     /// Where a process's descriptor table is: per-request `fd_delta`.
     pub fd_table: Option<FdTable>,
+    /// Where the kernel keeps a task's fault counters.
+    pub fault_counters: Option<FaultCounters>,
+}
+
+/// Offsets of the kernel's own fault counters: a thread's
+/// (`task_struct.min_flt`/`maj_flt`) and those its process's exited
+/// threads left (`signal_struct.min_flt`/`maj_flt`, through
+/// `task_struct.signal`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FaultCounters {
+    pub task_signal: u32,
+    pub task_min_flt: u32,
+    pub task_maj_flt: u32,
+    pub signal_min_flt: u32,
+    pub signal_maj_flt: u32,
 }
 
 /// Offsets of the members that lead from a task to its open-descriptor
@@ -183,7 +199,7 @@ impl KernelFeatures {
             layout.sys_exit_ret = LAYOUT_ABSENT;
             layout.close_fd = LAYOUT_ABSENT;
         }
-        let (btf, btf_error) = if hide("btf") {
+        let (mut btf, btf_error) = if hide("btf") {
             (BtfFacts::default(), Some(format!("hidden by {HIDE_ENV}")))
         } else {
             match read_btf(btf_path) {
@@ -191,6 +207,9 @@ impl KernelFeatures {
                 Err(e) => (BtfFacts::default(), Some(e.to_string())),
             }
         };
+        if hide("task_fault_counters") {
+            btf.fault_counters = None;
+        }
         let helper =
             |h: BpfHelper| is_helper_supported(ProgramType::TracePoint, h).unwrap_or(false);
         let task_btf_helpers = !hide("task_btf_helpers")
@@ -365,9 +384,17 @@ impl KernelFeatures {
         } else {
             "kmem:rss_stat (without BTF memtrace cannot tell whether this kernel batches it per thread, as kernels before 6.2 do)".into()
         };
+        let faults = match self.btf.fault_counters {
+            Some(_) => "the kernel's per-task counters, read at each request's ends and at exit (BTF): no program per fault".to_string(),
+            None => format!(
+                "exceptions:page_fault_user, a program on every fault (the per-task counters' place comes from the kernel's BTF: {})",
+                self.btf_error.as_deref().unwrap_or("task_struct.min_flt or signal_struct.min_flt is missing")
+            ),
+        };
         vec![
             row("process tracking", Ok(exit)),
             row("rss accounting", Ok(rss)),
+            row("page fault counts", Ok(faults)),
             row("request mode none", Ok("steady state".into())),
             row(
                 "request mode accept",
@@ -504,9 +531,19 @@ fn read_btf(path: &Path) -> Result<BtfFacts, super::btf::BtfError> {
                 .ok()?,
         })
     })();
+    let fault_counters = (|| {
+        Some(FaultCounters {
+            task_signal: btf.member_offset("task_struct", "signal").ok()?,
+            task_min_flt: btf.member_offset("task_struct", "min_flt").ok()?,
+            task_maj_flt: btf.member_offset("task_struct", "maj_flt").ok()?,
+            signal_min_flt: btf.member_offset("signal_struct", "min_flt").ok()?,
+            signal_maj_flt: btf.member_offset("signal_struct", "maj_flt").ok()?,
+        })
+    })();
     Ok(BtfFacts {
         access: Some(btf.access),
         fd_table,
+        fault_counters,
         task_fsbase: btf.member_offset("task_struct", "thread.fsbase").ok(),
         signal_live,
         rss_per_thread_cache: btf.member_offset("task_struct", "rss_stat").is_ok(),

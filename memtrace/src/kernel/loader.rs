@@ -30,12 +30,17 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 /// on the kernel's syscall slow path.
 /// The exit program is one of three variants ([`ExitTest`]), chosen per
 /// kernel.
+/// Page faults are counted by [`FAULT_PROGRAM`] only where the kernel's own
+/// counters cannot be read.
 const STEADY_PROGRAMS: &[(&str, &str, &str)] = &[
-    ("page_fault_user", "exceptions", "page_fault_user"),
     ("rss_stat", "kmem", "rss_stat"),
     ("task_newtask", "task", "task_newtask"),
     ("sched_process_exec", "sched", "sched_process_exec"),
 ];
+
+/// Counts page faults per process and thread, on every fault: kernels whose
+/// BTF does not say where a task's fault counters are.
+const FAULT_PROGRAM: (&str, &str, &str) = ("page_fault_user", "exceptions", "page_fault_user");
 
 /// Exact mmap/munmap/mremap/brk byte counters (`--mmap-counters`): syscall
 /// tracepoints, so every syscall of every task on the node pays for them.
@@ -342,6 +347,9 @@ pub struct Tracer {
     uprobe_links: Vec<(&'static str, UProbeLinkId)>,
     fexit_links: Vec<(&'static str, FExitLinkId)>,
     mmap_counters: bool,
+    /// Faults are counted by a program on every fault, not read from the
+    /// kernel's counters.
+    fault_program: bool,
     collect: CollectTier,
     /// Why the collection tier asked for cannot run here, if it cannot.
     collect_unavailable: Option<String>,
@@ -366,6 +374,8 @@ struct Plan {
     request: Vec<&'static str>,
     collection: Vec<&'static str>,
     exit: ExitTest,
+    /// Faults are counted by `FAULT_PROGRAM` (the task's counters are not read).
+    fault_program: bool,
     socket: Option<SocketSource>,
     requests: RequestProbes,
     mmap_counters: bool,
@@ -383,6 +393,10 @@ impl Plan {
         let exit = features.exit_test();
         let mut steady: Vec<&'static str> = STEADY_PROGRAMS.iter().map(|p| p.0).collect();
         steady.push(exit.program());
+        let fault_program = features.btf.fault_counters.is_none();
+        if fault_program {
+            steady.push(FAULT_PROGRAM.0);
+        }
         let mut mmap = Vec::new();
         let mut request = Vec::new();
         let mut collection = Vec::new();
@@ -470,6 +484,7 @@ impl Plan {
             request,
             collection,
             exit,
+            fault_program,
             socket,
             requests,
             mmap_counters,
@@ -481,6 +496,17 @@ impl Plan {
             unavailable,
         }
     }
+}
+
+/// Page faults (minor and major) a process's threads have taken since it
+/// started, as the kernel counts them (`/proc/PID/stat`); None when it is
+/// gone.
+fn proc_faults(pid: u32) -> Option<u64> {
+    let stat = procfs::process::Process::new(pid as i32)
+        .ok()?
+        .stat()
+        .ok()?;
+    Some(stat.minflt + stat.majflt)
 }
 
 /// The line for a request mode this kernel cannot serve.
@@ -541,7 +567,13 @@ fn load_object(
     options: &LoadOptions,
     plan: &Plan,
 ) -> Result<Ebpf, LoadError> {
-    let (task_signal, signal_live) = features.btf.signal_live.unwrap_or((0, 0));
+    let faults = features
+        .btf
+        .fault_counters
+        .filter(|_| !plan.fault_program)
+        .unwrap_or_default();
+    // The exit program reads `task_struct.signal` for either.
+    let (task_signal, signal_live) = features.btf.signal_live.unwrap_or((faults.task_signal, 0));
     let fds = features
         .btf
         .fd_table
@@ -570,6 +602,10 @@ fn load_object(
         socket_sk: fds.socket_sk,
         socket_file: fds.socket_file,
         file_count: fds.file_count,
+        task_min_flt: faults.task_min_flt,
+        task_maj_flt: faults.task_maj_flt,
+        signal_min_flt: faults.signal_min_flt,
+        signal_maj_flt: faults.signal_maj_flt,
         _pad: 0,
         layout: features.layout,
     };
@@ -625,7 +661,7 @@ pub fn verify(features: &KernelFeatures) -> Result<Vec<Verdict>, LoadError> {
         STEADY_PROGRAMS
             .iter()
             .map(|p| p.0)
-            .chain([plan.exit.program()])
+            .chain([plan.exit.program(), FAULT_PROGRAM.0])
             .collect(),
     )];
     if features.accept_events().is_ok() {
@@ -799,6 +835,7 @@ impl Tracer {
             uprobe_links: Vec::new(),
             fexit_links: Vec::new(),
             mmap_counters: plan.mmap_counters,
+            fault_program: plan.fault_program,
             collect: options.collect,
             collect_unavailable: plan.collect_unavailable.clone(),
             heap_sample_bytes: options.heap_sample_bytes,
@@ -808,6 +845,10 @@ impl Tracer {
             layout: features.layout,
         };
         for &(program, category, name) in STEADY_PROGRAMS {
+            tracer.attach_tracepoint(program, category, name)?;
+        }
+        if plan.fault_program {
+            let (program, category, name) = FAULT_PROGRAM;
             tracer.attach_tracepoint(program, category, name)?;
         }
         tracer.attach_tracepoint(plan.exit.program(), "sched", "sched_process_exit")?;
@@ -1036,8 +1077,17 @@ impl Tracer {
         Some(stack.frames[..len].to_vec())
     }
 
+    /// A watched process's counters. Where no program counts faults, its
+    /// faults are the kernel's own counters, from `/proc` (since the process
+    /// started, not since memtrace saw it).
     pub fn proc_stats(&self, tgid: u32) -> Option<ProcStats> {
-        self.procs.get(&tgid, 0).ok()
+        let mut stats: ProcStats = self.procs.get(&tgid, 0).ok()?;
+        if !self.fault_program
+            && let Some(faults) = proc_faults(tgid)
+        {
+            stats.faults = faults;
+        }
+        Some(stats)
     }
 
     /// Every watched tgid the kernel knows.
