@@ -336,15 +336,19 @@ fn process_footprint(pid: u32) -> (f64, u64) {
     let cpu = f.get(11).zip(f.get(12)).map_or(0.0, |(u, s)| {
         (u.parse::<f64>().unwrap_or(0.0) + s.parse::<f64>().unwrap_or(0.0)) / tick
     });
-    let rss = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+    (cpu, proc_kb_field(pid, "smaps_rollup", "Rss:"))
+}
+
+/// A `KEY:  N kB` line of `/proc/PID/FILE`, in bytes (0 if absent or gone).
+fn proc_kb_field(pid: u32, file: &str, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/{file}"))
         .ok()
         .and_then(|t| {
             t.lines()
-                .find_map(|l| l.strip_prefix("Rss:"))
+                .find_map(|l| l.strip_prefix(key))
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         })
-        .map_or(0, |kb| kb * 1024);
-    (cpu, rss)
+        .map_or(0, |kb| kb * 1024)
 }
 
 /// A command pinned to one CPU (when there are two or more): the load
@@ -1433,25 +1437,40 @@ fn micro_costs(paths: &Paths, rounds: usize) -> Result<Vec<(&'static str, f64, f
     Ok(out)
 }
 
+/// ns per operation of the micro fixture (`op`, `arg`; `traced`: the agent
+/// selects it) under three configurations (mode, more agent flags), in
+/// round order: `rounds` interleaved rounds.
+fn micro_rounds(
+    paths: &Paths,
+    (op, arg, traced): (&str, &str, bool),
+    configs: [(Mode, &[&str]); 3],
+    rounds: usize,
+) -> Result<[Vec<f64>; 3]> {
+    let mut v = [Vec::new(), Vec::new(), Vec::new()];
+    for _ in 0..rounds {
+        for (runs, (mode, extra)) in v.iter_mut().zip(&configs) {
+            runs.push(micro_once(paths, op, arg, *mode, traced, extra)?);
+        }
+    }
+    Ok(v)
+}
+
 /// ns per getppid(2) of a process memtrace does not trace: memtrace off,
 /// on in socket mode (the steady state), and on with `--mmap-counters`
 /// (syscall tracepoints). Medians of interleaved rounds.
 /// ns per getppid of a process memtrace does not trace, in round order:
 /// memtrace off, on in socket mode, on with `--mmap-counters`.
 fn untraced_syscalls(paths: &Paths, rounds: usize) -> Result<[Vec<f64>; 3]> {
-    let configs: [(Mode, &[&str]); 3] = [
-        (Mode::Off, &[]),
-        (Mode::Socket, &[]),
-        (Mode::Socket, &["--mmap-counters"]),
-    ];
-    let mut v = [Vec::new(), Vec::new(), Vec::new()];
-    for _ in 0..rounds {
-        for (i, (mode, extra)) in configs.iter().enumerate() {
-            v[i].push(micro_once(
-                paths, "syscalls", "5000000", *mode, false, extra,
-            )?);
-        }
-    }
+    let v = micro_rounds(
+        paths,
+        ("syscalls", "5000000", false),
+        [
+            (Mode::Off, &[]),
+            (Mode::Socket, &[]),
+            (Mode::Socket, &["--mmap-counters"]),
+        ],
+        rounds,
+    )?;
     eprintln!(
         "  untraced getppid: speed ratio to off {:.3} on, {:.3} with --mmap-counters",
         paired_ratio(&v[0], &v[1]),
@@ -1480,13 +1499,16 @@ fn untraced_table(out: &mut String, ns: &[Vec<f64>; 3]) {
 /// memtrace off, on (no request boundaries), and on with a program on every
 /// fault.
 fn fault_costs(paths: &Paths, rounds: usize) -> Result<[Vec<f64>; 3]> {
-    let modes = [Mode::Off, Mode::Steady, Mode::SteadyFaultProgram];
-    let mut v = [Vec::new(), Vec::new(), Vec::new()];
-    for _ in 0..rounds {
-        for (i, &mode) in modes.iter().enumerate() {
-            v[i].push(micro_once(paths, "faults", "512", mode, true, &[])?);
-        }
-    }
+    let v = micro_rounds(
+        paths,
+        ("faults", "512", true),
+        [
+            (Mode::Off, &[]),
+            (Mode::Steady, &[]),
+            (Mode::SteadyFaultProgram, &[]),
+        ],
+        rounds,
+    )?;
     eprintln!(
         "  first-touch fault: speed ratio to off {:.3} on, {:.3} with a program on every fault",
         paired_ratio(&v[0], &v[1]),

@@ -57,7 +57,7 @@ impl State {
         let serves = parent.requests.seen > 0
             || self
                 .tracer
-                .proc_stats(ppid)
+                .kernel_stats(ppid)
                 .is_some_and(|s| s.requests_started > 0);
         (fork_of_traced || serves).then_some(ppid)
     }
@@ -104,7 +104,7 @@ impl State {
         // collects its faults; its heap needs probes of its own.
         let collected = self
             .tracer
-            .proc_stats(ev.tgid)
+            .kernel_stats(ev.tgid)
             .is_some_and(|s| s.flags & memtrace_common::PROC_FLAG_COLLECT != 0);
         if collected {
             self.tracer.attach_alloc_probes(ev.tgid);

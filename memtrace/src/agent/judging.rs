@@ -438,7 +438,7 @@ impl Processes for SystemProcesses<'_> {
 
     fn in_flight(&self, pid: u32) -> u64 {
         self.tracer
-            .proc_stats(pid)
+            .kernel_stats(pid)
             .map_or(0, |s| s.requests_in_flight())
     }
 

@@ -383,7 +383,7 @@ impl State {
                     && !self.registry.contains(pid)
                     && !self.descendants.contains(pid)
             })
-            .filter(|&pid| !(events_complete && self.tracer.proc_stats(pid).is_some()))
+            .filter(|&pid| !(events_complete && self.tracer.kernel_stats(pid).is_some()))
             .filter_map(procinfo::view)
             .collect();
         let mut added = 0;

@@ -567,11 +567,8 @@ fn load_object(
     options: &LoadOptions,
     plan: &Plan,
 ) -> Result<Ebpf, LoadError> {
-    let faults = features
-        .btf
-        .fault_counters
-        .filter(|_| !plan.fault_program)
-        .unwrap_or_default();
+    // None exactly where the plan counts faults with the program.
+    let faults = features.btf.fault_counters.unwrap_or_default();
     // The exit program reads `task_struct.signal` for either.
     let (task_signal, signal_live) = features.btf.signal_live.unwrap_or((faults.task_signal, 0));
     let fds = features
@@ -1077,11 +1074,19 @@ impl Tracer {
         Some(stack.frames[..len].to_vec())
     }
 
-    /// A watched process's counters. Where no program counts faults, its
-    /// faults are the kernel's own counters, from `/proc` (since the process
-    /// started, not since memtrace saw it).
+    /// A watched process's counters as the kernel's map has them: for
+    /// whether it is watched, its flags and its request counts. Its `faults`
+    /// are counted only by the per-fault program; [`Self::proc_stats`] has
+    /// them in every case.
+    pub fn kernel_stats(&self, tgid: u32) -> Option<ProcStats> {
+        self.procs.get(&tgid, 0).ok()
+    }
+
+    /// A watched process's counters, as memtrace reports them. Where no
+    /// program counts faults, its faults are the kernel's own counters, from
+    /// `/proc` (since the process started, not since memtrace saw it).
     pub fn proc_stats(&self, tgid: u32) -> Option<ProcStats> {
-        let mut stats: ProcStats = self.procs.get(&tgid, 0).ok()?;
+        let mut stats = self.kernel_stats(tgid)?;
         if !self.fault_program
             && let Some(faults) = proc_faults(tgid)
         {

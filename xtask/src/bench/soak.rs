@@ -15,7 +15,7 @@ use std::{
 
 use anyhow::{Result, bail};
 
-use super::{Agent, Mode, Paths, Proc, free_port, http_get, listening, wait_until};
+use super::{Agent, Mode, Paths, Proc, free_port, http_get, listening, proc_kb_field, wait_until};
 
 /// Requests a second the client sends, paced, on two threads.
 const RATE: u32 = 200;
@@ -98,18 +98,6 @@ impl Load {
             })
             .collect()
     }
-}
-
-/// `RssAnon` of a process, in bytes (0 if it is gone).
-fn rss_anon(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find_map(|l| l.strip_prefix("RssAnon:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
 }
 
 /// Runs the soak for `minutes` and appends its section to `md`.
@@ -211,7 +199,7 @@ pub(super) fn soak(paths: &Paths, minutes: u64, md: &mut String) -> Result<()> {
             drops: metric("memtrace_ringbuf_drops_total"),
             recycles: metric("memtrace_soft_limit_recycles_total"),
             rss,
-            anon: rss_anon(agent.proc.pid()),
+            anon: proc_kb_field(agent.proc.pid(), "status", "RssAnon:"),
             heap_in_use: heap("in_use"),
             heap_free: heap("free"),
             cpu_secs,
